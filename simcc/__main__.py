@@ -1,0 +1,3 @@
+from simcc.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Time of one compute op on one device: a roofline (FLOPs vs bytes) at achieved efficiency,
+plus kernel-launch overhead. The only place compute time is derived."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from simcc.errors import InputError
+from simcc.model.ops import MATMUL_FAMILIES, Op
+from simcc.specs.hardware import Device
+
+# Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
+VECTOR_DTYPE = "fp32"
+
+
+@dataclass(frozen=True)
+class OpCost:
+    seconds: float  # busiest rank
+    mean_seconds: float  # average rank (equal to seconds except for expert ops)
+    bound: str  # "compute" | "memory" | "launch"
+
+
+def peak_flops(device: Device, dtype: str, field: str = "precision.compute") -> float:
+    value = getattr(device.peak_tflops, dtype, None)
+    if value is None:
+        available = [d for d, v in device.peak_tflops.model_dump().items() if v]
+        raise InputError(device.name, field, f"device has no {dtype} peak; it supports {', '.join(available)}")
+    return value * 1e12
+
+
+def efficiency(device: Device, family: str, kernel_flops: float) -> float:
+    """Achieved fraction of peak: the calibrated curve for the family when the profile has one
+    (log-linear interpolation in FLOPs, clamped at the ends), else the profile's default."""
+    eff = device.efficiency
+    curve = eff.curves.get(family)  # type: ignore[call-overload]
+    if curve is not None:
+        x = math.log10(max(kernel_flops, 1.0))
+        return float(np.interp(x, np.log10(curve.flops), curve.fraction))
+    return eff.attention if family == "attention" else eff.matmul
+
+
+def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float, str]:
+    launch = device.efficiency.kernel_launch_us * 1e-6 * op.launches
+    if op.family in MATMUL_FAMILIES or op.family == "attention":
+        kernel = op.kernel_flops if op.kernel_flops is not None else flops
+        compute = flops / (peak_flops(device, op.dtype) * efficiency(device, op.family, kernel))
+    else:
+        compute = flops / peak_flops(device, VECTOR_DTYPE)
+    memory = moved / (device.memory_bandwidth_gb_s * 1e9 * device.efficiency.memory)
+    if flops == 0 and moved == 0:
+        return 0.0, "launch"
+    busy = max(compute, memory)
+    bound = "compute" if compute >= memory else "memory"
+    return busy + launch, bound
+
+
+def op_cost(device: Device, op: Op) -> OpCost:
+    seconds, bound = _roofline(device, op, op.flops, op.bytes)
+    if op.mean_flops is None:
+        return OpCost(seconds, seconds, bound)
+    mean, _ = _roofline(device, op, op.mean_flops, op.mean_bytes if op.mean_bytes is not None else op.bytes)
+    return OpCost(seconds, min(mean, seconds), bound)

@@ -1,0 +1,108 @@
+"""Memory per device: weights, gradients, optimizer state by ZeRO stage, activations in flight,
+MoE all-to-all buffers, KV cache when serving, and the framework reserve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simcc.layout import Layout
+from simcc.model.blocks import Params
+from simcc.model.ops import DTYPE_BYTES
+from simcc.specs.hardware import System
+from simcc.specs.workload import Workload
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+    kv_cache: float
+    reserve: float
+    capacity: float
+    offloaded_weights: float = 0.0  # edge: expert weights left on the storage tier
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers + self.kv_cache + self.reserve
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    @property
+    def headroom(self) -> float:
+        return self.capacity - self.total
+
+    def as_gb(self) -> dict[str, float]:
+        fields = ("weights", "gradients", "optimizer", "activations", "buffers", "kv_cache", "reserve",
+                  "offloaded_weights", "total", "capacity", "headroom")
+        return {f: getattr(self, f) / GB for f in fields}
+
+
+def local_params(params: Params, layout: Layout) -> tuple[float, float]:
+    """(dense, expert) parameters one device holds before ZeRO sharding."""
+    return params.dense / layout.tp + params.replicated, params.expert / (layout.ep * layout.expert_tp)
+
+
+def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) -> float:
+    """Mixed-precision Adam keeps an fp32 master copy and two fp32 moments (12 B/param; Rajbhandari
+    et al. 2020); Adafactor keeps a factored second moment, O(rows + cols) per matrix (Shazeer &
+    Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks."""
+    opt, prec = workload.optimizer, workload.precision
+    dense, expert = local_params(params, layout)
+    master = 4 if (opt.master_weights and prec.weights != "fp32") else 0
+    if opt.type == "adam":
+        dense_state, expert_state = dense * (master + 8), expert * (master + 8)
+    elif opt.type == "adafactor":
+        dense_state = dense * master + 4 * params.dense_rows_cols / layout.tp
+        expert_state = expert * master + 4 * params.expert_rows_cols / (layout.ep * layout.expert_tp)
+    else:
+        dense_state, expert_state = dense * master, expert * master
+    if workload.parallelism.zero_stage >= 1:
+        dense_state, expert_state = dense_state / layout.dp, expert_state / layout.expert_dp
+    return dense_state + expert_state
+
+
+def in_flight_microbatches(workload: Workload, layout: Layout) -> float:
+    """Micro-batches whose activations the first stage holds at its peak: GPipe all m; 1F1B p;
+    interleaved 1F1B p + (p - 1)/v, from its warm-up of 2(p-1) + (v-1)p chunks (Narayanan 2021)."""
+    m, p, v = layout.microbatches, layout.pp, layout.vpp
+    schedule = workload.parallelism.schedule
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "interleaved":
+        return min(float(m), p + (p - 1) / v)
+    return float(min(m, p))
+
+
+def training_memory(workload: Workload, system: System, layout: Layout, stage_params: Params,
+                    activation_bytes_per_microbatch: float, buffer_bytes: float) -> MemoryBreakdown:
+    prec = workload.precision
+    zero = workload.parallelism.zero_stage
+    dense, expert = local_params(stage_params, layout)
+    weights = (dense / (layout.dp if zero >= 3 else 1) + expert / (layout.expert_dp if zero >= 3 else 1)) * DTYPE_BYTES[prec.weights]
+    grads = (dense / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
+    optimizer = optimizer_state_bytes(stage_params, workload, layout)
+    activations = activation_bytes_per_microbatch * in_flight_microbatches(workload, layout)
+    device = system.device
+    return MemoryBreakdown(weights, grads, optimizer, activations, buffer_bytes, 0.0,
+                           device.reserve_gb * GB, device.memory_gb * GB)
+
+
+def serving_memory(system: System, layout: Layout, weight_bytes: float, expert_weight_bytes: float,
+                   kv_bytes: float, activation_bytes: float) -> MemoryBreakdown:
+    """On an edge device, expert weights that do not fit stay on the storage tier and stream in."""
+    device = system.device
+    capacity = device.memory_gb * GB
+    reserve = device.reserve_gb * GB
+    offloaded = 0.0
+    if system.storage is not None:
+        room_for_experts = capacity - reserve - kv_bytes - activation_bytes - (weight_bytes - expert_weight_bytes)
+        offloaded = min(expert_weight_bytes, max(0.0, expert_weight_bytes - max(0.0, room_for_experts)))
+    return MemoryBreakdown(weight_bytes - offloaded, 0.0, 0.0, activation_bytes, 0.0, kv_bytes, reserve, capacity,
+                           offloaded_weights=offloaded)

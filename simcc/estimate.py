@@ -1,0 +1,158 @@
+"""Estimate one workload on one system: layout -> costed plan -> composed time -> report.
+
+Returns plain sections of named values so that every output format renders the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from simcc.costs.compute import peak_flops
+from simcc.costs.memory import MemoryBreakdown, training_memory
+from simcc.layout import Layout, build_layout
+from simcc.model.blocks import Batch, MoEStats
+from simcc.model.graph import model_forward_flops, model_params
+from simcc.report.metrics import mfu, run_totals
+from simcc.specs.hardware import System
+from simcc.specs.workload import Workload
+from simcc.timing.analytic import compose_training_step
+from simcc.timing.plan import build_training_plan
+from simcc.timing.serving import compose_serving
+
+Sections = dict[str, dict[str, Any]]
+
+
+@dataclass
+class Estimate:
+    workload: str
+    hardware: str
+    sections: Sections = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def value(self, section: str, key: str) -> Any:
+        return self.sections[section][key]
+
+
+def _layout_section(layout: Layout, system: System) -> dict[str, Any]:
+    return {"devices": system.devices, "nodes": system.nodes, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+            "vpp": layout.vpp, "ep": layout.ep, "expert_tp": layout.expert_tp, "expert_dp": layout.expert_dp,
+            "microbatches_per_step": layout.microbatches}
+
+
+def _moe_section(stats: list[MoEStats]) -> dict[str, Any]:
+    if not stats:
+        return {}
+    routed = sum(s.loads.routed for s in stats)
+    dropped = sum(s.loads.dropped for s in stats)
+    padded = sum(s.loads.padded for s in stats)
+    return {
+        "moe_layers": len(stats),
+        "load_cv": sum(s.loads.cv for s in stats) / len(stats),
+        "max_over_mean_load": max(s.loads.max_over_mean for s in stats),
+        "dropped_fraction": dropped / routed if routed else 0.0,
+        "padding_fraction": padded / (routed - dropped + padded) if routed else 0.0,
+        "experts_per_token": sum(s.experts_per_token for s in stats) / len(stats),
+        "all_to_all_mb_per_layer": stats[0].dispatch_bytes / 1e6,
+    }
+
+
+def _memory_section(memory: MemoryBreakdown) -> dict[str, Any]:
+    section: dict[str, Any] = {f"{k}_gb": v for k, v in memory.as_gb().items()}
+    section["fits"] = memory.fits
+    return section
+
+
+def estimate(workload: Workload, system: System, workload_source: str) -> Estimate:
+    layout = build_layout(workload, system, workload_source)
+    peak = peak_flops(system.device, workload.precision.compute)
+    params = model_params(workload.model)
+    result = Estimate(workload.name, system.name)
+    result.sections["layout"] = _layout_section(layout, system)
+    result.sections["model"] = {"params_b": params.total / 1e9, "active_params_b": params.active / 1e9}
+    if workload.mode == "train":
+        _estimate_training(workload, system, layout, peak, result)
+    else:
+        _estimate_serving(workload, system, layout, peak, result)
+    if system.price is None:
+        result.notes.append(f"{system.name} has no price: $ figures are omitted")
+    return result
+
+
+def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate) -> None:
+    assert workload.train is not None
+    train = workload.train
+    plan = build_training_plan(workload, system, layout)
+    step = compose_training_step(plan)
+    per_sequence = model_forward_flops(workload.model, Batch(1, train.seq_len, train.seq_len))
+    model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
+    tokens_step = train.global_batch * train.seq_len
+    result.sections["model"]["forward_gflop_per_token"] = per_sequence / train.seq_len / 1e9
+
+    result.sections["step"] = {
+        "step_s": step.total, "compute_s": step.compute, "exposed_comm_s": step.exposed_comm,
+        "imbalance_s": step.imbalance, "bubble_s": step.bubble, "optimizer_s": step.optimizer,
+    }
+    per_device = model_flops_step / step.total / system.devices
+    result.sections["throughput"] = {
+        "tokens_per_s": tokens_step / step.total,
+        "model_tflops_per_device": per_device / 1e12,
+        "mfu": mfu(per_device, peak),
+    }
+    # Memory of the stage that holds the most: weights by its parameters, activations by its chunks.
+    worst: MemoryBreakdown | None = None
+    for stage in plan.stages:
+        saved = sum(c.saved_bytes for c in stage.chunks)  # one micro-batch through all of the stage's chunks
+        buffers = max((c.transient_bytes for c in stage.chunks), default=0.0)
+        memory = training_memory(workload, system, layout, stage.params, saved, buffers)
+        if worst is None or memory.total > worst.total:
+            worst = memory
+    assert worst is not None
+    result.sections["memory"] = _memory_section(worst)
+    if not worst.fits:
+        result.notes.append(f"does not fit: needs {worst.total / 1e9:.1f} GB per device, "
+                            f"{system.device.name} has {worst.capacity / 1e9:.1f} GB")
+    result.sections["moe"] = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
+    if train.total_tokens:
+        seconds = train.total_tokens / (tokens_step / step.total)
+        totals = run_totals(system, seconds, step.compute / step.total)
+        result.sections["run"] = {"total_tokens": train.total_tokens, "days": seconds / 86400,
+                                  "device_hours": totals.device_hours, "usd": totals.usd, "kwh": totals.kwh}
+
+
+def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate) -> None:
+    assert workload.serve is not None
+    serve = workload.serve
+    serving = compose_serving(workload, system, layout)
+    request_s = serving.request_seconds(serve.output_tokens)
+    requests_per_s = layout.dp * serve.batch / request_s
+    tokens_per_s = requests_per_s * serve.output_tokens
+    result.sections["latency"] = {
+        "ttft_s": serving.prefill, "tpot_s": serving.decode_step, "request_s": request_s,
+        "decode_compute_s": serving.decode_compute, "decode_comm_s": serving.decode_comm,
+        "decode_loading_s": serving.decode_loading, "prefill_loading_s": serving.prefill_loading,
+    }
+    per_token_flops = model_forward_flops(workload.model, Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
+    result.sections["throughput"] = {
+        "requests_per_s": requests_per_s, "output_tokens_per_s": tokens_per_s,
+        "model_tflops_per_device": per_token_flops * tokens_per_s / system.devices / 1e12,
+        "mfu": mfu(per_token_flops * tokens_per_s / system.devices, peak),
+    }
+    if serve.arrival_rate is not None:
+        utilisation = serve.arrival_rate / requests_per_s
+        result.sections["throughput"]["utilisation"] = utilisation
+        if utilisation >= 1:
+            result.notes.append(f"arrival rate {serve.arrival_rate}/s exceeds capacity {requests_per_s:.3g}/s: "
+                                "the queue grows without bound")
+    result.sections["memory"] = _memory_section(serving.memory)
+    if not serving.memory.fits:
+        result.notes.append(f"does not fit: needs {serving.memory.total / 1e9:.1f} GB per device")
+    if serving.memory.offloaded_weights > 0:
+        result.notes.append(f"{serving.memory.offloaded_weights / 1e9:.2f} GB of expert weights stay on "
+                            f"{system.storage.tier if system.storage else 'storage'} and load on demand")
+    result.sections["moe"] = _moe_section(serving.moe)
+    million = 1e6 / tokens_per_s
+    busy = serving.decode_compute / serving.decode_step if serving.decode_step else 1.0
+    totals = run_totals(system, million, busy)
+    result.sections["run"] = {"seconds_per_million_tokens": million, "usd_per_million_tokens": totals.usd,
+                              "kwh_per_million_tokens": totals.kwh}

@@ -1,0 +1,379 @@
+"""What each block kind runs for one micro-batch on one device, and how many parameters it holds.
+
+Shapes follow Megatron-style tensor parallelism: column-parallel input projections, row-parallel
+output projections, one all-reduce (or reduce-scatter + all-gather with sequence parallelism)
+per block in each direction (Shoeybi et al. 2019; Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm, grouped_gemm
+from simcc.routing.load import RankLoads, rank_loads
+from simcc.specs.workload import (
+    AttentionBlock,
+    ConvBlock,
+    DenseFFNBlock,
+    EmbeddingBlock,
+    LMHeadBlock,
+    LSTMBlock,
+    MLPBlock,
+    MoEFFNBlock,
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The tokens one micro-batch brings to a layer."""
+
+    sequences: int
+    q_len: int  # new tokens per sequence (1 when decoding)
+    kv_len: int  # context each new token attends to
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.q_len
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How one device's share of a layer is cut, and which counting convention applies."""
+
+    tp: int = 1
+    sequence_parallel: bool = False
+    ep: int = 1
+    expert_tp: int = 1
+    dtype: str = "bf16"
+    router_dtype: str = "fp32"
+    comm_dtype: str = "bf16"
+    # Executed work halves causal attention and samples expert loads; the reporting convention
+    # (model FLOPs) counts full attention and exactly balanced loads.
+    executed: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Params:
+    """Parameter counts of the full (unsharded) layer, split by how they are sharded."""
+
+    dense: float = 0.0  # sharded by tensor parallelism
+    replicated: float = 0.0  # norms, routers, biases kept whole on every TP rank
+    expert: float = 0.0  # all experts; sharded by expert parallelism x expert TP
+    active_expert: float = 0.0  # expert parameters one token uses (k experts)
+    # Sum of (rows + cols) over weight matrices: a factored optimizer keeps O(rows + cols) state.
+    dense_rows_cols: float = 0.0
+    expert_rows_cols: float = 0.0
+
+    def add(self, other: "Params") -> "Params":
+        return Params(*(a + b for a, b in zip(self.astuple(), other.astuple())))
+
+    def scaled(self, times: float) -> "Params":
+        return Params(*(a * times for a in self.astuple()))
+
+    def astuple(self) -> tuple[float, ...]:
+        return (self.dense, self.replicated, self.expert, self.active_expert, self.dense_rows_cols, self.expert_rows_cols)
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.replicated + self.expert
+
+    @property
+    def active(self) -> float:
+        return self.dense + self.replicated + self.active_expert
+
+
+@dataclass
+class BlockWork:
+    forward: list[WorkItem] = field(default_factory=list)
+    # Ops replayed before the backward pass under selective recomputation (Korthikanti 2022 sec. 4.2).
+    selective_recompute: list[WorkItem] = field(default_factory=list)
+    moe: "MoEStats | None" = None
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    loads: RankLoads
+    dispatch_bytes: float  # all-to-all bytes each rank sends in one direction
+    experts_per_token: float
+
+
+def _norm(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
+    # LayerNorm/RMSNorm: read x, write y; a handful of FLOPs per element.
+    share = tokens / shard.tp if shard.sequence_parallel else tokens
+    return elementwise(name, share * hidden, 1, 1, shard.dtype, flops_per_element=5, saved_elements=share * hidden)
+
+
+def _residual(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
+    share = tokens / shard.tp if shard.sequence_parallel else tokens
+    return elementwise(name, share * hidden, 2, 1, shard.dtype)
+
+
+def _tp_entry(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
+    """Sequence parallelism gathers the sequence-sharded input before a column-parallel GEMM."""
+    if shard.tp > 1 and shard.sequence_parallel:
+        return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
+    return []
+
+
+def _tp_exit(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
+    """A row-parallel GEMM's partial sums are all-reduced (or reduce-scattered with SP)."""
+    if shard.tp == 1:
+        return []
+    collective = "reduce_scatter" if shard.sequence_parallel else "all_reduce"
+    return [Comm(name, collective, tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+def attention_params(spec: AttentionBlock, hidden: int) -> Params:
+    heads, kv_heads, head_dim = _attention_dims(spec, hidden)
+    qkv = hidden * (heads + 2 * kv_heads) * head_dim
+    out = heads * head_dim * hidden
+    rows_cols = (hidden + (heads + 2 * kv_heads) * head_dim) + (heads * head_dim + hidden)
+    return Params(dense=qkv + out, replicated=2 * hidden, dense_rows_cols=rows_cols)
+
+
+def _attention_dims(spec: AttentionBlock, hidden: int) -> tuple[int, int, int]:
+    kv_heads = spec.kv_heads or spec.heads
+    head_dim = spec.head_dim or hidden // spec.heads
+    return spec.heads, kv_heads, head_dim
+
+
+def attention_work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    heads, kv_heads, head_dim = _attention_dims(spec, hidden)
+    t, T, dt = shard.tp, batch.tokens, shard.dtype
+    b = DTYPE_BYTES[dt]
+    local_heads, local_kv = heads / t, max(kv_heads / t, 1)
+    work = BlockWork()
+    fwd = work.forward
+    fwd.append(_norm("attn.norm", T, hidden, shard))
+    fwd += _tp_entry("attn.tp_gather", T, hidden, shard)
+    fwd.append(gemm("attn.qkv", T, hidden, (local_heads + 2 * local_kv) * head_dim, dt))
+    # Score and value products: 2 * (2 * q * kv * d) FLOPs per head and sequence; causal masking
+    # skips half of the score matrix (executed work only; model FLOPs count it all, as Megatron does).
+    causal_share = 0.5 if (spec.causal and shard.executed and batch.q_len > 1) else 1.0
+    core_flops = 4.0 * batch.sequences * batch.q_len * batch.kv_len * local_heads * head_dim * causal_share
+    q_bytes = T * local_heads * head_dim * b
+    kv_bytes = batch.sequences * batch.kv_len * local_kv * head_dim * b * 2
+    if spec.impl == "flash":
+        fwd.append(Op("attn.core", "attention", core_flops, 2 * q_bytes + kv_bytes, dt,
+                      saved_bytes=2 * q_bytes + kv_bytes + T * local_heads * 4))
+    else:
+        scores = batch.sequences * local_heads * batch.q_len * batch.kv_len
+        core = [
+            Op("attn.scores", "gemm", core_flops / 2, q_bytes + kv_bytes / 2 + scores * b, dt, saved_bytes=q_bytes + kv_bytes / 2),
+            # softmax reads and writes the s x s scores; dropout writes a 1-byte mask too.
+            elementwise("attn.softmax", scores, 1, 1, dt, flops_per_element=5, saved_elements=scores),
+            elementwise("attn.dropout", scores, 1, 1 + 1 / b, dt, saved_elements=scores / b),
+            Op("attn.context", "gemm", core_flops / 2, scores * b + kv_bytes / 2 + q_bytes, dt, saved_bytes=scores * b),
+        ]
+        fwd += core
+        work.selective_recompute = list(core)
+    fwd.append(gemm("attn.out", T, local_heads * head_dim, hidden, dt))
+    fwd += _tp_exit("attn.tp_reduce", T, hidden, shard)
+    fwd.append(_residual("attn.residual", T, hidden, shard))
+    return work
+
+
+def kv_cache_bytes_per_token(spec: AttentionBlock, hidden: int, dtype: str) -> float:
+    """K and V for one token in one layer: 2 * kv_heads * head_dim * bytes."""
+    _, kv_heads, head_dim = _attention_dims(spec, hidden)
+    return 2.0 * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+# ------------------------------------------------------------------------------------------ FFNs
+
+def _gated_width(hidden: int, gated: bool) -> int:
+    return 2 * hidden if gated else hidden
+
+
+def ffn_params(width: int, hidden: int, gated: bool) -> Params:
+    up = width * _gated_width(hidden, gated)
+    down = hidden * width
+    return Params(dense=up + down, replicated=width, dense_rows_cols=(width + _gated_width(hidden, gated)) + (hidden + width))
+
+
+def dense_ffn_work(spec: DenseFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    t, T, dt = shard.tp, batch.tokens, shard.dtype
+    work = BlockWork()
+    fwd = work.forward
+    fwd.append(_norm("ffn.norm", T, hidden, shard))
+    fwd += _tp_entry("ffn.tp_gather", T, hidden, shard)
+    fwd.append(gemm("ffn.up", T, hidden, _gated_width(spec.hidden, spec.gated) / t, dt))
+    reads = 2 if spec.gated else 1
+    fwd.append(elementwise("ffn.act", T * spec.hidden / t, reads, 1, dt, flops_per_element=8,
+                           saved_elements=T * spec.hidden / t * reads))
+    fwd.append(gemm("ffn.down", T, spec.hidden / t, hidden, dt))
+    fwd += _tp_exit("ffn.tp_reduce", T, hidden, shard)
+    fwd.append(_residual("ffn.residual", T, hidden, shard))
+    return work
+
+
+def moe_params(spec: MoEFFNBlock, hidden: int) -> Params:
+    one_expert = ffn_params(hidden, spec.expert_hidden, spec.gated)
+    shared = ffn_params(hidden, spec.shared_expert_hidden or spec.expert_hidden, spec.gated).scaled(spec.shared_experts)
+    router = hidden * spec.experts * (2 if spec.gating.policy == "noisy_topk" else 1)
+    per_expert = one_expert.dense  # expert weights only; biases/norm counted once below
+    return Params(
+        dense=shared.dense,
+        replicated=router + hidden,
+        expert=per_expert * spec.experts,
+        active_expert=per_expert * spec.k,
+        dense_rows_cols=shared.dense_rows_cols,
+        expert_rows_cols=one_expert.dense_rows_cols * spec.experts,
+    )
+
+
+def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    T, dt = batch.tokens, shard.dtype
+    ep, etp = shard.ep, shard.expert_tp
+    b = DTYPE_BYTES[dt]
+    work = BlockWork()
+    fwd = work.forward
+    fwd.append(_norm("moe.norm", T, hidden, shard))
+    fwd += _tp_entry("moe.tp_gather", T, hidden, shard)
+    # Router: d x E logits per token (Shazeer 2017: noisy top-k adds a second d x E product).
+    router_products = 2 if spec.gating.policy == "noisy_topk" else 1
+    for i in range(router_products):
+        fwd.append(gemm(f"moe.router{i}", T, hidden, spec.experts, shard.router_dtype))
+    fwd.append(elementwise("moe.topk", T * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6, family="gate"))
+    # Permute tokens into expert order: gather k copies of each token, read once and written once.
+    fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
+
+    loads = rank_loads(spec, T, ep, shard.seed, balanced=not shard.executed)
+    # Each rank sends its T*k routed token copies (dropped ones are not sent) out to the group.
+    sent_per_rank = (loads.routed - loads.dropped) / ep
+    dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype]
+    if ep > 1:
+        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep"))
+    busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
+    up_width = _gated_width(spec.expert_hidden, spec.gated) / etp
+    fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
+    reads = 2 if spec.gated else 1
+    act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
+                      saved_elements=sum(busiest) * spec.expert_hidden / etp * reads)
+    mean_act = sum(mean) * spec.expert_hidden / etp
+    fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
+                  mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
+    fwd.append(grouped_gemm("moe.expert_down", busiest, mean, int(spec.expert_hidden / etp), hidden, dt))
+    if etp > 1:
+        fwd.append(Comm("moe.expert_tp_reduce", "all_reduce", sum(busiest) * hidden * DTYPE_BYTES[shard.comm_dtype], "tp"))
+    if ep > 1:
+        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep"))
+    # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
+    fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="permute",
+                           saved_elements=T * spec.k * hidden))
+    if spec.shared_experts:
+        shared_hidden = (spec.shared_expert_hidden or spec.expert_hidden) * spec.shared_experts
+        fwd.append(gemm("moe.shared_up", T, hidden, _gated_width(shared_hidden, spec.gated) / shard.tp, dt))
+        fwd.append(elementwise("moe.shared_act", T * shared_hidden / shard.tp, reads, 1, dt, flops_per_element=8,
+                               saved_elements=T * shared_hidden / shard.tp * reads))
+        fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt))
+    fwd += _tp_exit("moe.tp_reduce", T, hidden, shard)
+    fwd.append(_residual("moe.residual", T, hidden, shard))
+    kept_per_token = (loads.routed - loads.dropped) / (T * ep) if T else 0.0
+    work.moe = MoEStats(loads, dispatch, kept_per_token)
+    return work
+
+
+# ------------------------------------------------------------------------------------------ others
+
+def lstm_params(spec: LSTMBlock, hidden: int) -> Params:
+    inputs = spec.input_size or hidden
+    weights = 4 * spec.hidden * (inputs + spec.hidden)
+    return Params(dense=weights, replicated=4 * spec.hidden, dense_rows_cols=(inputs + spec.hidden) + 4 * spec.hidden)
+
+
+def lstm_work(spec: LSTMBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    """cuDNN-style LSTM: one GEMM over all time steps for the input projection, then one small
+    recurrent GEMM per step (batch rows only) that cannot be batched across time."""
+    inputs = spec.input_size or hidden
+    dt, T, t = shard.dtype, batch.tokens, shard.tp
+    gates = 4 * spec.hidden / t
+    work = BlockWork()
+    work.forward.append(gemm("lstm.input", T, inputs, gates, dt))
+    recurrent = gemm("lstm.recurrent", batch.sequences, spec.hidden, gates, dt)
+    steps = batch.q_len
+    b = DTYPE_BYTES[dt]
+    work.forward.append(Op("lstm.recurrent", "lstm", recurrent.flops * steps,
+                           recurrent.bytes * steps, dt, saved_bytes=T * spec.hidden * b,
+                           kernel_flops=recurrent.flops, launches=steps))
+    work.forward.append(elementwise("lstm.cell", T * gates, 2, 1, dt, flops_per_element=10, saved_elements=T * gates))
+    return work
+
+
+def mlp_params(spec: MLPBlock) -> Params:
+    pairs = list(zip(spec.widths, spec.widths[1:]))
+    return Params(dense=sum(a * b for a, b in pairs), replicated=sum(b for _, b in pairs),
+                  dense_rows_cols=sum(a + b for a, b in pairs))
+
+
+def mlp_work(spec: MLPBlock, batch: Batch, shard: Shard) -> BlockWork:
+    work = BlockWork()
+    T, dt = batch.tokens, shard.dtype
+    for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
+        work.forward.append(gemm(f"mlp.fc{i}", T, a, b / shard.tp, dt))
+        work.forward.append(elementwise(f"mlp.act{i}", T * b / shard.tp, 1, 1, dt, saved_elements=T * b / shard.tp))
+    return work
+
+
+def conv_output_size(spec: ConvBlock) -> int:
+    # "same" padding: output = ceil(input / stride)
+    return math.ceil(spec.input_size / spec.stride)
+
+
+def conv_params(spec: ConvBlock) -> Params:
+    weights = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel**2
+    return Params(dense=weights, replicated=2 * spec.out_channels,
+                  dense_rows_cols=spec.out_channels + (spec.in_channels // spec.groups) * spec.kernel**2)
+
+
+def conv_work(spec: ConvBlock, batch: Batch, shard: Shard) -> BlockWork:
+    """Implicit GEMM: M = images x output pixels, K = C_in/groups x kernel^2, N = C_out."""
+    dt = shard.dtype
+    b = DTYPE_BYTES[dt]
+    images = batch.tokens  # one "token" is one image for conv models
+    out = conv_output_size(spec)
+    m = images * out * out
+    k = (spec.in_channels // spec.groups) * spec.kernel**2
+    flops = 2.0 * m * k * spec.out_channels
+    in_bytes = images * spec.input_size**2 * spec.in_channels * b
+    out_bytes = m * spec.out_channels * b
+    weight_bytes = conv_params(spec).dense * b
+    work = BlockWork()
+    work.forward.append(Op("conv", "conv", flops, in_bytes + out_bytes + weight_bytes, dt, saved_bytes=in_bytes))
+    # Batch norm + activation: read and write the output map.
+    work.forward.append(elementwise("conv.bn_act", m * spec.out_channels, 1, 1, dt, flops_per_element=6,
+                                    saved_elements=m * spec.out_channels))
+    return work
+
+
+def embedding_params(spec: EmbeddingBlock, hidden: int) -> Params:
+    return Params(dense=spec.vocab * hidden)
+
+
+def embedding_work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    work = BlockWork()
+    T = batch.tokens
+    work.forward.append(elementwise("embed.lookup", T * hidden, 1, 1, shard.dtype, family="embedding"))
+    if shard.tp > 1:  # vocabulary-parallel lookup: partial rows are all-reduced
+        work.forward += _tp_exit("embed.tp_reduce", T, hidden, shard)
+    return work
+
+
+def lm_head_params(spec: LMHeadBlock, hidden: int) -> Params:
+    return Params(dense=0 if spec.tied else spec.vocab * hidden, replicated=hidden)
+
+
+def lm_head_work(spec: LMHeadBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    T, dt = batch.tokens, shard.dtype
+    work = BlockWork()
+    work.forward.append(_norm("head.norm", T, hidden, shard))
+    work.forward += _tp_entry("head.tp_gather", T, hidden, shard)
+    work.forward.append(gemm("head.logits", T, hidden, spec.vocab / shard.tp, dt))
+    # Softmax cross-entropy in fp32 over the local vocabulary shard.
+    work.forward.append(elementwise("head.loss", T * spec.vocab / shard.tp, 1, 1, "fp32", flops_per_element=5,
+                                    saved_elements=0))
+    return work

@@ -1,0 +1,155 @@
+"""A model as pipeline units: each repeat iteration (or top-level block) is one unit; embedding
+and LM head ride along with the first and last unit, as in Megatron's pipeline split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simcc.model import blocks as B
+from simcc.model.ops import MATMUL_FAMILIES, Op
+from simcc.specs.workload import BlockItem, ModelSpec
+
+ATTACHED_KINDS = ("embedding", "lm_head")
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str
+    spec: object  # the validated block spec
+    index: int  # position in the expanded model, for seeding per-layer loads
+
+
+@dataclass(frozen=True)
+class Unit:
+    blocks: tuple[Block, ...]
+
+
+def _expand(items: list[BlockItem]) -> list[list[BlockItem]]:
+    """Top-level items into units: a repeat contributes one unit per iteration."""
+    units: list[list[BlockItem]] = []
+    for item in items:
+        if item.repeat is not None:
+            inner = _flatten(item.blocks or [])
+            units.extend([list(inner) for _ in range(item.repeat)])
+        else:
+            units.append([item])
+    return units
+
+
+def _flatten(items: list[BlockItem]) -> list[BlockItem]:
+    flat: list[BlockItem] = []
+    for item in items:
+        if item.repeat is not None:
+            for _ in range(item.repeat):
+                flat.extend(_flatten(item.blocks or []))
+        else:
+            flat.append(item)
+    return flat
+
+
+def units_of(model: ModelSpec) -> list[Unit]:
+    """Pipeline units, with attached blocks (embedding, LM head) merged into their neighbours."""
+    raw = _expand(model.blocks)
+    index = 0
+    body: list[list[Block]] = []
+    leading: list[Block] = []
+    trailing: list[Block] = []
+    for items in raw:
+        made = []
+        for item in items:
+            made.append(Block(item.kind, item.spec, index))
+            index += 1
+        if len(made) == 1 and made[0].kind in ATTACHED_KINDS:
+            (leading if not body else trailing).append(made[0])
+        else:
+            if trailing:  # an attached block between body units is an ordinary unit after all
+                body.append(trailing)
+                trailing = []
+            body.append(made)
+    if not body:
+        body, leading, trailing = [leading + trailing], [], []
+    body[0] = leading + body[0]
+    body[-1] = body[-1] + trailing
+    return [Unit(tuple(u)) for u in body]
+
+
+def stage_units(units: list[Unit], chunks: int) -> list[list[Unit]]:
+    """Split units into `chunks` contiguous pipeline chunks as evenly as possible (earlier chunks
+    take the remainder)."""
+    base, extra = divmod(len(units), chunks)
+    result, start = [], 0
+    for c in range(chunks):
+        size = base + (1 if c < extra else 0)
+        result.append(units[start : start + size])
+        start += size
+    return result
+
+
+def block_params(block: Block, hidden: int) -> B.Params:
+    spec = block.spec
+    match block.kind:
+        case "attention":
+            return B.attention_params(spec, hidden)  # type: ignore[arg-type]
+        case "dense_ffn":
+            return B.ffn_params(hidden, spec.hidden, spec.gated)  # type: ignore[attr-defined]
+        case "moe_ffn":
+            return B.moe_params(spec, hidden)  # type: ignore[arg-type]
+        case "lstm":
+            return B.lstm_params(spec, hidden)  # type: ignore[arg-type]
+        case "mlp":
+            return B.mlp_params(spec)  # type: ignore[arg-type]
+        case "conv":
+            return B.conv_params(spec)  # type: ignore[arg-type]
+        case "embedding":
+            return B.embedding_params(spec, hidden)  # type: ignore[arg-type]
+        case "lm_head":
+            return B.lm_head_params(spec, hidden)  # type: ignore[arg-type]
+    raise ValueError(block.kind)
+
+
+def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
+    spec = block.spec
+    seeded = B.Shard(**{**shard.__dict__, "seed": shard.seed * 100_003 + block.index})
+    match block.kind:
+        case "attention":
+            return B.attention_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
+        case "dense_ffn":
+            return B.dense_ffn_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
+        case "moe_ffn":
+            return B.moe_ffn_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
+        case "lstm":
+            return B.lstm_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
+        case "mlp":
+            return B.mlp_work(spec, batch, shard)  # type: ignore[arg-type]
+        case "conv":
+            return B.conv_work(spec, batch, shard)  # type: ignore[arg-type]
+        case "embedding":
+            return B.embedding_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
+        case "lm_head":
+            return B.lm_head_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
+    raise ValueError(block.kind)
+
+
+def units_params(units: list[Unit], hidden: int) -> B.Params:
+    total = B.Params()
+    for unit in units:
+        for block in unit.blocks:
+            total = total.add(block_params(block, hidden))
+    return total
+
+
+def model_params(model: ModelSpec) -> B.Params:
+    return units_params(units_of(model), model.hidden)
+
+
+def model_forward_flops(model: ModelSpec, batch: B.Batch) -> float:
+    """Forward matmul FLOPs at the reporting convention (Narayanan et al. 2021, appendix): full
+    attention score products, exactly balanced experts, no padding or recomputation."""
+    shard = B.Shard(executed=False)
+    total = 0.0
+    for unit in units_of(model):
+        for block in unit.blocks:
+            for item in block_work(block, model.hidden, batch, shard).forward:
+                if isinstance(item, Op) and (item.family in MATMUL_FAMILIES or item.family == "attention"):
+                    total += item.flops
+    return total

@@ -1,0 +1,102 @@
+"""The work items a layer runs: compute ops (FLOPs, bytes) and communication (collective, bytes).
+
+Ops carry no time: costs/ turns them into seconds on a device, and the timing layer schedules
+those seconds. Keeping the three apart is what lets the simulator replace the analytic composer
+without re-deriving any cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+# Families whose FLOPs run on matrix units, at the matmul efficiency (attention has its own).
+MATMUL_FAMILIES = ("gemm", "grouped_gemm", "conv", "lstm")
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    family: str  # gemm | grouped_gemm | attention | conv | lstm | elementwise | gate | permute | embedding
+    flops: float
+    bytes: float
+    dtype: str
+    saved_bytes: float = 0.0  # activations kept for the backward pass
+    kernel_flops: float | None = None  # FLOPs of one kernel, for the efficiency curve (default: flops)
+    launches: int = 1  # kernels launched (a recurrent layer launches one per time step)
+    # The busiest rank's work is in flops/bytes; the mean rank's here (expert ops only).
+    mean_flops: float | None = None
+    mean_bytes: float | None = None
+
+    @property
+    def is_matmul(self) -> bool:
+        return self.family in MATMUL_FAMILIES or self.family == "attention"
+
+
+@dataclass(frozen=True)
+class Comm:
+    name: str
+    collective: str  # all_reduce | all_gather | reduce_scatter | all_to_all | p2p
+    bytes: float  # per-rank buffer size, as nccl-tests' "size"
+    group: str  # tp | ep | dp | edp | pp
+
+
+WorkItem = Op | Comm
+
+# Backward/forward ratios. GEMM: data-gradient + weight-gradient products, each as large as the
+# forward one (Narayanan et al. 2021, appendix). Fused attention: 5 matmuls backward vs 2 forward
+# (Dao 2023, FlashAttention-2, sec. 3.1). Elementwise: read saved input + incoming gradient, write one.
+BACKWARD_FLOPS_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.5}
+BACKWARD_BYTES_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.0}
+ELEMENTWISE_BACKWARD_RATIO = 1.5
+
+
+def backward_of(item: WorkItem) -> WorkItem:
+    if isinstance(item, Comm):
+        # Conjugate collectives move the same bytes: all-reduce <-> all-reduce, AG <-> RS, A2A <-> A2A.
+        swap = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}
+        return replace(item, name=item.name + ".bwd", collective=swap.get(item.collective, item.collective))
+    f_ratio = BACKWARD_FLOPS_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
+    b_ratio = BACKWARD_BYTES_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
+    scale = lambda v: None if v is None else v * f_ratio  # noqa: E731
+    return replace(
+        item,
+        name=item.name + ".bwd",
+        flops=item.flops * f_ratio,
+        bytes=item.bytes * b_ratio,
+        saved_bytes=0.0,
+        kernel_flops=scale(item.kernel_flops),
+        mean_flops=scale(item.mean_flops),
+        mean_bytes=None if item.mean_bytes is None else item.mean_bytes * b_ratio,
+    )
+
+
+def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True) -> Op:
+    """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once."""
+    b = DTYPE_BYTES[dtype]
+    return Op(name, "gemm", 2.0 * m * k * n, (m * k + k * n + m * n) * b, dtype,
+              saved_bytes=m * k * b if saved else 0.0)
+
+
+def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str) -> Op:
+    """One GEMM per local expert with its own token count; only experts with tokens read weights."""
+    b = DTYPE_BYTES[dtype]
+
+    def totals(tokens: list[float]) -> tuple[float, float]:
+        flops = sum(2.0 * t * k * n for t in tokens)
+        moved = sum((t * k + k * n + t * n) * b for t in tokens if t > 0)
+        return flops, moved
+
+    flops, moved = totals(busiest)
+    mean_flops, mean_moved = totals(mean)
+    active = max(1, sum(1 for t in busiest if t > 0))
+    return Op(name, "grouped_gemm", flops, moved, dtype, saved_bytes=sum(busiest) * k * b,
+              kernel_flops=flops / active, mean_flops=mean_flops, mean_bytes=mean_moved)
+
+
+def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,
+                flops_per_element: float = 1.0, saved_elements: float = 0.0, family: str = "elementwise") -> Op:
+    b = DTYPE_BYTES[dtype]
+    return Op(name, family, elements * flops_per_element, elements * (reads + writes) * b, dtype,
+              saved_bytes=saved_elements * b)

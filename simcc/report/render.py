@@ -1,0 +1,66 @@
+"""Render an estimate as a table, JSON or CSV; every format shows the same numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from simcc.estimate import Estimate
+
+SECTION_TITLES = {
+    "layout": "Parallel layout", "model": "Model", "step": "Training step (critical stage)",
+    "latency": "Serving latency", "throughput": "Throughput", "memory": "Memory per device",
+    "moe": "MoE routing", "run": "Whole run",
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5 or abs(value) < 1e-3:
+            return f"{value:.4g}"
+        return f"{value:,.4g}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def to_dict(result: Estimate) -> dict[str, Any]:
+    return {"workload": result.workload, "hardware": result.hardware, **result.sections, "notes": result.notes}
+
+
+def to_json(result: Estimate) -> str:
+    return json.dumps(to_dict(result), indent=2)
+
+
+def to_csv(result: Estimate) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["section", "metric", "value"])
+    for section, values in result.sections.items():
+        for key, value in values.items():
+            writer.writerow([section, key, value])
+    return buffer.getvalue()
+
+
+def to_table(result: Estimate) -> str:
+    lines = [f"{result.workload} on {result.hardware}"]
+    width = max((len(k) for values in result.sections.values() for k in values), default=10)
+    for section, values in result.sections.items():
+        if not values:
+            continue
+        lines.append("")
+        lines.append(SECTION_TITLES.get(section, section))
+        lines += [f"  {key:<{width}}  {_fmt(value):>14}" for key, value in values.items()]
+    if result.notes:
+        lines.append("")
+        lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"table": to_table, "json": to_json, "csv": to_csv}

@@ -1,0 +1,1 @@
+"""Describe: validated hardware profiles and workloads."""

@@ -1,0 +1,47 @@
+"""What ships with simcc: hardware profiles and workloads, with their names and one-line summaries."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from simcc.errors import InputError
+from simcc.specs.loader import PROFILE_FOLDERS, read_yaml, shipped_hardware_dir, shipped_workload_dir
+
+
+def catalog() -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    hardware = shipped_hardware_dir()
+    for folder in PROFILE_FOLDERS:
+        for path in sorted((hardware / folder).glob("*.yaml")):
+            rows.append(_row("hardware", folder, path))
+    for path in sorted(shipped_workload_dir().glob("**/*.yaml")):
+        rows.append(_row("workload", path.parent.name, path))
+    return rows
+
+
+def _row(what: str, group: str, path: Path) -> dict[str, str]:
+    try:
+        data = read_yaml(path)
+        summary = str(data.get("name", ""))
+        if what == "workload":
+            summary += f" ({data.get('mode', '?')})"
+    except InputError as err:
+        summary = f"unreadable: {err.message}"
+    return {"kind": what, "group": group, "name": path.stem, "summary": summary}
+
+
+def render_catalog(rows: list[dict[str, str]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["kind", "group", "name", "summary"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    width = max(len(r["name"]) for r in rows) if rows else 10
+    lines = [f"{r['kind']:<9} {r['group']:<10} {r['name']:<{width}}  {r['summary']}" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,199 @@
+"""Hardware profile schema: devices, nodes, clusters and edge devices.
+
+Devices are defined once (hardware_profiles/devices/) and referenced by name from node, cluster
+and edge files; the loader resolves those names before validation. Units are spelled in field
+names: GB = 1e9 bytes, GB/s = 1e9 bytes/s, Gbit/s for NICs (as they are sold), TFLOP/s = 1e12.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from simcc.specs.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel
+
+DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]
+
+
+class PeakTflops(StrictModel):
+    """Dense peak (no 2:4 sparsity) per dtype; a missing dtype means the device cannot run it."""
+
+    fp32: PositiveFloat | None = None
+    tf32: PositiveFloat | None = None
+    bf16: PositiveFloat | None = None
+    fp16: PositiveFloat | None = None
+    fp8: PositiveFloat | None = None
+    int8: PositiveFloat | None = None
+
+
+class EfficiencyCurve(StrictModel):
+    """Achieved fraction of peak against an op's FLOPs, filled by `simcc calibrate`."""
+
+    flops: list[PositiveFloat] = Field(min_length=1)
+    fraction: list[Fraction] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length_and_sorted(self) -> "EfficiencyCurve":
+        if len(self.flops) != len(self.fraction):
+            raise ValueError("flops and fraction must have the same length")
+        if any(b <= a for a, b in zip(self.flops, self.flops[1:])):
+            raise ValueError("flops must be strictly increasing")
+        return self
+
+
+class Efficiency(StrictModel):
+    """Why spec peaks over-predict: achieved fractions until calibration replaces them."""
+
+    matmul: Fraction = 0.70
+    attention: Fraction = 0.50
+    memory: Fraction = 0.80
+    kernel_launch_us: NonNegativeFloat = 5.0
+    curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm"], EfficiencyCurve] = {}
+    source: str = "simcc defaults"
+
+
+class Power(StrictModel):
+    tdp_w: PositiveFloat
+    idle_w: NonNegativeFloat
+
+    @model_validator(mode="after")
+    def _idle_below_tdp(self) -> "Power":
+        if self.idle_w > self.tdp_w:
+            raise ValueError("idle_w must not exceed tdp_w")
+        return self
+
+
+class Price(StrictModel):
+    usd_per_device_hour: PositiveFloat
+    date: str = Field(pattern=r"^\d{4}-\d{2}(-\d{2})?$")
+    source: str
+
+
+class Device(StrictModel):
+    kind: Literal["device"] = "device"
+    name: str
+    source: str
+    peak_tflops: PeakTflops
+    memory_gb: PositiveFloat
+    memory_bandwidth_gb_s: PositiveFloat
+    power: Power
+    price: Price | None = None
+    efficiency: Efficiency = Efficiency()
+    # CUDA context, allocator fragmentation and framework workspaces; not usable for tensors.
+    reserve_gb: NonNegativeFloat = 2.0
+
+
+class Link(StrictModel):
+    """One device's port on a link level; bandwidth is per direction."""
+
+    bandwidth_gb_s: PositiveFloat
+    latency_us: NonNegativeFloat
+    topology: Literal["switch", "ring", "mesh", "pcie"] = "switch"
+    # Protocol efficiency: NVLink4 loses ~20% to protocol (shared/reference/hardware.md).
+    efficiency: Fraction = 0.80
+
+
+class Node(StrictModel):
+    kind: Literal["node"] = "node"
+    name: str
+    source: str
+    device: Device
+    devices_per_node: PositiveInt
+    intra_link: Link | None = None
+    host_link: Link
+
+    @model_validator(mode="after")
+    def _intra_link_when_several(self) -> "Node":
+        if self.devices_per_node > 1 and self.intra_link is None:
+            raise ValueError("intra_link is required when devices_per_node > 1")
+        return self
+
+
+class Network(StrictModel):
+    nic_gbit_s: PositiveFloat
+    nics_per_node: PositiveInt
+    latency_us: NonNegativeFloat
+    oversubscription: float = Field(default=1.0, ge=1.0)
+    efficiency: Fraction = 0.80
+
+
+class Cluster(StrictModel):
+    kind: Literal["cluster"] = "cluster"
+    name: str
+    source: str
+    node: Node
+    nodes: PositiveInt
+    network: Network | None = None
+    price: Price | None = None
+
+    @model_validator(mode="after")
+    def _network_when_several(self) -> "Cluster":
+        if self.nodes > 1 and self.network is None:
+            raise ValueError("network is required when nodes > 1")
+        return self
+
+
+class Storage(StrictModel):
+    """Where weights that do not fit in memory live on an edge device."""
+
+    tier: Literal["flash", "nvme", "host_ram", "sd_card", "ufs"]
+    bandwidth_gb_s: PositiveFloat
+    capacity_gb: PositiveFloat | None = None
+
+
+class Edge(StrictModel):
+    kind: Literal["edge"] = "edge"
+    name: str
+    source: str
+    device: Device
+    unified_memory: bool = True
+    storage: Storage
+    price: Price | None = None
+
+
+@dataclass(frozen=True)
+class System:
+    """The resolved machine the cost model sees, whatever kind of profile described it."""
+
+    name: str
+    kind: str
+    device: Device
+    devices_per_node: int
+    nodes: int
+    intra_link: Link | None
+    network: Network | None
+    storage: Storage | None
+    price: Price | None
+    source_file: str
+
+    @property
+    def devices(self) -> int:
+        return self.devices_per_node * self.nodes
+
+    def inter_node_gb_s_per_device(self) -> float:
+        """NIC bandwidth one device can use, after oversubscription and protocol efficiency."""
+        if self.network is None:
+            return 0.0
+        net = self.network
+        node_total = net.nic_gbit_s / 8.0 * net.nics_per_node
+        return node_total / self.devices_per_node / net.oversubscription * net.efficiency
+
+
+def system_from(profile: Device | Node | Cluster | Edge, source_file: str) -> System:
+    if isinstance(profile, Device):
+        return System(profile.name, "device", profile, 1, 1, None, None, None, profile.price, source_file)
+    if isinstance(profile, Node):
+        return System(profile.name, "node", profile.device, profile.devices_per_node, 1,
+                      profile.intra_link, None, None, profile.device.price, source_file)
+    if isinstance(profile, Cluster):
+        node = profile.node
+        return System(profile.name, "cluster", node.device, node.devices_per_node, profile.nodes,
+                      node.intra_link, profile.network, None, profile.price or node.device.price, source_file)
+    return System(profile.name, "edge", profile.device, 1, 1, None, None, profile.storage,
+                  profile.price or profile.device.price, source_file)
+
+
+PROFILE_KINDS: dict[str, type[StrictModel]] = {"device": Device, "node": Node, "cluster": Cluster, "edge": Edge}

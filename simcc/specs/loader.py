@@ -1,0 +1,279 @@
+"""Read YAML specs safely, resolve device/node names, apply `--set` overrides, and turn every
+validation failure into one line that names the file, the field and what was expected."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from simcc.errors import InputError
+from simcc.specs.hardware import PROFILE_KINDS, System, system_from
+from simcc.specs.workload import Workload
+
+M = TypeVar("M", bound=BaseModel)
+
+SHIPPED_ROOT = Path(__file__).resolve().parents[2]
+HARDWARE_DIR_ENV = "SIMCC_HARDWARE_PROFILES"
+PROFILE_FOLDERS = ("clusters", "edge", "nodes", "devices", "measured")
+
+
+def shipped_hardware_dir() -> Path:
+    return Path(os.environ.get(HARDWARE_DIR_ENV, SHIPPED_ROOT / "hardware_profiles"))
+
+
+def shipped_workload_dir() -> Path:
+    return SHIPPED_ROOT / "workloads"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    source = str(path)
+    if not path.is_file():
+        raise InputError(source, "", "file not found")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise InputError(source, where, f"not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise InputError(source, "", "expected a YAML mapping at the top level")
+    return data
+
+
+# ---------------------------------------------------------------- overrides (--set key.path=value)
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`a.b.0.c=value` -> (['a','b',0,'c'], parsed value). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise InputError(f"--set {text}", "", "expected key.path=value")
+    key, _, raw = text.partition("=")
+    if not key.strip():
+        raise InputError(f"--set {text}", "", "expected key.path=value")
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_override(data: dict[str, Any], path: list[str | int], value: Any, label: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        nxt = path[depth + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise InputError(label, _dotted(path[: depth + 1]), f"no list item {part}")
+            node = node[part]
+        elif isinstance(node, dict):
+            if part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+        else:
+            raise InputError(label, _dotted(path[: depth + 1]), "is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise InputError(label, _dotted(path), f"no list item {last}")
+        node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise InputError(label, _dotted(path[:-1]), "is a value, not a section")
+
+
+def _dotted(loc: typing.Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+# ---------------------------------------------------------------- validation errors -> one line
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The model classes a field annotation can hold (through Optional, list, dict, Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, dict, tuple):
+        found: list[Any] = []
+        for arg in typing.get_args(annotation):
+            found.extend(_unwrap(arg))
+        return found
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _model_at(root: type[BaseModel], loc: typing.Sequence[Any]) -> type[BaseModel] | None:
+    current: type[BaseModel] | None = root
+    for part in loc:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue  # list index: same item model
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = _unwrap(field.annotation)
+        current = candidates[0] if candidates else None
+    return current
+
+
+def _explain(error: dict[str, Any], root: type[BaseModel]) -> str:
+    kind = error["type"]
+    loc = error["loc"]
+    if kind == "extra_forbidden":
+        parent = _model_at(root, loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required field is missing"
+    message = str(error["msg"])
+    message = message.replace("Input should be", "expected").replace("Value error, ", "")
+    if kind not in ("value_error", "assertion_error") and "input" in error:
+        shown = error["input"]
+        if not isinstance(shown, (dict, list)):
+            message += f", got {shown!r}"
+    return message
+
+
+def validate(model: type[M], data: dict[str, Any], source: str, overrides: dict[str, str] | None = None) -> M:
+    """Validate `data`; on failure raise InputError naming the first bad field.
+
+    `overrides` maps a dotted path to the `--set` text that produced it, so that an error in an
+    overridden field names the override rather than the file."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        field = _dotted(first["loc"]) or "(top level)"
+        where = source
+        for path, label in (overrides or {}).items():
+            if field == path or field.startswith(path + "."):
+                where = label
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise InputError(where, field, _explain(first, model) + more) from None
+
+
+# ---------------------------------------------------------------- hardware
+
+def _library_root(profile_path: Path) -> Path:
+    """The hardware_profiles folder a profile belongs to: its nearest ancestor with devices/."""
+    for parent in profile_path.resolve().parents:
+        if (parent / "devices").is_dir():
+            return parent
+    return shipped_hardware_dir()
+
+
+def _find_named(kind: str, name: str, roots: list[Path]) -> Path | None:
+    folder = {"device": "devices", "node": "nodes"}[kind]
+    for root in roots:
+        candidate = root / folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _known_names(kind: str, roots: list[Path]) -> list[str]:
+    folder = {"device": "devices", "node": "nodes"}[kind]
+    return sorted({p.stem for root in roots for p in (root / folder).glob("*.yaml")})
+
+
+def _resolve_reference(data: dict[str, Any], field: str, kind: str, roots: list[Path], source: str) -> None:
+    """Replace `field: name` by the validated contents of the named device/node file."""
+    ref = data.get(field)
+    if not isinstance(ref, str):
+        if isinstance(ref, dict) and kind == "node":
+            _resolve_reference(ref, "device", "device", roots, source)
+        return
+    path = _find_named(kind, ref, roots)
+    if path is None:
+        close = difflib.get_close_matches(ref, _known_names(kind, roots), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(source, field, f"no {kind} named '{ref}' in {', '.join(str(r) for r in roots)}{hint}")
+    referenced = read_yaml(path)
+    if kind == "node":
+        _resolve_reference(referenced, "device", "device", roots, str(path))
+    referenced.setdefault("kind", kind)
+    validate(PROFILE_KINDS[kind], referenced, str(path))  # errors name the referenced file
+    referenced.pop("kind", None)
+    data[field] = referenced
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the bare name of a shipped profile (e.g. dgx_h100_x8)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    root = shipped_hardware_dir()
+    for folder in PROFILE_FOLDERS:  # a whole system before the bare device of the same name
+        candidate = root / folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    return path  # read_yaml reports it as not found
+
+
+def load_hardware(name_or_path: str, overrides: list[str] | None = None) -> System:
+    path = resolve_profile_path(name_or_path)
+    source = str(path)
+    data = read_yaml(path)
+    kind = data.get("kind")
+    if kind not in PROFILE_KINDS:
+        raise InputError(source, "kind", f"expected one of {', '.join(PROFILE_KINDS)}, got {kind!r}")
+    roots = [_library_root(path)]
+    if shipped_hardware_dir() not in roots:
+        roots.append(shipped_hardware_dir())
+    if kind in ("node", "edge"):
+        _resolve_reference(data, "device", "device", roots, source)
+    if kind == "cluster":
+        _resolve_reference(data, "node", "node", roots, source)
+    labels = _apply_all(data, overrides or [])
+    profile = validate(PROFILE_KINDS[kind], data, source, labels)
+    return system_from(profile, source)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- workloads
+
+def _apply_all(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        label = f"--set {text}"
+        apply_override(data, path, value, label)
+        labels[_dotted(path)] = label
+    return labels
+
+
+def resolve_workload_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    for candidate in sorted(shipped_workload_dir().glob(f"**/{name_or_path}.yaml")):
+        return candidate
+    return path
+
+
+def load_workload(name_or_path: str, overrides: list[str] | None = None) -> tuple[Workload, str]:
+    path = resolve_workload_path(name_or_path)
+    data = copy.deepcopy(read_yaml(path))
+    labels = _apply_all(data, overrides or [])
+    return validate(Workload, data, str(path), labels), str(path)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`--set hardware.x=1` goes to the hardware profile; everything else to the workload."""
+    hardware = [o.removeprefix("hardware.") for o in overrides if o.startswith("hardware.")]
+    workload = [o for o in overrides if not o.startswith("hardware.")]
+    return workload, hardware

@@ -1,0 +1,240 @@
+"""Workload schema: model blocks, MoE, parallelism, precision, optimizer, train or serve.
+
+A model is a list of blocks so that it can express the source papers' models (LSTMs, MLP stacks,
+conv stages), not only transformers. `repeat` keeps a 94-layer model to a few lines.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from simcc.specs.base import (
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    StrictModel,
+)
+from simcc.specs.hardware import Dtype
+
+Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "tanh", "sigmoid"]
+
+
+class AttentionBlock(StrictModel):
+    heads: PositiveInt
+    kv_heads: PositiveInt | None = None  # GQA/MQA; defaults to heads (MHA)
+    head_dim: PositiveInt | None = None  # defaults to hidden / heads
+    causal: bool = True
+    # flash: fused kernel, no s^2 tensors; unfused: QK^T, softmax, dropout, AV as separate kernels.
+    impl: Literal["flash", "unfused"] = "flash"
+
+    @model_validator(mode="after")
+    def _kv_divides(self) -> "AttentionBlock":
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        return self
+
+
+class DenseFFNBlock(StrictModel):
+    hidden: PositiveInt
+    gated: bool = False  # SwiGLU/GeGLU: two input projections
+    activation: Activation = "gelu"
+
+
+class GatingSpec(StrictModel):
+    """Gate policy. The richer policies (expert choice, BASE, hash, hierarchical, ...) arrive
+    with the routing module; until then only policies whose cost is fully modelled are accepted."""
+
+    policy: Literal["topk", "noisy_topk", "switch", "gshard"] = "topk"
+
+
+class LoadSpec(StrictModel):
+    """How tokens spread over experts: uniform popularity, Zipf(alpha) popularity, or a target CV."""
+
+    distribution: Literal["uniform", "zipf", "cv"] = "uniform"
+    alpha: PositiveFloat = 1.0
+    cv: float = Field(default=0.0, ge=0.0)
+
+
+class MoEFFNBlock(StrictModel):
+    experts: PositiveInt
+    expert_hidden: PositiveInt
+    k: PositiveInt
+    shared_experts: NonNegativeInt = 0
+    shared_expert_hidden: PositiveInt | None = None  # defaults to expert_hidden
+    gated: bool = False
+    activation: Activation = "gelu"
+    gating: GatingSpec = GatingSpec()
+    capacity_factor: PositiveFloat | None = 1.25
+    dropless: bool = False
+    load: LoadSpec = LoadSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MoEFFNBlock":
+        if self.k > self.experts:
+            raise ValueError(f"k ({self.k}) must not exceed experts ({self.experts})")
+        if self.gating.policy == "switch" and self.k != 1:
+            raise ValueError("switch gating is top-1: set k: 1")
+        if self.gating.policy == "gshard" and self.k != 2:
+            raise ValueError("gshard gating is top-2: set k: 2")
+        if not self.dropless and self.capacity_factor is None:
+            raise ValueError("capacity_factor is required unless dropless: true")
+        return self
+
+
+class LSTMBlock(StrictModel):
+    hidden: PositiveInt
+    input_size: PositiveInt | None = None  # defaults to the model's hidden size
+
+
+class MLPBlock(StrictModel):
+    widths: list[PositiveInt] = Field(min_length=2)
+    activation: Activation = "relu"
+
+
+class ConvBlock(StrictModel):
+    in_channels: PositiveInt
+    out_channels: PositiveInt
+    kernel: PositiveInt
+    input_size: PositiveInt  # spatial height = width of the input feature map
+    stride: PositiveInt = 1
+    groups: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "ConvBlock":
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups ({self.groups}) must divide in_channels and out_channels")
+        return self
+
+
+class EmbeddingBlock(StrictModel):
+    vocab: PositiveInt
+
+
+class LMHeadBlock(StrictModel):
+    vocab: PositiveInt
+    tied: bool = False  # shares the embedding's weights
+
+
+BLOCK_KINDS = ("attention", "dense_ffn", "moe_ffn", "lstm", "mlp", "conv", "embedding", "lm_head")
+
+
+class BlockItem(StrictModel):
+    """Exactly one block kind, or `repeat: N` with a nested `blocks:` list."""
+
+    attention: AttentionBlock | None = None
+    dense_ffn: DenseFFNBlock | None = None
+    moe_ffn: MoEFFNBlock | None = None
+    lstm: LSTMBlock | None = None
+    mlp: MLPBlock | None = None
+    conv: ConvBlock | None = None
+    embedding: EmbeddingBlock | None = None
+    lm_head: LMHeadBlock | None = None
+    repeat: PositiveInt | None = None
+    blocks: list["BlockItem"] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BlockItem":
+        kinds = [k for k in BLOCK_KINDS if getattr(self, k) is not None]
+        if self.repeat is not None or self.blocks is not None:
+            if kinds or self.repeat is None or not self.blocks:
+                raise ValueError("a repeat item needs `repeat: N` and a non-empty `blocks:` list, and nothing else")
+        elif len(kinds) != 1:
+            raise ValueError(f"each block needs exactly one of: {', '.join(BLOCK_KINDS)} (or repeat + blocks)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in BLOCK_KINDS if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> StrictModel:
+        return getattr(self, self.kind)
+
+
+class ModelSpec(StrictModel):
+    name: str
+    hidden: PositiveInt
+    blocks: list[BlockItem] = Field(min_length=1)
+
+
+class Parallelism(StrictModel):
+    dp: PositiveInt | None = None  # derived from the device count when omitted
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    vpp: PositiveInt = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    ep: PositiveInt = 1
+    expert_tp: PositiveInt | None = None  # defaults to tp
+    micro_batch: PositiveInt = 1
+    sequence_parallel: bool | None = None  # defaults to tp > 1
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    recompute: Literal["none", "selective", "full"] = "none"
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    overlap_grad_reduce: bool = True
+
+    @model_validator(mode="after")
+    def _schedule_matches_vpp(self) -> "Parallelism":
+        if self.schedule == "interleaved" and self.vpp < 2:
+            raise ValueError("schedule interleaved needs vpp >= 2")
+        if self.schedule != "interleaved" and self.vpp > 1:
+            raise ValueError(f"vpp > 1 needs schedule: interleaved (got {self.schedule})")
+        return self
+
+    @property
+    def effective_expert_tp(self) -> int:
+        return self.expert_tp or self.tp
+
+    @property
+    def effective_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+
+class Precision(StrictModel):
+    weights: Dtype = "bf16"
+    compute: Dtype = "bf16"
+    gradients: Dtype = "bf16"
+    communication: Dtype = "bf16"
+    router: Dtype = "fp32"
+    kv_cache: Dtype = "bf16"
+
+
+class Optimizer(StrictModel):
+    # adam: two moments; adafactor: factored second moment, no first moment (Shazeer 2017 sec. D).
+    type: Literal["adam", "adafactor", "sgd"] = "adam"
+    master_weights: bool = True  # fp32 copy when weights are kept in lower precision
+
+
+class TrainSpec(StrictModel):
+    seq_len: PositiveInt
+    global_batch: PositiveInt  # sequences per step
+    total_tokens: PositiveFloat | None = None
+
+
+class ServeSpec(StrictModel):
+    batch: PositiveInt  # requests decoded together
+    prompt_tokens: PositiveInt
+    output_tokens: PositiveInt
+    arrival_rate: PositiveFloat | None = None  # requests/s
+
+
+class Workload(StrictModel):
+    name: str
+    description: str = ""
+    source: str = ""
+    mode: Literal["train", "serve"]
+    model: ModelSpec
+    parallelism: Parallelism = Parallelism()
+    precision: Precision = Precision()
+    optimizer: Optimizer = Optimizer()
+    train: TrainSpec | None = None
+    serve: ServeSpec | None = None
+    seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _mode_section(self) -> "Workload":
+        if self.mode == "train" and self.train is None:
+            raise ValueError("mode train needs a `train:` section (seq_len, global_batch)")
+        if self.mode == "serve" and self.serve is None:
+            raise ValueError("mode serve needs a `serve:` section (batch, prompt_tokens, output_tokens)")
+        return self

@@ -1,0 +1,207 @@
+"""A costed plan of one training step or one serving batch: every item already in seconds.
+
+This is the hand-off between the cost model and whatever schedules time (the analytic composer
+now, the discrete-event simulator later). Schedulers read `Cost.seconds`; they never re-derive it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from simcc.costs.collectives import collective_time
+from simcc.costs.compute import op_cost
+from simcc.layout import Layout
+from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
+from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
+from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, backward_of
+from simcc.specs.hardware import System
+from simcc.specs.workload import Workload
+
+
+@dataclass(frozen=True)
+class Cost:
+    name: str
+    stream: str  # "compute" | "comm"
+    seconds: float
+    imbalance: float = 0.0  # share of `seconds` due to the busiest rank's extra load
+    group: str = ""
+    bytes: float = 0.0
+
+
+@dataclass
+class ChunkPlan:
+    """One pipeline chunk (virtual stage) for one micro-batch."""
+
+    units: list[Unit]
+    forward: list[Cost] = field(default_factory=list)
+    backward: list[Cost] = field(default_factory=list)  # includes recomputation
+    params: Params = field(default_factory=Params)
+    saved_bytes: float = 0.0  # activations kept per micro-batch under the recompute policy
+    transient_bytes: float = 0.0  # largest short-lived buffer (all-to-all send + receive)
+    moe: list[MoEStats] = field(default_factory=list)
+
+
+@dataclass
+class StagePlan:
+    chunks: list[ChunkPlan]
+    p2p: Cost  # activation (or its gradient) sent to the neighbouring stage, per chunk and direction
+    grad_sync: list[Cost]  # after the last backward: reduce gradients over data-parallel replicas
+    param_sync: list[Cost]  # ZeRO: gather updated parameters before the next forward
+    optimizer: Cost
+
+    @property
+    def params(self) -> Params:
+        total = Params()
+        for chunk in self.chunks:
+            total = total.add(chunk.params)
+        return total
+
+
+@dataclass
+class TrainingPlan:
+    stages: list[StagePlan]
+    microbatches: int
+    pp: int
+    vpp: int
+    schedule: str
+    overlap_grad_reduce: bool
+
+
+def shard_of(workload: Workload, layout: Layout, executed: bool = True) -> Shard:
+    prec = workload.precision
+    return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
+                 ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
+                 comm_dtype=prec.communication, executed=executed, seed=workload.seed)
+
+
+def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
+    if isinstance(item, Comm):
+        seconds = collective_time(item.collective, item.bytes, layout.groups[item.group], system)
+        return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes)
+    cost = op_cost(system.device, item)
+    return Cost(item.name, "compute", cost.seconds, imbalance=cost.seconds - cost.mean_seconds)
+
+
+def _saved(items: list[WorkItem]) -> float:
+    return sum(i.saved_bytes for i in items if isinstance(i, Op))
+
+
+@dataclass
+class ForwardWork:
+    items: list[WorkItem] = field(default_factory=list)
+    replay: list[WorkItem] = field(default_factory=list)  # recomputed before the backward pass
+    params: Params = field(default_factory=Params)
+    saved_bytes: float = 0.0
+    transient_bytes: float = 0.0
+    moe: list[MoEStats] = field(default_factory=list)
+
+
+def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch) -> ForwardWork:
+    """The forward items of some pipeline units, with what the recompute policy keeps and replays."""
+    hidden = workload.model.hidden
+    shard = shard_of(workload, layout)
+    recompute = workload.parallelism.recompute
+    out = ForwardWork()
+    for unit in units:
+        unit_items: list[WorkItem] = []
+        for block in unit.blocks:
+            work: BlockWork = block_work(block, hidden, batch, shard)
+            out.params = out.params.add(block_params(block, hidden))
+            unit_items += work.forward
+            if recompute == "selective":
+                out.replay += work.selective_recompute
+                out.saved_bytes += _saved(work.forward) - _saved(work.selective_recompute)
+            elif recompute == "none":
+                out.saved_bytes += _saved(work.forward)
+            if work.moe is not None:
+                out.moe.append(work.moe)
+                out.transient_bytes = max(out.transient_bytes, 2 * work.moe.dispatch_bytes)
+        out.items += unit_items
+        if recompute == "full":
+            # Full recomputation keeps only each unit's input (Korthikanti et al. 2022, sec. 4).
+            share = batch.tokens / layout.tp if shard.sequence_parallel else batch.tokens
+            out.saved_bytes += share * hidden * DTYPE_BYTES[shard.dtype]
+            out.replay += unit_items
+    return out
+
+
+def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch) -> ChunkPlan:
+    work = forward_work(units, workload, layout, batch)
+    backward = [backward_of(i) for i in reversed(work.items)]
+    return ChunkPlan(
+        units,
+        forward=[cost_item(i, system, layout) for i in work.items],
+        backward=[cost_item(i, system, layout) for i in work.replay + backward],
+        params=work.params,
+        saved_bytes=work.saved_bytes,
+        transient_bytes=work.transient_bytes,
+        moe=work.moe,
+    )
+
+
+def _grad_sync(params: Params, workload: Workload, system: System, layout: Layout) -> tuple[list[Cost], list[Cost]]:
+    """Data-parallel gradient reduction, and the ZeRO parameter gather that follows the update."""
+    grad_bytes = DTYPE_BYTES[workload.precision.gradients]
+    weight_bytes = DTYPE_BYTES[workload.precision.weights]
+    dense = params.dense / layout.tp + params.replicated
+    expert = params.expert / (layout.ep * layout.expert_tp)
+    zero = workload.parallelism.zero_stage
+    grad_items: list[WorkItem] = []
+    param_items: list[WorkItem] = []
+    for group, count in (("dp", dense), ("edp", expert)):
+        if count <= 0:
+            continue
+        if zero == 0:
+            grad_items.append(Comm(f"grad_all_reduce.{group}", "all_reduce", count * grad_bytes, group))
+        else:
+            # Distributed optimizer: reduce-scatter gradients, all-gather updated weights (ZeRO, Rajbhandari 2020).
+            grad_items.append(Comm(f"grad_reduce_scatter.{group}", "reduce_scatter", count * grad_bytes, group))
+            param_items.append(Comm(f"param_all_gather.{group}", "all_gather", count * weight_bytes, group))
+    return ([cost_item(i, system, layout) for i in grad_items], [cost_item(i, system, layout) for i in param_items])
+
+
+def optimizer_bytes_per_param(workload: Workload) -> float:
+    """Bytes the optimizer step reads and writes per parameter: a memory-bound elementwise pass.
+    Adam reads grad, master weight, two moments and writes master, moments and the low-precision
+    copy; Adafactor touches no first moment; SGD only the weights."""
+    prec, opt = workload.precision, workload.optimizer
+    weight, grad = DTYPE_BYTES[prec.weights], DTYPE_BYTES[prec.gradients]
+    has_master = opt.master_weights and prec.weights != "fp32"
+    main = 4 if has_master else weight  # the copy the update is applied to
+    low_precision_copy = weight if has_master else 0
+    states = {"adam": 8, "adafactor": 0, "sgd": 0}[opt.type]
+    return grad + 2 * (main + states) + low_precision_copy
+
+
+def _optimizer(params: Params, workload: Workload, system: System, layout: Layout) -> Cost:
+    zero = workload.parallelism.zero_stage
+    dense = params.dense / layout.tp + params.replicated
+    expert = params.expert / (layout.ep * layout.expert_tp)
+    if zero >= 1:
+        dense, expert = dense / layout.dp, expert / layout.expert_dp
+    moved = (dense + expert) * optimizer_bytes_per_param(workload)
+    op = Op("optimizer.step", "elementwise", (dense + expert) * 10, moved, "fp32")
+    return cost_item(op, system, layout)
+
+
+def build_training_plan(workload: Workload, system: System, layout: Layout) -> TrainingPlan:
+    assert workload.train is not None
+    par = workload.parallelism
+    batch = Batch(par.micro_batch, workload.train.seq_len, workload.train.seq_len)
+    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp)
+    act_bytes = batch.tokens * workload.model.hidden * DTYPE_BYTES[workload.precision.communication]
+    if par.effective_sequence_parallel and layout.tp > 1:
+        act_bytes /= layout.tp
+    p2p = cost_item(Comm("pp.send", "p2p", act_bytes, "pp"), system, layout) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)
+    stages: list[StagePlan] = []
+    for stage in range(layout.pp):
+        plans = []
+        for virtual in range(layout.vpp):
+            # Interleaved schedule: chunk v of stage s holds model chunk v*pp + s (Narayanan et al. 2021).
+            plans.append(build_chunk(chunks[virtual * layout.pp + stage], workload, system, layout, batch))
+        params = Params()
+        for c in plans:
+            params = params.add(c.params)
+        grad, gather = _grad_sync(params, workload, system, layout)
+        stages.append(StagePlan(plans, p2p, grad, gather, _optimizer(params, workload, system, layout)))
+    return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce)
