@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simcc.costs.compute import peak_flops
+from simcc.errors import InputError
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.layout import Layout, build_layout
 from simcc.model.blocks import Batch, MoEStats
@@ -63,7 +64,17 @@ def _memory_section(memory: MemoryBreakdown) -> dict[str, Any]:
     return section
 
 
+def _check_precision(workload: Workload, system: System, source: str) -> None:
+    for field in ("compute", "router"):
+        dtype = getattr(workload.precision, field)
+        if getattr(system.device.peak_tflops, dtype) is None:
+            supported = [d for d, v in system.device.peak_tflops.model_dump().items() if v]
+            raise InputError(source, f"precision.{field}",
+                             f"{system.device.name} has no {dtype} peak; it supports {', '.join(supported)}")
+
+
 def estimate(workload: Workload, system: System, workload_source: str) -> Estimate:
+    _check_precision(workload, system, workload_source)
     layout = build_layout(workload, system, workload_source)
     peak = peak_flops(system.device, workload.precision.compute)
     params = model_params(workload.model)

@@ -24,6 +24,10 @@ from simcc.specs.workload import (
 )
 
 
+# One weight vector per norm (RMSNorm); a LayerNorm bias would add another, < 0.01% of a layer.
+NORM_PARAMS = 1
+
+
 @dataclass(frozen=True)
 class Batch:
     """The tokens one micro-batch brings to a layer."""
@@ -132,7 +136,7 @@ def attention_params(spec: AttentionBlock, hidden: int) -> Params:
     qkv = hidden * (heads + 2 * kv_heads) * head_dim
     out = heads * head_dim * hidden
     rows_cols = (hidden + (heads + 2 * kv_heads) * head_dim) + (heads * head_dim + hidden)
-    return Params(dense=qkv + out, replicated=2 * hidden, dense_rows_cols=rows_cols)
+    return Params(dense=qkv + out, replicated=NORM_PARAMS * hidden, dense_rows_cols=rows_cols)
 
 
 def _attention_dims(spec: AttentionBlock, hidden: int) -> tuple[int, int, int]:
@@ -192,7 +196,7 @@ def _gated_width(hidden: int, gated: bool) -> int:
 def ffn_params(width: int, hidden: int, gated: bool) -> Params:
     up = width * _gated_width(hidden, gated)
     down = hidden * width
-    return Params(dense=up + down, replicated=width, dense_rows_cols=(width + _gated_width(hidden, gated)) + (hidden + width))
+    return Params(dense=up + down, replicated=NORM_PARAMS * width, dense_rows_cols=(width + _gated_width(hidden, gated)) + (hidden + width))
 
 
 def dense_ffn_work(spec: DenseFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
@@ -218,7 +222,7 @@ def moe_params(spec: MoEFFNBlock, hidden: int) -> Params:
     per_expert = one_expert.dense  # expert weights only; biases/norm counted once below
     return Params(
         dense=shared.dense,
-        replicated=router + hidden,
+        replicated=router + NORM_PARAMS * hidden,
         expert=per_expert * spec.experts,
         active_expert=per_expert * spec.k,
         dense_rows_cols=shared.dense_rows_cols,
@@ -245,7 +249,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     loads = rank_loads(spec, T, ep, shard.seed, balanced=not shard.executed)
     # Each rank sends its T*k routed token copies (dropped ones are not sent) out to the group.
     sent_per_rank = (loads.routed - loads.dropped) / ep
-    dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype]
+    dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     if ep > 1:
         fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep"))
     busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
@@ -364,7 +368,7 @@ def embedding_work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard
 
 
 def lm_head_params(spec: LMHeadBlock, hidden: int) -> Params:
-    return Params(dense=0 if spec.tied else spec.vocab * hidden, replicated=hidden)
+    return Params(dense=0 if spec.tied else spec.vocab * hidden, replicated=NORM_PARAMS * hidden)
 
 
 def lm_head_work(spec: LMHeadBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:

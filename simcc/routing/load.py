@@ -15,7 +15,6 @@ import numpy as np
 
 from simcc.specs.workload import MoEFFNBlock
 
-DROPLESS_BLOCK = 128  # MegaBlocks rounds each expert's tokens up to its kernel block (Gale et al. 2022)
 LOAD_DRAWS = 16  # draws averaged to estimate the expected busiest rank
 
 
@@ -75,7 +74,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     for _ in range(LOAD_DRAWS):
         counts = rng.multinomial(int(round(routed)), probs).astype(float)
         if capacity is None:
-            computed = np.ceil(counts / DROPLESS_BLOCK) * DROPLESS_BLOCK
+            computed = np.ceil(counts / spec.dropless_block) * spec.dropless_block
             computed[counts == 0] = 0.0
             kept = counts
         else:

@@ -128,13 +128,19 @@ def _model_at(root: type[BaseModel], loc: typing.Sequence[Any]) -> type[BaseMode
     return current
 
 
+def _nearest(word: str, valid: list[str]) -> list[str]:
+    """The closest valid name: a prefix match first (zero -> zero_stage), then by similarity."""
+    prefixed = [v for v in valid if v.startswith(word) or word.startswith(v)]
+    return prefixed[:1] or difflib.get_close_matches(word, valid, n=1, cutoff=0.5)
+
+
 def _explain(error: dict[str, Any], root: type[BaseModel]) -> str:
     kind = error["type"]
     loc = error["loc"]
     if kind == "extra_forbidden":
         parent = _model_at(root, loc[:-1])
         valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        close = _nearest(str(loc[-1]), valid)
         hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
         return f"unknown key{hint}"
     if kind == "missing":
@@ -156,7 +162,8 @@ def validate(model: type[M], data: dict[str, Any], source: str, overrides: dict[
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
+        # A typo'd key also makes its intended field "missing": report the typo, the cause.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = errors[0]
         field = _dotted(first["loc"]) or "(top level)"
         where = source
@@ -200,7 +207,7 @@ def _resolve_reference(data: dict[str, Any], field: str, kind: str, roots: list[
         return
     path = _find_named(kind, ref, roots)
     if path is None:
-        close = difflib.get_close_matches(ref, _known_names(kind, roots), n=1)
+        close = _nearest(ref, _known_names(kind, roots))
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise InputError(source, field, f"no {kind} named '{ref}' in {', '.join(str(r) for r in roots)}{hint}")
     referenced = read_yaml(path)

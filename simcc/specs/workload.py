@@ -68,6 +68,9 @@ class MoEFFNBlock(StrictModel):
     gating: GatingSpec = GatingSpec()
     capacity_factor: PositiveFloat | None = 1.25
     dropless: bool = False
+    # Dropless kernels round each expert's tokens up to their block: 128 in MegaBlocks (Gale et
+    # al. 2022); 1 for kernels that do not pad (e.g. decode GEMVs).
+    dropless_block: PositiveInt = 128
     load: LoadSpec = LoadSpec()
 
     @model_validator(mode="after")

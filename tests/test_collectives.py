@@ -1,0 +1,78 @@
+"""Collective time models against hand-derived formulas, and monotonicity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from simcc.costs.collectives import CommGroup, bus_bandwidth, collective_time
+from simcc.specs.loader import load_hardware
+
+GB = 1e9
+
+
+@pytest.fixture
+def dgx4():
+    return load_hardware("dgx_h100_x4")
+
+
+def test_ring_all_reduce_in_one_node(dgx4):
+    n, size = 8, 1 * GB
+    bw, alpha = 450e9 * 0.8, 2e-6
+    expected = 2 * (n - 1) * alpha + 2 * (n - 1) / n * size / bw
+    assert collective_time("all_reduce", size, CommGroup(8, 8), dgx4) == pytest.approx(expected)
+
+
+def test_all_gather_is_half_an_all_reduce_in_bandwidth_terms(dgx4):
+    size = 4 * GB
+    ar = collective_time("all_reduce", size, CommGroup(8, 8), dgx4)
+    ag = collective_time("all_gather", size, CommGroup(8, 8), dgx4)
+    assert ag == pytest.approx(ar / 2)
+
+
+def test_all_to_all_across_nodes_is_bound_by_the_nic_share(dgx4):
+    n, local, size = 32, 8, 1 * GB
+    nic = 400 / 8 * 1e9 * 0.8  # one 400 Gbit/s NIC per GPU, protocol efficiency
+    inter = (n - local) / n * size / nic
+    intra = (local - 1) / n * size / (450e9 * 0.8)
+    expected = (n - 1) * 5e-6 + max(inter, intra)
+    assert collective_time("all_to_all", size, CommGroup(32, 8), dgx4) == pytest.approx(expected)
+    # busbw = algbw * (n-1)/n (nccl-tests): ~50 GB/s for DGX H100 (published measurement: 48)
+    busbw = bus_bandwidth("all_to_all", size, expected, n) / 1e9
+    assert 40 < busbw < 60
+
+
+def test_hierarchical_all_reduce_takes_the_slower_stage(dgx4):
+    size = 1 * GB
+    intra = 2 * 7 * 2e-6 + 2 * 7 / 8 * size / (450e9 * 0.8)
+    inter = 2 * 3 * 5e-6 + 2 * 3 / 4 * (size / 8) / (50e9 * 0.8)
+    assert collective_time("all_reduce", size, CommGroup(32, 8), dgx4) == pytest.approx(max(intra, inter))
+
+
+def test_point_to_point_and_trivial_groups(dgx4):
+    assert collective_time("p2p", 1e6, CommGroup(2, 2), dgx4) == pytest.approx(2e-6 + 1e6 / (450e9 * 0.8))
+    assert collective_time("p2p", 1e6, CommGroup(2, 1), dgx4) == pytest.approx(5e-6 + 1e6 / (50e9 * 0.8))
+    assert collective_time("all_reduce", 1e9, CommGroup(1, 1), dgx4) == 0.0
+
+
+@pytest.mark.parametrize("collective", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"])
+@pytest.mark.parametrize("group", [CommGroup(8, 8), CommGroup(32, 8), CommGroup(2, 1)])
+def test_more_bandwidth_is_never_slower(dgx4, collective, group):
+    times = []
+    for scale in (0.5, 1.0, 2.0, 4.0):
+        link = dgx4.intra_link
+        faster = dataclasses.replace(
+            dgx4,
+            intra_link=link.model_copy(update={"bandwidth_gb_s": link.bandwidth_gb_s * scale}),
+            network=dgx4.network.model_copy(update={"nic_gbit_s": dgx4.network.nic_gbit_s * scale}),
+        )
+        times.append(collective_time(collective, 256e6, group, faster))
+    assert all(b <= a for a, b in zip(times, times[1:]))
+    assert times[-1] < times[0]
+
+
+def test_bus_bandwidth_conventions():
+    assert bus_bandwidth("all_reduce", 8e9, 1.0, 8) == pytest.approx(8e9 * 2 * 7 / 8)
+    assert bus_bandwidth("all_gather", 8e9, 1.0, 8) == pytest.approx(8e9 * 7 / 8)
+    assert bus_bandwidth("p2p", 8e9, 1.0, 2) == pytest.approx(8e9)

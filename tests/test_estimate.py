@@ -1,0 +1,129 @@
+"""End-to-end estimates: hand-derived op times, the pipeline composer, consistency, monotonicity."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from simcc.costs.compute import efficiency, op_cost
+from simcc.estimate import estimate
+from simcc.model.ops import gemm
+from simcc.specs.hardware import EfficiencyCurve
+from simcc.specs.loader import load_hardware, load_workload
+from simcc.timing.analytic import compose_training_step
+from simcc.timing.plan import ChunkPlan, Cost, StagePlan, TrainingPlan
+
+
+def _run(workload: str, hardware: str, w_over=(), h_over=()):
+    spec, src = load_workload(workload, list(w_over))
+    return estimate(spec, load_hardware(hardware, list(h_over)), src)
+
+
+def test_large_gemm_is_compute_bound_at_the_matmul_fraction():
+    h100 = load_hardware("h100_sxm").device
+    op = gemm("g", 4096, 4096, 4096, "bf16")
+    expected = 2 * 4096**3 / (989e12 * 0.80) + 5e-6
+    cost = op_cost(h100, op)
+    assert cost.bound == "compute" and cost.seconds == pytest.approx(expected)
+
+
+def test_gemv_is_memory_bound_at_the_streaming_fraction():
+    h100 = load_hardware("h100_sxm").device
+    op = gemm("g", 1, 4096, 4096, "bf16")
+    expected = (4096 + 4096 * 4096 + 4096) * 2 / (3350e9 * 0.90) + 5e-6
+    cost = op_cost(h100, op)
+    assert cost.bound == "memory" and cost.seconds == pytest.approx(expected)
+
+
+def test_calibrated_curve_replaces_the_default_fraction():
+    h100 = load_hardware("h100_sxm").device
+    curve = EfficiencyCurve(flops=[1e6, 1e12], fraction=[0.1, 0.7])
+    calibrated = h100.model_copy(update={"efficiency": h100.efficiency.model_copy(update={"curves": {"gemm": curve}})})
+    assert efficiency(calibrated, "gemm", 1e9) == pytest.approx(0.4)  # halfway in log10(FLOPs)
+    assert efficiency(calibrated, "gemm", 1e3) == pytest.approx(0.1)  # clamped
+    assert efficiency(calibrated, "grouped_gemm", 1e9) == pytest.approx(0.80)  # no curve: default
+
+
+def _plan(p: int, m: int, v: int, schedule: str) -> TrainingPlan:
+    chunk = ChunkPlan([], forward=[Cost("f", "compute", 1.0 / v)], backward=[Cost("b", "compute", 2.0 / v)])
+    stage = StagePlan([chunk] * v, Cost("p2p", "comm", 0.0), [], [], Cost("opt", "compute", 0.5))
+    return TrainingPlan([stage] * p, m, p, v, schedule, True)
+
+
+@pytest.mark.parametrize("p,m", [(1, 8), (4, 8), (8, 32)])
+def test_pipeline_bubble_fraction_is_p_minus_1_over_m_plus_p_minus_1(p, m):
+    step = compose_training_step(_plan(p, m, 1, "1f1b"))
+    pipeline = step.total - step.optimizer
+    assert step.bubble / pipeline == pytest.approx((p - 1) / (m + p - 1))
+    assert step.compute == pytest.approx(3.0 * m)
+
+
+def test_interleaving_divides_the_bubble_by_virtual_stages():
+    plain = compose_training_step(_plan(4, 8, 1, "1f1b"))
+    interleaved = compose_training_step(_plan(4, 8, 4, "interleaved"))
+    assert interleaved.bubble == pytest.approx(plain.bubble / 4)
+
+
+def test_mixtral_estimate_is_consistent():
+    result = _run("mixtral_8x7b_train_64xh100", "dgx_h100_x8")
+    step = result.sections["step"]
+    parts = step["compute_s"] + step["exposed_comm_s"] + step["imbalance_s"] + step["bubble_s"] + step["optimizer_s"]
+    assert parts == pytest.approx(step["step_s"])
+    tokens = 256 * 4096
+    assert result.value("throughput", "tokens_per_s") == pytest.approx(tokens / step["step_s"])
+    flops = 3 * result.value("model", "forward_gflop_per_token") * 1e9 * tokens
+    assert result.value("throughput", "model_tflops_per_device") == pytest.approx(flops / step["step_s"] / 64 / 1e12)
+    assert 0 < result.value("throughput", "mfu") < 0.8  # cannot beat the best-shape GEMM fraction
+    assert result.value("memory", "fits") is True
+    run = result.sections["run"]
+    assert run["usd"] == pytest.approx(run["device_hours"] * 6.88)
+
+
+def test_more_bandwidth_is_never_slower_end_to_end():
+    times = []
+    for scale in (0.25, 1.0, 4.0):
+        result = _run("mixtral_8x7b_train_64xh100", "dgx_h100_x8",
+                      h_over=[f"node.intra_link.bandwidth_gb_s={450 * scale}", f"network.nic_gbit_s={400 * scale}"])
+        times.append(result.value("step", "step_s"))
+    assert times[0] > times[1] > times[2]
+
+
+def test_more_load_skew_is_never_faster():
+    base = ["model.blocks.1.blocks.1.moe_ffn.load.distribution=zipf"]
+    times = [_run("mixtral_8x7b_train_64xh100", "dgx_h100_x8", base + [f"model.blocks.1.blocks.1.moe_ffn.load.alpha={a}"])
+             .value("step", "imbalance_s") for a in (0.2, 1.0, 2.0)]
+    assert times[0] < times[1] < times[2]
+
+
+def test_edge_serving_offloads_experts_and_storage_speed_matters():
+    slow = _run("mixtral_8x7b_serve_edge", "jetson_agx_orin")
+    fast = _run("mixtral_8x7b_serve_edge", "jetson_agx_orin", h_over=["storage.bandwidth_gb_s=7.0"])
+    assert slow.value("memory", "offloaded_weights_gb") > 0
+    assert slow.value("latency", "decode_loading_s") == pytest.approx(2 * fast.value("latency", "decode_loading_s"))
+    assert fast.value("latency", "tpot_s") < slow.value("latency", "tpot_s")
+    roomy = _run("mixtral_8x7b_serve_edge", "jetson_agx_orin", h_over=["device.memory_gb=256"])
+    assert roomy.value("memory", "offloaded_weights_gb") == 0
+    assert roomy.value("latency", "decode_loading_s") == 0
+
+
+def test_every_shipped_workload_estimates_on_its_intended_hardware():
+    pairs = [("mixtral_8x7b_train_64xh100", "dgx_h100_x8"), ("switch_base_128_train", "dgx_a100_x4"),
+             ("gpt_22b_dense_train_8xa100", "dgx_a100_x1"), ("shazeer_moe_4096h_lstm_train", "k40_x16"),
+             ("mixtral_8x7b_serve_edge", "jetson_agx_orin")]
+    for workload, hardware in pairs:
+        result = _run(workload, hardware)
+        assert result.value("throughput", "model_tflops_per_device") > 0
+
+
+def test_estimate_path_never_imports_torch(root):
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from simcc.cli import main\n"
+        "r = CliRunner().invoke(main, ['estimate', 'mixtral_8x7b_train_64xh100', '-H', 'dgx_h100_x8', '--format', 'json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -1,0 +1,71 @@
+"""Parameter and FLOP counts against hand-derived values."""
+
+from __future__ import annotations
+
+import pytest
+
+from simcc.model.blocks import Batch, Shard, attention_work
+from simcc.model.graph import model_forward_flops, model_params, stage_units, units_of
+from simcc.specs.loader import load_workload
+from simcc.specs.workload import AttentionBlock
+
+
+def test_mixtral_parameter_counts(root):
+    workload, _ = load_workload(str(root / "workloads/mixtral_8x7b_train_64xh100.yaml"))
+    params = model_params(workload.model)
+    d, L, f, vocab = 4096, 32, 14336, 32000
+    attention = d * (32 + 2 * 8) * 128 + 32 * 128 * d  # q,k,v + out
+    expert = 3 * d * f  # SwiGLU: gate, up, down
+    norms_router = 2 * d + d * 8
+    expected_total = L * (attention + 8 * expert + norms_router) + 2 * vocab * d + d
+    assert params.total == expected_total == 46_702_792_704  # the released checkpoint's count
+    assert params.total / 1e9 == pytest.approx(46.7, abs=0.05)  # Mixtral paper: 46.7B
+    assert params.active / 1e9 == pytest.approx(12.9, abs=0.05)  # 12.9B active
+
+
+def test_mixtral_forward_flops_match_megatron_formula(root):
+    """Narayanan et al. 2021 appendix, with GQA and top-k experts: per token forward =
+    4 L d^2 [ (1 + g/h + s/d) + 3/2 * 2 * k f/d + V/(2 L d) ] plus the router 2 d E per layer."""
+    workload, _ = load_workload(str(root / "workloads/mixtral_8x7b_train_64xh100.yaml"))
+    d, L, f, k, s, V, h, g, E = 4096, 32, 14336, 2, 4096, 32000, 32, 8, 8
+    bracket = (1 + g / h + s / d) + 1.5 * 2 * k * f / d / 2 + V / (2 * L * d)
+    expected = 4 * L * d * d * bracket + L * 2 * d * E
+    got = model_forward_flops(workload.model, Batch(1, s, s)) / s
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_dense_gpt_parameter_count(root):
+    workload, _ = load_workload(str(root / "workloads/gpt_22b_dense_train_8xa100.yaml"))
+    d, L, V = 6144, 48, 51200
+    per_layer = 4 * d * d + 2 * d * 4 * d + 2 * d  # attention, FFN, two norms
+    expected = L * per_layer + V * d + d  # tied head adds only its norm
+    assert model_params(workload.model).total == pytest.approx(expected, rel=1e-12)
+
+
+def test_causal_attention_executes_half_the_score_flops():
+    spec = AttentionBlock(heads=8)
+    batch = Batch(2, 1024, 1024)
+    executed = attention_work(spec, 512, batch, Shard()).forward
+    counted = attention_work(spec, 512, batch, Shard(executed=False)).forward
+    core = lambda items: next(i.flops for i in items if i.name == "attn.core")  # noqa: E731
+    assert core(executed) == pytest.approx(core(counted) / 2)
+    assert core(counted) == pytest.approx(4 * 2 * 1024 * 1024 * 8 * 64)
+
+
+def test_tensor_parallel_splits_gemm_flops():
+    spec = AttentionBlock(heads=8)
+    batch = Batch(1, 512, 512)
+    one = sum(i.flops for i in attention_work(spec, 512, batch, Shard(tp=1)).forward if hasattr(i, "flops") and i.family == "gemm")
+    four = sum(i.flops for i in attention_work(spec, 512, batch, Shard(tp=4)).forward if hasattr(i, "flops") and i.family == "gemm")
+    assert four == pytest.approx(one / 4)
+
+
+def test_pipeline_split_is_even_with_embedding_and_head_attached(root):
+    workload, _ = load_workload(str(root / "workloads/mixtral_8x7b_train_64xh100.yaml"))
+    units = units_of(workload.model)
+    assert len(units) == 32
+    assert units[0].blocks[0].kind == "embedding"
+    assert units[-1].blocks[-1].kind == "lm_head"
+    chunks = stage_units(units, 32)
+    assert [len(c) for c in chunks] == [1] * 32
+    assert [len(c) for c in stage_units(units, 5)] == [7, 7, 6, 6, 6]
