@@ -76,3 +76,38 @@ def test_bus_bandwidth_conventions():
     assert bus_bandwidth("all_reduce", 8e9, 1.0, 8) == pytest.approx(8e9 * 2 * 7 / 8)
     assert bus_bandwidth("all_gather", 8e9, 1.0, 8) == pytest.approx(8e9 * 7 / 8)
     assert bus_bandwidth("p2p", 8e9, 1.0, 2) == pytest.approx(8e9)
+
+
+def test_tree_all_reduce_formula_and_auto_choice(dgx4):
+    big = load_hardware("dgx_h100_x128")
+    size, nodes = 64e3, 128
+    per_rank = size / 8
+    tree_inter = 2 * (7 * 5e-6 + per_rank / (50e9 * 0.8))  # ceil(log2 128) = 7 latency steps per phase
+    ring_inter = 2 * 127 * 5e-6 + 2 * 127 / 128 * per_rank / (50e9 * 0.8)
+    intra = 2 * 7 * 2e-6 + 2 * 7 / 8 * size / (450e9 * 0.8)
+    group = CommGroup(1024, 8)
+    assert collective_time("all_reduce", size, group, big, "tree") == pytest.approx(max(intra, tree_inter))
+    assert collective_time("all_reduce", size, group, big, "ring") == pytest.approx(max(intra, ring_inter))
+    # small message over many nodes: the tree's log latency wins, and auto takes it
+    assert collective_time("all_reduce", size, group, big) == pytest.approx(max(intra, tree_inter))
+    # a large message in one node: the ring's bandwidth term wins
+    assert collective_time("all_reduce", 1e9, CommGroup(8, 8), dgx4) == pytest.approx(
+        collective_time("all_reduce", 1e9, CommGroup(8, 8), dgx4, "ring"))
+
+
+def test_hierarchical_all_to_all_formula(dgx4):
+    size, n, local, nodes = 64e6, 32, 8, 4
+    regroup = 7 * 2e-6 + 7 / 8 * size / (450e9 * 0.8)
+    across = 3 * 5e-6 + 3 / 4 * size / (50e9 * 0.8)
+    assert collective_time("all_to_all", size, CommGroup(n, local), dgx4, "hierarchical") == pytest.approx(regroup + across)
+
+
+def test_hierarchical_all_to_all_wins_on_small_messages_over_many_nodes():
+    big = load_hardware("dgx_h100_x128")
+    group = CommGroup(1024, 8)
+    small = 1e6
+    assert collective_time("all_to_all", small, group, big, "hierarchical") < collective_time("all_to_all", small, group, big, "flat")
+    # with one node there is nothing to regroup: both are the same intra-node exchange
+    one = load_hardware("dgx_h100_x1")
+    assert collective_time("all_to_all", small, CommGroup(8, 8), one, "hierarchical") == pytest.approx(
+        collective_time("all_to_all", small, CommGroup(8, 8), one, "flat"))

@@ -7,11 +7,13 @@ all-to-all busbw = algbw * (n-1)/n; point-to-point busbw = algbw.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from simcc.specs.hardware import System
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+ALGORITHMS = ("auto", "ring", "tree", "flat", "hierarchical")
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,48 @@ def inter_level(system: System) -> LinkLevel:
 
 
 def _ring(steps_factor: float, n: int, size: float, level: LinkLevel) -> float:
-    """Ring algorithm over n ranks: steps_factor*(n-1) steps, each moving size/n per rank."""
+    """Ring over n ranks: steps_factor*(n-1) steps, each moving size/n per rank."""
     if n <= 1:
         return 0.0
     return steps_factor * (n - 1) * level.latency + steps_factor * (n - 1) / n * size / level.bandwidth
 
 
-def collective_time(collective: str, size: float, group: CommGroup, system: System) -> float:
+def _tree(steps_factor: float, n: int, size: float, level: LinkLevel) -> float:
+    """Pipelined (double) binary tree: log2(n) latency steps per phase, every rank moving the whole
+    buffer once per phase (reduce, then broadcast for all-reduce)."""
+    if n <= 1:
+        return 0.0
+    return steps_factor * (math.ceil(math.log2(n)) * level.latency + size / level.bandwidth)
+
+
+def _reduction(factor: float, n: int, size: float, level: LinkLevel, algorithm: str) -> float:
+    ring = _ring(factor, n, size, level)
+    if algorithm == "ring" or factor < 2:  # trees serve all-reduce only
+        return ring
+    tree = _tree(factor, n, size, level)
+    return tree if algorithm == "tree" else min(ring, tree)  # auto: NCCL's tuner picks the faster
+
+
+def _all_to_all(size: float, n: int, local: int, nodes: int, intra: LinkLevel, inter: LinkLevel,
+                algorithm: str) -> float:
+    intra_t = (local - 1) / n * size / intra.bandwidth if local > 1 else 0.0
+    if nodes == 1:
+        return (n - 1) * intra.latency + intra_t
+    if algorithm == "hierarchical":
+        # Two-level (Tutel 2DH, Hwang et al. 2023): an intra-node all-to-all regroups the data by
+        # destination node, then ranks with the same local index exchange (N-1) larger messages.
+        regroup = (local - 1) * intra.latency + (local - 1) / local * size / intra.bandwidth
+        across = (nodes - 1) * inter.latency + (nodes - 1) / nodes * size / inter.bandwidth
+        return regroup + across
+    # Flat: each rank posts all n-1 sends at once; the share bound for other nodes leaves through
+    # this rank's NIC share while the rest crosses the intra-node fabric.
+    inter_t = (n - local) / n * size / inter.bandwidth
+    return (n - 1) * inter.latency + max(intra_t, inter_t)
+
+
+def collective_time(collective: str, size: float, group: CommGroup, system: System, algorithm: str = "auto") -> float:
+    """Seconds for one collective. `algorithm`: ring | tree | auto for reductions; flat |
+    hierarchical for all-to-all."""
     n = group.size
     if n <= 1 or size <= 0:
         return 0.0
@@ -64,20 +101,14 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
         level = intra if nodes == 1 else inter
         return level.latency + size / level.bandwidth
     if collective == "all_to_all":
-        # Each rank sends size*(n-1)/n; the share bound for other nodes leaves through this rank's
-        # NIC share, the rest over the intra-node fabric, both at once. A2A pairs are posted
-        # together, so latency is paid per peer only on the slower level.
-        intra_t = (local - 1) / n * size / intra.bandwidth if local > 1 else 0.0
-        inter_t = (n - local) / n * size / inter.bandwidth if nodes > 1 else 0.0
-        latency = (n - 1) * (inter.latency if nodes > 1 else intra.latency)
-        return latency + max(intra_t, inter_t)
+        return _all_to_all(size, n, local, nodes, intra, inter, algorithm)
     factor = 2.0 if collective == "all_reduce" else 1.0
     if nodes == 1:
-        return _ring(factor, n, size, intra)
-    # Hierarchical (NCCL-style): reduce-scatter/gather inside the node, the inter-node ring on
-    # 1/local of the data per rank; the two stages pipeline over chunks, so the slower one bounds.
+        return _reduction(factor, n, size, intra, algorithm)
+    # Hierarchical (NCCL-style): reduce-scatter/gather inside the node, the inter-node stage on
+    # 1/local of the data per rank; the stages pipeline over chunks, so the slower one bounds.
     intra_t = _ring(factor, local, size, intra)
-    inter_t = _ring(factor, nodes, size / local, inter)
+    inter_t = _reduction(factor, nodes, size / local, inter, algorithm)
     return max(intra_t, inter_t)
 
 

@@ -40,6 +40,7 @@ class Comm:
     collective: str  # all_reduce | all_gather | reduce_scatter | all_to_all | p2p
     bytes: float  # per-rank buffer size, as nccl-tests' "size"
     group: str  # tp | ep | dp | edp | pp
+    algorithm: str = "auto"  # see costs.collectives.ALGORITHMS
 
 
 WorkItem = Op | Comm

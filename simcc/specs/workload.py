@@ -71,6 +71,8 @@ class MoEFFNBlock(StrictModel):
     # Dropless kernels round each expert's tokens up to their block: 128 in MegaBlocks (Gale et
     # al. 2022); 1 for kernels that do not pad (e.g. decode GEMVs).
     dropless_block: PositiveInt = 128
+    # flat: one all-to-all over the EP group; hierarchical: intra-node then inter-node (Tutel 2DH).
+    all_to_all: Literal["flat", "hierarchical"] = "flat"
     load: LoadSpec = LoadSpec()
 
     @model_validator(mode="after")

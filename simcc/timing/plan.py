@@ -76,7 +76,7 @@ def shard_of(workload: Workload, layout: Layout, executed: bool = True) -> Shard
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
     if isinstance(item, Comm):
-        seconds = collective_time(item.collective, item.bytes, layout.groups[item.group], system)
+        seconds = collective_time(item.collective, item.bytes, layout.groups[item.group], system, item.algorithm)
         return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes)
     cost = op_cost(system.device, item)
     return Cost(item.name, "compute", cost.seconds, imbalance=cost.seconds - cost.mean_seconds)
