@@ -86,6 +86,12 @@ class Device(StrictModel):
     reserve_gb: NonNegativeFloat = 2.0
 
 
+def _require_when_several(count: int, value: object, field: str, count_field: str) -> None:
+    """A link level only exists when there is more than one of the things it connects."""
+    if count > 1 and value is None:
+        raise ValueError(f"{field} is required when {count_field} > 1")
+
+
 class Link(StrictModel):
     """One device's port on a link level; bandwidth is per direction."""
 
@@ -107,8 +113,7 @@ class Node(StrictModel):
 
     @model_validator(mode="after")
     def _intra_link_when_several(self) -> "Node":
-        if self.devices_per_node > 1 and self.intra_link is None:
-            raise ValueError("intra_link is required when devices_per_node > 1")
+        _require_when_several(self.devices_per_node, self.intra_link, "intra_link", "devices_per_node")
         return self
 
 
@@ -131,8 +136,7 @@ class Cluster(StrictModel):
 
     @model_validator(mode="after")
     def _network_when_several(self) -> "Cluster":
-        if self.nodes > 1 and self.network is None:
-            raise ValueError("network is required when nodes > 1")
+        _require_when_several(self.nodes, self.network, "network", "nodes")
         return self
 
 
