@@ -35,16 +35,30 @@ def main() -> None:
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a workload field (or hardware.FIELD for the profile); validated like the file.")
-def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...]) -> None:
+@click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Training steps to simulate, each with a fresh expert-load draw.")
+@click.option("--seed", type=click.IntRange(0), default=None, help="Seed for load draws (default: the workload's).")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the simulated timeline as Chrome/Perfetto trace-event JSON.")
+def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
+             trace_path: str | None) -> None:
     """Estimate step time, memory, throughput, cost and energy of WORKLOAD on a hardware profile."""
+    from simcc.estimate import SimulationOptions
     from simcc.estimate import estimate as run_estimate
     from simcc.report.render import RENDERERS
+    from simcc.sim.trace import Trace, write_trace
     from simcc.specs.loader import load_hardware, load_workload, split_overrides
 
     workload_overrides, hardware_overrides = split_overrides(list(overrides))
+    if seed is not None:
+        workload_overrides.append(f"seed={seed}")
     spec, source = load_workload(workload, workload_overrides)
     system = load_hardware(hardware, hardware_overrides)
-    click.echo(RENDERERS[fmt](run_estimate(spec, system, source)), nl=False)
+    trace = Trace(enabled=trace_path is not None)
+    result = run_estimate(spec, system, source, SimulationOptions(steps=steps, trace=trace))
+    if trace_path is not None:
+        write_trace(trace, Path(trace_path))
+    click.echo(RENDERERS[fmt](result), nl=False)
 
 
 @main.command("list")

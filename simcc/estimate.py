@@ -17,7 +17,8 @@ from simcc.model.graph import model_forward_flops, model_params
 from simcc.report.metrics import mfu, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
-from simcc.timing.analytic import compose_training_step
+from simcc.sim.trace import Trace
+from simcc.sim.training import simulate_training
 from simcc.timing.plan import build_training_plan
 from simcc.timing.serving import compose_serving
 
@@ -73,7 +74,14 @@ def _check_precision(workload: Workload, system: System, source: str) -> None:
                              f"{system.device.name} has no {dtype} peak; it supports {', '.join(supported)}")
 
 
-def estimate(workload: Workload, system: System, workload_source: str) -> Estimate:
+@dataclass(frozen=True)
+class SimulationOptions:
+    steps: int = 4  # simulated training steps, each with a fresh expert-load draw
+    trace: Trace | None = None  # filled with the timeline when enabled
+
+
+def estimate(workload: Workload, system: System, workload_source: str,
+             options: SimulationOptions = SimulationOptions()) -> Estimate:
     _check_precision(workload, system, workload_source)
     layout = build_layout(workload, system, workload_source)
     peak = peak_flops(system.device, workload.precision.compute)
@@ -82,7 +90,7 @@ def estimate(workload: Workload, system: System, workload_source: str) -> Estima
     result.sections["layout"] = _layout_section(layout, system)
     result.sections["model"] = {"params_b": params.total / 1e9, "active_params_b": params.active / 1e9}
     if workload.mode == "train":
-        _estimate_training(workload, system, layout, peak, result)
+        _estimate_training(workload, system, layout, peak, result, options)
     else:
         _estimate_serving(workload, system, layout, peak, result)
     if system.price is None:
@@ -90,23 +98,28 @@ def estimate(workload: Workload, system: System, workload_source: str) -> Estima
     return result
 
 
-def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate) -> None:
+def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate,
+                       options: SimulationOptions) -> None:
     assert workload.train is not None
     train = workload.train
-    plan = build_training_plan(workload, system, layout)
-    step = compose_training_step(plan)
+    plan = build_training_plan(workload, system, layout, sampled_steps=options.steps)
+    sim = simulate_training(plan, options.steps, options.trace)
+    step_s = sim.mean_step
     per_sequence = model_forward_flops(workload.model, Batch(1, train.seq_len, train.seq_len))
     model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
     tokens_step = train.global_batch * train.seq_len
     result.sections["model"]["forward_gflop_per_token"] = per_sequence / train.seq_len / 1e9
 
+    # Breakdown of the critical (busiest) stage, measured from the simulated timeline.
     result.sections["step"] = {
-        "step_s": step.total, "compute_s": step.compute, "exposed_comm_s": step.exposed_comm,
-        "imbalance_s": step.imbalance, "bubble_s": step.bubble, "optimizer_s": step.optimizer,
+        "step_s": step_s, "step_p95_s": sim.p95_step, "compute_s": sim.mean("compute"),
+        "exposed_comm_s": sim.mean("blocking_comm") + sim.mean("sync_wait"), "imbalance_s": sim.mean("imbalance"),
+        "bubble_s": sim.mean("bubble"), "optimizer_s": sim.mean("optimizer"),
+        "simulated_steps": options.steps, "simulated_events": sim.events,
     }
-    per_device = model_flops_step / step.total / system.devices
+    per_device = model_flops_step / step_s / system.devices
     result.sections["throughput"] = {
-        "tokens_per_s": tokens_step / step.total,
+        "tokens_per_s": tokens_step / step_s,
         "model_tflops_per_device": per_device / 1e12,
         "mfu": mfu(per_device, peak),
     }
@@ -125,8 +138,8 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
                             f"{system.device.name} has {worst.capacity / 1e9:.1f} GB")
     result.sections["moe"] = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
     if train.total_tokens:
-        seconds = train.total_tokens / (tokens_step / step.total)
-        totals = run_totals(system, seconds, step.compute / step.total)
+        seconds = train.total_tokens / (tokens_step / step_s)
+        totals = run_totals(system, seconds, sim.mean("compute") / step_s)
         result.sections["run"] = {"total_tokens": train.total_tokens, "days": seconds / 86400,
                                   "device_hours": totals.device_hours, "usd": totals.usd, "kwh": totals.kwh}
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm, grouped_gemm
-from simcc.routing.load import RankLoads, rank_loads
+from simcc.routing.load import LOAD_DRAWS, RankLoads, rank_loads
 from simcc.specs.workload import (
     AttentionBlock,
     ConvBlock,
@@ -56,6 +56,7 @@ class Shard:
     # (model FLOPs) counts full attention and exactly balanced loads.
     executed: bool = True
     seed: int = 0
+    load_draws: int = LOAD_DRAWS  # expert-load draws averaged (1: a single step's draw)
 
 
 @dataclass
@@ -246,7 +247,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     # Permute tokens into expert order: gather k copies of each token, read once and written once.
     fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
 
-    loads = rank_loads(spec, T, ep, shard.seed, balanced=not shard.executed)
+    loads = rank_loads(spec, T, ep, shard.seed, balanced=not shard.executed, draws=shard.load_draws)
     # Each rank sends its T*k routed token copies (dropped ones are not sent) out to the group.
     sent_per_rank = (loads.routed - loads.dropped) / ep
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0

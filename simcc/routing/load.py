@@ -53,10 +53,12 @@ def capacity_per_expert(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int) -
     return ranks * math.ceil(spec.capacity_factor * spec.k * tokens_per_rank / spec.experts)
 
 
-def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, balanced: bool = False) -> RankLoads:
+def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, balanced: bool = False,
+               draws: int = LOAD_DRAWS) -> RankLoads:
     """Per-rank expert loads for one MoE layer over `ranks` expert-parallel ranks.
 
-    `balanced` gives the exact mean (T*k/E per expert, no rounding): the reporting convention."""
+    `balanced` gives the exact mean (T*k/E per expert, no rounding): the reporting convention.
+    `draws` > 1 averages the busiest rank over several draws (an expectation); 1 is one step's draw."""
     experts = spec.experts
     local = experts // ranks
     routed = tokens_per_rank * spec.k * ranks
@@ -71,7 +73,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     busiest = np.zeros(local)
     mean_rank = np.zeros(local)
     dropped = padded = cv = max_over_mean = 0.0
-    for _ in range(LOAD_DRAWS):
+    for _ in range(draws):
         counts = rng.multinomial(int(round(routed)), probs).astype(float)
         if capacity is None:
             computed = np.ceil(counts / spec.dropless_block) * spec.dropless_block
@@ -88,7 +90,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
         padded += float((computed - kept).sum())
         cv += float(counts.std() / counts.mean()) if counts.mean() > 0 else 0.0
         max_over_mean += float(counts.max() / counts.mean()) if counts.mean() > 0 else 1.0
-    n = float(LOAD_DRAWS)
+    n = float(draws)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
                      dropped / n, padded / n, cv / n, max_over_mean / n)
 

@@ -1,7 +1,7 @@
 """A costed plan of one training step or one serving batch: every item already in seconds.
 
-This is the hand-off between the cost model and whatever schedules time (the analytic composer
-now, the discrete-event simulator later). Schedulers read `Cost.seconds`; they never re-derive it.
+This is the hand-off between the cost model and the discrete-event simulator: the simulator
+reads `Cost.seconds` and never re-derives it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from simcc.layout import Layout
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, backward_of
+from simcc.routing.load import LOAD_DRAWS
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
 
@@ -26,6 +27,7 @@ class Cost:
     imbalance: float = 0.0  # share of `seconds` due to the busiest rank's extra load
     group: str = ""
     bytes: float = 0.0
+    link: str = ""  # comm only: "intra" (node fabric) or "inter" (NIC) -- the link it loads
 
 
 @dataclass
@@ -33,20 +35,27 @@ class ChunkPlan:
     """One pipeline chunk (virtual stage) for one micro-batch."""
 
     units: list[Unit]
-    forward: list[Cost] = field(default_factory=list)
+    forward: list[Cost] = field(default_factory=list)  # expected expert loads
     backward: list[Cost] = field(default_factory=list)  # includes recomputation
     params: Params = field(default_factory=Params)
     saved_bytes: float = 0.0  # activations kept per micro-batch under the recompute policy
     transient_bytes: float = 0.0  # largest short-lived buffer (all-to-all send + receive)
     moe: list[MoEStats] = field(default_factory=list)
+    # One (forward, backward) per simulated step, each with a fresh expert-load draw (MoE only).
+    sampled: list[tuple[list[Cost], list[Cost]]] = field(default_factory=list)
+    grad_sync: list[Cost] = field(default_factory=list)  # this chunk's gradient bucket(s)
+    param_sync: list[Cost] = field(default_factory=list)  # ZeRO: gather its updated weights
+
+    def step_work(self, step: int) -> tuple[list[Cost], list[Cost]]:
+        if self.sampled:
+            return self.sampled[step % len(self.sampled)]
+        return self.forward, self.backward
 
 
 @dataclass
 class StagePlan:
     chunks: list[ChunkPlan]
     p2p: Cost  # activation (or its gradient) sent to the neighbouring stage, per chunk and direction
-    grad_sync: list[Cost]  # after the last backward: reduce gradients over data-parallel replicas
-    param_sync: list[Cost]  # ZeRO: gather updated parameters before the next forward
     optimizer: Cost
 
     @property
@@ -67,17 +76,21 @@ class TrainingPlan:
     overlap_grad_reduce: bool
 
 
-def shard_of(workload: Workload, layout: Layout, executed: bool = True) -> Shard:
+def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Shard:
+    """How this device's share is cut; `step` asks for that simulated step's own load draw."""
     prec = workload.precision
+    seed, draws = (workload.seed, LOAD_DRAWS) if step is None else (workload.seed * 7919 + 1 + step, 1)
     return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
-                 comm_dtype=prec.communication, executed=executed, seed=workload.seed)
+                 comm_dtype=prec.communication, seed=seed, load_draws=draws)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
     if isinstance(item, Comm):
-        seconds = collective_time(item.collective, item.bytes, layout.groups[item.group], system, item.algorithm)
-        return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes)
+        group = layout.groups[item.group]
+        seconds = collective_time(item.collective, item.bytes, group, system, item.algorithm)
+        link = "inter" if group.nodes > 1 else "intra"
+        return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes, link=link)
     cost = op_cost(system.device, item)
     return Cost(item.name, "compute", cost.seconds, imbalance=cost.seconds - cost.mean_seconds)
 
@@ -96,10 +109,11 @@ class ForwardWork:
     moe: list[MoEStats] = field(default_factory=list)
 
 
-def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch) -> ForwardWork:
+def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch,
+                 step: int | None = None) -> ForwardWork:
     """The forward items of some pipeline units, with what the recompute policy keeps and replays."""
     hidden = workload.model.hidden
-    shard = shard_of(workload, layout)
+    shard = shard_of(workload, layout, step)
     recompute = workload.parallelism.recompute
     out = ForwardWork()
     for unit in units:
@@ -125,18 +139,23 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
     return out
 
 
-def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch) -> ChunkPlan:
-    work = forward_work(units, workload, layout, batch)
+def _costed(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost]]:
     backward = [backward_of(i) for i in reversed(work.items)]
-    return ChunkPlan(
-        units,
-        forward=[cost_item(i, system, layout) for i in work.items],
-        backward=[cost_item(i, system, layout) for i in work.replay + backward],
-        params=work.params,
-        saved_bytes=work.saved_bytes,
-        transient_bytes=work.transient_bytes,
-        moe=work.moe,
-    )
+    return ([cost_item(i, system, layout) for i in work.items],
+            [cost_item(i, system, layout) for i in work.replay + backward])
+
+
+def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
+                sampled_steps: int = 0) -> ChunkPlan:
+    work = forward_work(units, workload, layout, batch)
+    forward, backward = _costed(work, system, layout)
+    chunk = ChunkPlan(units, forward, backward, params=work.params, saved_bytes=work.saved_bytes,
+                      transient_bytes=work.transient_bytes, moe=work.moe)
+    if work.moe:  # expert loads change from step to step; everything else does not
+        chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
+                         for step in range(sampled_steps)]
+    chunk.grad_sync, chunk.param_sync = _grad_sync(work.params, workload, system, layout)
+    return chunk
 
 
 def _grad_sync(params: Params, workload: Workload, system: System, layout: Layout) -> tuple[list[Cost], list[Cost]]:
@@ -184,7 +203,7 @@ def _optimizer(params: Params, workload: Workload, system: System, layout: Layou
     return cost_item(op, system, layout)
 
 
-def build_training_plan(workload: Workload, system: System, layout: Layout) -> TrainingPlan:
+def build_training_plan(workload: Workload, system: System, layout: Layout, sampled_steps: int = 0) -> TrainingPlan:
     assert workload.train is not None
     par = workload.parallelism
     batch = Batch(par.micro_batch, workload.train.seq_len, workload.train.seq_len)
@@ -198,10 +217,9 @@ def build_training_plan(workload: Workload, system: System, layout: Layout) -> T
         plans = []
         for virtual in range(layout.vpp):
             # Interleaved schedule: chunk v of stage s holds model chunk v*pp + s (Narayanan et al. 2021).
-            plans.append(build_chunk(chunks[virtual * layout.pp + stage], workload, system, layout, batch))
+            plans.append(build_chunk(chunks[virtual * layout.pp + stage], workload, system, layout, batch, sampled_steps))
         params = Params()
         for c in plans:
             params = params.add(c.params)
-        grad, gather = _grad_sync(params, workload, system, layout)
-        stages.append(StagePlan(plans, p2p, grad, gather, _optimizer(params, workload, system, layout)))
+        stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
     return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce)

@@ -1,0 +1,50 @@
+"""Record what ran where and when; write it as Chrome/Perfetto trace-event JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Trace:
+    enabled: bool = False
+    events: list[tuple[str, str, str, float, float]] = field(default_factory=list)  # track, lane, name, start, dur
+
+    def add(self, track: str, lane: str, name: str, start: float, duration: float) -> None:
+        if self.enabled and duration > 0:
+            self.events.append((track, lane, name, start, duration))
+
+    def to_chrome(self) -> dict:
+        """Trace-event format: one process per simulated device or link, one thread per stream."""
+        tracks = sorted({t for t, *_ in self.events})
+        lanes = sorted({(t, lane) for t, lane, *_ in self.events})
+        pid = {t: i + 1 for i, t in enumerate(tracks)}
+        tid = {key: i + 1 for i, key in enumerate(lanes)}
+        out = [{"ph": "M", "name": "process_name", "pid": pid[t], "args": {"name": t}} for t in tracks]
+        out += [{"ph": "M", "name": "thread_name", "pid": pid[t], "tid": tid[(t, lane)], "args": {"name": lane}}
+                for t, lane in lanes]
+        out += [{"ph": "X", "name": name, "pid": pid[t], "tid": tid[(t, lane)], "ts": start * 1e6, "dur": dur * 1e6}
+                for t, lane, name, start, dur in self.events]
+        return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_trace(trace: Trace, path: Path) -> None:
+    write_atomically(path, json.dumps(trace.to_chrome()))

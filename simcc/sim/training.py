@@ -1,0 +1,261 @@
+"""Play training steps out in time: one simulated device per pipeline stage, each running its
+schedule's task order, waiting for activations and gradients from its neighbours.
+
+What is explicit: the p pipeline-stage devices of one data-parallel replica, their compute
+streams, and their intra-node and inter-node link ports (shared by blocking collectives,
+pipeline sends and gradient buckets in flight). What is replicated by symmetry: the other
+data-parallel replicas (identical timelines) and the other ranks of each tensor- and
+expert-parallel group (the simulated device carries the group's busiest expert load, since the
+combine all-to-all makes the group wait for it). So the cost of a simulation grows with
+layers x micro-batches x stages, not with the device count.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import simpy
+
+from simcc.sim.links import FairShareLink
+from simcc.sim.trace import Trace
+from simcc.timing.plan import ChunkPlan, Cost, TrainingPlan
+
+Task = tuple[str, int, int]  # ("F" | "B", micro-batch, chunk)
+
+
+def task_order(schedule: str, p: int, v: int, m: int, stage: int) -> list[Task]:
+    """The order in which one stage runs its forward and backward tasks.
+
+    GPipe: all forwards, then all backwards. 1F1B: p - s - 1 warm-up forwards, then alternate
+    (Narayanan et al. 2019, PipeDream-Flush). Interleaved 1F1B: 2(p - s - 1) + (v - 1)p warm-up
+    chunk-forwards, micro-batches taken p at a time through each chunk (Narayanan et al. 2021)."""
+    if schedule == "gpipe":
+        return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
+    total = m * v
+
+    def forward(k: int) -> Task:
+        return ("F", (k // (p * v)) * p + k % p, (k // p) % v)
+
+    def backward(k: int) -> Task:
+        return ("B", (k // (p * v)) * p + k % p, v - 1 - (k // p) % v)
+
+    warmup = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
+    warmup = min(warmup, total)
+    order = [forward(k) for k in range(warmup)]
+    for i in range(total - warmup):
+        order += [forward(warmup + i), backward(i)]
+    order += [backward(k) for k in range(total - warmup, total)]
+    return order
+
+
+@dataclass
+class StageAccount:
+    """Where one stage's step time went, measured from the simulated timeline."""
+
+    compute: float = 0.0
+    imbalance: float = 0.0
+    blocking_comm: float = 0.0
+    sync_wait: float = 0.0  # waiting for gradient buckets / parameter gathers
+    optimizer: float = 0.0
+
+    @property
+    def busy(self) -> float:
+        return self.compute + self.imbalance + self.blocking_comm + self.sync_wait + self.optimizer
+
+
+@dataclass
+class StepResult:
+    seconds: float
+    critical: StageAccount
+
+    @property
+    def bubble(self) -> float:
+        return max(0.0, self.seconds - self.critical.busy)
+
+
+@dataclass
+class TrainingSimulation:
+    steps: list[StepResult] = field(default_factory=list)
+    events: int = 0
+
+    @property
+    def mean_step(self) -> float:
+        return statistics.fmean(s.seconds for s in self.steps)
+
+    @property
+    def p95_step(self) -> float:
+        ordered = sorted(s.seconds for s in self.steps)
+        return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+    def mean(self, part: str) -> float:
+        if part == "bubble":
+            return statistics.fmean(s.bubble for s in self.steps)
+        return statistics.fmean(getattr(s.critical, part) for s in self.steps)
+
+
+Segment = tuple[str, float, float, str, str]  # (stream, seconds, imbalance, link, name)
+
+
+def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
+    """Cost items as scheduled segments; consecutive compute items merge when no trace is kept
+    (same durations, fewer events)."""
+    out: list[Segment] = []
+    for c in costs:
+        if merge and out and c.stream == "compute" and out[-1][0] == "compute":
+            stream, seconds, imbalance, link, _ = out[-1]
+            out[-1] = (stream, seconds + c.seconds, imbalance + c.imbalance, link, "compute")
+        else:
+            out.append((c.stream, c.seconds, c.imbalance, c.link, c.name))
+    return out
+
+
+class _Step:
+    """The shared state of one simulated step: readiness events between stages."""
+
+    def __init__(self, sim: "_Simulator", step: int) -> None:
+        self.sim = sim
+        self.step = step
+        self.ready: dict[tuple[str, int, int], simpy.Event] = {}
+        plan = sim.plan
+        self.work = [[self._work(chunk) for chunk in stage.chunks] for stage in plan.stages]
+
+    def _work(self, chunk: ChunkPlan) -> tuple[list[Segment], list[Segment]]:
+        forward, backward = chunk.step_work(self.step)
+        merge = not self.sim.trace.enabled
+        return _segments(forward, merge), _segments(backward, merge)
+
+    def event(self, kind: str, microbatch: int, global_chunk: int) -> simpy.Event:
+        key = (kind, microbatch, global_chunk)
+        if key not in self.ready:
+            self.ready[key] = self.sim.env.event()
+        return self.ready[key]
+
+
+class _Simulator:
+    def __init__(self, plan: TrainingPlan, trace: Trace) -> None:
+        self.plan = plan
+        self.trace = trace
+        self.env = simpy.Environment()
+        self.links = [{"intra": FairShareLink(self.env, f"stage{s}.intra"), "inter": FairShareLink(self.env, f"stage{s}.inter")}
+                      for s in range(plan.pp)]
+        self.virtual = plan.vpp if plan.schedule == "interleaved" else 1
+        self.orders = [task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, s) for s in range(plan.pp)]
+        self.events = 0  # timed events scheduled: compute segments and link transfers
+
+    def _timeout(self, seconds: float) -> simpy.Event:
+        self.events += 1
+        return self.env.timeout(seconds)
+
+    def _transfer(self, stage: int, cost_link: str, seconds: float) -> simpy.Event:
+        self.events += 1
+        return self.links[stage][cost_link or "intra"].transfer(seconds)
+
+    def _run_segments(self, stage: int, segments: list[Segment], account: StageAccount):
+        env = self.env
+        for stream, seconds, imbalance, link, name in segments:
+            start = env.now
+            if stream == "compute":
+                yield self._timeout(seconds)
+                account.compute += seconds - imbalance
+                account.imbalance += imbalance
+                self.trace.add(f"stage{stage}", "compute", name, start, seconds)
+            else:
+                yield self._transfer(stage, link, seconds)
+                account.blocking_comm += env.now - start
+                self.trace.add(f"stage{stage}", "comm", name, start, env.now - start)
+
+    def _send(self, stage: int, cost: Cost, event: simpy.Event, lane: str):
+        start = self.env.now
+        yield self._transfer(stage, cost.link, cost.seconds)
+        self.trace.add(f"stage{stage}", lane, cost.name, start, self.env.now - start)
+        event.succeed()
+
+    def _chain(self, stage: int, costs: list[Cost], done: simpy.Event, lane: str):
+        """Run comm items one after another in the background (a bucket, a gather)."""
+        for cost in costs:
+            start = self.env.now
+            yield self._transfer(stage, cost.link, cost.seconds)
+            self.trace.add(f"stage{stage}", lane, cost.name, start, self.env.now - start)
+        done.succeed()
+
+    def _stage(self, state: _Step, stage: int, account: StageAccount):
+        env, plan = self.env, self.plan
+        p, chunks = plan.pp, plan.stages[stage].chunks
+        last_global = p * self.virtual - 1
+        stage_plan = plan.stages[stage]
+        # ZeRO: this step's forward of a chunk needs its freshly gathered parameters.
+        gathers = []
+        for chunk in chunks:
+            done = env.event()
+            env.process(self._chain(stage, chunk.param_sync, done, "param_gather"))
+            gathers.append(done)
+        if not plan.overlap_grad_reduce:
+            start = env.now
+            yield simpy.AllOf(env, gathers)
+            account.sync_wait += env.now - start
+        backward_left = [plan.microbatches] * len(chunks)
+        buckets: list[simpy.Event] = []
+        for kind, microbatch, chunk_index in self.orders[stage]:
+            global_chunk = chunk_index * p + stage
+            forward, backward = state.work[stage][chunk_index]
+            if kind == "F":
+                if not gathers[chunk_index].triggered:
+                    start = env.now
+                    yield gathers[chunk_index]
+                    account.sync_wait += env.now - start
+                if global_chunk > 0:
+                    yield state.event("act", microbatch, global_chunk - 1)
+                yield from self._run_segments(stage, forward, account)
+                if global_chunk < last_global:
+                    self._hand_off(state, stage, "act", microbatch, global_chunk)
+            else:
+                if global_chunk < last_global:
+                    yield state.event("grad", microbatch, global_chunk + 1)
+                yield from self._run_segments(stage, backward, account)
+                if global_chunk > 0:
+                    self._hand_off(state, stage, "grad", microbatch, global_chunk)
+                backward_left[chunk_index] -= 1
+                if backward_left[chunk_index] == 0 and plan.overlap_grad_reduce:
+                    done = env.event()
+                    env.process(self._chain(stage, chunks[chunk_index].grad_sync, done, "grad_sync"))
+                    buckets.append(done)
+        start = env.now
+        if plan.overlap_grad_reduce:
+            yield simpy.AllOf(env, buckets)
+        else:
+            for chunk in chunks:
+                done = env.event()
+                env.process(self._chain(stage, chunk.grad_sync, done, "grad_sync"))
+                yield done
+        account.sync_wait += env.now - start
+        start = env.now
+        yield self._timeout(stage_plan.optimizer.seconds)
+        account.optimizer += stage_plan.optimizer.seconds
+        self.trace.add(f"stage{stage}", "compute", "optimizer.step", start, stage_plan.optimizer.seconds)
+
+    def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> None:
+        event = state.event(kind, microbatch, global_chunk)
+        if self.plan.pp == 1:
+            event.succeed()  # the next chunk lives on this same device
+        else:
+            self.env.process(self._send(stage, self.plan.stages[stage].p2p, event, "p2p"))
+
+    def run_step(self, step: int) -> StepResult:
+        state = _Step(self, step)
+        start = self.env.now
+        accounts = [StageAccount() for _ in range(self.plan.pp)]
+        done = [self.env.process(self._stage(state, s, accounts[s])) for s in range(self.plan.pp)]
+        self.env.run(until=simpy.AllOf(self.env, done))
+        critical = max(accounts, key=lambda a: a.busy)
+        return StepResult(self.env.now - start, critical)
+
+
+def simulate_training(plan: TrainingPlan, steps: int, trace: Trace | None = None) -> TrainingSimulation:
+    """Simulate `steps` consecutive steps, each with its own expert-load draw."""
+    simulator = _Simulator(plan, trace or Trace())
+    result = TrainingSimulation()
+    for step in range(steps):
+        result.steps.append(simulator.run_step(step))
+    result.events = simulator.events
+    return result

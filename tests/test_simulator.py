@@ -1,0 +1,137 @@
+"""The discrete-event simulator against hand-derived cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import simpy
+
+from simcc.estimate import SimulationOptions, estimate
+from simcc.layout import build_layout
+from simcc.sim.links import FairShareLink
+from simcc.sim.trace import Trace
+from simcc.sim.training import simulate_training, task_order
+from simcc.specs.loader import load_hardware, load_workload
+from simcc.timing.plan import ChunkPlan, Cost, StagePlan, TrainingPlan, build_training_plan
+
+
+def _finish_times(starts_and_work: list[tuple[float, float]]) -> list[float]:
+    env = simpy.Environment()
+    link = FairShareLink(env, "l")
+    finished: list[float] = [0.0] * len(starts_and_work)
+
+    def flow(i: int, start: float, work: float):
+        yield env.timeout(start)
+        yield link.transfer(work)
+        finished[i] = env.now
+
+    for i, (start, work) in enumerate(starts_and_work):
+        env.process(flow(i, start, work))
+    env.run()
+    return finished
+
+
+def test_one_message_takes_latency_plus_bytes_over_bandwidth():
+    latency, size, bandwidth = 5e-6, 64e6, 40e9
+    assert _finish_times([(0.0, latency + size / bandwidth)]) == [pytest.approx(latency + size / bandwidth)]
+
+
+def test_two_equal_flows_on_one_link_take_twice_as_long():
+    assert _finish_times([(0.0, 1.0), (0.0, 1.0)]) == [pytest.approx(2.0), pytest.approx(2.0)]
+
+
+def test_bandwidth_is_shared_not_queued():
+    # B joins at 0.5: A has 0.5 left, both run at half speed -> A ends at 1.5, B (1.0 of work) at 2.0.
+    assert _finish_times([(0.0, 1.0), (0.5, 1.0)]) == [pytest.approx(1.5), pytest.approx(2.0)]
+    # first-come-first-served would have finished A at 1.0; a short flow is not stuck behind a long one
+    assert _finish_times([(0.0, 10.0), (0.0, 1.0)]) == [pytest.approx(11.0), pytest.approx(2.0)]
+
+
+def _plan(p: int, m: int, v: int, schedule: str, forward: float = 1.0, backward: float = 2.0) -> TrainingPlan:
+    chunk = ChunkPlan([], forward=[Cost("f", "compute", forward / v)], backward=[Cost("b", "compute", backward / v)])
+    stage = StagePlan([chunk] * v, Cost("p2p", "comm", 0.0, link="inter"), Cost("opt", "compute", 0.5))
+    return TrainingPlan([stage] * p, m, p, v, schedule, True)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,m", [(1, 8), (2, 4), (4, 8), (8, 32)])
+def test_pipeline_bubble_fraction_emerges(schedule, p, m):
+    sim = simulate_training(_plan(p, m, 1, schedule), steps=1)
+    step = sim.steps[0]
+    pipeline = step.seconds - 0.5
+    assert pipeline == pytest.approx(3.0 * (m + p - 1))
+    assert step.bubble / pipeline == pytest.approx((p - 1) / (m + p - 1))
+
+
+@pytest.mark.parametrize("p,v,m", [(2, 2, 4), (4, 2, 8), (4, 4, 8)])
+def test_interleaving_divides_the_bubble_by_virtual_stages(p, v, m):
+    sim = simulate_training(_plan(p, m, v, "interleaved"), steps=1)
+    assert sim.steps[0].seconds - 0.5 == pytest.approx(3.0 * m + 3.0 * (p - 1) / v)
+
+
+def test_schedules_run_every_task_once():
+    for schedule, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 3)):
+        for stage in range(4):
+            order = task_order(schedule, 4, v, 8, stage)
+            assert sorted(order) == sorted([(k, mb, c) for k in "FB" for mb in range(8) for c in range(v)])
+
+
+def test_pipeline_sends_overlap_compute_but_delay_dependents():
+    plan = _plan(2, 1, 1, "1f1b")
+    plan.stages = [StagePlan(s.chunks, Cost("p2p", "comm", 0.25, link="inter"), s.optimizer) for s in plan.stages]
+    # one micro-batch through two stages: F0, send, F1, B1, send, B0, then the optimizer
+    assert simulate_training(plan, steps=1).steps[0].seconds == pytest.approx(1 + 0.25 + 1 + 2 + 0.25 + 2 + 0.5)
+
+
+def _moe_case(overrides=()):
+    workload, src = load_workload("mixtral_8x7b_train_64xh100", list(overrides))
+    system = load_hardware("dgx_h100_x8")
+    layout = build_layout(workload, system, src)
+    return workload, system, layout
+
+
+def test_expert_parallel_layer_runs_at_its_busiest_rank():
+    skew = ["model.blocks.1.blocks.1.moe_ffn.load.distribution=zipf", "model.blocks.1.blocks.1.moe_ffn.load.alpha=1.5"]
+    workload, system, layout = _moe_case(skew)
+    plan = build_training_plan(workload, system, layout, sampled_steps=2)
+    forward, _ = plan.stages[0].chunks[0].step_work(0)
+    up = next(c for c in forward if c.name == "moe.expert_up")
+    assert up.imbalance > 0.2 * up.seconds  # the busiest rank carries far more than the mean
+    sim = simulate_training(plan, steps=2)
+    assert sim.mean("imbalance") > 0
+    # each step draws its own loads, so steps differ
+    assert sim.steps[0].seconds != sim.steps[1].seconds
+
+
+def test_runs_are_reproducible_by_seed():
+    workload, system, layout = _moe_case(["model.blocks.1.blocks.1.moe_ffn.load.distribution=cv",
+                                          "model.blocks.1.blocks.1.moe_ffn.load.cv=0.3"])
+    first = estimate(workload, system, "w").value("step", "step_s")
+    again = estimate(workload, system, "w").value("step", "step_s")
+    other, _ = load_workload("mixtral_8x7b_train_64xh100", ["seed=9", "model.blocks.1.blocks.1.moe_ffn.load.distribution=cv",
+                                                            "model.blocks.1.blocks.1.moe_ffn.load.cv=0.3"])
+    assert first == again
+    assert estimate(other, system, "w").value("step", "step_s") != first
+
+
+def test_trace_has_a_track_per_stage(tmp_path):
+    workload, system, _ = _moe_case()
+    trace = Trace(enabled=True)
+    estimate(workload, system, "w", SimulationOptions(steps=1, trace=trace))
+    chrome = trace.to_chrome()
+    names = {e["args"]["name"] for e in chrome["traceEvents"] if e.get("name") == "process_name"}
+    assert names == {"stage0", "stage1", "stage2", "stage3"}
+    spans = [e for e in chrome["traceEvents"] if e["ph"] == "X"]
+    assert any(e["name"] == "moe.dispatch" for e in spans) and any(e["name"] == "p2p" or e["name"] == "pp.send" for e in spans)
+    json.dumps(chrome)
+
+
+def test_simulation_cost_does_not_grow_with_data_parallel_width():
+    small = _moe_case()
+    workload, _, _ = small
+    big_system = load_hardware("dgx_h100_x128")
+    wide, src = load_workload("mixtral_8x7b_train_64xh100", ["train.global_batch=4096"])
+    small_events = estimate(workload, small[1], "w").value("step", "simulated_events")
+    big_events = estimate(wide, big_system, src).value("step", "simulated_events")
+    assert big_events == small_events  # 16x the devices, same micro-batches per pipeline
