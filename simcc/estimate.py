@@ -5,6 +5,7 @@ Returns plain sections of named values so that every output format renders the s
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,8 @@ from simcc.specs.workload import Workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
 from simcc.timing.plan import build_training_plan
-from simcc.timing.serving import compose_serving
+from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
+from simcc.timing.serving import serving_costs
 
 Sections = dict[str, dict[str, Any]]
 
@@ -78,6 +80,8 @@ def _check_precision(workload: Workload, system: System, source: str) -> None:
 class SimulationOptions:
     steps: int = 4  # simulated training steps, each with a fresh expert-load draw
     trace: Trace | None = None  # filled with the timeline when enabled
+    request_count: int = 2000  # serving: Poisson requests to simulate
+    requests: list[Request] | None = None  # serving: a trace instead of Poisson arrivals
 
 
 def estimate(workload: Workload, system: System, workload_source: str,
@@ -92,7 +96,7 @@ def estimate(workload: Workload, system: System, workload_source: str,
     if workload.mode == "train":
         _estimate_training(workload, system, layout, peak, result, options)
     else:
-        _estimate_serving(workload, system, layout, peak, result)
+        _estimate_serving(workload, system, layout, peak, result, options)
     if system.price is None:
         result.notes.append(f"{system.name} has no price: $ figures are omitted")
     return result
@@ -144,39 +148,47 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
                                   "device_hours": totals.device_hours, "usd": totals.usd, "kwh": totals.kwh}
 
 
-def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate) -> None:
+def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate,
+                      options: SimulationOptions) -> None:
     assert workload.serve is not None
     serve = workload.serve
-    serving = compose_serving(workload, system, layout)
-    request_s = serving.request_seconds(serve.output_tokens)
-    requests_per_s = layout.dp * serve.batch / request_s
-    tokens_per_s = requests_per_s * serve.output_tokens
+    costs = serving_costs(workload, system, layout)
+    requests = options.requests or poisson_requests(serve.arrival_rate, options.request_count, serve, workload.seed)
+    sim = simulate_serving(costs, serve, requests, layout.dp, workload.seed)
+    tokens_per_s = sim.output_tokens / sim.span * layout.dp if sim.span > 0 else 0.0
+    requests_per_s = len(sim.latency) / sim.span * layout.dp if sim.span > 0 else 0.0
     result.sections["latency"] = {
-        "ttft_s": serving.prefill, "tpot_s": serving.decode_step, "request_s": request_s,
-        "decode_compute_s": serving.decode_compute, "decode_comm_s": serving.decode_comm,
-        "decode_loading_s": serving.decode_loading, "prefill_loading_s": serving.prefill_loading,
+        "requests_simulated": len(sim.latency) * layout.dp,
+        "ttft_p50_s": percentile(sim.ttft, 50), "ttft_p95_s": percentile(sim.ttft, 95),
+        "ttft_p99_s": percentile(sim.ttft, 99),
+        "tpot_mean_s": statistics.fmean(sim.tpot) if sim.tpot else 0.0,
+        "latency_p50_s": percentile(sim.latency, 50), "latency_p95_s": percentile(sim.latency, 95),
+        "latency_p99_s": percentile(sim.latency, 99),
+        "queueing_mean_s": statistics.fmean(sim.queueing), "queueing_p95_s": percentile(sim.queueing, 95),
     }
     per_token_flops = model_forward_flops(workload.model, Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
     result.sections["throughput"] = {
         "requests_per_s": requests_per_s, "output_tokens_per_s": tokens_per_s,
+        "busy_fraction": sim.busy / sim.span if sim.span > 0 else 0.0,
         "model_tflops_per_device": per_token_flops * tokens_per_s / system.devices / 1e12,
         "mfu": mfu(per_token_flops * tokens_per_s / system.devices, peak),
     }
-    if serve.arrival_rate is not None:
-        utilisation = serve.arrival_rate / requests_per_s
-        result.sections["throughput"]["utilisation"] = utilisation
-        if utilisation >= 1:
-            result.notes.append(f"arrival rate {serve.arrival_rate}/s exceeds capacity {requests_per_s:.3g}/s: "
-                                "the queue grows without bound")
-    result.sections["memory"] = _memory_section(serving.memory)
-    if not serving.memory.fits:
-        result.notes.append(f"does not fit: needs {serving.memory.total / 1e9:.1f} GB per device")
-    if serving.memory.offloaded_weights > 0:
-        result.notes.append(f"{serving.memory.offloaded_weights / 1e9:.2f} GB of expert weights stay on "
-                            f"{system.storage.tier if system.storage else 'storage'} and load on demand")
-    result.sections["moe"] = _moe_section(serving.moe)
-    million = 1e6 / tokens_per_s
-    busy = serving.decode_compute / serving.decode_step if serving.decode_step else 1.0
-    totals = run_totals(system, million, busy)
-    result.sections["run"] = {"seconds_per_million_tokens": million, "usd_per_million_tokens": totals.usd,
-                              "kwh_per_million_tokens": totals.kwh}
+    memory = costs.memory
+    result.sections["memory"] = _memory_section(memory)
+    if not memory.fits:
+        result.notes.append(f"does not fit: needs {memory.total / 1e9:.1f} GB per device")
+    if memory.offloaded_weights > 0 and sim.cache is not None:
+        result.sections["expert_cache"] = {
+            "resident_experts": costs.resident_experts, "hit_rate": sim.cache.hit_rate,
+            "loading_share_of_busy_time": sim.loading / sim.busy if sim.busy else 0.0,
+        }
+        result.notes.append(f"{memory.offloaded_weights / 1e9:.2f} GB of expert weights stay on "
+                            f"{system.storage.tier if system.storage else 'storage'} and load on demand (LRU cache)")
+    if sim.busy / sim.span > 0.98 if sim.span else False:
+        result.notes.append("the server was busy all the time: arrivals meet or exceed capacity, latency reflects queueing")
+    result.sections["moe"] = _moe_section(costs.moe)
+    if tokens_per_s > 0:
+        million = 1e6 / tokens_per_s
+        totals = run_totals(system, million, sim.busy / sim.span if sim.span else 1.0)
+        result.sections["run"] = {"seconds_per_million_tokens": million, "usd_per_million_tokens": totals.usd,
+                                  "kwh_per_million_tokens": totals.kwh}

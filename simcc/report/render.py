@@ -12,7 +12,7 @@ from simcc.estimate import Estimate
 SECTION_TITLES = {
     "layout": "Parallel layout", "model": "Model", "step": "Training step (critical stage)",
     "latency": "Serving latency", "throughput": "Throughput", "memory": "Memory per device",
-    "moe": "MoE routing", "run": "Whole run",
+    "moe": "MoE routing", "expert_cache": "Expert cache (edge)", "run": "Whole run",
 }
 
 

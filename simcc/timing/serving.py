@@ -1,104 +1,72 @@
-"""Serving a batch: prefill the prompts, then decode one token per step for every request.
+"""Costs of serving steps, in seconds, for the serving simulator to schedule.
 
-Closed-form until the simulator adds queueing: one batch in flight per replica, pipeline stages
-run in sequence for each step. On edge devices, experts that do not fit in memory load from the
-storage tier each time a step touches them (no cache yet: resident experts are a random subset).
+Prefill and decode are costed from the same block work as training (forward only), over a
+grid of batch sizes; pipeline stages run in sequence for one step. On edge devices, expert
+weights that do not fit stay on the storage tier: this module says how many bytes one expert
+is and how many experts stay resident; the simulator's expert cache decides what loads when.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from simcc.costs.memory import MemoryBreakdown, serving_memory
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, MoEStats, kv_cache_bytes_per_token
 from simcc.model.graph import Block, stage_units, units_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
-from simcc.routing.load import expected_experts_touched
 from simcc.specs.hardware import System
 from simcc.specs.workload import AttentionBlock, MoEFFNBlock, Workload
 from simcc.timing.plan import Cost, cost_item, forward_work
 
 
 @dataclass(frozen=True)
-class ServingBreakdown:
-    prefill: float  # seconds for the whole batch's prompts (time to first token, no queueing)
-    decode_step: float  # seconds per output token step, loading included
-    decode_compute: float
-    decode_comm: float
-    decode_loading: float  # expert weights streamed from storage per step
-    prefill_loading: float
+class StepTable:
+    """Seconds of one serving step against the number of requests in it (piecewise linear)."""
+
+    batch_sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+    comm_seconds: tuple[float, ...]
+
+    def at(self, batch: float) -> float:
+        return float(np.interp(batch, self.batch_sizes, self.seconds))
+
+    def comm_at(self, batch: float) -> float:
+        return float(np.interp(batch, self.batch_sizes, self.comm_seconds))
+
+
+@dataclass(frozen=True)
+class ServingCosts:
+    prefill: StepTable  # whole prompts of that many requests
+    decode: StepTable  # one output token for that many requests
     memory: MemoryBreakdown
+    kv_bytes_per_token: float  # on one device, all its layers
+    moe_layers: tuple[MoEFFNBlock, ...]
+    expert_bytes: float  # one expert's weights on one device
+    resident_experts: int  # experts that stay in memory (all of them unless offloaded)
+    storage_bandwidth: float  # bytes/s of the storage tier (0 if none)
     moe: list[MoEStats]
 
-    def request_seconds(self, output_tokens: int) -> float:
-        return self.prefill + output_tokens * self.decode_step
+
+def batch_grid(max_batch: int) -> tuple[int, ...]:
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
 
 
-def _stream_seconds(costs: list[Cost], stream: str) -> float:
-    return sum(c.seconds for c in costs if c.stream == stream)
+def _step_seconds(costs: list[Cost]) -> tuple[float, float]:
+    comm = sum(c.seconds for c in costs if c.stream == "comm")
+    return sum(c.seconds for c in costs if c.stream == "compute") + comm, comm
 
 
 def _expert_bytes(spec: MoEFFNBlock, hidden: int, dtype: str) -> float:
     width = spec.expert_hidden * (3 if spec.gated else 2)
     return float(width * hidden * DTYPE_BYTES[dtype])
-
-
-def compose_serving(workload: Workload, system: System, layout: Layout) -> ServingBreakdown:
-    assert workload.serve is not None
-    serve = workload.serve
-    hidden = workload.model.hidden
-    units = units_of(workload.model)
-    chunks = stage_units(units, layout.pp * layout.vpp)
-    prefill_batch = Batch(serve.batch, serve.prompt_tokens, serve.prompt_tokens)
-    decode_batch = Batch(serve.batch, 1, serve.prompt_tokens + serve.output_tokens // 2)
-
-    prefill: list[Cost] = []
-    decode: list[Cost] = []
-    moe_stats: list[MoEStats] = []
-    heaviest_weights = heaviest_experts = heaviest_kv = heaviest_act = 0.0
-    wbytes = DTYPE_BYTES[workload.precision.weights]
-    for stage in range(layout.pp):
-        stage_chunks = [chunks[v * layout.pp + stage] for v in range(layout.vpp)]
-        weights = experts = kv = act = 0.0
-        for chunk_units in stage_chunks:
-            pre = forward_work(chunk_units, workload, layout, prefill_batch)
-            dec = forward_work(chunk_units, workload, layout, decode_batch)
-            prefill += [cost_item(i, system, layout) for i in pre.items]
-            decode += [cost_item(i, system, layout) for i in dec.items]
-            moe_stats += dec.moe
-            weights += (pre.params.dense / layout.tp + pre.params.replicated) * wbytes
-            experts += pre.params.expert / (layout.ep * layout.expert_tp) * wbytes
-            kv += sum(_kv_bytes(b, hidden, workload, layout) for u in chunk_units for b in u.blocks)
-            act = max(act, max((2 * i.saved_bytes for i in pre.items if isinstance(i, Op)), default=0.0))
-        if weights + experts + kv > heaviest_weights + heaviest_experts + heaviest_kv:
-            heaviest_weights, heaviest_experts, heaviest_kv, heaviest_act = weights, experts, kv, act
-    kv_total = heaviest_kv * serve.batch * (serve.prompt_tokens + serve.output_tokens)
-    memory = serving_memory(system, layout, heaviest_weights + heaviest_experts, heaviest_experts, kv_total, heaviest_act)
-
-    decode_loading = prefill_loading = 0.0
-    if memory.offloaded_weights > 0 and system.storage is not None:
-        missing = memory.offloaded_weights / heaviest_experts  # share of experts not resident
-        bandwidth = system.storage.bandwidth_gb_s * 1e9
-        for unit in units:
-            for block in unit.blocks:
-                if isinstance(block.spec, MoEFFNBlock):
-                    one = _expert_bytes(block.spec, hidden, workload.precision.weights) / layout.expert_tp
-                    touched = expected_experts_touched(block.spec, serve.batch, workload.seed + block.index)
-                    touched_prompt = expected_experts_touched(block.spec, serve.batch * serve.prompt_tokens,
-                                                              workload.seed + block.index)
-                    decode_loading += touched * missing * one / bandwidth
-                    prefill_loading += touched_prompt * missing * one / bandwidth
-    act = DTYPE_BYTES[workload.precision.communication] * hidden
-    hops = layout.pp - 1  # each stage hands its output activations to the next
-    p2p_decode = hops * cost_item(Comm("pp.send", "p2p", decode_batch.tokens * act, "pp"), system, layout).seconds
-    p2p_prefill = hops * cost_item(Comm("pp.send", "p2p", prefill_batch.tokens * act, "pp"), system, layout).seconds
-    decode_compute = _stream_seconds(decode, "compute")
-    decode_comm = _stream_seconds(decode, "comm") + p2p_decode
-    prefill_time = (_stream_seconds(prefill, "compute") + _stream_seconds(prefill, "comm") + p2p_prefill
-                    + prefill_loading)
-    return ServingBreakdown(prefill_time, decode_compute + decode_comm + decode_loading, decode_compute,
-                            decode_comm, decode_loading, prefill_loading, memory, moe_stats)
 
 
 def _kv_bytes(block: Block, hidden: int, workload: Workload, layout: Layout) -> float:
@@ -108,3 +76,66 @@ def _kv_bytes(block: Block, hidden: int, workload: Workload, layout: Layout) -> 
         return 0.0
     kv_heads = block.spec.kv_heads or block.spec.heads
     return kv_cache_bytes_per_token(block.spec, hidden, workload.precision.kv_cache) / min(layout.tp, kv_heads)
+
+
+def serving_costs(workload: Workload, system: System, layout: Layout) -> ServingCosts:
+    assert workload.serve is not None
+    serve = workload.serve
+    hidden = workload.model.hidden
+    units = units_of(workload.model)
+    chunks = stage_units(units, layout.pp * layout.vpp)
+    act_bytes = DTYPE_BYTES[workload.precision.communication] * hidden
+    context = serve.prompt_tokens + serve.output_tokens // 2  # mean context while decoding
+
+    grid = batch_grid(serve.batch)
+    prefill_rows, decode_rows = [], []
+    moe_stats: list[MoEStats] = []
+    for size in grid:
+        prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens)
+        decode_batch = Batch(size, 1, context)
+        prefill: list[Cost] = []
+        decode: list[Cost] = []
+        for chunk_units in chunks:
+            prefill += [cost_item(i, system, layout) for i in forward_work(chunk_units, workload, layout, prefill_batch).items]
+            dec = forward_work(chunk_units, workload, layout, decode_batch)
+            decode += [cost_item(i, system, layout) for i in dec.items]
+            if size == serve.batch:
+                moe_stats += dec.moe
+        for rows, costs, batch in ((prefill_rows, prefill, prefill_batch), (decode_rows, decode, decode_batch)):
+            # each stage hands its output activations to the next
+            hop = cost_item(Comm("pp.send", "p2p", batch.tokens * act_bytes, "pp"), system, layout)
+            costs.append(Cost(hop.name, "comm", hop.seconds * (layout.pp - 1), link=hop.link))
+            rows.append(_step_seconds(costs))
+
+    # Memory of the heaviest pipeline stage.
+    wbytes = DTYPE_BYTES[workload.precision.weights]
+    heaviest = (0.0, 0.0, 0.0, 0.0)  # weights, expert weights, kv per token, activation peak
+    one_request = Batch(serve.batch, serve.prompt_tokens, serve.prompt_tokens)
+    for stage in range(layout.pp):
+        weights = experts = kv = act = 0.0
+        for chunk_units in (chunks[v * layout.pp + stage] for v in range(layout.vpp)):
+            work = forward_work(chunk_units, workload, layout, one_request)
+            weights += (work.params.dense / layout.tp + work.params.replicated) * wbytes
+            experts += work.params.expert / (layout.ep * layout.expert_tp) * wbytes
+            kv += sum(_kv_bytes(b, hidden, workload, layout) for u in chunk_units for b in u.blocks)
+            act = max(act, max((2 * i.saved_bytes for i in work.items if isinstance(i, Op)), default=0.0))
+        if weights + experts > heaviest[0] + heaviest[1]:
+            heaviest = (weights, experts, kv, act)
+    weights, experts, kv_per_token, act = heaviest
+    kv_total = kv_per_token * serve.batch * (serve.prompt_tokens + serve.output_tokens)
+    memory = serving_memory(system, layout, weights + experts, experts, kv_total, act)
+
+    moe_layers = tuple(b.spec for u in units for b in u.blocks if isinstance(b.spec, MoEFFNBlock))
+    expert_bytes = (_expert_bytes(moe_layers[0], hidden, workload.precision.weights) / layout.expert_tp
+                    if moe_layers else 0.0)
+    total_experts = sum(spec.experts // layout.ep for spec in moe_layers)
+    resident = total_experts
+    if expert_bytes and memory.offloaded_weights > 0:
+        resident = int((experts - memory.offloaded_weights) // expert_bytes)
+    storage = system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0
+    return ServingCosts(
+        prefill=StepTable(grid, tuple(r[0] for r in prefill_rows), tuple(r[1] for r in prefill_rows)),
+        decode=StepTable(grid, tuple(r[0] for r in decode_rows), tuple(r[1] for r in decode_rows)),
+        memory=memory, kv_bytes_per_token=kv_per_token, moe_layers=moe_layers, expert_bytes=expert_bytes,
+        resident_experts=resident, storage_bandwidth=storage, moe=moe_stats,
+    )

@@ -1,0 +1,218 @@
+"""Serve a stream of requests with continuous batching: queueing, prefill, decode, and (on edge
+devices) experts loaded on demand into an LRU cache.
+
+One replica is simulated explicitly; with dp replicas, it receives every dp-th request (the
+others are symmetric). Between arrivals and completions the batch cannot change, so the server
+advances all the decode steps of such a stretch in one event: the event count follows requests,
+not tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+from simcc.errors import InputError
+from simcc.routing.load import popularity
+from simcc.specs.workload import ServeSpec
+from simcc.timing.serving import ServingCosts
+
+CACHE_PROFILE_CYCLES = 6  # request cycles (one prefill, then its decode steps) in the cache profile
+CACHE_PROFILE_DECODE_STEPS = 64  # decode steps per cycle, at most
+TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival: float
+    prompt: int
+    output: int
+    compute_scale: float = 1.0  # input-dependent compute (e.g. threshold activation): 1 = nominal
+
+
+def poisson_requests(rate: float | None, count: int, serve: ServeSpec, seed: int) -> list[Request]:
+    """Poisson arrivals at `rate` per second; all at t=0 (a saturating burst) when rate is None."""
+    rng = np.random.default_rng(seed)
+    if rate is None:
+        times = np.zeros(count)
+    else:
+        times = np.cumsum(rng.exponential(1.0 / rate, count))
+    return [Request(float(t), serve.prompt_tokens, serve.output_tokens) for t in times]
+
+
+def read_trace(path: str) -> list[Request]:
+    """A CSV with arrival_s, prompt_tokens, output_tokens and optionally compute_scale."""
+    import pandas as pd
+
+    source = str(path)
+    if not Path(path).is_file():
+        raise InputError(source, "", "file not found")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise InputError(source, "", f"not a readable CSV ({exc})") from None
+    missing = [c for c in TRACE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(source, ", ".join(missing), f"missing column(s); expected {', '.join(TRACE_COLUMNS)}")
+    if frame.empty:
+        raise InputError(source, "", "no requests in the trace")
+    scale = frame["compute_scale"] if "compute_scale" in frame.columns else pd.Series(1.0, index=frame.index)
+    for column, values, low in (("arrival_s", frame["arrival_s"], 0), ("prompt_tokens", frame["prompt_tokens"], 1),
+                                ("output_tokens", frame["output_tokens"], 1), ("compute_scale", scale, 1e-9)):
+        numeric = pd.to_numeric(values, errors="coerce")
+        bad = numeric.isna() | (numeric < low)
+        if bad.any():
+            row = int(bad.idxmax()) + 2  # header is line 1
+            raise InputError(source, f"line {row}: {column}", f"expected a number >= {low}, got {values[bad.idxmax()]!r}")
+    frame = frame.assign(compute_scale=scale).sort_values("arrival_s")
+    return [Request(float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens), float(r.compute_scale))
+            for r in frame.itertuples()]
+
+
+@dataclass(frozen=True)
+class CacheProfile:
+    hit_rate: float
+    decode_load_seconds: tuple[float, ...]  # per decode step, by the decode table's batch sizes
+    prefill_load_seconds: float  # per prefill of one request
+
+
+def profile_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int) -> CacheProfile:
+    """Run an LRU expert cache over sampled routing (prefill, then decode steps, repeatedly) and
+    measure its misses; each miss streams one expert from the storage tier."""
+    total = sum(spec.experts for spec in costs.moe_layers)
+    sizes = costs.decode.batch_sizes
+    if not costs.moe_layers or costs.resident_experts >= total or costs.storage_bandwidth <= 0:
+        return CacheProfile(1.0, tuple(0.0 for _ in sizes), 0.0)
+    rng = np.random.default_rng(seed)
+    probs = [popularity(spec, np.random.default_rng(seed + i)) for i, spec in enumerate(costs.moe_layers)]
+    load_one = costs.expert_bytes / costs.storage_bandwidth
+    hits = lookups = 0
+    decode_loads = []
+    prefill_misses: list[float] = []  # per request
+    decode_steps = min(serve.output_tokens, CACHE_PROFILE_DECODE_STEPS)
+    for size in sizes:
+        cache: OrderedDict[tuple[int, int], None] = OrderedDict()
+        misses_per_step: list[float] = []
+        for _cycle in range(CACHE_PROFILE_CYCLES):
+            for tokens, record, share in ((size * serve.prompt_tokens, prefill_misses, 1.0 / size),
+                                          *[(size, misses_per_step, 1.0)] * decode_steps):
+                misses = 0
+                for layer, (spec, p) in enumerate(zip(costs.moe_layers, probs)):
+                    picks = rng.multinomial(tokens * spec.k, p)
+                    for expert in np.flatnonzero(picks):
+                        key = (layer, int(expert))
+                        lookups += 1
+                        if key in cache:
+                            hits += 1
+                            cache.move_to_end(key)
+                        else:
+                            misses += 1
+                            cache[key] = None
+                            if len(cache) > costs.resident_experts:
+                                cache.popitem(last=False)
+                record.append(misses * share)
+        warm = misses_per_step[len(misses_per_step) // CACHE_PROFILE_CYCLES:]  # skip the cold first cycle
+        decode_loads.append(statistics.fmean(warm) * load_one)
+    prefill = statistics.fmean(prefill_misses) * load_one
+    return CacheProfile(hits / lookups if lookups else 1.0, tuple(decode_loads), prefill)
+
+
+@dataclass
+class ServingResult:
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    queueing: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    span: float = 0.0
+    busy: float = 0.0
+    loading: float = 0.0
+    events: int = 0
+    cache: CacheProfile | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Request], replicas: int,
+                     seed: int) -> ServingResult:
+    mine = requests[::replicas] if replicas > 1 else requests
+    cache = profile_expert_cache(costs, serve, seed)
+    memory = costs.memory
+    kv_capacity = memory.capacity - (memory.total - memory.kv_cache)
+    env = simpy.Environment()
+    result = ServingResult(cache=cache)
+    sizes = costs.decode.batch_sizes
+
+    def kv_need(request: Request) -> float:
+        return (request.prompt + request.output) * costs.kv_bytes_per_token
+
+    def server():
+        queue: list[Request] = []
+        running: list[list] = []  # [request, tokens left, first-token time]
+        kv_used = 0.0
+        upcoming = 0
+        start_time = mine[0].arrival if mine else 0.0
+        while upcoming < len(mine) or queue or running:
+            while upcoming < len(mine) and mine[upcoming].arrival <= env.now:
+                queue.append(mine[upcoming])
+                upcoming += 1
+            if not queue and not running:
+                result.events += 1
+                yield env.timeout(mine[upcoming].arrival - env.now)
+                continue
+            admitted = []
+            while queue and len(running) + len(admitted) < serve.batch and kv_used + kv_need(queue[0]) <= kv_capacity:
+                request = queue.pop(0)
+                kv_used += kv_need(request)
+                admitted.append(request)
+            if not admitted and not running:
+                raise InputError("workload", "serve", "one request's KV cache does not fit in the memory left")
+            if admitted:
+                scale = statistics.fmean(r.compute_scale * r.prompt / serve.prompt_tokens for r in admitted)
+                load = cache.prefill_load_seconds * len(admitted)
+                prefill = costs.prefill.at(len(admitted)) * scale + load
+                result.events += 1
+                yield env.timeout(prefill)
+                result.busy += prefill
+                result.loading += load
+                for request in admitted:
+                    result.queueing.append(env.now - prefill - request.arrival)
+                    result.ttft.append(env.now - request.arrival)
+                    running.append([request, request.output - 1, env.now])
+            finished = [r for r in running if r[1] <= 0]
+            if running and not finished:
+                batch = len(running)
+                load = float(np.interp(batch, sizes, cache.decode_load_seconds))
+                step = costs.decode.at(batch) * statistics.fmean(r[0].compute_scale for r in running) + load
+                steps = min(r[1] for r in running)
+                if upcoming < len(mine) and batch < serve.batch:
+                    # stop at the iteration boundary after the next arrival, which may join the batch
+                    steps = min(steps, max(1, math.ceil((mine[upcoming].arrival - env.now) / step)))
+                result.events += 1
+                yield env.timeout(steps * step)
+                result.busy += steps * step
+                result.loading += steps * load
+                for r in running:
+                    r[1] -= steps
+                finished = [r for r in running if r[1] <= 0]
+            for r in finished:
+                request, _, first = r
+                running.remove(r)
+                kv_used -= kv_need(request)
+                result.latency.append(env.now - request.arrival)
+                result.output_tokens += request.output
+                if request.output > 1:
+                    result.tpot.append((env.now - first) / (request.output - 1))
+        result.span = env.now - start_time
+
+    env.process(server())
+    env.run()
+    return result
