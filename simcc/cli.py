@@ -39,13 +39,18 @@ def main() -> None:
               help="Training steps to simulate, each with a fresh expert-load draw.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed for load draws (default: the workload's).")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the simulated timeline as Chrome/Perfetto trace-event JSON.")
+              help="Write the simulated training timeline as Chrome/Perfetto trace-event JSON.")
+@click.option("--requests", "request_count", type=click.IntRange(1, 10_000_000), default=2000, show_default=True,
+              help="Serving: Poisson requests to simulate.")
+@click.option("--requests-trace", type=click.Path(dir_okay=False), default=None,
+              help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
-             trace_path: str | None) -> None:
+             trace_path: str | None, request_count: int, requests_trace: str | None) -> None:
     """Estimate step time, memory, throughput, cost and energy of WORKLOAD on a hardware profile."""
     from simcc.estimate import SimulationOptions
     from simcc.estimate import estimate as run_estimate
     from simcc.report.render import RENDERERS
+    from simcc.sim.serving import read_trace
     from simcc.sim.trace import Trace, write_trace
     from simcc.specs.loader import load_hardware, load_workload, split_overrides
 
@@ -55,7 +60,9 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
     spec, source = load_workload(workload, workload_overrides)
     system = load_hardware(hardware, hardware_overrides)
     trace = Trace(enabled=trace_path is not None)
-    result = run_estimate(spec, system, source, SimulationOptions(steps=steps, trace=trace))
+    requests = read_trace(requests_trace) if requests_trace else None
+    options = SimulationOptions(steps=steps, trace=trace, request_count=request_count, requests=requests)
+    result = run_estimate(spec, system, source, options)
     if trace_path is not None:
         write_trace(trace, Path(trace_path))
     click.echo(RENDERERS[fmt](result), nl=False)

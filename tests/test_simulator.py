@@ -135,3 +135,29 @@ def test_simulation_cost_does_not_grow_with_data_parallel_width():
     small_events = estimate(workload, small[1], "w").value("step", "simulated_events")
     big_events = estimate(wide, big_system, src).value("step", "simulated_events")
     assert big_events == small_events  # 16x the devices, same micro-batches per pipeline
+
+
+def _overlap_plan(chunks: int, latency: float = 0.0) -> TrainingPlan:
+    forward = [Cost("moe.dispatch", "comm", 1.0, link="intra", overlap_chunks=chunks, latency=latency),
+               Cost("moe.expert", "compute", 4.0),
+               Cost("moe.combine", "comm", 1.0, link="intra", overlap_chunks=chunks, latency=latency)]
+    chunk = ChunkPlan([], forward=forward, backward=[])
+    return TrainingPlan([StagePlan([chunk], Cost("p2p", "comm", 0.0), Cost("opt", "compute", 0.0))], 1, 1, 1, "1f1b", True)
+
+
+def test_chunked_all_to_all_overlaps_expert_compute():
+    assert simulate_training(_overlap_plan(1), 1).steps[0].seconds == pytest.approx(6.0)
+    # four pieces: first dispatch piece, four compute pieces, last combine piece are exposed
+    assert simulate_training(_overlap_plan(4), 1).steps[0].seconds == pytest.approx(0.25 + 4.0 + 0.25)
+    # each piece pays the latency floor again
+    assert simulate_training(_overlap_plan(4, latency=0.1), 1).steps[0].seconds == pytest.approx(
+        (0.1 + 0.9 / 4) + 4.0 + (0.1 + 0.9 / 4))
+
+
+def test_overlap_degree_never_slows_a_real_moe_step():
+    workload, system, layout = _moe_case()
+    times = []
+    for degree in (1, 2, 4):
+        w, src = load_workload("mixtral_8x7b_train_64xh100", [f"model.blocks.1.blocks.1.moe_ffn.overlap_degree={degree}"])
+        times.append(estimate(w, system, src, SimulationOptions(steps=1)).value("step", "exposed_comm_s"))
+    assert times[0] > times[1] > times[2]

@@ -112,6 +112,11 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
     return max(intra_t, inter_t)
 
 
+def latency_floor(collective: str, group: CommGroup, system: System, algorithm: str = "auto") -> float:
+    """The part of a collective's time no chunking can split: the model's time for one byte."""
+    return collective_time(collective, 1.0, group, system, algorithm)
+
+
 def bus_bandwidth(collective: str, size: float, seconds: float, n: int) -> float:
     """nccl-tests bus bandwidth (bytes/s) of a measured or predicted collective."""
     if seconds <= 0 or n <= 1:

@@ -252,7 +252,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     sent_per_rank = (loads.routed - loads.dropped) / ep
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     if ep > 1:
-        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep", spec.all_to_all))
+        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep", spec.all_to_all, spec.overlap_degree))
     busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
     up_width = _gated_width(spec.expert_hidden, spec.gated) / etp
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
@@ -266,7 +266,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     if etp > 1:
         fwd.append(Comm("moe.expert_tp_reduce", "all_reduce", sum(busiest) * hidden * DTYPE_BYTES[shard.comm_dtype], "tp"))
     if ep > 1:
-        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", spec.all_to_all))
+        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", spec.all_to_all, spec.overlap_degree))
     # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
     fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="permute",
                            saved_elements=T * spec.k * hidden))

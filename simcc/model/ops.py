@@ -41,6 +41,9 @@ class Comm:
     bytes: float  # per-rank buffer size, as nccl-tests' "size"
     group: str  # tp | ep | dp | edp | pp
     algorithm: str = "auto"  # see costs.collectives.ALGORITHMS
+    # >1: split into this many pieces, pipelined with the compute up to the partner collective
+    # that carries the same degree (MoE dispatch ... combine).
+    overlap_chunks: int = 1
 
 
 WorkItem = Op | Comm

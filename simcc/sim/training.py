@@ -94,7 +94,7 @@ class TrainingSimulation:
         return statistics.fmean(getattr(s.critical, part) for s in self.steps)
 
 
-Segment = tuple[str, float, float, str, str]  # (stream, seconds, imbalance, link, name)
+Segment = tuple[str, float, float, str, str, int, float]  # stream, seconds, imbalance, link, name, chunks, latency
 
 
 def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
@@ -103,11 +103,20 @@ def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
     out: list[Segment] = []
     for c in costs:
         if merge and out and c.stream == "compute" and out[-1][0] == "compute":
-            stream, seconds, imbalance, link, _ = out[-1]
-            out[-1] = (stream, seconds + c.seconds, imbalance + c.imbalance, link, "compute")
+            stream, seconds, imbalance, link, _, chunks, latency = out[-1]
+            out[-1] = (stream, seconds + c.seconds, imbalance + c.imbalance, link, "compute", chunks, latency)
         else:
-            out.append((c.stream, c.seconds, c.imbalance, c.link, c.name))
+            out.append((c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency))
     return out
+
+
+def _partner(segments: list[Segment], first: int) -> int | None:
+    """Index of the collective that closes an overlapped region opened at `first`."""
+    chunks = segments[first][5]
+    for i in range(first + 1, len(segments)):
+        if segments[i][0] == "comm":
+            return i if segments[i][5] == chunks else None
+    return None
 
 
 class _Step:
@@ -153,7 +162,15 @@ class _Simulator:
 
     def _run_segments(self, stage: int, segments: list[Segment], account: StageAccount):
         env = self.env
-        for stream, seconds, imbalance, link, name in segments:
+        index = 0
+        while index < len(segments):
+            stream, seconds, imbalance, link, name, chunks, _ = segments[index]
+            partner = _partner(segments, index) if stream == "comm" and chunks > 1 else None
+            if partner is not None:
+                yield from self._overlapped(stage, segments[index], segments[index + 1 : partner], segments[partner], account)
+                index = partner + 1
+                continue
+            index += 1
             start = env.now
             if stream == "compute":
                 yield self._timeout(seconds)
@@ -164,6 +181,42 @@ class _Simulator:
                 yield self._transfer(stage, link, seconds)
                 account.blocking_comm += env.now - start
                 self.trace.add(f"stage{stage}", "comm", name, start, env.now - start)
+
+    def _overlapped(self, stage: int, opening: Segment, middle: list[Segment], closing: Segment, account: StageAccount):
+        """Dispatch piece i+1 and combine piece i-1 share the link while piece i computes
+        (Hwang et al. 2023, Tutel, adaptive pipelining)."""
+        env = self.env
+        start = env.now
+        chunks = opening[5]
+        compute = sum(s[1] for s in middle)
+        imbalance = sum(s[2] for s in middle)
+        arrived: list[simpy.Event] = []
+        previous: simpy.Event | None = None
+        def piece(segment: Segment) -> float:
+            return segment[6] + (segment[1] - segment[6]) / chunks  # each piece pays the latency again
+
+        for _ in range(chunks):
+            done = env.event()
+            env.process(self._piece(stage, opening[3], piece(opening), previous, done))
+            arrived.append(done)
+            previous = done
+        combines = []
+        for piece in range(chunks):
+            yield arrived[piece]
+            yield self._timeout(compute / chunks)
+            combines.append(self._transfer(stage, closing[3], piece(closing)))
+        yield simpy.AllOf(env, combines)
+        elapsed = env.now - start
+        account.compute += compute - imbalance
+        account.imbalance += imbalance
+        account.blocking_comm += max(0.0, elapsed - compute)
+        self.trace.add(f"stage{stage}", "comm", f"{opening[4]}+{closing[4]} (overlap x{chunks})", start, elapsed)
+
+    def _piece(self, stage: int, link: str, seconds: float, after: simpy.Event | None, done: simpy.Event):
+        if after is not None:
+            yield after
+        yield self._transfer(stage, link, seconds)
+        done.succeed()
 
     def _send(self, stage: int, cost: Cost, event: simpy.Event, lane: str):
         start = self.env.now

@@ -73,6 +73,8 @@ class MoEFFNBlock(StrictModel):
     dropless_block: PositiveInt = 128
     # flat: one all-to-all over the EP group; hierarchical: intra-node then inter-node (Tutel 2DH).
     all_to_all: Literal["flat", "hierarchical"] = "flat"
+    # Pipeline dispatch, expert compute and combine in this many chunks (Tutel's overlap degree).
+    overlap_degree: PositiveInt = 1
     load: LoadSpec = LoadSpec()
 
     @model_validator(mode="after")

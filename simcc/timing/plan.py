@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from simcc.costs.collectives import collective_time
+from simcc.costs.collectives import collective_time, latency_floor
 from simcc.costs.compute import op_cost
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
@@ -28,6 +28,8 @@ class Cost:
     group: str = ""
     bytes: float = 0.0
     link: str = ""  # comm only: "intra" (node fabric) or "inter" (NIC) -- the link it loads
+    overlap_chunks: int = 1  # comm only: pipelined in pieces with the compute up to its partner
+    latency: float = 0.0  # comm only: the part of `seconds` every piece pays again when chunked
 
 
 @dataclass
@@ -90,7 +92,9 @@ def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
         group = layout.groups[item.group]
         seconds = collective_time(item.collective, item.bytes, group, system, item.algorithm)
         link = "inter" if group.nodes > 1 else "intra"
-        return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes, link=link)
+        latency = latency_floor(item.collective, group, system, item.algorithm) if item.overlap_chunks > 1 else 0.0
+        return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes, link=link,
+                    overlap_chunks=item.overlap_chunks, latency=min(latency, seconds))
     cost = op_cost(system.device, item)
     return Cost(item.name, "compute", cost.seconds, imbalance=cost.seconds - cost.mean_seconds)
 
