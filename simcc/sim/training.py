@@ -192,19 +192,19 @@ class _Simulator:
         imbalance = sum(s[2] for s in middle)
         arrived: list[simpy.Event] = []
         previous: simpy.Event | None = None
-        def piece(segment: Segment) -> float:
+        def piece_seconds(segment: Segment) -> float:
             return segment[6] + (segment[1] - segment[6]) / chunks  # each piece pays the latency again
 
         for _ in range(chunks):
             done = env.event()
-            env.process(self._piece(stage, opening[3], piece(opening), previous, done))
+            env.process(self._piece(stage, opening[3], piece_seconds(opening), previous, done))
             arrived.append(done)
             previous = done
         combines = []
-        for piece in range(chunks):
-            yield arrived[piece]
+        for index in range(chunks):
+            yield arrived[index]
             yield self._timeout(compute / chunks)
-            combines.append(self._transfer(stage, closing[3], piece(closing)))
+            combines.append(self._transfer(stage, closing[3], piece_seconds(closing)))
         yield simpy.AllOf(env, combines)
         elapsed = env.now - start
         account.compute += compute - imbalance
