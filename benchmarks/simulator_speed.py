@@ -1,6 +1,7 @@
 """Simulator speed: one training step of a 61-layer MoE (256 experts, top-8) on growing clusters,
-and a 10,000-request serving run on one edge device. Prints the median wall time of several runs
-and simulated events per second.
+a 10,000-request serving run on one edge device, and each shipped workload's default estimate.
+Prints the median wall time of several runs and simulated events per second (events over the
+whole estimate's wall time, plan building included).
 
 Usage: python benchmarks/simulator_speed.py [--repeats 5]
 """
@@ -20,6 +21,15 @@ TRAINING_SCALES = [  # devices, pp, ep
     (64, 8, 8),
     (512, 8, 64),
     (4096, 8, 64),
+]
+
+
+SHIPPED = [
+    ("mixtral_8x7b_train_64xh100", "dgx_h100_x8"),
+    ("gpt_22b_dense_train_8xa100", "dgx_a100_x1"),
+    ("switch_base_128_train", "dgx_a100_x4"),
+    ("shazeer_moe_4096h_lstm_train", "k40_x16"),
+    ("mixtral_8x7b_serve_edge", "jetson_agx_orin"),
 ]
 
 
@@ -53,6 +63,12 @@ def main() -> None:
                                args.repeats)
     label = "serve 10,000 requests, Jetson AGX Orin"
     print(f"{label:44s} {wall:13.3f} {'':>9s} {'':>10s}  ({result.value('latency', 'requests_simulated')} requests)")
+
+    for workload_name, hardware_name in SHIPPED:
+        workload, source = load_workload(workload_name)
+        system = load_hardware(hardware_name)
+        wall, _ = _median_run(lambda: estimate(workload, system, source), args.repeats)
+        print(f"{'estimate ' + workload_name + ' @ ' + hardware_name:44s} {wall:13.3f}")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class _Simulator:
             else:
                 yield self._transfer(stage, link, seconds)
                 account.blocking_comm += env.now - start
-                self.trace.add(f"stage{stage}", "comm", name, start, env.now - start)
+                self._record_comm(stage, "comm", link, name, start)
 
     def _overlapped(self, stage: int, opening: Segment, middle: list[Segment], closing: Segment, account: StageAccount):
         """Dispatch piece i+1 and combine piece i-1 share the link while piece i computes
@@ -210,7 +210,7 @@ class _Simulator:
         account.compute += compute - imbalance
         account.imbalance += imbalance
         account.blocking_comm += max(0.0, elapsed - compute)
-        self.trace.add(f"stage{stage}", "comm", f"{opening[4]}+{closing[4]} (overlap x{chunks})", start, elapsed)
+        self._record_comm(stage, "comm", opening[3], f"{opening[4]}+{closing[4]} (overlap x{chunks})", start)
 
     def _piece(self, stage: int, link: str, seconds: float, after: simpy.Event | None, done: simpy.Event):
         if after is not None:
@@ -218,10 +218,16 @@ class _Simulator:
         yield self._transfer(stage, link, seconds)
         done.succeed()
 
+    def _record_comm(self, stage: int, lane: str, link: str, name: str, start: float) -> None:
+        """A finished transfer appears on the stage's stream and on the link it loaded."""
+        duration = self.env.now - start
+        self.trace.add(f"stage{stage}", lane, name, start, duration)
+        self.trace.add(f"link stage{stage}.{link or 'intra'}", lane, name, start, duration)
+
     def _send(self, stage: int, cost: Cost, event: simpy.Event, lane: str):
         start = self.env.now
         yield self._transfer(stage, cost.link, cost.seconds)
-        self.trace.add(f"stage{stage}", lane, cost.name, start, self.env.now - start)
+        self._record_comm(stage, lane, cost.link, cost.name, start)
         event.succeed()
 
     def _chain(self, stage: int, costs: list[Cost], done: simpy.Event, lane: str):
@@ -229,7 +235,7 @@ class _Simulator:
         for cost in costs:
             start = self.env.now
             yield self._transfer(stage, cost.link, cost.seconds)
-            self.trace.add(f"stage{stage}", lane, cost.name, start, self.env.now - start)
+            self._record_comm(stage, lane, cost.link, cost.name, start)
         done.succeed()
 
     def _stage(self, state: _Step, stage: int, account: StageAccount):
