@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import simpy
 
@@ -94,7 +95,14 @@ class TrainingSimulation:
         return statistics.fmean(getattr(s.critical, part) for s in self.steps)
 
 
-Segment = tuple[str, float, float, str, str, int, float]  # stream, seconds, imbalance, link, name, chunks, latency
+class Segment(NamedTuple):
+    stream: str
+    seconds: float
+    imbalance: float
+    link: str
+    name: str
+    chunks: int  # >1: pipelined with the compute up to its partner collective
+    latency: float  # paid again by every piece when chunked
 
 
 def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
@@ -102,20 +110,20 @@ def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
     (same durations, fewer events)."""
     out: list[Segment] = []
     for c in costs:
-        if merge and out and c.stream == "compute" and out[-1][0] == "compute":
-            stream, seconds, imbalance, link, _, chunks, latency = out[-1]
-            out[-1] = (stream, seconds + c.seconds, imbalance + c.imbalance, link, "compute", chunks, latency)
+        if merge and out and c.stream == "compute" and out[-1].stream == "compute":
+            last = out[-1]
+            out[-1] = last._replace(seconds=last.seconds + c.seconds, imbalance=last.imbalance + c.imbalance,
+                                    name="compute")
         else:
-            out.append((c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency))
+            out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency))
     return out
 
 
 def _partner(segments: list[Segment], first: int) -> int | None:
     """Index of the collective that closes an overlapped region opened at `first`."""
-    chunks = segments[first][5]
     for i in range(first + 1, len(segments)):
-        if segments[i][0] == "comm":
-            return i if segments[i][5] == chunks else None
+        if segments[i].stream == "comm":
+            return i if segments[i].chunks == segments[first].chunks else None
     return None
 
 
@@ -187,30 +195,31 @@ class _Simulator:
         (Hwang et al. 2023, Tutel, adaptive pipelining)."""
         env = self.env
         start = env.now
-        chunks = opening[5]
-        compute = sum(s[1] for s in middle)
-        imbalance = sum(s[2] for s in middle)
+        chunks = opening.chunks
+        compute = sum(s.seconds for s in middle)
+        imbalance = sum(s.imbalance for s in middle)
         arrived: list[simpy.Event] = []
         previous: simpy.Event | None = None
+
         def piece_seconds(segment: Segment) -> float:
-            return segment[6] + (segment[1] - segment[6]) / chunks  # each piece pays the latency again
+            return segment.latency + (segment.seconds - segment.latency) / chunks  # latency paid per piece
 
         for _ in range(chunks):
             done = env.event()
-            env.process(self._piece(stage, opening[3], piece_seconds(opening), previous, done))
+            env.process(self._piece(stage, opening.link, piece_seconds(opening), previous, done))
             arrived.append(done)
             previous = done
         combines = []
         for index in range(chunks):
             yield arrived[index]
             yield self._timeout(compute / chunks)
-            combines.append(self._transfer(stage, closing[3], piece_seconds(closing)))
+            combines.append(self._transfer(stage, closing.link, piece_seconds(closing)))
         yield simpy.AllOf(env, combines)
         elapsed = env.now - start
         account.compute += compute - imbalance
         account.imbalance += imbalance
         account.blocking_comm += max(0.0, elapsed - compute)
-        self._record_comm(stage, "comm", opening[3], f"{opening[4]}+{closing[4]} (overlap x{chunks})", start)
+        self._record_comm(stage, "comm", opening.link, f"{opening.name}+{closing.name} (overlap x{chunks})", start)
 
     def _piece(self, stage: int, link: str, seconds: float, after: simpy.Event | None, done: simpy.Event):
         if after is not None:
