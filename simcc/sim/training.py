@@ -103,6 +103,7 @@ class Segment(NamedTuple):
     name: str
     chunks: int  # >1: pipelined with the compute up to its partner collective
     latency: float  # paid again by every piece when chunked
+    bucket: int  # stream "bucket": the unit whose gradients are complete here
 
 
 def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
@@ -115,7 +116,7 @@ def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
             out[-1] = last._replace(seconds=last.seconds + c.seconds, imbalance=last.imbalance + c.imbalance,
                                     name="compute")
         else:
-            out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency))
+            out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency, c.bucket))
     return out
 
 
@@ -168,11 +169,21 @@ class _Simulator:
         self.events += 1
         return self.links[stage][cost_link or "intra"].transfer(seconds)
 
-    def _run_segments(self, stage: int, segments: list[Segment], account: StageAccount):
+    def _run_segments(self, stage: int, segments: list[Segment], account: StageAccount,
+                      buckets: tuple[list[list[Cost]], list[simpy.Event]] | None = None):
+        """Run a task's segments; with `buckets` (the last micro-batch's backward), launch each
+        unit's gradient reduction in the background as soon as its gradients are complete."""
         env = self.env
         index = 0
         while index < len(segments):
-            stream, seconds, imbalance, link, name, chunks, _ = segments[index]
+            stream, seconds, imbalance, link, name, chunks, _, bucket = segments[index]
+            if stream == "bucket":
+                if buckets is not None:
+                    done = env.event()
+                    env.process(self._chain(stage, buckets[0][bucket], done, "grad_sync"))
+                    buckets[1].append(done)
+                index += 1
+                continue
             partner = _partner(segments, index) if stream == "comm" and chunks > 1 else None
             if partner is not None:
                 yield from self._overlapped(stage, segments[index], segments[index + 1 : partner], segments[partner], account)
@@ -280,21 +291,19 @@ class _Simulator:
             else:
                 if global_chunk < last_global:
                     yield state.event("grad", microbatch, global_chunk + 1)
-                yield from self._run_segments(stage, backward, account)
+                backward_left[chunk_index] -= 1
+                last = backward_left[chunk_index] == 0 and plan.overlap_grad_reduce
+                launch = (chunks[chunk_index].grad_buckets, buckets) if last else None
+                yield from self._run_segments(stage, backward, account, launch)
                 if global_chunk > 0:
                     self._hand_off(state, stage, "grad", microbatch, global_chunk)
-                backward_left[chunk_index] -= 1
-                if backward_left[chunk_index] == 0 and plan.overlap_grad_reduce:
-                    done = env.event()
-                    env.process(self._chain(stage, chunks[chunk_index].grad_sync, done, "grad_sync"))
-                    buckets.append(done)
         start = env.now
         if plan.overlap_grad_reduce:
             yield simpy.AllOf(env, buckets)
         else:
             for chunk in chunks:
                 done = env.event()
-                env.process(self._chain(stage, chunk.grad_sync, done, "grad_sync"))
+                env.process(self._chain(stage, [c for bucket in chunk.grad_buckets for c in bucket], done, "grad_sync"))
                 yield done
         account.sync_wait += env.now - start
         start = env.now

@@ -28,6 +28,7 @@ class Cost:
     group: str = ""
     bytes: float = 0.0
     link: str = ""  # comm only: "intra" (node fabric) or "inter" (NIC) -- the link it loads
+    bucket: int = -1  # stream "bucket": a marker where the unit's gradients are complete
     overlap_chunks: int = 1  # comm only: pipelined in pieces with the compute up to its partner
     latency: float = 0.0  # comm only: the part of `seconds` every piece pays again when chunked
 
@@ -45,7 +46,8 @@ class ChunkPlan:
     moe: list[MoEStats] = field(default_factory=list)
     # One (forward, backward) per simulated step, each with a fresh expert-load draw (MoE only).
     sampled: list[tuple[list[Cost], list[Cost]]] = field(default_factory=list)
-    grad_sync: list[Cost] = field(default_factory=list)  # this chunk's gradient bucket(s)
+    # One gradient bucket per unit (layer), launched where that unit's backward ends.
+    grad_buckets: list[list[Cost]] = field(default_factory=list)
     param_sync: list[Cost] = field(default_factory=list)  # ZeRO: gather its updated weights
 
     def step_work(self, step: int) -> tuple[list[Cost], list[Cost]]:
@@ -111,6 +113,8 @@ class ForwardWork:
     saved_bytes: float = 0.0
     transient_bytes: float = 0.0
     moe: list[MoEStats] = field(default_factory=list)
+    unit_starts: list[int] = field(default_factory=list)  # index in `items` where each unit begins
+    unit_params: list[Params] = field(default_factory=list)
 
 
 def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch,
@@ -122,9 +126,13 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
     out = ForwardWork()
     for unit in units:
         unit_items: list[WorkItem] = []
+        out.unit_starts.append(len(out.items))
+        out.unit_params.append(Params())
         for block in unit.blocks:
             work: BlockWork = block_work(block, hidden, batch, shard)
-            out.params = out.params.add(block_params(block, hidden))
+            params = block_params(block, hidden)
+            out.params = out.params.add(params)
+            out.unit_params[-1] = out.unit_params[-1].add(params)
             unit_items += work.forward
             if recompute == "selective":
                 out.replay += work.selective_recompute
@@ -144,9 +152,15 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
 
 
 def _costed(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost]]:
-    backward = [backward_of(i) for i in reversed(work.items)]
-    return ([cost_item(i, system, layout) for i in work.items],
-            [cost_item(i, system, layout) for i in work.replay + backward])
+    """Forward and backward costs; the backward carries a bucket marker where each unit's
+    gradients are complete (units run backward in reverse order)."""
+    backward = [cost_item(i, system, layout) for i in work.replay]
+    ends = work.unit_starts[1:] + [len(work.items)]
+    for unit in reversed(range(len(work.unit_starts))):
+        items = work.items[work.unit_starts[unit] : ends[unit]]
+        backward += [cost_item(backward_of(i), system, layout) for i in reversed(items)]
+        backward.append(Cost(f"grad_bucket{unit}", "bucket", 0.0, bucket=unit))
+    return [cost_item(i, system, layout) for i in work.items], backward
 
 
 def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
@@ -158,7 +172,8 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     if work.moe:  # expert loads change from step to step; everything else does not
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
-    chunk.grad_sync, chunk.param_sync = _grad_sync(work.params, workload, system, layout)
+    chunk.grad_buckets = [_grad_sync(p, workload, system, layout)[0] for p in work.unit_params]
+    chunk.param_sync = _grad_sync(work.params, workload, system, layout)[1]
     return chunk
 
 
