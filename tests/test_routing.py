@@ -1,70 +1,152 @@
-"""Expert load sampling: conservation, capacity formula, skew."""
+"""Gating policies and expert loads: conservation, capacity formulas, balance, skew, placement."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from simcc.routing.load import capacity_per_expert, expected_experts_touched, rank_loads
+from simcc.errors import InputError
+from simcc.routing.gating import aux_loss_cv, route
+from simcc.routing.load import capacity_per_expert, expert_ranks, rank_loads
 from simcc.specs.workload import MoEFFNBlock
+
+from conftest import write
 
 
 def moe(**kw) -> MoEFFNBlock:
-    base = dict(experts=64, k=2, expert_hidden=128)
+    base: dict = dict(experts=64, k=2, expert_hidden=128)
     base.update(kw)
     return MoEFFNBlock(**base)
 
 
-def test_switch_capacity_formula():
-    spec = moe(capacity_factor=1.25, k=1)
-    assert capacity_per_expert(spec, 1000, 1) == math.ceil(1.25 * 1000 / 64)
-    assert capacity_per_expert(spec, 1000, 4) == 4 * math.ceil(1.25 * 1000 / 64)
+def loads(spec: MoEFFNBlock, tokens: int = 4096, ranks: int = 8, seed: int = 1, draws: int = 4):
+    return rank_loads(spec, tokens, ranks, seed, profile_seed=seed, draws=draws)
 
 
-def test_tokens_are_conserved_under_capacity():
-    spec = moe(capacity_factor=1.0, load={"distribution": "zipf", "alpha": 1.0})
-    loads = rank_loads(spec, 4096, 8, seed=3)
-    computed = sum(loads.mean_rank) * 8
-    capacity = capacity_per_expert(spec, 4096, 8)
-    # every routed assignment is either computed (inside the padded buffers) or dropped
-    assert computed == pytest.approx(64 * capacity)
-    assert computed - loads.padded == pytest.approx(loads.routed - loads.dropped)
-    assert loads.routed == 4096 * 2 * 8
+@pytest.mark.parametrize("formula,expected", [
+    ("switch", math.ceil(1.25 * 2 * 1000 / 64)),
+    ("gshard", math.ceil(1.25 * 2 * 1000 / 64)),
+    ("deepspeed", max(math.ceil(1.25 * 1000 / 64) * 2, 4)),
+    ("tutel", math.ceil(2 * int(1.25 * math.ceil(1000 / 64)) / 8) * 8),
+])
+def test_capacity_formula_variants(formula, expected):
+    spec = moe(routing={"capacity_factor": 1.25, "capacity_formula": formula, "min_capacity": 4, "capacity_alignment": 8})
+    assert capacity_per_expert(spec, 1000, 1) == expected
+    assert capacity_per_expert(spec, 1000, 4) == 4 * expected
 
 
-def test_drops_fall_as_capacity_factor_rises():
-    drops = [rank_loads(moe(capacity_factor=cf, load={"distribution": "zipf"}), 4096, 4, seed=1).dropped
-             for cf in (0.5, 1.0, 1.25, 2.0, 4.0)]
+def test_deepspeed_min_capacity_wins_for_small_batches():
+    spec = moe(routing={"capacity_factor": 1.0, "capacity_formula": "deepspeed", "min_capacity": 64})
+    assert capacity_per_expert(spec, 100, 1) == 64
+
+
+@pytest.mark.parametrize("policy,extra", [("topk", {}), ("noisy_topk", {}), ("gshard", {}),
+                                          ("hierarchical", {"groups": 8})])
+def test_tokens_are_conserved(policy, extra):
+    spec = moe(gating={"policy": policy, **extra}, routing={"capacity_factor": 1.0},
+               load={"distribution": "zipf", "alpha": 1.0})
+    result = loads(spec)
+    computed = sum(result.mean_rank) * 8
+    # every routed assignment is computed (inside the padded buffers) or dropped
+    assert computed - result.padded == pytest.approx(result.routed - result.dropped)
+    assert result.dropped > 0
+
+
+def test_base_gives_exactly_equal_loads():
+    result = loads(moe(gating={"policy": "base"}, load={"distribution": "zipf", "alpha": 1.5}), ranks=8)
+    assert len(set(result.busiest_rank)) == 1 and result.busiest_rank == result.mean_rank
+    assert result.cv == pytest.approx(0.0) and result.dropped == 0
+
+
+def test_expert_choice_gives_exactly_c_tokens_per_expert():
+    spec = moe(gating={"policy": "expert_choice"}, routing={"capacity_factor": 1.0},
+               load={"distribution": "zipf", "alpha": 1.2})
+    result = loads(spec, tokens=4096, ranks=8)
+    c = 1.0 * 4096 * 8 * 2 / 64  # cf * T * k / E over the group's 8 x 4096 tokens
+    assert result.busiest_rank == pytest.approx((c,) * 8)
+    assert result.dropped == 0
+    assert 0 < result.no_expert_fraction < 0.5  # some tokens get no expert under skew
+
+
+def test_switch_and_gshard_experts_per_token():
+    switch = route(moe(k=1, gating={"policy": "switch"}), 8, seed=0)
+    gshard = route(moe(k=2, gating={"policy": "gshard"}), 8, seed=0)
+    assert switch.experts_per_token == 1.0
+    assert 1.0 < gshard.experts_per_token < 2.0  # the second expert is kept with probability min(1, 2 g2)
+
+
+def test_drops_fall_monotonically_as_capacity_factor_rises():
+    drops = [loads(moe(routing={"capacity_factor": cf}, load={"distribution": "zipf"}), ranks=4).dropped
+             for cf in (0.5, 0.75, 1.0, 1.25, 2.0, 4.0, 16.0)]  # hottest expert: 13.5x the mean
     assert all(b <= a for a, b in zip(drops, drops[1:]))
-    assert drops[0] > drops[-1]
+    assert drops[0] > drops[-1] == 0
 
 
 def test_dropless_drops_nothing_and_rounds_to_blocks():
-    loads = rank_loads(moe(dropless=True, capacity_factor=None), 1000, 4, seed=0)
-    assert loads.dropped == 0
-    assert all(t % 128 == 0 for t in rank_loads(moe(dropless=True, capacity_factor=None), 1000, 64, seed=0).busiest_rank)
+    spec = moe(routing={"dropless": True, "capacity_factor": None})
+    assert loads(spec).dropped == 0
+    assert all(t % 128 == 0 for t in loads(spec, tokens=1000, ranks=64, draws=1).busiest_rank)
 
 
 def test_zipf_skew_raises_max_over_mean():
-    uniform = rank_loads(moe(dropless=True, capacity_factor=None), 4096, 8, seed=2)
-    skewed = rank_loads(moe(dropless=True, capacity_factor=None, load={"distribution": "zipf", "alpha": 1.2}), 4096, 8, seed=2)
+    dropless = {"dropless": True, "capacity_factor": None}
+    uniform = loads(moe(routing=dropless), draws=8)
+    skewed = loads(moe(routing=dropless, load={"distribution": "zipf", "alpha": 1.2}), draws=8)
     assert skewed.max_over_mean > uniform.max_over_mean
     assert sum(skewed.busiest_rank) > sum(uniform.busiest_rank)
 
 
-def test_target_cv_is_reached():
-    loads = rank_loads(moe(experts=256, dropless=True, capacity_factor=None, load={"distribution": "cv", "cv": 0.5}),
-                       65536, 1, seed=4)
-    assert loads.cv == pytest.approx(0.5, abs=0.15)
+def test_target_cv_and_aux_loss_table():
+    spec = moe(experts=256, routing={"dropless": True, "capacity_factor": None}, load={"distribution": "cv", "cv": 0.5},
+               gating={"sample_tokens": 16384})
+    assert loads(spec, tokens=65536, ranks=1).cv == pytest.approx(0.5, abs=0.15)
+    assert aux_loss_cv(0.0, 0.0) == 3.01 and aux_loss_cv(0.1, 0.1) == 0.05 and aux_loss_cv(0.9, 1.1) == 0.02
+    weak = moe(routing={"dropless": True, "capacity_factor": None}, load={"distribution": "aux_loss"})
+    strong = moe(routing={"dropless": True, "capacity_factor": None},
+                 load={"distribution": "aux_loss", "w_importance": 1.0, "w_load": 1.0})
+    assert loads(weak).max_over_mean > loads(strong).max_over_mean
 
 
-def test_balanced_convention_is_exact():
-    loads = rank_loads(moe(), 4096, 8, seed=0, balanced=True)
-    assert loads.busiest_rank == loads.mean_rank == tuple([4096 * 2 * 8 / 64] * 8)
+def test_top1_router_reproduces_the_popularity():
+    spec = moe(k=1, gating={"policy": "switch", "sample_tokens": 50000}, load={"distribution": "zipf", "alpha": 1.0})
+    profile = route(spec, 8, seed=3)
+    expected = 1 / np.arange(1, 65) / (1 / np.arange(1, 65)).sum()
+    assert np.sort(profile.share)[::-1][:4] == pytest.approx(expected[:4], rel=0.05)
 
 
-def test_experts_touched_closed_form():
-    spec = moe(experts=8, k=2)
-    assert expected_experts_touched(spec, 1, 0) == pytest.approx(2.0)
-    assert expected_experts_touched(spec, 3, 0) == pytest.approx(8 * (1 - (1 - 2 / 8) ** 3))
+def test_hash_routing_balance_follows_token_frequencies():
+    flat = route(moe(k=1, gating={"policy": "hash", "token_zipf": 0.0}), 8, seed=0)
+    skewed = route(moe(k=1, gating={"policy": "hash", "token_zipf": 1.2}), 8, seed=0)
+    assert skewed.share.max() > flat.share.max()
+
+
+def test_hierarchical_picks_k_primary_groups():
+    spec = moe(k=4, gating={"policy": "hierarchical", "groups": 8, "k_primary": 2})
+    profile = route(spec, 8, seed=0)
+    assert profile.experts_per_token == 4 and profile.share.sum() == pytest.approx(1.0)
+
+
+def test_histogram_and_placement_files(tmp_path):
+    counts = "\n".join(str(1000 if e == 3 else 10) for e in range(64))
+    hist = write(tmp_path, "h.csv", "tokens\n" + counts + "\n")
+    spec = moe(routing={"dropless": True, "capacity_factor": None}, load={"distribution": "histogram", "histogram": str(hist)})
+    assert route(spec, 8, seed=0).share.argmax() == 3
+    placed = write(tmp_path, "p.csv", "rank\n" + "\n".join(str(e % 8) for e in range(64)) + "\n")
+    file_spec = moe(routing={"capacity_factor": 1.0, "placement": "file", "placement_file": str(placed)})
+    assert (expert_ranks(file_spec, 8) == expert_ranks(moe(routing={"placement": "round_robin"}), 8)).all()
+    uneven = write(tmp_path, "u.csv", "rank\n" + "\n".join("0" for _ in range(64)) + "\n")
+    with pytest.raises(InputError, match="each holding 8 experts"):
+        expert_ranks(moe(routing={"placement": "file", "placement_file": str(uneven)}), 8)
+    with pytest.raises(InputError, match="expected 64 rows"):
+        route(moe(load={"distribution": "histogram", "histogram": str(write(tmp_path, "s.csv", "tokens\n1\n"))}), 8, 0)
+
+
+def test_replicating_hot_experts_relieves_the_busiest_rank():
+    skew = {"distribution": "zipf", "alpha": 1.5}
+    dropless = {"dropless": True, "capacity_factor": None}
+    plain = loads(moe(routing=dropless, load=skew), draws=8)
+    shadowed = loads(moe(routing={**dropless, "replicate_hot": 2}, load=skew), draws=8)
+    assert sum(shadowed.busiest_rank) < sum(plain.busiest_rank)
+    assert len(shadowed.busiest_rank) == 8 + 2  # own experts, then a share of each hot one

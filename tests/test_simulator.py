@@ -159,7 +159,7 @@ def test_overlap_degree_never_slows_a_real_moe_step():
     workload, system, layout = _moe_case()
     times = []
     for degree in (1, 2, 4):
-        w, src = load_workload("mixtral_8x7b_train_64xh100", [f"model.blocks.1.blocks.1.moe_ffn.overlap_degree={degree}"])
+        w, src = load_workload("mixtral_8x7b_train_64xh100", [f"model.blocks.1.blocks.1.moe_ffn.routing.overlap_degree={degree}"])
         times.append(estimate(w, system, src, SimulationOptions(steps=1)).value("step", "exposed_comm_s"))
     assert times[0] > times[1] > times[2]
 

@@ -72,25 +72,30 @@ def _reduction(factor: float, n: int, size: float, level: LinkLevel, algorithm: 
 
 
 def _all_to_all(size: float, n: int, local: int, nodes: int, intra: LinkLevel, inter: LinkLevel,
-                algorithm: str) -> float:
-    intra_t = (local - 1) / n * size / intra.bandwidth if local > 1 else 0.0
+                algorithm: str, remote_share: float | None) -> float:
+    # Topology-aware gating (FasterMoE) keeps a chosen share in the node; else it follows the ranks.
+    remote = (n - local) / n if remote_share is None or nodes == 1 else min(remote_share, (n - 1) / n)
+    local_share = max(0.0, (n - 1) / n - remote)
+    intra_t = local_share * size / intra.bandwidth if local > 1 else 0.0
     if nodes == 1:
         return (n - 1) * intra.latency + intra_t
     if algorithm == "hierarchical":
         # Two-level (Tutel 2DH, Hwang et al. 2023): an intra-node all-to-all regroups the data by
         # destination node, then ranks with the same local index exchange (N-1) larger messages.
         regroup = (local - 1) * intra.latency + (local - 1) / local * size / intra.bandwidth
-        across = (nodes - 1) * inter.latency + (nodes - 1) / nodes * size / inter.bandwidth
+        across = (nodes - 1) * inter.latency + remote * size / inter.bandwidth
         return regroup + across
     # Flat: each rank posts all n-1 sends at once; the share bound for other nodes leaves through
     # this rank's NIC share while the rest crosses the intra-node fabric.
-    inter_t = (n - local) / n * size / inter.bandwidth
+    inter_t = remote * size / inter.bandwidth
     return (n - 1) * inter.latency + max(intra_t, inter_t)
 
 
-def collective_time(collective: str, size: float, group: CommGroup, system: System, algorithm: str = "auto") -> float:
+def collective_time(collective: str, size: float, group: CommGroup, system: System, algorithm: str = "auto",
+                    remote_share: float | None = None) -> float:
     """Seconds for one collective. `algorithm`: ring | tree | auto for reductions; flat |
-    hierarchical for all-to-all."""
+    hierarchical for all-to-all. `remote_share`: all-to-all bytes leaving the node, when gating
+    decides it rather than the rank layout."""
     n = group.size
     if n <= 1 or size <= 0:
         return 0.0
@@ -101,7 +106,7 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
         level = intra if nodes == 1 else inter
         return level.latency + size / level.bandwidth
     if collective == "all_to_all":
-        return _all_to_all(size, n, local, nodes, intra, inter, algorithm)
+        return _all_to_all(size, n, local, nodes, intra, inter, algorithm, remote_share)
     factor = 2.0 if collective == "all_reduce" else 1.0
     if nodes == 1:
         return _reduction(factor, n, size, intra, algorithm)

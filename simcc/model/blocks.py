@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm, grouped_gemm
+from simcc.routing.gating import router_products
 from simcc.routing.load import LOAD_DRAWS, RankLoads, rank_loads
 from simcc.specs.workload import (
     AttentionBlock,
@@ -55,7 +56,8 @@ class Shard:
     # Executed work halves causal attention and samples expert loads; the reporting convention
     # (model FLOPs) counts full attention and exactly balanced loads.
     executed: bool = True
-    seed: int = 0
+    seed: int = 0  # expert-load draws
+    profile_seed: int = 0  # the gating policy's measured profile (fixed across steps)
     load_draws: int = LOAD_DRAWS  # expert-load draws averaged (1: a single step's draw)
 
 
@@ -95,6 +97,8 @@ class BlockWork:
     # Ops replayed before the backward pass under selective recomputation (Korthikanti 2022 sec. 4.2).
     selective_recompute: list[WorkItem] = field(default_factory=list)
     moe: "MoEStats | None" = None
+    per_step: list[WorkItem] = field(default_factory=list)  # once per step, before the first forward
+    per_step_grads: list[WorkItem] = field(default_factory=list)  # once per step, with the gradients
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class MoEStats:
     loads: RankLoads
     dispatch_bytes: float  # all-to-all bytes each rank sends in one direction
     experts_per_token: float
+    remote_share: float | None = None  # topology-aware gating: share sent out of the node
 
 
 def _norm(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
@@ -219,16 +224,26 @@ def dense_ffn_work(spec: DenseFFNBlock, hidden: int, batch: Batch, shard: Shard)
 def moe_params(spec: MoEFFNBlock, hidden: int) -> Params:
     one_expert = ffn_params(hidden, spec.expert_hidden, spec.gated)
     shared = ffn_params(hidden, spec.shared_expert_hidden or spec.expert_hidden, spec.gated).scaled(spec.shared_experts)
-    router = hidden * spec.experts * (2 if spec.gating.policy == "noisy_topk" else 1)
     per_expert = one_expert.dense  # expert weights only; biases/norm counted once below
     return Params(
         dense=shared.dense,
-        replicated=router + NORM_PARAMS * hidden,
+        replicated=_router_params(spec, hidden) + NORM_PARAMS * hidden,
         expert=per_expert * spec.experts,
         active_expert=per_expert * spec.k,
         dense_rows_cols=shared.dense_rows_cols,
         expert_rows_cols=one_expert.dense_rows_cols * spec.experts,
     )
+
+
+def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
+    """Gate weights: d x E (noisy top-k: twice); hierarchical: d x G primary plus one d x E/G gate
+    per group; hash routing: none."""
+    policy = spec.gating.policy
+    if policy == "hash":
+        return 0
+    if policy == "hierarchical":
+        return hidden * (spec.gating.groups or 0) + hidden * spec.experts
+    return hidden * spec.experts * (2 if policy == "noisy_topk" else 1)
 
 
 def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
@@ -239,20 +254,23 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     fwd = work.forward
     fwd.append(_norm("moe.norm", T, hidden, shard))
     fwd += _tp_entry("moe.tp_gather", T, hidden, shard)
-    # Router: d x E logits per token (Shazeer 2017: noisy top-k adds a second d x E product).
-    router_products = 2 if spec.gating.policy == "noisy_topk" else 1
-    for i in range(router_products):
-        fwd.append(gemm(f"moe.router{i}", T, hidden, spec.experts, shard.router_dtype))
-    fwd.append(elementwise("moe.topk", T * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6, family="gate"))
+    # Gate products per the policy (noisy top-k adds a d x E noise product; hierarchical gates
+    # primary d x G then d x E/G per chosen group; hash routing looks the expert up).
+    for name, multiplier, width in router_products(spec, ep):
+        fwd.append(gemm(name, T * multiplier, hidden, width, shard.router_dtype))
+    if spec.gating.policy != "hash":
+        fwd.append(elementwise("moe.topk", T * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6, family="gate"))
     # Permute tokens into expert order: gather k copies of each token, read once and written once.
     fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
 
-    loads = rank_loads(spec, T, ep, shard.seed, balanced=not shard.executed, draws=shard.load_draws)
-    # Each rank sends its T*k routed token copies (dropped ones are not sent) out to the group.
+    loads = rank_loads(spec, T, ep, shard.seed, shard.profile_seed, balanced=not shard.executed, draws=shard.load_draws)
+    # Each rank sends its routed token copies (dropped ones are not sent) out to the group.
     sent_per_rank = (loads.routed - loads.dropped) / ep
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
+    routing = spec.routing
+    remote = None if routing.keep_in_node is None else 1.0 - routing.keep_in_node
     if ep > 1:
-        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep", spec.all_to_all, spec.overlap_degree))
+        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
     busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
     up_width = _gated_width(spec.expert_hidden, spec.gated) / etp
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
@@ -266,7 +284,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     if etp > 1:
         fwd.append(Comm("moe.expert_tp_reduce", "all_reduce", sum(busiest) * hidden * DTYPE_BYTES[shard.comm_dtype], "tp"))
     if ep > 1:
-        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", spec.all_to_all, spec.overlap_degree))
+        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
     # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
     fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="permute",
                            saved_elements=T * spec.k * hidden))
@@ -278,8 +296,14 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
         fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt))
     fwd += _tp_exit("moe.tp_reduce", T, hidden, shard)
     fwd.append(_residual("moe.residual", T, hidden, shard))
+    if routing.replicate_hot and ep > 1:
+        # Shadowing (He et al. 2022, FasterMoE): hot experts' weights go to every rank each step,
+        # and their gradients come back to the home rank.
+        shadow = routing.replicate_hot * _gated_width(spec.expert_hidden, spec.gated) * hidden * 1.5 / etp
+        work.per_step.append(Comm("moe.shadow_broadcast", "all_gather", shadow * DTYPE_BYTES[shard.dtype], "ep"))
+        work.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
     kept_per_token = (loads.routed - loads.dropped) / (T * ep) if T else 0.0
-    work.moe = MoEStats(loads, dispatch, kept_per_token)
+    work.moe = MoEStats(loads, dispatch, kept_per_token, remote)
     return work
 
 

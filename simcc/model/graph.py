@@ -109,7 +109,8 @@ def block_params(block: Block, hidden: int) -> B.Params:
 
 def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
     spec = block.spec
-    seeded = B.Shard(**{**shard.__dict__, "seed": shard.seed * 100_003 + block.index})
+    seeded = B.Shard(**{**shard.__dict__, "seed": shard.seed * 100_003 + block.index,
+                        "profile_seed": shard.profile_seed * 100_003 + block.index})
     match block.kind:
         case "attention":
             return B.attention_work(spec, hidden, batch, shard)  # type: ignore[arg-type]

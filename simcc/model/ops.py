@@ -44,6 +44,7 @@ class Comm:
     # >1: split into this many pieces, pipelined with the compute up to the partner collective
     # that carries the same degree (MoE dispatch ... combine).
     overlap_chunks: int = 1
+    remote_share: float | None = None  # all-to-all: share leaving the node (topology-aware gating)
 
 
 WorkItem = Op | Comm

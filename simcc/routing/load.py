@@ -1,103 +1,143 @@
-"""Tokens per expert and per expert-parallel rank: sampled, seeded, then capped or padded.
+"""Tokens per expert and per expert-parallel rank: drawn from the gating policy's measured
+profile, then capped by capacity, padded or rounded to the kernel block, placed on ranks, and
+spread over replicas of hot experts.
 
 The expert-parallel layer waits for its busiest rank, so the cost model needs the whole load
-vector, not its mean. Popularity is uniform, Zipf(alpha) or log-normal with a target CV; token
-assignments are then drawn from a multinomial (top-k picks treated as independent draws, which
-slightly overstates collisions when k is close to E).
+vector, not its mean. Assignments for the full batch are a multinomial draw over the policy's
+expert shares (policies that fix counts by construction, BASE and expert choice, are exact).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from simcc.errors import InputError
+from simcc.routing.gating import RoutingProfile, read_expert_column, route
 from simcc.specs.workload import MoEFFNBlock
 
 LOAD_DRAWS = 16  # draws averaged to estimate the expected busiest rank
+NO_CAPACITY_POLICIES = ("base", "expert_choice")  # balanced by construction: nothing to drop
 
 
 @dataclass(frozen=True)
 class RankLoads:
-    """Computed tokens per local expert (after capacity, padding and block rounding)."""
+    """Computed tokens per expert slot of a rank (after capacity, padding and block rounding);
+    a rank's slots are its own experts, then its share of each replicated hot expert."""
 
-    busiest_rank: tuple[float, ...]  # per local expert of the busiest rank (expected over draws)
-    mean_rank: tuple[float, ...]  # per local expert of an average rank
-    routed: float  # token-expert assignments made in the group (T * k * ranks)
+    busiest_rank: tuple[float, ...]  # the busiest rank's slots (expected over draws)
+    mean_rank: tuple[float, ...]  # an average rank's slots
+    routed: float  # token-expert assignments made in the group
     dropped: float  # assignments dropped by capacity
     padded: float  # compute slots wasted on padding or block rounding
     cv: float  # coefficient of variation of per-expert load
-    max_over_mean: float  # busiest expert load over the mean expert load
+    max_over_mean: float  # busiest expert's load over the mean expert load
+    max_expert_tokens: float  # busiest expert's assignments
+    no_expert_fraction: float = 0.0  # tokens that no expert processed by policy (expert choice)
 
 
-def popularity(spec: MoEFFNBlock, rng: np.random.Generator) -> np.ndarray:
-    experts = spec.experts
-    load = spec.load
-    if load.distribution == "uniform":
-        weights = np.ones(experts)
-    elif load.distribution == "zipf":
-        weights = 1.0 / np.arange(1, experts + 1) ** load.alpha
-        rng.shuffle(weights)  # hot experts land on random ranks
-    else:
-        # Log-normal popularity: CV = sqrt(exp(sigma^2) - 1)  =>  sigma = sqrt(ln(1 + CV^2)).
-        sigma = math.sqrt(math.log1p(load.cv**2))
-        weights = rng.lognormal(0.0, sigma, experts)
-    return weights / weights.sum()
+@lru_cache(maxsize=4096)
+def routing_profile(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
+    """One profile per layer: the policy's behaviour does not change from step to step."""
+    return route(spec, ranks, seed)
 
 
 def capacity_per_expert(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int) -> float:
-    """Switch capacity C = ceil(cf * k * T / E) per source rank's routing group (Fedus et al. 2021),
-    summed over the ranks that send to an expert."""
-    assert spec.capacity_factor is not None
-    return ranks * math.ceil(spec.capacity_factor * spec.k * tokens_per_rank / spec.experts)
+    """Capacity of one expert, summed over the `ranks` routing groups that send to it. Formula
+    variants from mechanisms.md: Switch (Fedus 2021), GShard (Lepikhin 2020), DeepSpeed, Tutel."""
+    routing, experts, k = spec.routing, spec.experts, spec.k
+    assert routing.capacity_factor is not None
+    cf, per_expert = routing.capacity_factor, tokens_per_rank / experts
+    if routing.capacity_formula == "switch":
+        capacity = math.ceil(cf * k * per_expert)
+    elif routing.capacity_formula == "gshard":
+        capacity = math.ceil(cf * 2 * per_expert)
+    elif routing.capacity_formula == "deepspeed":
+        capacity = max(math.ceil(cf * per_expert) * k, routing.min_capacity)
+    else:  # tutel
+        capacity = k * int(cf * math.ceil(per_expert))
+        capacity = math.ceil(capacity / routing.capacity_alignment) * routing.capacity_alignment
+    return ranks * capacity
 
 
-def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, balanced: bool = False,
-               draws: int = LOAD_DRAWS) -> RankLoads:
+def expert_ranks(spec: MoEFFNBlock, ranks: int) -> np.ndarray:
+    """The rank holding each expert: contiguous blocks, round-robin, or a user's file."""
+    experts, routing = spec.experts, spec.routing
+    local = experts // ranks
+    if routing.placement == "contiguous":
+        return np.arange(experts) // local
+    if routing.placement == "round_robin":
+        return np.arange(experts) % ranks
+    placed = read_expert_column(str(routing.placement_file), "rank", experts, "routing.placement_file").astype(int)
+    per_rank = np.bincount(placed, minlength=ranks)
+    if placed.max() >= ranks or (per_rank != local).any():
+        raise InputError(str(routing.placement_file), "rank",
+                         f"expected ranks 0..{ranks - 1}, each holding {local} experts")
+    return placed
+
+
+def _per_rank_slots(computed: np.ndarray, placement: np.ndarray, hot: np.ndarray, ranks: int) -> np.ndarray:
+    """[ranks, slots] computed tokens: own non-hot experts first, then an equal share of each hot one."""
+    local = computed.size // ranks
+    slots = np.zeros((ranks, local + hot.size))
+    is_hot = np.zeros(computed.size, dtype=bool)
+    is_hot[hot] = True
+    for rank in range(ranks):
+        own = computed[(placement == rank) & ~is_hot]
+        slots[rank, : own.size] = own
+    slots[:, local:] = computed[hot] / ranks
+    return slots
+
+
+def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, profile_seed: int,
+               balanced: bool = False, draws: int = LOAD_DRAWS) -> RankLoads:
     """Per-rank expert loads for one MoE layer over `ranks` expert-parallel ranks.
 
     `balanced` gives the exact mean (T*k/E per expert, no rounding): the reporting convention.
     `draws` > 1 averages the busiest rank over several draws (an expectation); 1 is one step's draw."""
     experts = spec.experts
     local = experts // ranks
-    routed = tokens_per_rank * spec.k * ranks
-    mean_load = routed / experts
     if balanced:
-        per_expert = tuple([mean_load] * local)
-        return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0)
+        routed = tokens_per_rank * spec.k * ranks
+        per_expert = tuple([routed / experts] * local)
+        return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0, routed / experts)
+
+    profile = routing_profile(spec, ranks, profile_seed)
+    routed = tokens_per_rank * ranks * profile.experts_per_token
+    placement = expert_ranks(spec, ranks)
+    hot = np.argsort(-profile.share, kind="stable")[: spec.routing.replicate_hot]
+    dropless = spec.routing.dropless or spec.gating.policy in NO_CAPACITY_POLICIES
+    capacity = None if dropless else capacity_per_expert(spec, tokens_per_rank, ranks)
+    block = spec.routing.dropless_block if spec.gating.policy not in NO_CAPACITY_POLICIES else 1
 
     rng = np.random.default_rng(seed)
-    probs = popularity(spec, rng)
-    capacity = None if spec.dropless else capacity_per_expert(spec, tokens_per_rank, ranks)
-    busiest = np.zeros(local)
-    mean_rank = np.zeros(local)
-    dropped = padded = cv = max_over_mean = 0.0
+    slots = local + hot.size
+    busiest, mean_rank = np.zeros(slots), np.zeros(slots)
+    dropped = padded = cv = max_over_mean = max_tokens = 0.0
     for _ in range(draws):
-        counts = rng.multinomial(int(round(routed)), probs).astype(float)
+        if profile.exact:
+            counts = routed * profile.share
+        else:
+            counts = rng.multinomial(int(round(routed)), profile.share).astype(float)
         if capacity is None:
-            computed = np.ceil(counts / spec.dropless_block) * spec.dropless_block
-            computed[counts == 0] = 0.0
             kept = counts
+            computed = np.ceil(counts / block) * block
         else:
             kept = np.minimum(counts, capacity)
             computed = np.full(experts, float(capacity))  # buffers are padded to capacity
-        per_rank = computed.reshape(ranks, local)
+        per_rank = _per_rank_slots(computed, placement, hot, ranks)
         hottest = int(np.argmax(per_rank.sum(axis=1)))
         busiest += per_rank[hottest]
         mean_rank += per_rank.mean(axis=0)
         dropped += float((counts - kept).sum())
         padded += float((computed - kept).sum())
-        cv += float(counts.std() / counts.mean()) if counts.mean() > 0 else 0.0
-        max_over_mean += float(counts.max() / counts.mean()) if counts.mean() > 0 else 1.0
+        average = counts.mean()
+        cv += float(counts.std() / average) if average > 0 else 0.0
+        max_over_mean += float(counts.max() / average) if average > 0 else 1.0
+        max_tokens += float(counts.max())
     n = float(draws)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
-                     dropped / n, padded / n, cv / n, max_over_mean / n)
-
-
-def expected_experts_touched(spec: MoEFFNBlock, tokens: int, seed: int) -> float:
-    """Distinct experts that `tokens` tokens reach in one layer: sum over experts of
-    1 - (1 - k*p_e)^tokens (each token picks k distinct experts; p_e its popularity)."""
-    probs = popularity(spec, np.random.default_rng(seed))
-    pick = np.clip(spec.k * probs, 0.0, 1.0)
-    return float(np.sum(1.0 - (1.0 - pick) ** tokens))
+                     dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction)

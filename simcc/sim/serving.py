@@ -19,7 +19,7 @@ import numpy as np
 import simpy
 
 from simcc.errors import InputError
-from simcc.routing.load import popularity
+from simcc.routing.gating import popularity
 from simcc.specs.workload import ServeSpec
 from simcc.timing.serving import ServingCosts
 

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from simcc.specs.base import (
+    Fraction,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -42,19 +44,69 @@ class DenseFFNBlock(StrictModel):
     activation: Activation = "gelu"
 
 
-class GatingSpec(StrictModel):
-    """Gate policy. The richer policies (expert choice, BASE, hash, hierarchical, ...) arrive
-    with the routing module; until then only policies whose cost is fully modelled are accepted."""
+GATING_POLICIES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical")
 
-    policy: Literal["topk", "noisy_topk", "switch", "gshard"] = "topk"
+
+class GatingSpec(StrictModel):
+    """How tokens choose experts (or experts choose tokens). Each parameter applies only to the
+    policies named in its comment; `simcc list` shows them."""
+
+    policy: Literal["topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical"] = "topk"
+    noise_std: NonNegativeFloat = 1.0  # noisy_topk: scale of the N(0,1) * softplus(x Wnoise) term
+    groups: PositiveInt | None = None  # hierarchical: primary branching (Shazeer 2017: the device count)
+    k_primary: PositiveInt = 2  # hierarchical: groups per token; k / k_primary experts in each
+    vocab: PositiveInt = 32000  # hash: token-id space
+    token_zipf: NonNegativeFloat = 1.0  # hash: token frequencies follow Zipf(token_zipf)
+    sample_tokens: PositiveInt = 4096  # tokens routed for real per layer to measure the policy
 
 
 class LoadSpec(StrictModel):
-    """How tokens spread over experts: uniform popularity, Zipf(alpha) popularity, or a target CV."""
+    """Expert popularity behind the router logits: uniform, Zipf(alpha), a target CV, a measured
+    per-expert histogram (CSV), or the balance that an auxiliary loss reached in Shazeer et al.
+    2017 (table 6, via the CV it measured for the given loss weights)."""
 
-    distribution: Literal["uniform", "zipf", "cv"] = "uniform"
+    distribution: Literal["uniform", "zipf", "cv", "histogram", "aux_loss"] = "uniform"
     alpha: PositiveFloat = 1.0
     cv: float = Field(default=0.0, ge=0.0)
+    histogram: str | None = None  # CSV with a `tokens` column, one row per expert
+    w_importance: NonNegativeFloat = 0.0
+    w_load: NonNegativeFloat = 0.0
+    # Gumbel noise scale on the logits: 1 makes a top-1 router pick experts exactly by popularity;
+    # lower sharpens the skew, higher flattens it.
+    router_temperature: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _histogram_named(self) -> "LoadSpec":
+        if self.distribution == "histogram" and not self.histogram:
+            raise ValueError("distribution histogram needs `histogram: FILE.csv`")
+        return self
+
+
+class RoutingSpec(StrictModel):
+    capacity_factor: PositiveFloat | None = 1.25
+    # switch: ceil(cf*k*T/E); gshard: ceil(cf*2*T/E); deepspeed: max(ceil(cf*T/E)*(2 if top-2),
+    # min_capacity); tutel: k*int(cf*ceil(T/E)) rounded up to capacity_alignment (mechanisms.md).
+    capacity_formula: Literal["switch", "gshard", "deepspeed", "tutel"] = "switch"
+    min_capacity: NonNegativeInt = 0
+    capacity_alignment: PositiveInt = 1
+    dropless: bool = False
+    # Dropless kernels round each expert's tokens up to their block: 128 in MegaBlocks (Gale et
+    # al. 2022); 1 for kernels that do not pad (e.g. decode GEMVs).
+    dropless_block: PositiveInt = 128
+    # flat: one all-to-all over the EP group; hierarchical: intra-node then inter-node (Tutel 2DH).
+    all_to_all: Literal["flat", "hierarchical"] = "flat"
+    # Pipeline dispatch, expert compute and combine in this many chunks (Tutel's overlap degree).
+    overlap_degree: PositiveInt = 1
+    placement: Literal["contiguous", "round_robin", "file"] = "contiguous"
+    placement_file: str | None = None  # CSV with a `rank` column, one row per expert
+    replicate_hot: NonNegativeInt = 0  # hottest experts copied to every EP rank (FasterMoE shadowing)
+    keep_in_node: Fraction | None = None  # topology-aware gating: share of routed tokens kept in the node
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RoutingSpec":
+        if self.placement == "file" and not self.placement_file:
+            raise ValueError("placement file needs `placement_file: FILE.csv`")
+        return self
 
 
 class MoEFFNBlock(StrictModel):
@@ -66,27 +118,28 @@ class MoEFFNBlock(StrictModel):
     gated: bool = False
     activation: Activation = "gelu"
     gating: GatingSpec = GatingSpec()
-    capacity_factor: PositiveFloat | None = 1.25
-    dropless: bool = False
-    # Dropless kernels round each expert's tokens up to their block: 128 in MegaBlocks (Gale et
-    # al. 2022); 1 for kernels that do not pad (e.g. decode GEMVs).
-    dropless_block: PositiveInt = 128
-    # flat: one all-to-all over the EP group; hierarchical: intra-node then inter-node (Tutel 2DH).
-    all_to_all: Literal["flat", "hierarchical"] = "flat"
-    # Pipeline dispatch, expert compute and combine in this many chunks (Tutel's overlap degree).
-    overlap_degree: PositiveInt = 1
+    routing: RoutingSpec = RoutingSpec()
     load: LoadSpec = LoadSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> "MoEFFNBlock":
+        policy, routing = self.gating.policy, self.routing
         if self.k > self.experts:
             raise ValueError(f"k ({self.k}) must not exceed experts ({self.experts})")
-        if self.gating.policy == "switch" and self.k != 1:
+        if policy == "switch" and self.k != 1:
             raise ValueError("switch gating is top-1: set k: 1")
-        if self.gating.policy == "gshard" and self.k != 2:
+        if policy == "gshard" and self.k != 2:
             raise ValueError("gshard gating is top-2: set k: 2")
-        if not self.dropless and self.capacity_factor is None:
-            raise ValueError("capacity_factor is required unless dropless: true")
+        if policy == "hierarchical" and (self.gating.groups is None or self.experts % self.gating.groups):
+            raise ValueError("hierarchical gating needs gating.groups dividing the experts")
+        if policy == "hierarchical" and self.k % self.gating.k_primary:
+            raise ValueError(f"hierarchical gating: k ({self.k}) must be a multiple of k_primary ({self.gating.k_primary})")
+        if policy == "expert_choice" and routing.capacity_factor is None:
+            raise ValueError("expert_choice needs routing.capacity_factor (each expert takes cf*T*k/E tokens)")
+        if policy not in ("base", "expert_choice") and not routing.dropless and routing.capacity_factor is None:
+            raise ValueError("routing.capacity_factor is required unless routing.dropless: true")
+        if routing.replicate_hot > self.experts:
+            raise ValueError(f"routing.replicate_hot ({routing.replicate_hot}) exceeds experts ({self.experts})")
         return self
 
 

@@ -86,13 +86,13 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
     seed, draws = (workload.seed, LOAD_DRAWS) if step is None else (workload.seed * 7919 + 1 + step, 1)
     return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
-                 comm_dtype=prec.communication, seed=seed, load_draws=draws)
+                 comm_dtype=prec.communication, seed=seed, profile_seed=workload.seed, load_draws=draws)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
     if isinstance(item, Comm):
         group = layout.groups[item.group]
-        seconds = collective_time(item.collective, item.bytes, group, system, item.algorithm)
+        seconds = collective_time(item.collective, item.bytes, group, system, item.algorithm, item.remote_share)
         link = "inter" if group.nodes > 1 else "intra"
         latency = latency_floor(item.collective, group, system, item.algorithm) if item.overlap_chunks > 1 else 0.0
         return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes, link=link,
@@ -115,6 +115,8 @@ class ForwardWork:
     moe: list[MoEStats] = field(default_factory=list)
     unit_starts: list[int] = field(default_factory=list)  # index in `items` where each unit begins
     unit_params: list[Params] = field(default_factory=list)
+    per_step: list[WorkItem] = field(default_factory=list)  # once per step, before the first forward
+    unit_step_grads: list[list[WorkItem]] = field(default_factory=list)  # once per step, with each unit's gradients
 
 
 def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch,
@@ -128,6 +130,7 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
         unit_items: list[WorkItem] = []
         out.unit_starts.append(len(out.items))
         out.unit_params.append(Params())
+        out.unit_step_grads.append([])
         for block in unit.blocks:
             work: BlockWork = block_work(block, hidden, batch, shard)
             params = block_params(block, hidden)
@@ -139,6 +142,8 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
                 out.saved_bytes += _saved(work.forward) - _saved(work.selective_recompute)
             elif recompute == "none":
                 out.saved_bytes += _saved(work.forward)
+            out.per_step += work.per_step
+            out.unit_step_grads[-1] += work.per_step_grads
             if work.moe is not None:
                 out.moe.append(work.moe)
                 out.transient_bytes = max(out.transient_bytes, 2 * work.moe.dispatch_bytes)
@@ -172,8 +177,10 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     if work.moe:  # expert loads change from step to step; everything else does not
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
-    chunk.grad_buckets = [_grad_sync(p, workload, system, layout)[0] for p in work.unit_params]
-    chunk.param_sync = _grad_sync(work.params, workload, system, layout)[1]
+    chunk.grad_buckets = [_grad_sync(p, workload, system, layout)[0] + [cost_item(i, system, layout) for i in extra]
+                          for p, extra in zip(work.unit_params, work.unit_step_grads)]
+    chunk.param_sync = (_grad_sync(work.params, workload, system, layout)[1]
+                        + [cost_item(i, system, layout) for i in work.per_step])
     return chunk
 
 

@@ -1,0 +1,217 @@
+"""Gating policies, run for real on sampled router logits.
+
+Logits are log(popularity) plus Gumbel noise per token and expert (scaled by the router
+temperature). At temperature 1 a top-1 router then picks expert e with probability exactly its
+popularity p_e, and top-k samples k distinct experts in proportion to p (the Gumbel-top-k
+construction, Kool et al. 2019): so a Zipf or CV popularity describes the load the router
+produces, which is what measured load skew is fitted to. Each policy routes `sample_tokens`
+tokens; what it measures there (each expert's share of the assignments, experts per token,
+whether counts are fixed by construction) drives the per-rank load draws of the full batch in
+routing/load.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simcc.errors import InputError
+from simcc.specs.workload import GATING_POLICIES, MoEFFNBlock
+
+FEATURE_DIM = 16  # width of the synthetic token features behind noisy top-k's noise scale
+
+# Shazeer et al. 2017, table 6: CV of expert load reached with importance / load loss weights.
+AUX_LOSS_CV = (
+    ((0.0, 0.0), 3.01), ((0.2, 0.0), 0.17), ((0.0, 0.2), 0.04),
+    ((0.1, 0.1), 0.05), ((0.01, 0.01), 0.11), ((1.0, 1.0), 0.02),
+)
+
+POLICY_PARAMETERS = {
+    "topk": "softmax over E experts, keep the top k",
+    "noisy_topk": "noise_std: N(0,1)*softplus(x Wnoise) added before top-k; two d x E gate products (Shazeer 2017)",
+    "switch": "top-1 (k: 1); router in fp32 (Fedus 2021)",
+    "gshard": "top-2 (k: 2); second expert kept with probability min(1, 2 g2) (Lepikhin 2020)",
+    "expert_choice": "each expert takes its top cf*T*k/E tokens; tokens get 0..E experts (Zhou 2022)",
+    "base": "balanced assignment: every expert exactly T/E tokens (Lewis 2021)",
+    "hash": "vocab, token_zipf: expert = hash(token id); balance follows token frequencies (Roller 2021)",
+    "hierarchical": "groups, k_primary: a primary gate picks k_primary groups, each group's gate picks k/k_primary (Shazeer 2017)",
+}
+assert set(POLICY_PARAMETERS) == set(GATING_POLICIES)
+
+
+@dataclass(frozen=True)
+class RoutingProfile:
+    share: np.ndarray  # [E] each expert's share of the assignments
+    experts_per_token: float  # assignments per token before capacity
+    exact: bool  # per-expert counts are fixed by the policy (no sampling noise)
+    no_expert_fraction: float  # tokens that no expert takes (expert choice)
+
+
+def aux_loss_cv(w_importance: float, w_load: float) -> float:
+    """The published CV for the nearest measured (w_importance, w_load) pair."""
+    return min(AUX_LOSS_CV, key=lambda row: math.dist(row[0], (w_importance, w_load)))[1]
+
+
+def read_expert_column(path: str, column: str, experts: int, field: str) -> np.ndarray:
+    """One numeric column, one row per expert, from a user's CSV."""
+    import pandas as pd
+
+    if not Path(path).is_file():
+        raise InputError(path, "", f"file not found (named by {field})")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise InputError(path, "", f"not a readable CSV ({exc})") from None
+    if column not in frame.columns:
+        raise InputError(path, column, f"missing column; expected a `{column}` column, one row per expert")
+    values = pd.to_numeric(frame[column], errors="coerce")
+    if len(values) != experts:
+        raise InputError(path, column, f"expected {experts} rows (one per expert), got {len(values)}")
+    if values.isna().any() or (values < 0).any():
+        row = int((values.isna() | (values < 0)).idxmax()) + 2
+        raise InputError(path, f"line {row}: {column}", "expected a number >= 0")
+    return values.to_numpy(dtype=float)
+
+
+def popularity(spec: MoEFFNBlock, rng: np.random.Generator) -> np.ndarray:
+    """Each expert's expected share of the router's preference."""
+    experts, load = spec.experts, spec.load
+    if load.distribution == "uniform":
+        weights = np.ones(experts)
+    elif load.distribution == "zipf":
+        weights = 1.0 / np.arange(1, experts + 1) ** load.alpha
+        rng.shuffle(weights)  # hot experts land on random ranks
+    elif load.distribution == "histogram":
+        weights = read_expert_column(str(load.histogram), "tokens", experts, "load.histogram") + 1e-12
+    else:
+        cv = load.cv if load.distribution == "cv" else aux_loss_cv(load.w_importance, load.w_load)
+        # Log-normal popularity: CV = sqrt(exp(sigma^2) - 1)  =>  sigma = sqrt(ln(1 + CV^2)).
+        weights = rng.lognormal(0.0, math.sqrt(math.log1p(cv**2)), experts)
+    return weights / weights.sum()
+
+
+def _logits(popular: np.ndarray, tokens: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    return np.log(popular) + temperature * rng.gumbel(size=(tokens, popular.size))
+
+
+def _softplus_noise_scale(tokens: int, experts: int, rng: np.random.Generator) -> np.ndarray:
+    """softplus(x Wnoise) for random token features x and a random noise projection."""
+    features = rng.standard_normal((tokens, FEATURE_DIM))
+    projection = rng.standard_normal((FEATURE_DIM, experts)) / math.sqrt(FEATURE_DIM)
+    return np.log1p(np.exp(features @ projection))
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores in each row."""
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _counts(chosen: np.ndarray, experts: int) -> np.ndarray:
+    return np.bincount(chosen.ravel(), minlength=experts).astype(float)
+
+
+def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
+    """Route a sample of tokens with the layer's policy and measure the result.
+
+    With uniform popularity the experts are exchangeable, so each expert's expected share is
+    exactly 1/E: the sample's own noise would otherwise act as a fixed router bias every step."""
+    profile = _route_sample(spec, ranks, seed)
+    if spec.load.distribution == "uniform" and spec.gating.policy != "hash":
+        return RoutingProfile(np.full(spec.experts, 1.0 / spec.experts), profile.experts_per_token,
+                              profile.exact, profile.no_expert_fraction)
+    return profile
+
+
+def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
+    rng = np.random.default_rng(seed)
+    gating, experts, k = spec.gating, spec.experts, spec.k
+    tokens = gating.sample_tokens
+    popular = popularity(spec, rng)
+    policy = gating.policy
+    if policy == "hash":
+        # Token ids follow Zipf(token_zipf) over the vocabulary; a fixed multiplicative hash picks the expert.
+        ranks_by_freq = np.arange(1, gating.vocab + 1, dtype=float) ** -gating.token_zipf
+        ids = rng.choice(gating.vocab, size=tokens, p=ranks_by_freq / ranks_by_freq.sum())
+        chosen = ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(experts)
+        counts = _counts(chosen.astype(np.int64), experts)
+        return RoutingProfile(counts / counts.sum(), 1.0, False, 0.0)
+    logits = _logits(popular, tokens, spec.load.router_temperature, rng)
+    if policy == "noisy_topk":
+        noise_scale = _softplus_noise_scale(tokens, experts, rng)
+        logits = logits + gating.noise_std * rng.standard_normal(logits.shape) * noise_scale
+    if policy in ("topk", "noisy_topk", "switch"):
+        counts = _counts(_top(logits, k), experts)
+        return RoutingProfile(counts / counts.sum(), float(k), False, 0.0)
+    if policy == "gshard":
+        top2 = _top(logits, 2)
+        gates = _softmax(np.take_along_axis(logits, top2, axis=1))
+        first = np.where(gates[:, 0] >= gates[:, 1], top2[:, 0], top2[:, 1])
+        second = np.where(gates[:, 0] >= gates[:, 1], top2[:, 1], top2[:, 0])
+        second_gate = gates.min(axis=1)
+        keep = rng.random(tokens) < np.minimum(1.0, 2.0 * second_gate)
+        counts = _counts(first, experts) + _counts(second[keep], experts)
+        return RoutingProfile(counts / counts.sum(), 1.0 + keep.mean(), False, 0.0)
+    if policy == "expert_choice":
+        assert spec.routing.capacity_factor is not None
+        capacity = max(1, int(spec.routing.capacity_factor * tokens * k / experts))
+        scores = _softmax(logits)
+        picks = np.argpartition(-scores, capacity - 1, axis=0)[:capacity, :]  # each column: an expert's tokens
+        per_token = np.bincount(picks.ravel(), minlength=tokens)
+        share = np.full(experts, 1.0 / experts)
+        return RoutingProfile(share, capacity * experts / tokens, True, float((per_token == 0).mean()))
+    if policy == "base":
+        share = _balanced_assignment(logits, rng)
+        return RoutingProfile(share, 1.0, True, 0.0)
+    # hierarchical: primary gate over groups, then a secondary gate inside each chosen group.
+    groups = gating.groups or ranks
+    per_group = experts // groups
+    group_popularity = popular.reshape(groups, per_group).sum(axis=1)
+    primary = _top(_logits(group_popularity, tokens, spec.load.router_temperature, rng), gating.k_primary)
+    inner_k = k // gating.k_primary
+    counts = np.zeros(experts)
+    for slot in range(gating.k_primary):
+        group = primary[:, slot]
+        inner = logits.reshape(tokens, groups, per_group)[np.arange(tokens), group]
+        local = _top(inner, inner_k)
+        counts += _counts(group[:, None] * per_group + local, experts)
+    return RoutingProfile(counts / counts.sum(), float(k), False, 0.0)
+
+
+def _balanced_assignment(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Greedy balanced assignment (a stand-in for BASE's auction): take (token, expert) pairs by
+    score, each token once, each expert up to T/E tokens. Every expert ends with exactly T/E."""
+    tokens, experts = logits.shape
+    tokens -= tokens % experts
+    capacity = tokens // experts
+    order = np.argsort(-logits[:tokens].ravel(), kind="stable")
+    taken = np.zeros(tokens, dtype=bool)
+    load = np.zeros(experts, dtype=int)
+    for flat in order:
+        token, expert = divmod(int(flat), experts)
+        if not taken[token] and load[expert] < capacity:
+            taken[token] = True
+            load[expert] += 1
+            if load.sum() == tokens:
+                break
+    return load / load.sum()
+
+
+def router_products(spec: MoEFFNBlock, ranks: int) -> list[tuple[str, int, int]]:
+    """The gate's matrix products per token: (name, tokens multiplier, output width)."""
+    policy = spec.gating.policy
+    if policy == "hash":
+        return []  # a table lookup, no product
+    if policy == "noisy_topk":
+        return [("moe.router", 1, spec.experts), ("moe.router_noise", 1, spec.experts)]
+    if policy == "hierarchical":
+        groups = spec.gating.groups or ranks
+        return [("moe.router_primary", 1, groups), ("moe.router_secondary", spec.gating.k_primary, spec.experts // groups)]
+    return [("moe.router", 1, spec.experts)]
