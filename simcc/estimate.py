@@ -20,7 +20,7 @@ from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
-from simcc.timing.plan import build_training_plan
+from simcc.timing.plan import TrainingPlan, build_training_plan
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
 from simcc.timing.serving import serving_costs
 
@@ -33,6 +33,7 @@ class Estimate:
     hardware: str
     sections: Sections = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    moe_layers: list[dict[str, Any]] = field(default_factory=list)  # one row per MoE layer
 
     def value(self, section: str, key: str) -> Any:
         return self.sections[section][key]
@@ -59,6 +60,34 @@ def _moe_section(stats: list[MoEStats]) -> dict[str, Any]:
         "experts_per_token": sum(s.experts_per_token for s in stats) / len(stats),
         "all_to_all_mb_per_layer": stats[0].dispatch_bytes / 1e6,
     }
+
+
+def _moe_layer_rows(plan: TrainingPlan, layout: Layout, workload: Workload) -> list[dict[str, Any]]:
+    """Per MoE layer, in model order: load, drops, padding, traffic and the wait it causes per step."""
+    group = layout.groups["ep"]
+    natural_remote = (group.size - min(group.per_node, group.size)) / group.size if group.nodes > 1 else 0.0
+    rows = []
+    chunks = sorted((c for st in plan.stages for c in st.chunks), key=lambda c: c.units[0].blocks[0].index if c.units else 0)
+    for chunk in chunks:
+        for stats, wait in zip(chunk.moe, chunk.moe_imbalance):
+            loads = stats.loads
+            remote = natural_remote if stats.remote_share is None or group.nodes == 1 else stats.remote_share
+            moved = 4 * stats.dispatch_bytes  # dispatch + combine, forward and backward
+            inside = max(0.0, (group.size - 1) / group.size - remote) if group.size > 1 else 0.0
+            rows.append({
+                "layer": len(rows),
+                "tokens_per_expert_mean": loads.routed / stats.experts,
+                "tokens_per_expert_max": loads.max_expert_tokens,
+                "load_cv": loads.cv,
+                "dropped_fraction": loads.dropped / loads.routed if loads.routed else 0.0,
+                "padding_fraction": loads.padded / (loads.routed - loads.dropped + loads.padded) if loads.routed else 0.0,
+                "experts_per_token": stats.experts_per_token,
+                "no_expert_fraction": loads.no_expert_fraction,
+                "a2a_intra_mb": moved * inside / 1e6 * layout.microbatches,
+                "a2a_inter_mb": moved * remote / 1e6 * layout.microbatches,
+                "imbalance_wait_s": wait * layout.microbatches,
+            })
+    return rows
 
 
 def _memory_section(memory: MemoryBreakdown) -> dict[str, Any]:
@@ -141,6 +170,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
         result.notes.append(f"does not fit: needs {worst.total / 1e9:.1f} GB per device, "
                             f"{system.device.name} has {worst.capacity / 1e9:.1f} GB")
     result.sections["moe"] = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
+    result.moe_layers = _moe_layer_rows(plan, layout, workload)
     if train.total_tokens:
         seconds = train.total_tokens / (tokens_step / step_s)
         totals = run_totals(system, seconds, sim.mean("compute") / step_s)

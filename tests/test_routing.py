@@ -150,3 +150,42 @@ def test_replicating_hot_experts_relieves_the_busiest_rank():
     shadowed = loads(moe(routing={**dropless, "replicate_hot": 2}, load=skew), draws=8)
     assert sum(shadowed.busiest_rank) < sum(plain.busiest_rank)
     assert len(shadowed.busiest_rank) == 8 + 2  # own experts, then a share of each hot one
+
+
+def test_padded_capacity_buffers_make_all_to_all_grow_with_capacity_factor():
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_hardware, load_workload
+
+    system = load_hardware("dgx_a100_x4")
+    traffic = []
+    for cf in (1.0, 2.0):
+        sets = [f"model.blocks.1.blocks.3.moe_ffn.routing.capacity_factor={cf}",
+                f"model.blocks.2.blocks.5.moe_ffn.routing.capacity_factor={cf}"]
+        workload, src = load_workload("switch_base_128_train", sets)
+        result = estimate(workload, system, src)
+        traffic.append(result.value("moe", "all_to_all_mb_per_layer"))
+        layer = result.moe_layers[0]
+        assert layer["a2a_intra_mb"] > 0 and layer["a2a_inter_mb"] > 0  # 32 ranks over 4 nodes
+    assert traffic[1] == pytest.approx(2 * traffic[0], rel=0.02)
+
+
+def test_topology_aware_gating_moves_traffic_into_the_node():
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_hardware, load_workload
+
+    system = load_hardware("dgx_a100_x4")
+    base = ["model.blocks.1.blocks.3.moe_ffn.routing.capacity_factor=1.0"]
+    plain = estimate(*load_workload("switch_base_128_train", base)[:1], system, "w")
+    local = estimate(*load_workload("switch_base_128_train",
+                                    base + ["model.blocks.1.blocks.3.moe_ffn.routing.keep_in_node=0.86"])[:1], system, "w")
+    assert local.moe_layers[0]["a2a_inter_mb"] < 0.2 * plain.moe_layers[0]["a2a_inter_mb"]
+    assert local.value("step", "exposed_comm_s") < plain.value("step", "exposed_comm_s")
+
+
+def test_list_shows_policies_and_capacity_formulas():
+    from simcc.specs.catalog import catalog
+
+    rows = catalog()
+    assert {r["name"] for r in rows if r["kind"] == "gating"} == {
+        "topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical"}
+    assert {r["name"] for r in rows if r["kind"] == "routing"} == {"switch", "gshard", "deepspeed", "tutel"}

@@ -107,6 +107,7 @@ class MoEStats:
     dispatch_bytes: float  # all-to-all bytes each rank sends in one direction
     experts_per_token: float
     remote_share: float | None = None  # topology-aware gating: share sent out of the node
+    experts: int = 1
 
 
 def _norm(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
@@ -264,8 +265,12 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
 
     loads = rank_loads(spec, T, ep, shard.seed, shard.profile_seed, balanced=not shard.executed, draws=shard.load_draws)
-    # Each rank sends its routed token copies (dropped ones are not sent) out to the group.
-    sent_per_rank = (loads.routed - loads.dropped) / ep
+    # Dropless: each rank sends its routed token copies. Capacity: the padded E x C buffers move
+    # whole (2*E*C*d*b per group for dispatch + combine, mechanisms.md), so traffic grows with cf.
+    if loads.capacity is None:
+        sent_per_rank = (loads.routed - loads.dropped) / ep
+    else:
+        sent_per_rank = loads.capacity * spec.experts / ep
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     routing = spec.routing
     remote = None if routing.keep_in_node is None else 1.0 - routing.keep_in_node
@@ -303,7 +308,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
         work.per_step.append(Comm("moe.shadow_broadcast", "all_gather", shadow * DTYPE_BYTES[shard.dtype], "ep"))
         work.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
     kept_per_token = (loads.routed - loads.dropped) / (T * ep) if T else 0.0
-    work.moe = MoEStats(loads, dispatch, kept_per_token, remote)
+    work.moe = MoEStats(loads, dispatch, kept_per_token, remote, spec.experts)
     return work
 
 

@@ -30,8 +30,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+LAYER_ROWS_IN_TABLE = 12  # beyond this, the table shows the layers that wait longest
+
+
 def to_dict(result: Estimate) -> dict[str, Any]:
-    return {"workload": result.workload, "hardware": result.hardware, **result.sections, "notes": result.notes}
+    layers = {"moe_layers": result.moe_layers} if result.moe_layers else {}
+    return {"workload": result.workload, "hardware": result.hardware, **result.sections, **layers, "notes": result.notes}
 
 
 def to_json(result: Estimate) -> str:
@@ -45,7 +49,27 @@ def to_csv(result: Estimate) -> str:
     for section, values in result.sections.items():
         for key, value in values.items():
             writer.writerow([section, key, value])
+    for row in result.moe_layers:
+        for key, value in row.items():
+            if key != "layer":
+                writer.writerow([f"moe_layer.{row['layer']}", key, value])
     return buffer.getvalue()
+
+
+def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
+    shown = rows
+    if len(rows) > LAYER_ROWS_IN_TABLE:
+        shown = sorted(sorted(rows, key=lambda r: -r["imbalance_wait_s"])[:LAYER_ROWS_IN_TABLE], key=lambda r: r["layer"])
+    columns = [("layer", "layer"), ("tok/exp", "tokens_per_expert_mean"), ("max", "tokens_per_expert_max"),
+               ("cv", "load_cv"), ("dropped", "dropped_fraction"), ("padding", "padding_fraction"),
+               ("exp/tok", "experts_per_token"), ("a2a in MB", "a2a_intra_mb"), ("a2a out MB", "a2a_inter_mb"),
+               ("wait s", "imbalance_wait_s")]
+    lines = ["", "MoE layers (per step; a2a in/out of the node)" +
+             (f": the {len(shown)} of {len(rows)} that wait longest" if len(shown) < len(rows) else "")]
+    lines.append("  " + " ".join(f"{title:>10}" for title, _ in columns))
+    for row in shown:
+        lines.append("  " + " ".join(f"{_fmt(row[key]):>10}" for _, key in columns))
+    return lines
 
 
 def to_table(result: Estimate) -> str:
@@ -57,6 +81,8 @@ def to_table(result: Estimate) -> str:
         lines.append("")
         lines.append(SECTION_TITLES.get(section, section))
         lines += [f"  {key:<{width}}  {_fmt(value):>14}" for key, value in values.items()]
+    if result.moe_layers:
+        lines += _layer_table(result.moe_layers)
     if result.notes:
         lines.append("")
         lines += [f"note: {note}" for note in result.notes]

@@ -19,6 +19,12 @@ from simcc.errors import InputError
 from simcc.routing.gating import RoutingProfile, read_expert_column, route
 from simcc.specs.workload import MoEFFNBlock
 
+CAPACITY_FORMULAS = {
+    "switch": "C = ceil(cf * k * T / E) (Fedus et al. 2021)",
+    "gshard": "C = ceil(cf * 2 * T / E) (Lepikhin et al. 2020)",
+    "deepspeed": "C = max(ceil(cf * T / E) * k, min_capacity)",
+    "tutel": "C = k * int(cf * ceil(T / E)), rounded up to capacity_alignment",
+}
 LOAD_DRAWS = 16  # draws averaged to estimate the expected busiest rank
 NO_CAPACITY_POLICIES = ("base", "expert_choice")  # balanced by construction: nothing to drop
 
@@ -37,6 +43,7 @@ class RankLoads:
     max_over_mean: float  # busiest expert's load over the mean expert load
     max_expert_tokens: float  # busiest expert's assignments
     no_expert_fraction: float = 0.0  # tokens that no expert processed by policy (expert choice)
+    capacity: float | None = None  # per expert, over the group; None when nothing is padded
 
 
 @lru_cache(maxsize=4096)
@@ -140,4 +147,5 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
         max_tokens += float(counts.max())
     n = float(draws)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
-                     dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction)
+                     dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction,
+                     capacity)

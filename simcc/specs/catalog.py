@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 from simcc.errors import InputError
+from simcc.routing.gating import POLICY_PARAMETERS
+from simcc.routing.load import CAPACITY_FORMULAS
 from simcc.specs.loader import PROFILE_FOLDERS, read_yaml, shipped_hardware_dir, shipped_workload_dir
 
 
@@ -19,6 +21,10 @@ def catalog() -> list[dict[str, str]]:
             rows.append(_row("hardware", folder, path))
     for path in sorted(shipped_workload_dir().glob("**/*.yaml")):
         rows.append(_row("workload", path.parent.name, path))
+    rows += [{"kind": "gating", "group": "policy", "name": name, "summary": text}
+             for name, text in POLICY_PARAMETERS.items()]
+    rows += [{"kind": "routing", "group": "capacity", "name": name, "summary": text}
+             for name, text in CAPACITY_FORMULAS.items()]
     return rows
 
 

@@ -44,6 +44,7 @@ class ChunkPlan:
     saved_bytes: float = 0.0  # activations kept per micro-batch under the recompute policy
     transient_bytes: float = 0.0  # largest short-lived buffer (all-to-all send + receive)
     moe: list[MoEStats] = field(default_factory=list)
+    moe_imbalance: list[float] = field(default_factory=list)  # per MoE layer: busiest-rank wait per micro-batch (s)
     # One (forward, backward) per simulated step, each with a fresh expert-load draw (MoE only).
     sampled: list[tuple[list[Cost], list[Cost]]] = field(default_factory=list)
     # One gradient bucket per unit (layer), launched where that unit's backward ends.
@@ -116,6 +117,7 @@ class ForwardWork:
     unit_starts: list[int] = field(default_factory=list)  # index in `items` where each unit begins
     unit_params: list[Params] = field(default_factory=list)
     per_step: list[WorkItem] = field(default_factory=list)  # once per step, before the first forward
+    moe_ranges: list[tuple[int, int]] = field(default_factory=list)  # each MoE layer's slice of `items`
     unit_step_grads: list[list[WorkItem]] = field(default_factory=list)  # once per step, with each unit's gradients
 
 
@@ -132,6 +134,7 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
         out.unit_params.append(Params())
         out.unit_step_grads.append([])
         for block in unit.blocks:
+            first = len(out.items) + len(unit_items)
             work: BlockWork = block_work(block, hidden, batch, shard)
             params = block_params(block, hidden)
             out.params = out.params.add(params)
@@ -146,6 +149,7 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
             out.unit_step_grads[-1] += work.per_step_grads
             if work.moe is not None:
                 out.moe.append(work.moe)
+                out.moe_ranges.append((first, first + len(work.forward)))
                 out.transient_bytes = max(out.transient_bytes, 2 * work.moe.dispatch_bytes)
         out.items += unit_items
         if recompute == "full":
@@ -174,6 +178,9 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     forward, backward = _costed(work, system, layout)
     chunk = ChunkPlan(units, forward, backward, params=work.params, saved_bytes=work.saved_bytes,
                       transient_bytes=work.transient_bytes, moe=work.moe)
+    for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank
+        chunk.moe_imbalance.append(sum(forward[i].imbalance + cost_item(backward_of(work.items[i]), system, layout).imbalance
+                                       for i in range(start, end)))
     if work.moe:  # expert loads change from step to step; everything else does not
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
