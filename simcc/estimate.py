@@ -142,6 +142,8 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
     model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
     tokens_step = train.global_batch * train.seq_len
     result.sections["model"]["forward_gflop_per_token"] = per_sequence / train.seq_len / 1e9
+    # Capacity-to-computation ratio (Cho & Bengio 2014): parameters per forward FLOP of one token.
+    result.sections["model"]["params_per_token_flop"] = model_params(workload.model).total / (per_sequence / train.seq_len)
 
     # Breakdown of the critical (busiest) stage, measured from the simulated timeline.
     result.sections["step"] = {

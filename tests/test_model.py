@@ -69,3 +69,31 @@ def test_pipeline_split_is_even_with_embedding_and_head_attached(root):
     chunks = stage_units(units, 32)
     assert [len(c) for c in chunks] == [1] * 32
     assert [len(c) for c in stage_units(units, 5)] == [7, 7, 6, 6, 6]
+
+
+def test_bitpattern_tree_stores_2_to_the_k_plus_1_minus_1_matrices():
+    from simcc.model.blocks import bitpattern_matrices, bitpattern_params, bitpattern_work
+    from simcc.specs.workload import BitPatternBlock
+
+    tree, flat = BitPatternBlock(bits=6, tree=True), BitPatternBlock(bits=6, tree=False)
+    assert bitpattern_matrices(tree) == 2**7 - 1 and bitpattern_matrices(flat) == 2**6
+    assert bitpattern_params(tree, 64).expert == 127 * 64 * 64
+    assert bitpattern_params(tree, 64).active_expert == 7 * 64 * 64
+    batch = Batch(1, 1000, 1000)
+    products = [i for i in bitpattern_work(tree, 64, batch, Shard(executed=False)).forward if i.name.startswith("bits.level")]
+    assert len(products) == 6 + 1  # k + 1 products per token
+    assert sum(p.flops for p in products) == pytest.approx(7 * 2 * 1000 * 64 * 64)
+    flat_products = [i for i in bitpattern_work(flat, 64, batch, Shard()).forward if i.name.startswith("bits.level")]
+    assert len(flat_products) == 1 and sum(flat_products[0].flops for _ in [0]) == pytest.approx(2 * 1000 * 64 * 64)
+
+
+def test_capacity_to_computation_grows_exponentially_with_bits():
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_hardware
+
+    ratios = []
+    for bits in (4, 8, 12):
+        workload, src = load_workload("bitpattern_tree_mlp_train", [f"model.blocks.1.blocks.0.bitpattern.bits={bits}"])
+        ratios.append(estimate(workload, load_hardware("rtx_4090"), src).value("model", "params_per_token_flop"))
+    assert ratios[0] < ratios[1] < ratios[2]
+    assert ratios[2] / ratios[1] > 8  # ~2^4 more parameters for ~(13/9) more FLOPs

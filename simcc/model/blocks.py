@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm, grouped_gemm
 from simcc.routing.gating import router_products
 from simcc.routing.load import LOAD_DRAWS, RankLoads, rank_loads
 from simcc.specs.workload import (
     AttentionBlock,
+    BitPatternBlock,
     ConvBlock,
     DenseFFNBlock,
     EmbeddingBlock,
@@ -309,6 +312,43 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
         work.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
     kept_per_token = (loads.routed - loads.dropped) / (T * ep) if T else 0.0
     work.moe = MoEStats(loads, dispatch, kept_per_token, remote, spec.experts)
+    return work
+
+
+# ------------------------------------------------------------------------------------------ bit-pattern gating
+
+def bitpattern_matrices(spec: BitPatternBlock) -> int:
+    """Stored weight matrices: every node of a depth-`bits` binary tree, or only its leaves."""
+    return 2 ** (spec.bits + 1) - 1 if spec.tree else 2**spec.bits
+
+
+def bitpattern_params(spec: BitPatternBlock, hidden: int) -> Params:
+    """The matrices count like experts: all stored, only the path's (bits + 1, or one) used per token."""
+    d_in, d_out = spec.input or hidden, spec.output or hidden
+    used = spec.bits + 1 if spec.tree else 1
+    return Params(replicated=spec.bits * d_in + d_out, expert=bitpattern_matrices(spec) * d_in * d_out,
+                  active_expert=used * d_in * d_out, expert_rows_cols=bitpattern_matrices(spec) * (d_in + d_out))
+
+
+def bitpattern_work(spec: BitPatternBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    """Gater product, then one grouped product per tree level: at level l the tokens sharing a
+    prefix form one of 2^l small batches (only the leaf level without the tree)."""
+    d_in, d_out = spec.input or hidden, spec.output or hidden
+    T, dt = batch.tokens, shard.dtype
+    work = BlockWork()
+    work.forward.append(gemm("bits.gater", T, d_in, spec.bits, dt))
+    levels = range(spec.bits + 1) if spec.tree else [spec.bits]
+    rng = np.random.default_rng(shard.seed)
+    for level in levels:
+        groups = 2**level
+        if shard.executed:  # sign bits of random projections: tokens spread evenly over the prefixes
+            tokens = rng.multinomial(T, np.full(groups, 1.0 / groups)).astype(float).tolist()
+        else:
+            tokens = [T / groups] * groups
+        work.forward.append(grouped_gemm(f"bits.level{level}", tokens, tokens, d_in, d_out, dt))
+    if spec.tree:  # sum the per-level products
+        work.forward.append(elementwise("bits.sum", T * d_out, len(levels), 1, dt))
+    work.forward.append(elementwise("bits.act", T * d_out, 1, 1, dt, saved_elements=T * d_out))
     return work
 
 

@@ -94,6 +94,8 @@ def block_params(block: Block, hidden: int) -> B.Params:
             return B.ffn_params(hidden, spec.hidden, spec.gated)  # type: ignore[attr-defined]
         case "moe_ffn":
             return B.moe_params(spec, hidden)  # type: ignore[arg-type]
+        case "bitpattern":
+            return B.bitpattern_params(spec, hidden)  # type: ignore[arg-type]
         case "lstm":
             return B.lstm_params(spec, hidden)  # type: ignore[arg-type]
         case "mlp":
@@ -118,6 +120,8 @@ def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.B
             return B.dense_ffn_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
         case "moe_ffn":
             return B.moe_ffn_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
+        case "bitpattern":
+            return B.bitpattern_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
         case "lstm":
             return B.lstm_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
         case "mlp":

@@ -38,6 +38,7 @@ POLICY_PARAMETERS = {
     "base": "balanced assignment: every expert exactly T/E tokens (Lewis 2021)",
     "hash": "vocab, token_zipf: expert = hash(token id); balance follows token frequencies (Roller 2021)",
     "hierarchical": "groups, k_primary: a primary gate picks k_primary groups, each group's gate picks k/k_primary (Shazeer 2017)",
+    "moefication": "router = the k-means centroids of the FFN's W_in rows: d x E scores, keep the top k (Zhang 2022; SSD 2024)",
 }
 assert set(POLICY_PARAMETERS) == set(GATING_POLICIES)
 
@@ -147,7 +148,7 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
     if policy == "noisy_topk":
         noise_scale = _softplus_noise_scale(tokens, experts, rng)
         logits = logits + gating.noise_std * rng.standard_normal(logits.shape) * noise_scale
-    if policy in ("topk", "noisy_topk", "switch"):
+    if policy in ("topk", "noisy_topk", "switch", "moefication"):
         counts = _counts(_top(logits, k), experts)
         return RoutingProfile(counts / counts.sum(), float(k), False, 0.0)
     if policy == "gshard":

@@ -44,14 +44,16 @@ class DenseFFNBlock(StrictModel):
     activation: Activation = "gelu"
 
 
-GATING_POLICIES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical")
+GATING_POLICIES = ("topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical",
+                   "moefication")
 
 
 class GatingSpec(StrictModel):
     """How tokens choose experts (or experts choose tokens). Each parameter applies only to the
     policies named in its comment; `simcc list` shows them."""
 
-    policy: Literal["topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical"] = "topk"
+    policy: Literal["topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical",
+                    "moefication"] = "topk"
     noise_std: NonNegativeFloat = 1.0  # noisy_topk: scale of the N(0,1) * softplus(x Wnoise) term
     groups: PositiveInt | None = None  # hierarchical: primary branching (Shazeer 2017: the device count)
     k_primary: PositiveInt = 2  # hierarchical: groups per token; k / k_primary experts in each
@@ -143,6 +145,18 @@ class MoEFFNBlock(StrictModel):
         return self
 
 
+class BitPatternBlock(StrictModel):
+    """Cho & Bengio 2014: the signs of `bits` gater units pick one of 2^bits weight matrices; the
+    tree variant sums the matrices on the root-to-leaf path (2^(bits+1) - 1 stored, bits + 1
+    products per token)."""
+
+    bits: PositiveInt = Field(le=24)
+    input: PositiveInt | None = None  # defaults to the model's hidden size
+    output: PositiveInt | None = None  # defaults to the model's hidden size
+    tree: bool = True
+    activation: Activation = "relu"
+
+
 class LSTMBlock(StrictModel):
     hidden: PositiveInt
     input_size: PositiveInt | None = None  # defaults to the model's hidden size
@@ -177,7 +191,7 @@ class LMHeadBlock(StrictModel):
     tied: bool = False  # shares the embedding's weights
 
 
-BLOCK_KINDS = ("attention", "dense_ffn", "moe_ffn", "lstm", "mlp", "conv", "embedding", "lm_head")
+BLOCK_KINDS = ("attention", "dense_ffn", "moe_ffn", "bitpattern", "lstm", "mlp", "conv", "embedding", "lm_head")
 
 
 class BlockItem(StrictModel):
@@ -186,6 +200,7 @@ class BlockItem(StrictModel):
     attention: AttentionBlock | None = None
     dense_ffn: DenseFFNBlock | None = None
     moe_ffn: MoEFFNBlock | None = None
+    bitpattern: BitPatternBlock | None = None
     lstm: LSTMBlock | None = None
     mlp: MLPBlock | None = None
     conv: ConvBlock | None = None
