@@ -21,6 +21,7 @@ from simcc.specs.workload import Workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
 from simcc.timing.plan import TrainingPlan, build_training_plan
+from simcc.routing.activation import input_dependent_share, request_compute_scales
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
 from simcc.timing.serving import serving_costs
 
@@ -122,6 +123,11 @@ def estimate(workload: Workload, system: System, workload_source: str,
     result = Estimate(workload.name, system.name)
     result.sections["layout"] = _layout_section(layout, system)
     result.sections["model"] = {"params_b": params.total / 1e9, "active_params_b": params.active / 1e9}
+    share, profile = input_dependent_share(workload.model, workload.model.hidden)
+    if profile is not None:  # expected and tail compute per input (threshold activation)
+        result.sections["model"].update({
+            "input_dependent_flop_share": share, "blocks_fired_mean": profile.mean_fraction,
+            "blocks_fired_p95": profile.quantile(0.95), "blocks_fired_p99": profile.quantile(0.99)})
     if workload.mode == "train":
         _estimate_training(workload, system, layout, peak, result, options)
     else:
@@ -186,6 +192,9 @@ def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: 
     serve = workload.serve
     costs = serving_costs(workload, system, layout)
     requests = options.requests or poisson_requests(serve.arrival_rate, options.request_count, serve, workload.seed)
+    scales = None if options.requests else request_compute_scales(workload.model, len(requests), workload.seed)
+    if scales is not None:  # input-dependent compute: each request fires its own share of blocks
+        requests = [Request(r.arrival, r.prompt, r.output, float(s)) for r, s in zip(requests, scales)]
     sim = simulate_serving(costs, serve, requests, layout.dp, workload.seed)
     tokens_per_s = sim.output_tokens / sim.span * layout.dp if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * layout.dp if sim.span > 0 else 0.0

@@ -15,6 +15,7 @@ import numpy as np
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm, grouped_gemm
 from simcc.routing.gating import router_products
 from simcc.routing.load import LOAD_DRAWS, RankLoads, rank_loads
+from simcc.routing.activation import activation_profile
 from simcc.specs.workload import (
     AttentionBlock,
     BitPatternBlock,
@@ -25,6 +26,7 @@ from simcc.specs.workload import (
     LSTMBlock,
     MLPBlock,
     MoEFFNBlock,
+    ThresholdTreeBlock,
 )
 
 
@@ -349,6 +351,37 @@ def bitpattern_work(spec: BitPatternBlock, hidden: int, batch: Batch, shard: Sha
     if spec.tree:  # sum the per-level products
         work.forward.append(elementwise("bits.sum", T * d_out, len(levels), 1, dt))
     work.forward.append(elementwise("bits.act", T * d_out, 1, 1, dt, saved_elements=T * d_out))
+    return work
+
+
+# ------------------------------------------------------------------------------------------ threshold trees
+
+def threshold_tree_params(spec: ThresholdTreeBlock) -> Params:
+    """Every block's MLP is stored; an input uses the blocks that fire (counted like experts)."""
+    pairs = list(zip(spec.widths, spec.widths[1:]))
+    per_block = sum(a * b for a, b in pairs)
+    profile = activation_profile(spec, 0)
+    blocks = profile.blocks
+    return Params(replicated=sum(b for _, b in pairs) * blocks, expert=per_block * blocks,
+                  active_expert=per_block * blocks * profile.mean_fraction,
+                  expert_rows_cols=sum(a + b for a, b in pairs) * blocks)
+
+
+def threshold_tree_work(spec: ThresholdTreeBlock, batch: Batch, shard: Shard) -> BlockWork:
+    """Per level, the token-block pairs that fire run as one grouped product per MLP layer."""
+    profile = activation_profile(spec, shard.profile_seed)
+    T, dt = batch.tokens, shard.dtype
+    work = BlockWork()
+    for level, active in enumerate(profile.active_per_level):
+        blocks = spec.branching**level
+        tokens = [T * active / blocks] * blocks
+        for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
+            work.forward.append(grouped_gemm(f"tree.level{level}.fc{i}", tokens, tokens, a, b, dt))
+            work.forward.append(elementwise(f"tree.level{level}.act{i}", T * active * b, 1, 1, dt,
+                                            saved_elements=T * active * b))
+    # the router of each fired block: softmax over its children
+    work.forward.append(elementwise("tree.route", T * sum(profile.active_per_level) * spec.branching, 1, 1, dt,
+                                    flops_per_element=6, family="gate"))
     return work
 
 

@@ -96,6 +96,8 @@ def block_params(block: Block, hidden: int) -> B.Params:
             return B.moe_params(spec, hidden)  # type: ignore[arg-type]
         case "bitpattern":
             return B.bitpattern_params(spec, hidden)  # type: ignore[arg-type]
+        case "threshold_tree":
+            return B.threshold_tree_params(spec)  # type: ignore[arg-type]
         case "lstm":
             return B.lstm_params(spec, hidden)  # type: ignore[arg-type]
         case "mlp":
@@ -122,6 +124,8 @@ def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.B
             return B.moe_ffn_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
         case "bitpattern":
             return B.bitpattern_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
+        case "threshold_tree":
+            return B.threshold_tree_work(spec, batch, seeded)  # type: ignore[arg-type]
         case "lstm":
             return B.lstm_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
         case "mlp":

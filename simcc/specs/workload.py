@@ -157,6 +157,22 @@ class BitPatternBlock(StrictModel):
     activation: Activation = "relu"
 
 
+class ThresholdTreeBlock(StrictModel):
+    """Gallicchio & Nuti 2025: a tree of MLP blocks; a block fires when the rate flowing into it
+    exceeds a network-wide threshold. Easy inputs route their rate sharply down few paths, hard
+    ones spread it, so harder inputs activate more blocks."""
+
+    widths: tuple[PositiveInt, ...] = Field(min_length=2)  # each block's MLP: input -> ... -> output
+    branching: PositiveInt = Field(default=2, ge=2)
+    levels: PositiveInt = Field(default=4, le=12)
+    threshold: Fraction = 0.1  # share of the root's rate a block needs to fire
+    concentration_easy: PositiveFloat = 0.2  # Dirichlet concentration of an easy input's routing
+    concentration_hard: PositiveFloat = 5.0  # ... and of a hard input's (near-even split)
+    hard_fraction: float = Field(default=0.3, ge=0.0, le=1.0)  # the difficulty mix
+    samples: PositiveInt = 2000  # inputs simulated to measure the activation distribution
+    activation: Activation = "relu"
+
+
 class LSTMBlock(StrictModel):
     hidden: PositiveInt
     input_size: PositiveInt | None = None  # defaults to the model's hidden size
@@ -191,7 +207,8 @@ class LMHeadBlock(StrictModel):
     tied: bool = False  # shares the embedding's weights
 
 
-BLOCK_KINDS = ("attention", "dense_ffn", "moe_ffn", "bitpattern", "lstm", "mlp", "conv", "embedding", "lm_head")
+BLOCK_KINDS = ("attention", "dense_ffn", "moe_ffn", "bitpattern", "threshold_tree", "lstm", "mlp", "conv",
+               "embedding", "lm_head")
 
 
 class BlockItem(StrictModel):
@@ -201,6 +218,7 @@ class BlockItem(StrictModel):
     dense_ffn: DenseFFNBlock | None = None
     moe_ffn: MoEFFNBlock | None = None
     bitpattern: BitPatternBlock | None = None
+    threshold_tree: ThresholdTreeBlock | None = None
     lstm: LSTMBlock | None = None
     mlp: MLPBlock | None = None
     conv: ConvBlock | None = None

@@ -1,0 +1,84 @@
+"""Input-dependent activation of threshold-gated block trees (Gallicchio & Nuti 2025).
+
+Each input carries a unit rate into the root block. An active block splits its rate among its
+children with Dirichlet(concentration) shares: a small concentration (an easy input) sends
+nearly all of it down one path, a large one (a hard input) spreads it evenly. A child fires when
+its incoming rate exceeds the threshold. Counting the blocks that fire, over sampled inputs,
+gives the expected and tail compute per input: cost = sum_i Pr(r_i > theta) * FLOPs_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from simcc.specs.workload import ModelSpec, ThresholdTreeBlock
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    blocks: int  # blocks in the tree
+    active_per_level: tuple[float, ...]  # mean active blocks at each level, root first
+    fraction: np.ndarray  # per sampled input: share of blocks that fired
+
+    @property
+    def mean_fraction(self) -> float:
+        return float(self.fraction.mean())
+
+    def quantile(self, q: float) -> float:
+        return float(np.quantile(self.fraction, q))
+
+
+def tree_blocks(spec: ThresholdTreeBlock) -> int:
+    return sum(spec.branching**level for level in range(spec.levels))
+
+
+@lru_cache(maxsize=256)
+def activation_profile(spec: ThresholdTreeBlock, seed: int) -> ActivationProfile:
+    rng = np.random.default_rng(seed)
+    b = spec.branching
+    hard = rng.random(spec.samples) < spec.hard_fraction
+    concentration = np.where(hard, spec.concentration_hard, spec.concentration_easy)
+    rates = np.ones((spec.samples, 1))  # level 0: the root always fires
+    per_level = [1.0]
+    fired = np.ones(spec.samples)
+    for _ in range(1, spec.levels):
+        # Dirichlet(c) shares per parent, via normalised Gamma(c) draws.
+        gammas = rng.gamma(np.repeat(concentration[:, None], rates.shape[1] * b, axis=1))
+        shares = gammas.reshape(spec.samples, -1, b)
+        shares /= shares.sum(axis=2, keepdims=True)
+        children = (rates[:, :, None] * shares).reshape(spec.samples, -1)
+        active = children > spec.threshold
+        rates = np.where(active, children, 0.0)  # a silent block passes nothing on
+        per_level.append(float(active.sum(axis=1).mean()))
+        fired += active.sum(axis=1)
+    return ActivationProfile(tree_blocks(spec), tuple(per_level), fired / tree_blocks(spec))
+
+
+def input_dependent_share(model: ModelSpec, hidden: int) -> tuple[float, ActivationProfile | None]:
+    """Share of the model's forward FLOPs spent in threshold trees, and the first tree's profile."""
+    from simcc.model.blocks import Batch, Shard
+    from simcc.model.graph import block_work, units_of
+    from simcc.model.ops import Op
+
+    total = conditional = 0.0
+    profile = None
+    for unit in units_of(model):
+        for block in unit.blocks:
+            flops = sum(i.flops for i in block_work(block, hidden, Batch(1, 1, 1), Shard()).forward if isinstance(i, Op))
+            total += flops
+            if isinstance(block.spec, ThresholdTreeBlock):
+                conditional += flops
+                profile = profile or activation_profile(block.spec, block.index)
+    return (conditional / total if total else 0.0), profile
+
+
+def request_compute_scales(model: ModelSpec, count: int, seed: int) -> np.ndarray | None:
+    """Per-request compute relative to the mean, for models whose compute depends on the input."""
+    share, profile = input_dependent_share(model, model.hidden)
+    if profile is None:
+        return None
+    draws = np.random.default_rng(seed).choice(profile.fraction, size=count) / profile.mean_fraction
+    return (1.0 - share) + share * draws
