@@ -14,7 +14,8 @@ from simcc.errors import InputError
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.layout import Layout, build_layout
 from simcc.model.blocks import Batch, MoEStats
-from simcc.model.graph import model_forward_flops, model_params
+from simcc.model.anytime import expected_sandwich, scale_units
+from simcc.model.graph import model_forward_flops, model_params, units_forward_flops, units_of
 from simcc.report.metrics import mfu, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
@@ -91,6 +92,16 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout, workload: Workload) -> l
     return rows
 
 
+def _trained_forward_flops(workload: Workload, batch: Batch) -> float:
+    """Forward model FLOPs one sequence costs per step; an anytime supernet counts every
+    sub-network of its expected sandwich (TIPS: step cost ~ 3 x sum of the sampled subnets)."""
+    if workload.anytime is None:
+        return model_forward_flops(workload.model, batch)
+    units = units_of(workload.model)
+    return sum(times * units_forward_flops(scale_units(units, width), workload.model.hidden, batch)
+               for width, times in expected_sandwich(workload.anytime))
+
+
 def _memory_section(memory: MemoryBreakdown) -> dict[str, Any]:
     section: dict[str, Any] = {f"{k}_gb": v for k, v in memory.as_gb().items()}
     section["fits"] = memory.fits
@@ -144,7 +155,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
     plan = build_training_plan(workload, system, layout, sampled_steps=options.steps)
     sim = simulate_training(plan, options.steps, options.trace)
     step_s = sim.mean_step
-    per_sequence = model_forward_flops(workload.model, Batch(1, train.seq_len, train.seq_len))
+    per_sequence = _trained_forward_flops(workload, Batch(1, train.seq_len, train.seq_len))
     model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
     tokens_step = train.global_batch * train.seq_len
     result.sections["model"]["forward_gflop_per_token"] = per_sequence / train.seq_len / 1e9
@@ -207,7 +218,11 @@ def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: 
         "latency_p99_s": percentile(sim.latency, 99),
         "queueing_mean_s": statistics.fmean(sim.queueing), "queueing_p95_s": percentile(sim.queueing, 95),
     }
-    per_token_flops = model_forward_flops(workload.model, Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
+    units = units_of(workload.model)
+    if workload.anytime is not None:
+        units = scale_units(units, workload.anytime.serve_width)
+        result.sections["model"]["serve_width"] = workload.anytime.serve_width
+    per_token_flops = units_forward_flops(units, workload.model.hidden, Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
     result.sections["throughput"] = {
         "requests_per_s": requests_per_s, "output_tokens_per_s": tokens_per_s,
         "busy_fraction": sim.busy / sim.span if sim.span > 0 else 0.0,

@@ -58,3 +58,65 @@ def test_request_compute_scales_average_one_and_widen_the_tail():
     steady_scales = request_compute_scales(steady_workload.model, 20000, seed=1)
     assert np.std(steady_scales) < np.std(scales)
     assert varied["latency_p99_s"] > 1.5 * varied["latency_p50_s"]
+
+
+# ---------------------------------------------------------------- TIPS anytime networks
+
+from simcc.errors import InputError  # noqa: E402
+from simcc.model.anytime import expected_sandwich, sandwich, scale_units  # noqa: E402
+from simcc.model.blocks import Batch  # noqa: E402
+from simcc.model.graph import units_forward_flops, units_of  # noqa: E402
+
+
+def _anytime(overrides=()):
+    return load_workload("tips_anytime_mobilenet_train", list(overrides))
+
+
+def test_sandwich_has_the_largest_and_smallest_and_samples_the_rest():
+    workload, _ = _anytime()
+    spec = workload.anytime
+    for step in range(5):
+        widths = sandwich(spec, step, seed=0)
+        assert len(widths) == 4 and widths[:2] == [1.0, 0.25]
+        assert set(widths[2:]) <= {0.5, 0.75}
+    draws = [w for step in range(4000) for w in sandwich(spec, step, 0)[2:]]
+    assert draws.count(0.75) / len(draws) == pytest.approx(0.6, abs=0.02)  # the importance weights
+    assert sum(t for _, t in expected_sandwich(spec)) == pytest.approx(4)
+
+
+def test_width_slices_keep_the_model_input_and_output():
+    workload, _ = _anytime()
+    units = units_of(workload.model)
+    half = scale_units(units, 0.5)
+    first, last = half[0].blocks[0].spec, half[-1].blocks[-1].spec
+    assert first.in_channels == 3 and first.out_channels == 16
+    assert last.widths == [256, 10]
+    flops_full = units_forward_flops(units, 512, Batch(1, 1, 1))
+    flops_half = units_forward_flops(half, 512, Batch(1, 1, 1))
+    assert 0.2 < flops_half / flops_full < 0.35  # ~w^2 for convs with both channel counts scaled
+
+
+def test_step_cost_is_the_sum_of_its_subnetworks():
+    system = load_hardware("rtx_4090")
+    two = estimate(*_anytime(["anytime.subnets_per_step=2"])[:1], system, "w").value("step", "compute_s")
+    four = estimate(*_anytime()[:1], system, "w")
+    assert four.value("step", "compute_s") > 1.5 * two
+    widths_flops = {w: units_forward_flops(scale_units(units_of(four_spec.model), w), 512, Batch(1, 1, 1))
+                    for four_spec in [_anytime()[0]] for w in (0.25, 0.5, 0.75, 1.0)}
+    expected = widths_flops[1.0] + widths_flops[0.25] + 2 * (0.4 * widths_flops[0.5] + 0.6 * widths_flops[0.75])
+    assert four.value("model", "forward_gflop_per_token") == pytest.approx(expected / 1e9)
+
+
+def test_serving_at_a_smaller_width_is_faster():
+    system = load_hardware("rtx_4090")
+    serve = ["mode=serve", "serve.batch=1", "serve.prompt_tokens=1", "serve.output_tokens=1", "serve.arrival_rate=10"]
+    half = estimate(*_anytime(serve)[:1], system, "w", SimulationOptions(request_count=100))
+    full = estimate(*_anytime(serve + ["anytime.serve_width=1.0"])[:1], system, "w", SimulationOptions(request_count=100))
+    assert half.value("latency", "latency_p50_s") < full.value("latency", "latency_p50_s")
+
+
+def test_anytime_spec_is_validated():
+    with pytest.raises(InputError, match="end at 1.0"):
+        _anytime(["anytime.widths=[0.25, 0.5]"])
+    with pytest.raises(InputError, match="one weight per width"):
+        _anytime(["anytime.importance=[1.0]"])

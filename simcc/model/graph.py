@@ -154,11 +154,15 @@ def model_params(model: ModelSpec) -> B.Params:
 def model_forward_flops(model: ModelSpec, batch: B.Batch) -> float:
     """Forward matmul FLOPs at the reporting convention (Narayanan et al. 2021, appendix): full
     attention score products, exactly balanced experts, no padding or recomputation."""
+    return units_forward_flops(units_of(model), model.hidden, batch)
+
+
+def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
     shard = B.Shard(executed=False)
     total = 0.0
-    for unit in units_of(model):
+    for unit in units:
         for block in unit.blocks:
-            for item in block_work(block, model.hidden, batch, shard).forward:
+            for item in block_work(block, hidden, batch, shard).forward:
                 if isinstance(item, Op) and (item.family in MATMUL_FAMILIES or item.family == "attention"):
                     total += item.flops
     return total

@@ -311,6 +311,28 @@ class ServeSpec(StrictModel):
     arrival_rate: PositiveFloat | None = None  # requests/s
 
 
+class AnytimeSpec(StrictModel):
+    """TIPS (Li et al. 2023): an anytime supernet whose sub-networks are its width slices. Each
+    training step runs a sandwich: the largest, the smallest, and the rest sampled by importance."""
+
+    widths: tuple[Fraction, ...] = Field(min_length=2)  # width multipliers, ascending, ending at 1.0
+    subnets_per_step: PositiveInt = Field(default=4, ge=2)
+    importance: tuple[PositiveFloat, ...] | None = None  # weights of the widths between the ends; even if omitted
+    serve_width: Fraction = 1.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AnytimeSpec":
+        if list(self.widths) != sorted(set(self.widths)) or self.widths[-1] != 1.0:
+            raise ValueError("widths must ascend without repeats and end at 1.0 (the supernet)")
+        if self.importance is not None and len(self.importance) != len(self.widths) - 2:
+            raise ValueError(f"importance needs one weight per width between the ends ({len(self.widths) - 2})")
+        if self.serve_width not in self.widths:
+            raise ValueError(f"serve_width {self.serve_width} is not one of the widths")
+        if self.subnets_per_step > 2 and len(self.widths) < 3:
+            raise ValueError("subnets_per_step > 2 needs widths between the smallest and the largest")
+        return self
+
+
 class Workload(StrictModel):
     name: str
     description: str = ""
@@ -322,6 +344,7 @@ class Workload(StrictModel):
     optimizer: Optimizer = Optimizer()
     train: TrainSpec | None = None
     serve: ServeSpec | None = None
+    anytime: AnytimeSpec | None = None
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from simcc.costs.collectives import collective_time, latency_floor
 from simcc.costs.compute import op_cost
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
+from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, backward_of
 from simcc.routing.load import LOAD_DRAWS
@@ -172,6 +173,24 @@ def _costed(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cos
     return [cost_item(i, system, layout) for i in work.items], backward
 
 
+def _subnet_costs(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
+                  step: int | None) -> tuple[list[Cost], list[Cost], float]:
+    """An anytime step trains its sandwich of widths one after another; gradients accumulate and
+    reduce once, so only the last sub-network's backward launches gradient buckets."""
+    assert workload.anytime is not None
+    forward: list[Cost] = []
+    backward: list[Cost] = []
+    saved = 0.0
+    widths = sandwich(workload.anytime, step, workload.seed)
+    for position, width in enumerate(widths):
+        work = forward_work(scale_units(units, width), workload, layout, batch, step)
+        f, b = _costed(work, system, layout)
+        forward += f
+        backward += b if position == len(widths) - 1 else [c for c in b if c.stream != "bucket"]
+        saved = max(saved, work.saved_bytes)  # one sub-network's activations live at a time
+    return forward, backward, saved
+
+
 def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
                 sampled_steps: int = 0) -> ChunkPlan:
     work = forward_work(units, workload, layout, batch)
@@ -181,7 +200,10 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank
         chunk.moe_imbalance.append(sum(forward[i].imbalance + cost_item(backward_of(work.items[i]), system, layout).imbalance
                                        for i in range(start, end)))
-    if work.moe:  # expert loads change from step to step; everything else does not
+    if workload.anytime is not None:
+        chunk.forward, chunk.backward, chunk.saved_bytes = _subnet_costs(units, workload, system, layout, batch, None)
+        chunk.sampled = [_subnet_costs(units, workload, system, layout, batch, step)[:2] for step in range(sampled_steps)]
+    elif work.moe:  # expert loads change from step to step; everything else does not
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
     chunk.grad_buckets = [_grad_sync(p, workload, system, layout)[0] + [cost_item(i, system, layout) for i in extra]

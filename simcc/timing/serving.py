@@ -15,6 +15,7 @@ import numpy as np
 from simcc.costs.memory import MemoryBreakdown, serving_memory
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, MoEStats, kv_cache_bytes_per_token
+from simcc.model.anytime import scale_units
 from simcc.model.graph import Block, stage_units, units_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.specs.hardware import System
@@ -83,6 +84,8 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     serve = workload.serve
     hidden = workload.model.hidden
     units = units_of(workload.model)
+    if workload.anytime is not None:  # an anytime network serves at the width the budget allows
+        units = scale_units(units, workload.anytime.serve_width)
     chunks = stage_units(units, layout.pp * layout.vpp)
     act_bytes = DTYPE_BYTES[workload.precision.communication] * hidden
     context = serve.prompt_tokens + serve.output_tokens // 2  # mean context while decoding
