@@ -189,3 +189,14 @@ def test_list_shows_policies_and_capacity_formulas():
     assert {r["name"] for r in rows if r["kind"] == "gating"} == {
         "topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical", "moefication"}
     assert {r["name"] for r in rows if r["kind"] == "routing"} == {"switch", "gshard", "deepspeed", "tutel"}
+
+
+def test_noisy_hierarchical_gate_doubles_its_gate_products():
+    from simcc.model.blocks import moe_params
+    from simcc.routing.gating import router_products
+
+    plain = moe(experts=64, k=4, gating={"policy": "hierarchical", "groups": 8})
+    noisy = moe(experts=64, k=4, gating={"policy": "hierarchical", "groups": 8, "noisy": True})
+    assert len(router_products(noisy, 8)) == 2 * len(router_products(plain, 8)) == 4
+    assert moe_params(noisy, 32).replicated - moe_params(plain, 32).replicated == 32 * (8 + 64)
+    assert route(noisy, 8, seed=0).experts_per_token == 4

@@ -248,7 +248,7 @@ def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
     if policy == "hash":
         return 0
     if policy == "hierarchical":
-        return hidden * (spec.gating.groups or 0) + hidden * spec.experts
+        return (hidden * (spec.gating.groups or 0) + hidden * spec.experts) * (2 if spec.gating.noisy else 1)
     return hidden * spec.experts * (2 if policy == "noisy_topk" else 1)
 
 

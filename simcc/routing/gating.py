@@ -37,7 +37,7 @@ POLICY_PARAMETERS = {
     "expert_choice": "each expert takes its top cf*T*k/E tokens; tokens get 0..E experts (Zhou 2022)",
     "base": "balanced assignment: every expert exactly T/E tokens (Lewis 2021)",
     "hash": "vocab, token_zipf: expert = hash(token id); balance follows token frequencies (Roller 2021)",
-    "hierarchical": "groups, k_primary: a primary gate picks k_primary groups, each group's gate picks k/k_primary (Shazeer 2017)",
+    "hierarchical": "groups, k_primary, noisy: a primary gate picks k_primary groups, each group's gate picks k/k_primary (Shazeer 2017)",
     "moefication": "router = the k-means centroids of the FFN's W_in rows: d x E scores, keep the top k (Zhang 2022; SSD 2024)",
 }
 assert set(POLICY_PARAMETERS) == set(GATING_POLICIES)
@@ -105,6 +105,12 @@ def _softplus_noise_scale(tokens: int, experts: int, rng: np.random.Generator) -
     return np.log1p(np.exp(features @ projection))
 
 
+def _add_gate_noise(logits: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """Shazeer 2017: H(x) = x Wg + N(0,1) * softplus(x Wnoise)."""
+    tokens, width = logits.shape
+    return logits + noise_std * rng.standard_normal(logits.shape) * _softplus_noise_scale(tokens, width, rng)
+
+
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores in each row."""
     return np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -145,9 +151,8 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
         counts = _counts(chosen.astype(np.int64), experts)
         return RoutingProfile(counts / counts.sum(), 1.0, False, 0.0)
     logits = _logits(popular, tokens, spec.load.router_temperature, rng)
-    if policy == "noisy_topk":
-        noise_scale = _softplus_noise_scale(tokens, experts, rng)
-        logits = logits + gating.noise_std * rng.standard_normal(logits.shape) * noise_scale
+    if policy == "noisy_topk" or (policy == "hierarchical" and gating.noisy):
+        logits = _add_gate_noise(logits, gating.noise_std, rng)
     if policy in ("topk", "noisy_topk", "switch", "moefication"):
         counts = _counts(_top(logits, k), experts)
         return RoutingProfile(counts / counts.sum(), float(k), False, 0.0)
@@ -175,7 +180,10 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
     groups = gating.groups or ranks
     per_group = experts // groups
     group_popularity = popular.reshape(groups, per_group).sum(axis=1)
-    primary = _top(_logits(group_popularity, tokens, spec.load.router_temperature, rng), gating.k_primary)
+    primary_logits = _logits(group_popularity, tokens, spec.load.router_temperature, rng)
+    if gating.noisy:
+        primary_logits = _add_gate_noise(primary_logits, gating.noise_std, rng)
+    primary = _top(primary_logits, gating.k_primary)
     inner_k = k // gating.k_primary
     counts = np.zeros(experts)
     for slot in range(gating.k_primary):
@@ -214,5 +222,8 @@ def router_products(spec: MoEFFNBlock, ranks: int) -> list[tuple[str, int, int]]
         return [("moe.router", 1, spec.experts), ("moe.router_noise", 1, spec.experts)]
     if policy == "hierarchical":
         groups = spec.gating.groups or ranks
-        return [("moe.router_primary", 1, groups), ("moe.router_secondary", spec.gating.k_primary, spec.experts // groups)]
+        gates = [("moe.router_primary", 1, groups), ("moe.router_secondary", spec.gating.k_primary, spec.experts // groups)]
+        if spec.gating.noisy:  # each gate gets its noise projection
+            gates += [(name + "_noise", times, width) for name, times, width in gates]
+        return gates
     return [("moe.router", 1, spec.experts)]

@@ -57,6 +57,7 @@ class GatingSpec(StrictModel):
     noise_std: NonNegativeFloat = 1.0  # noisy_topk: scale of the N(0,1) * softplus(x Wnoise) term
     groups: PositiveInt | None = None  # hierarchical: primary branching (Shazeer 2017: the device count)
     k_primary: PositiveInt = 2  # hierarchical: groups per token; k / k_primary experts in each
+    noisy: bool = False  # hierarchical: noisy top-k gates at both levels (Shazeer 2017)
     vocab: PositiveInt = 32000  # hash: token-id space
     token_zipf: NonNegativeFloat = 1.0  # hash: token frequencies follow Zipf(token_zipf)
     sample_tokens: PositiveInt = 4096  # tokens routed for real per layer to measure the policy
