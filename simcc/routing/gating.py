@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from simcc.errors import InputError
+from simcc.specs.tables import read_numeric_csv
 from simcc.specs.workload import GATING_POLICIES, MoEFFNBlock
 
 FEATURE_DIM = 16  # width of the synthetic token features behind noisy top-k's noise scale
@@ -58,22 +58,9 @@ def aux_loss_cv(w_importance: float, w_load: float) -> float:
 
 def read_expert_column(path: str, column: str, experts: int, field: str) -> np.ndarray:
     """One numeric column, one row per expert, from a user's CSV."""
-    import pandas as pd
-
-    if not Path(path).is_file():
-        raise InputError(path, "", f"file not found (named by {field})")
-    try:
-        frame = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise InputError(path, "", f"not a readable CSV ({exc})") from None
-    if column not in frame.columns:
-        raise InputError(path, column, f"missing column; expected a `{column}` column, one row per expert")
-    values = pd.to_numeric(frame[column], errors="coerce")
+    values = read_numeric_csv(path, {column: 0}, named_by=field)[column]
     if len(values) != experts:
         raise InputError(path, column, f"expected {experts} rows (one per expert), got {len(values)}")
-    if values.isna().any() or (values < 0).any():
-        row = int((values.isna() | (values < 0)).idxmax()) + 2
-        raise InputError(path, f"line {row}: {column}", "expected a number >= 0")
     return values.to_numpy(dtype=float)
 
 

@@ -13,19 +13,18 @@ import math
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import simpy
 
 from simcc.errors import InputError
 from simcc.routing.gating import popularity
+from simcc.specs.tables import read_numeric_csv
 from simcc.specs.workload import ServeSpec
 from simcc.timing.serving import ServingCosts
 
 CACHE_PROFILE_CYCLES = 6  # request cycles (one prefill, then its decode steps) in the cache profile
 CACHE_PROFILE_DECODE_STEPS = 64  # decode steps per cycle, at most
-TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 
 @dataclass(frozen=True)
@@ -48,29 +47,12 @@ def poisson_requests(rate: float | None, count: int, serve: ServeSpec, seed: int
 
 def read_trace(path: str) -> list[Request]:
     """A CSV with arrival_s, prompt_tokens, output_tokens and optionally compute_scale."""
-    import pandas as pd
-
-    source = str(path)
-    if not Path(path).is_file():
-        raise InputError(source, "", "file not found")
-    try:
-        frame = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise InputError(source, "", f"not a readable CSV ({exc})") from None
-    missing = [c for c in TRACE_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(source, ", ".join(missing), f"missing column(s); expected {', '.join(TRACE_COLUMNS)}")
-    if frame.empty:
-        raise InputError(source, "", "no requests in the trace")
-    scale = frame["compute_scale"] if "compute_scale" in frame.columns else pd.Series(1.0, index=frame.index)
-    for column, values, low in (("arrival_s", frame["arrival_s"], 0), ("prompt_tokens", frame["prompt_tokens"], 1),
-                                ("output_tokens", frame["output_tokens"], 1), ("compute_scale", scale, 1e-9)):
-        numeric = pd.to_numeric(values, errors="coerce")
-        bad = numeric.isna() | (numeric < low)
-        if bad.any():
-            row = int(bad.idxmax()) + 2  # header is line 1
-            raise InputError(source, f"line {row}: {column}", f"expected a number >= {low}, got {values[bad.idxmax()]!r}")
-    frame = frame.assign(compute_scale=scale).sort_values("arrival_s")
+    frame = read_numeric_csv(path, {"arrival_s": 0, "prompt_tokens": 1, "output_tokens": 1},
+                             optional={"compute_scale": 1.0}, named_by="--requests-trace")
+    if (frame["compute_scale"] <= 0).any():
+        row = int((frame["compute_scale"] <= 0).idxmax())
+        raise InputError(path, f"line {row + 2}: compute_scale", "expected a number > 0")
+    frame = frame.sort_values("arrival_s", kind="stable")
     return [Request(float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens), float(r.compute_scale))
             for r in frame.itertuples()]
 
