@@ -130,7 +130,7 @@ def test_overrides_apply_and_are_validated(root):
     assert workload.parallelism.pp == 2
     assert workload.train.total_tokens == 2e12
     err = _error(load_workload, "mixtral_8x7b_train_64xh100", ["parallelism.tp=abc"])
-    assert err.source == "--set parallelism.tp=abc" and err.field == "parallelism.tp"
+    assert err.source.startswith("--set parallelism.tp=abc (in ") and err.field == "parallelism.tp"
     err = _error(load_workload, "mixtral_8x7b_train_64xh100", ["parallelism.tpp=2"])
     assert "did you mean 'tp'" in err.message
     err = _error(load_workload, "mixtral_8x7b_train_64xh100", ["parallelism"])
@@ -141,7 +141,13 @@ def test_hardware_overrides(root):
     system = load_hardware("dgx_h100_x4", ["node.intra_link.bandwidth_gb_s=900", "nodes=2"])
     assert system.intra_link.bandwidth_gb_s == 900 and system.nodes == 2
     err = _error(load_hardware, "dgx_h100_x4", ["nodes=0"])
-    assert err.field == "nodes" and err.source == "--set nodes=0"
+    assert err.field == "nodes" and err.source.startswith("--set nodes=0 (in ")
+
+
+def test_a_section_check_names_the_override_that_broke_it():
+    err = _error(load_workload, "mixtral_8x7b_train_64xh100", ["model.blocks.1.blocks.1.moe_ffn.gating.policy=hierarchical"])
+    assert err.source.startswith("--set model.blocks.1.blocks.1.moe_ffn.gating.policy=hierarchical")
+    assert "needs gating.groups" in err.message
 
 
 def test_inconsistent_moe_spec(tmp_path):

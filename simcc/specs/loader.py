@@ -168,8 +168,9 @@ def validate(model: type[M], data: dict[str, Any], source: str, overrides: dict[
         field = _dotted(first["loc"]) or "(top level)"
         where = source
         for path, label in (overrides or {}).items():
-            if field == path or field.startswith(path + "."):
-                where = label
+            # the override set this field, a section holding it, or something inside this section
+            if field == path or field.startswith(path + ".") or path.startswith(field + "."):
+                where = f"{label} (in {source})"
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise InputError(where, field, _explain(first, model) + more) from None
 
