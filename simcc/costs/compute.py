@@ -42,6 +42,15 @@ def efficiency(device: Device, family: str, kernel_flops: float) -> float:
     return eff.attention if family == "attention" else eff.matmul
 
 
+def memory_efficiency(device: Device, family: str, moved: float) -> float:
+    """Achieved fraction of memory bandwidth: the family's calibrated curve over bytes moved
+    (gathers and scatters stream worse than copies), else the profile's single fraction."""
+    curve = device.efficiency.memory_curves.get(family)  # type: ignore[call-overload]
+    if curve is not None:
+        return float(np.interp(math.log10(max(moved, 1.0)), np.log10(curve.flops), curve.fraction))
+    return device.efficiency.memory
+
+
 def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float, str]:
     launch = device.efficiency.kernel_launch_us * 1e-6 * op.launches
     if op.family in MATMUL_FAMILIES or op.family == "attention":
@@ -49,7 +58,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
         compute = flops / (peak_flops(device, op.dtype) * efficiency(device, op.family, kernel))
     else:
         compute = flops / peak_flops(device, VECTOR_DTYPE)
-    memory = moved / (device.memory_bandwidth_gb_s * 1e9 * device.efficiency.memory)
+    memory = moved / (device.memory_bandwidth_gb_s * 1e9 * memory_efficiency(device, op.family, moved))
     if flops == 0 and moved == 0:
         return 0.0, "launch"
     busy = max(compute, memory)

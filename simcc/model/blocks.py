@@ -296,7 +296,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     if ep > 1:
         fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
     # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
-    fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="permute",
+    fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="combine",
                            saved_elements=T * spec.k * hidden))
     if spec.shared_experts:
         shared_hidden = (spec.shared_expert_hidden or spec.expert_hidden) * spec.shared_experts

@@ -30,9 +30,10 @@ class PeakTflops(StrictModel):
 
 
 class EfficiencyCurve(StrictModel):
-    """Achieved fraction of peak against an op's FLOPs, filled by `simcc calibrate`."""
+    """Achieved fraction of peak against an op's size (FLOPs for compute-bound families, bytes
+    moved for memory-bound ones), filled by `simcc calibrate`."""
 
-    flops: list[PositiveFloat] = Field(min_length=1)
+    flops: list[PositiveFloat] = Field(min_length=1)  # the size axis (bytes for memory curves)
     fraction: list[Fraction] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -52,6 +53,8 @@ class Efficiency(StrictModel):
     memory: Fraction = 0.80
     kernel_launch_us: NonNegativeFloat = 5.0
     curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm"], EfficiencyCurve] = {}
+    # Fraction of memory bandwidth against bytes moved, per memory-bound family.
+    memory_curves: dict[Literal["memcpy", "permute", "combine", "gate", "elementwise", "embedding"], EfficiencyCurve] = {}
     source: str = "simcc defaults"
 
 
@@ -76,6 +79,7 @@ class Device(StrictModel):
     kind: Literal["device"] = "device"
     name: str
     source: str
+    processor: Literal["gpu", "cpu"] = "gpu"  # which measurements may calibrate it
     peak_tflops: PeakTflops
     memory_gb: PositiveFloat
     memory_bandwidth_gb_s: PositiveFloat

@@ -234,6 +234,12 @@ def resolve_profile_path(name_or_path: str) -> Path:
 
 
 def load_hardware(name_or_path: str, overrides: list[str] | None = None) -> System:
+    profile, source = load_profile_model(name_or_path, overrides)
+    return system_from(profile, source)  # type: ignore[arg-type]
+
+
+def load_profile_model(name_or_path: str, overrides: list[str] | None = None):
+    """The validated profile (Device, Node, Cluster or Edge) with every name resolved, and its path."""
     path = resolve_profile_path(name_or_path)
     source = str(path)
     data = read_yaml(path)
@@ -248,8 +254,7 @@ def load_hardware(name_or_path: str, overrides: list[str] | None = None) -> Syst
     if kind == "cluster":
         _resolve_reference(data, "node", "node", roots, source)
     labels = _apply_all(data, overrides or [])
-    profile = validate(PROFILE_KINDS[kind], data, source, labels)
-    return system_from(profile, source)  # type: ignore[arg-type]
+    return validate(PROFILE_KINDS[kind], data, source, labels), source
 
 
 # ---------------------------------------------------------------- workloads

@@ -1,0 +1,1 @@
+"""Measure: real torch kernels and collectives on this machine."""

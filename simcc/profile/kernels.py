@@ -1,0 +1,210 @@
+"""Time real torch kernels at MoE shapes: the measurements that calibration fits.
+
+Each case records the op family and the same FLOPs and bytes the cost model assigns it
+(simcc/model/ops.py conventions), so a measured time and a predicted time describe one thing.
+torch is imported here only: `simcc estimate` never loads this module.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from simcc.model.ops import DTYPE_BYTES
+
+FAMILIES = ("gemm", "grouped_gemm", "gate", "permute", "combine", "attention", "memcpy", "lstm", "moe_layer")
+MEASUREMENT_COLUMNS = ("family", "case", "dtype", "flops", "bytes", "kernel_flops", "tokens", "hidden", "ffn",
+                       "experts", "k", "backward", "median_s", "p10_s", "p90_s", "repeats",
+                       "device_type", "device_name", "torch_version", "threads")
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    name: str
+    flops: float
+    bytes: float
+    kernel_flops: float
+    run: Callable[[], object]
+    tokens: int = 0
+    hidden: int = 0
+    ffn: int = 0
+    experts: int = 0
+    k: int = 0
+    backward: bool = False
+
+
+def device_description(device: str) -> tuple[str, str]:
+    import torch
+
+    if device == "cuda":
+        return "cuda", torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return "cpu", name
+
+
+def time_case(case: Case, device: str, repeats: int, warmup: int) -> tuple[float, float, float]:
+    """Median, 10th and 90th percentile seconds: CUDA events on a GPU, perf_counter on a CPU."""
+    import torch
+
+    for _ in range(warmup):
+        case.run()
+    samples = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            case.run()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            case.run()
+            samples.append(time.perf_counter() - start)
+    samples.sort()
+    pick = lambda q: samples[min(len(samples) - 1, int(q * (len(samples) - 1) + 0.5))]  # noqa: E731
+    return statistics.median(samples), pick(0.1), pick(0.9)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_cases(device: str, dtype: str, quick: bool) -> list[Case]:
+    """Shapes: expert GEMMs over token counts from 1 up, grouped GEMMs with uneven loads, the gate,
+    dispatch/combine, attention, copies, an LSTM step, and whole MoE layers for validation."""
+    import torch
+
+    torch.manual_seed(0)
+    dt, b = _dtype(dtype), DTYPE_BYTES[dtype]
+    tensor = lambda *shape: torch.randn(*shape, device=device, dtype=dt)  # noqa: E731
+    hidden, ffn = (256, 512) if quick else (1024, 2816)
+    token_counts = [1, 8, 64, 256, 1024] if quick else [1, 4, 16, 64, 256, 1024, 4096, 16384]
+    cases: list[Case] = []
+
+    for tokens in token_counts:  # expert up-projection shapes
+        a, w = tensor(tokens, hidden), tensor(hidden, ffn)
+        cases.append(Case("gemm", f"gemm_{tokens}x{hidden}x{ffn}", 2.0 * tokens * hidden * ffn,
+                          (tokens * hidden + hidden * ffn + tokens * ffn) * b, 2.0 * tokens * hidden * ffn,
+                          lambda a=a, w=w: a @ w, tokens=tokens, hidden=hidden, ffn=ffn))
+
+    experts = 8
+    for total in token_counts[2:]:
+        weights = torch.linspace(0.4, 1.6, experts)
+        loads = [max(1, int(total * experts * w / weights.sum())) for w in weights.tolist()]  # uneven
+        inputs = [tensor(n, hidden) for n in loads]
+        ws = [tensor(hidden, ffn) for _ in loads]
+        flops = sum(2.0 * n * hidden * ffn for n in loads)
+        moved = sum((n * hidden + hidden * ffn + n * ffn) * b for n in loads)
+        cases.append(Case("grouped_gemm", f"grouped_{experts}x{total}", flops, moved, flops / experts,
+                          lambda inputs=inputs, ws=ws: [x @ w for x, w in zip(inputs, ws)],
+                          tokens=sum(loads), hidden=hidden, ffn=ffn, experts=experts))
+
+    for tokens in token_counts[2:]:
+        x, router = tensor(tokens, hidden), tensor(hidden, 64)
+        cases.append(Case("gate", f"gate_{tokens}x64", 2.0 * tokens * hidden * 64,
+                          (tokens * hidden + hidden * 64 + tokens * 64) * b, 2.0 * tokens * hidden * 64,
+                          lambda x=x, r=router: torch.topk(torch.softmax(x @ r, dim=-1), 2, dim=-1),
+                          tokens=tokens, hidden=hidden, experts=64, k=2))
+        index = torch.randint(0, tokens, (tokens * 2,), device=device)
+        out = torch.zeros(tokens, hidden, device=device, dtype=dt)
+        cases.append(Case("permute", f"permute_{tokens}x2", tokens * 2 * hidden, 2 * tokens * 2 * hidden * b, 0.0,
+                          lambda x=x, i=index: x.index_select(0, i), tokens=tokens, hidden=hidden, k=2))
+        source = tensor(tokens * 2, hidden)
+        cases.append(Case("combine", f"combine_{tokens}x2", tokens * 2 * hidden, 3 * tokens * 2 * hidden * b, 0.0,
+                          lambda o=out, i=index, s=source: o.index_add_(0, i, s), tokens=tokens, hidden=hidden, k=2))
+
+    for seq in ([128, 256] if quick else [256, 1024, 2048]):
+        heads, head_dim = 4, 64
+        q, k_, v = tensor(1, heads, seq, head_dim), tensor(1, heads, seq, head_dim), tensor(1, heads, seq, head_dim)
+        flops = 4.0 * seq * seq * heads * head_dim * 0.5  # causal
+        cases.append(Case("attention", f"attention_{seq}", flops, 4 * seq * heads * head_dim * b, flops,
+                          lambda q=q, k=k_, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                          tokens=seq, hidden=heads * head_dim))
+
+    for megabytes in ([1, 16] if quick else [1, 16, 128]):
+        x = torch.empty(int(megabytes * 1e6 / b), device=device, dtype=dt)
+        y = torch.empty_like(x)
+        cases.append(Case("memcpy", f"copy_{megabytes}MB", 0.0, 2 * x.numel() * b, 0.0, lambda x=x, y=y: y.copy_(x)))
+
+    cell = torch.nn.LSTMCell(hidden, hidden, device=device, dtype=dt)
+    for batch in ([16, 128] if quick else [16, 128, 1024]):
+        x, h, c = tensor(batch, hidden), tensor(batch, hidden), tensor(batch, hidden)
+        flops = 2.0 * batch * 2 * hidden * 4 * hidden
+        cases.append(Case("lstm", f"lstm_cell_{batch}", flops, (batch * 2 * hidden + 8 * hidden * hidden) * b, flops,
+                          lambda x=x, h=h, c=c, cell=cell: cell(x, (h, c)), tokens=batch, hidden=hidden))
+
+    cases += moe_layer_cases(device, dtype, quick)
+    return cases
+
+
+def moe_layer_cases(device: str, dtype: str, quick: bool) -> list[Case]:
+    """A whole top-k MoE layer (gate, dispatch, expert FFNs, combine), forward and forward+backward,
+    at shapes the calibration does not use: the end-to-end check for `simcc validate`."""
+    import torch
+
+    dt = _dtype(dtype)
+    hidden, ffn, experts, k = (192, 384, 4, 2) if quick else (768, 2048, 8, 2)
+    tokens = 512 if quick else 2048
+    router = torch.nn.Linear(hidden, experts, bias=False, device=device, dtype=dt)
+    up = [torch.nn.Linear(hidden, ffn, bias=False, device=device, dtype=dt) for _ in range(experts)]
+    down = [torch.nn.Linear(ffn, hidden, bias=False, device=device, dtype=dt) for _ in range(experts)]
+    x = torch.randn(tokens, hidden, device=device, dtype=dt, requires_grad=True)
+
+    def layer():
+        gates = torch.softmax(router(x), dim=-1)
+        weight, chosen = torch.topk(gates, k, dim=-1)
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat)
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=experts).tolist()
+        routed = x.index_select(0, token_of)  # dispatch
+        outputs, start = [], 0
+        for e, n in enumerate(counts):
+            outputs.append(down[e](torch.relu(up[e](routed[start : start + n]))))
+            start += n
+        expert_out = torch.cat(outputs) * weight.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add(0, token_of, expert_out)  # combine
+
+    def forward_backward():
+        layer().sum().backward()
+
+    common = dict(tokens=tokens, hidden=hidden, ffn=ffn, experts=experts, k=k)
+    return [Case("moe_layer", "moe_layer_fwd", 0.0, 0.0, 0.0, lambda: layer(), **common),
+            Case("moe_layer", "moe_layer_fwd_bwd", 0.0, 0.0, 0.0, forward_backward, backward=True, **common)]
+
+
+def run_profile(device: str, dtype: str, quick: bool, progress: Callable[[int, int, str], None] | None = None):
+    """Measure every case; returns a pandas table with MEASUREMENT_COLUMNS."""
+    import pandas as pd
+    import torch
+
+    device_type, device_name = device_description(device)
+    cases = build_cases(device, dtype, quick)
+    repeats, warmup = (15, 3) if quick else (30, 5)
+    rows = []
+    for done, case in enumerate(cases):
+        median, p10, p90 = time_case(case, device, repeats, warmup)
+        rows.append({"family": case.family, "case": case.name, "dtype": dtype, "flops": case.flops,
+                     "bytes": case.bytes, "kernel_flops": case.kernel_flops, "tokens": case.tokens,
+                     "hidden": case.hidden, "ffn": case.ffn, "experts": case.experts, "k": case.k,
+                     "backward": case.backward, "median_s": median, "p10_s": p10, "p90_s": p90, "repeats": repeats,
+                     "device_type": device_type, "device_name": device_name, "torch_version": torch.__version__,
+                     "threads": torch.get_num_threads() if device == "cpu" else os.cpu_count()})
+        if progress:
+            progress(done + 1, len(cases), case.name)
+    return pd.DataFrame(rows, columns=list(MEASUREMENT_COLUMNS))

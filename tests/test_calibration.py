@@ -1,0 +1,99 @@
+"""Profile -> calibrate -> validate on this machine's CPU, with small shapes. Timing is noisy, so
+the assertions are about well-formed outputs and finite, reported errors, never about speed."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simcc.calibrate.fit import _pool_adjacent_violators, held_out_mask  # noqa: E402
+from simcc.profile.kernels import FAMILIES, MEASUREMENT_COLUMNS  # noqa: E402
+from simcc.specs.loader import load_hardware  # noqa: E402
+
+
+def simcc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simcc", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("profile") / "cpu.csv"
+    result = simcc("profile", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_profile_writes_a_tidy_table(measured):
+    frame = pd.read_csv(measured)
+    assert list(frame.columns) == list(MEASUREMENT_COLUMNS)
+    assert set(frame["family"]) == set(FAMILIES)
+    assert (frame["median_s"] > 0).all() and (frame["p10_s"] <= frame["p90_s"]).all()
+    assert frame["device_type"].unique().tolist() == ["cpu"]
+
+
+def test_calibrate_writes_a_new_profile_and_reports_held_out_error(measured, tmp_path):
+    out = tmp_path / "calibrated.yaml"
+    before = measured.read_bytes()
+    result = simcc("calibrate", str(measured), "--base", "cpu_host_generic", "--out", str(out), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    assert measured.read_bytes() == before  # the input is untouched
+    summary = pd.read_csv(pd.io.common.StringIO(result.stdout.split("note:")[0]))
+    assert {"family", "points", "median_abs_error", "worst_abs_error"} <= set(summary.columns)
+    assert summary["median_abs_error"].map(math.isfinite).all()
+    system = load_hardware(str(out))  # estimate can use it directly
+    assert system.device.efficiency.curves and system.device.efficiency.memory_curves
+    assert "calibrated" in system.device.name
+
+
+def test_validate_predicts_every_row_with_finite_error(measured, tmp_path):
+    out = tmp_path / "calibrated.yaml"
+    assert simcc("calibrate", str(measured), "--base", "cpu_host_generic", "--out", str(out)).returncode == 0
+    result = simcc("validate", "--profile", str(out), "--measurements", str(measured), "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(pd.io.common.StringIO(result.stdout))
+    assert len(table) == len(pd.read_csv(measured))
+    assert table["error"].map(math.isfinite).all()
+    assert set(table["family"]) >= {"moe_layer"}  # the end-to-end layer check
+
+
+def test_calibrate_refuses_to_overwrite_its_inputs(measured):
+    result = simcc("calibrate", str(measured), "--base", "cpu_host_generic", "--out", str(measured))
+    assert result.returncode == 2 and "would overwrite an input" in result.stderr
+
+
+@pytest.mark.parametrize("mutation,fragment", [
+    (lambda f: f.drop(columns=["median_s"]), "missing column"),
+    (lambda f: f.assign(family="warp_drive"), "unknown op name"),
+    (lambda f: f.assign(device_type="cuda"), "describes a cpu"),
+])
+def test_bad_measurements_are_one_line_errors(measured, tmp_path, mutation, fragment):
+    bad = tmp_path / "bad.csv"
+    mutation(pd.read_csv(measured)).to_csv(bad, index=False)
+    result = simcc("calibrate", str(bad), "--base", "cpu_host_generic", "--out", str(tmp_path / "o.yaml"))
+    assert result.returncode == 2 and fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_gpu_profile_rejects_cpu_measurements(measured, tmp_path):
+    result = simcc("calibrate", str(measured), "--base", "h100_sxm", "--out", str(tmp_path / "o.yaml"))
+    assert result.returncode == 2 and "measured on a cpu" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
+    result = simcc("profile", "--device", "cuda", "--quick", "--out", str(tmp_path / "x.csv"))
+    assert result.returncode == 2 and "CUDA is not available" in result.stderr
+
+
+def test_monotone_fit_and_hold_out():
+    assert _pool_adjacent_violators([0.1, 0.3, 0.2, 0.5], [1, 1, 1, 1]) == pytest.approx([0.1, 0.25, 0.25, 0.5])
+    frame = pd.DataFrame({"family": ["gemm"] * 6, "kernel_flops": [1, 2, 3, 4, 5, 6], "bytes": [0] * 6})
+    held = held_out_mask(frame)
+    assert not held.iloc[0] and not held.iloc[-1] and held.sum() == 2  # ends always fitted
