@@ -52,12 +52,22 @@ def device_description(device: str) -> tuple[str, str]:
     return "cpu", name
 
 
-def time_case(case: Case, device: str, repeats: int, warmup: int) -> tuple[float, float, float]:
-    """Median, 10th and 90th percentile seconds: CUDA events on a GPU, perf_counter on a CPU."""
+MIN_REPEATS = 5  # long kernels get fewer repeats than the budget asks, never fewer than this
+MAX_REPEATS = 2000
+
+
+def time_case(case: Case, device: str, budget_s: float, warmup: int) -> tuple[float, float, float, int]:
+    """Median, 10th and 90th percentile seconds and the repeats taken: CUDA events on a GPU,
+    perf_counter on a CPU."""
     import torch
 
+    start = time.perf_counter()
     for _ in range(warmup):
         case.run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    each = (time.perf_counter() - start) / max(1, warmup)
+    repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(budget_s / max(each, 1e-9))))
     samples = []
     if device == "cuda":
         torch.cuda.synchronize()
@@ -75,7 +85,7 @@ def time_case(case: Case, device: str, repeats: int, warmup: int) -> tuple[float
             samples.append(time.perf_counter() - start)
     samples.sort()
     pick = lambda q: samples[min(len(samples) - 1, int(q * (len(samples) - 1) + 0.5))]  # noqa: E731
-    return statistics.median(samples), pick(0.1), pick(0.9)
+    return statistics.median(samples), pick(0.1), pick(0.9), repeats
 
 
 def _dtype(name: str):
@@ -114,7 +124,7 @@ def build_cases(device: str, dtype: str, quick: bool) -> list[Case]:
                           lambda inputs=inputs, ws=ws: [x @ w for x, w in zip(inputs, ws)],
                           tokens=sum(loads), hidden=hidden, ffn=ffn, experts=experts))
 
-    for tokens in token_counts[2:]:
+    for tokens in token_counts:
         x, router = tensor(tokens, hidden), tensor(hidden, 64)
         cases.append(Case("gate", f"gate_{tokens}x64", 2.0 * tokens * hidden * 64,
                           (tokens * hidden + hidden * 64 + tokens * 64) * b, 2.0 * tokens * hidden * 64,
@@ -136,10 +146,11 @@ def build_cases(device: str, dtype: str, quick: bool) -> list[Case]:
                           lambda q=q, k=k_, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
                           tokens=seq, hidden=heads * head_dim))
 
-    for megabytes in ([1, 16] if quick else [1, 16, 128]):
+    # Copies every 4x in size, so that cache-to-memory transitions are sampled, not jumped over.
+    for megabytes in ([0.25, 1, 4, 16] if quick else [0.0625, 0.25, 1, 4, 16, 64, 256]):
         x = torch.empty(int(megabytes * 1e6 / b), device=device, dtype=dt)
         y = torch.empty_like(x)
-        cases.append(Case("memcpy", f"copy_{megabytes}MB", 0.0, 2 * x.numel() * b, 0.0, lambda x=x, y=y: y.copy_(x)))
+        cases.append(Case("memcpy", f"copy_{megabytes:g}MB", 0.0, 2 * x.numel() * b, 0.0, lambda x=x, y=y: y.copy_(x)))
 
     cell = torch.nn.LSTMCell(hidden, hidden, device=device, dtype=dt)
     for batch in ([16, 128] if quick else [16, 128, 1024]):
@@ -195,14 +206,14 @@ def run_profile(device: str, dtype: str, quick: bool, progress: Callable[[int, i
 
     device_type, device_name = device_description(device)
     cases = build_cases(device, dtype, quick)
-    repeats, warmup = (15, 3) if quick else (30, 5)
+    budget_s, warmup = (0.2, 3) if quick else (0.5, 3)  # timed seconds per case
     rows = []
     for done, case in enumerate(cases):
-        median, p10, p90 = time_case(case, device, repeats, warmup)
+        median, p10, p90, taken = time_case(case, device, budget_s, warmup)
         rows.append({"family": case.family, "case": case.name, "dtype": dtype, "flops": case.flops,
                      "bytes": case.bytes, "kernel_flops": case.kernel_flops, "tokens": case.tokens,
                      "hidden": case.hidden, "ffn": case.ffn, "experts": case.experts, "k": case.k,
-                     "backward": case.backward, "median_s": median, "p10_s": p10, "p90_s": p90, "repeats": repeats,
+                     "backward": case.backward, "median_s": median, "p10_s": p10, "p90_s": p90, "repeats": taken,
                      "device_type": device_type, "device_name": device_name, "torch_version": torch.__version__,
                      "threads": torch.get_num_threads() if device == "cpu" else os.cpu_count()})
         if progress:
