@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -85,18 +86,23 @@ def _torch_or_exit(command: str):
     return torch
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Default: bf16 on cuda, fp32 on cpu.")
-@click.option("--quick", is_flag=True, help="Small shapes and few repeats (a CPU run stays under two minutes).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Measurements CSV to write.")
-def profile(device: str, dtype: str | None, quick: bool, out_path: str) -> None:
+@click.option("--quick", is_flag=True, help="Small shapes and short timing (a CPU run stays under two minutes).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Measurements CSV to write.")
+@click.pass_context
+def profile(ctx: click.Context, device: str, dtype: str | None, quick: bool, out_path: str | None) -> None:
     """Time real torch kernels (GEMMs, grouped expert GEMMs, gate, dispatch/combine, attention, copies,
-    LSTM, whole MoE layers) on this machine and write a measurements table."""
+    LSTM, whole MoE layers) on this machine and write a measurements table. `simcc profile comm`
+    measures collectives instead."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if out_path is None:
+        raise click.UsageError("Missing option '--out'.")
     torch = _torch_or_exit("simcc profile")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda", "", f"CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    _check_cuda(torch, device)
     from rich.progress import Progress
 
     from simcc.profile.kernels import run_profile
@@ -113,32 +119,76 @@ def profile(device: str, dtype: str | None, quick: bool, out_path: str) -> None:
     click.echo(f"wrote {len(table)} measurements on {table['device_name'].iloc[0]} to {out_path}")
 
 
+@profile.command("comm")
+@click.option("--ranks", type=click.IntRange(2, 1024), default=2, show_default=True,
+              help="Local processes to start (ignored under torchrun, which sets the world).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quick", is_flag=True, help="Messages up to 4 MB only.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+def profile_comm(ranks: int, device: str, quick: bool, out_path: str) -> None:
+    """Time all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes
+    (gloo across local CPU processes; NCCL across GPUs). Multi-GPU or multi-node:
+    `torchrun --nproc-per-node 8 -m simcc profile comm --device cuda --out comm.csv`."""
+    torch = _torch_or_exit("simcc profile comm")
+    _check_cuda(torch, device)
+    from simcc.profile.comm import run_comm_profile
+
+    run_comm_profile(ranks, device, quick, out_path)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"wrote collective measurements to {out_path}")
+
+
+def _check_cuda(torch, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda", "", f"CUDA is not available here (torch {torch.__version__}); use --device cpu")
+
+
 @main.command()
-@click.argument("measurements")
+@click.argument("measurements", nargs=-1, required=True)
 @click.option("--base", required=True, help="Hardware profile to start from (path or shipped name).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Calibrated profile to write.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def calibrate(measurements: str, base: str, out_path: str, fmt: str) -> None:
-    """Fit MEASUREMENTS into a calibrated profile, and report the error on held-out measurements."""
-    from simcc.calibrate.fit import calibrate as fit, calibrated_profile_yaml, error_summary
-    from simcc.calibrate.measurements import check_device, read_measurements
+def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str) -> None:
+    """Fit MEASUREMENTS (kernel tables from `simcc profile`, collective tables from `simcc profile
+    comm`) into a calibrated profile, and report the prediction error on held-out measurements."""
+    import pandas as pd
+
+    from simcc.calibrate import fit as F
+    from simcc.calibrate.measurements import check_device, measurement_kind, read_collectives, read_measurements
     from simcc.sim.trace import write_atomically
-    from simcc.specs.hardware import system_from
+    from simcc.specs.hardware import Device, Edge, system_from
     from simcc.specs.loader import load_profile_model
 
     base_profile, base_source = load_profile_model(base)
     out = Path(out_path).resolve()
-    if out in (Path(base_source).resolve(), Path(measurements).resolve()):
+    if out in {Path(base_source).resolve(), *(Path(m).resolve() for m in measurements)}:
         raise InputError(out_path, "--out", "would overwrite an input; choose a new file")
-    frame = read_measurements(measurements)
     device = system_from(base_profile, base_source).device
-    check_device(frame, device, measurements, base_source)
-    report = fit(frame, device, measurements)
-    write_atomically(out, calibrated_profile_yaml(base_profile, report.device))
-    held = report.errors[report.errors["held_out"]]
-    summary = error_summary(held)
-    click.echo(_render_errors(summary, fmt, f"held-out prediction error ({len(held)} of {len(report.errors)} kernels)"), nl=False)
-    for note in report.notes:
+    held_errors, notes, fits = [], [], None
+    kernel_files = [m for m in measurements if measurement_kind(m) == "kernels"]
+    comm_files = [m for m in measurements if m not in kernel_files]
+    if kernel_files:
+        frame = pd.concat([read_measurements(m) for m in kernel_files], ignore_index=True)
+        check_device(frame, device, kernel_files[0], base_source)
+        report = F.calibrate(frame, device, ", ".join(kernel_files))
+        device, notes = report.device, report.notes
+        held_errors.append(report.errors[report.errors["held_out"]])
+    comm = None
+    if comm_files:
+        if isinstance(base_profile, (Device, Edge)):
+            raise InputError(base_source, "kind", "collective measurements need a node or cluster profile (the link they measure)")
+        comm = pd.concat([read_collectives(m) for m in comm_files], ignore_index=True)
+        check_device(comm, device, comm_files[0], base_source)
+        held = F.comm_held_out(comm)
+        fits = F.fit_collectives(comm[~held])
+    profile = F.calibrated_profile(base_profile, device, fits)
+    write_atomically(out, F.profile_yaml(profile))
+    if comm is not None:
+        errors = F.collective_errors(comm, system_from(profile, str(out)))
+        held_errors.append(errors[F.comm_held_out(comm).to_numpy()])
+    held = pd.concat(held_errors, ignore_index=True)
+    click.echo(_render_errors(F.error_summary(held), fmt, f"held-out prediction error ({len(held)} measurements)"), nl=False)
+    for note in notes:
         click.echo(f"note: {note}")
     if fmt == "table":
         click.echo(f"wrote {out_path}")
@@ -146,23 +196,33 @@ def calibrate(measurements: str, base: str, out_path: str, fmt: str) -> None:
 
 @main.command()
 @click.option("--profile", "profile_name", required=True, help="Hardware profile (e.g. one written by calibrate).")
-@click.option("--measurements", required=True, help="Measurements CSV from `simcc profile`.")
+@click.option("--measurements", multiple=True, required=True, help="Kernel or collective CSV; repeat for several.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def validate(profile_name: str, measurements: str, fmt: str) -> None:
-    """Predicted vs measured for every measured kernel and MoE layer, with signed error."""
-    from simcc.calibrate.fit import error_summary, prediction_errors
-    from simcc.calibrate.measurements import check_device, read_measurements
+def validate(profile_name: str, measurements: tuple[str, ...], fmt: str) -> None:
+    """Predicted vs measured for every measured kernel, MoE layer and collective, with signed error."""
+    import pandas as pd
+
+    from simcc.calibrate.fit import collective_errors, error_summary, prediction_errors
+    from simcc.calibrate.measurements import check_device, measurement_kind, read_collectives, read_measurements
     from simcc.specs.loader import load_hardware
 
     system = load_hardware(profile_name)
-    frame = read_measurements(measurements)
-    check_device(frame, system.device, measurements, system.source_file)
-    errors = prediction_errors(frame, system.device)
+    tables = []
+    for path in measurements:
+        if measurement_kind(path) == "kernels":
+            frame = read_measurements(path)
+            check_device(frame, system.device, path, system.source_file)
+            tables.append(prediction_errors(frame, system.device))
+        else:
+            frame = read_collectives(path)
+            check_device(frame, system.device, path, system.source_file)
+            tables.append(collective_errors(frame, system))
+    errors = pd.concat(tables, ignore_index=True)
     if fmt != "table":
         click.echo(errors.to_json(orient="records", indent=2) + "\n" if fmt == "json" else errors.to_csv(index=False), nl=False)
         return
     for _, row in errors.iterrows():
-        click.echo(f"{row['case']:28s} {row['family']:13s} measured {row['measured_s'] * 1e3:10.4f} ms  "
+        click.echo(f"{row['case']:30s} {row['family']:14s} measured {row['measured_s'] * 1e3:10.4f} ms  "
                    f"predicted {row['predicted_s'] * 1e3:10.4f} ms  {row['error'] * 100:+7.1f}%")
     click.echo(_render_errors(error_summary(errors), "table", "summary"), nl=False)
 

@@ -97,3 +97,66 @@ def test_monotone_fit_and_hold_out():
     frame = pd.DataFrame({"family": ["gemm"] * 6, "kernel_flops": [1, 2, 3, 4, 5, 6], "bytes": [0] * 6})
     held = held_out_mask(frame)
     assert not held.iloc[0] and not held.iloc[-1] and held.sum() == 2  # ends always fitted
+
+
+# ---------------------------------------------------------------- collectives
+
+from simcc.costs.collectives import CommGroup, collective_time  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def comm_measured(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("comm") / "comm.csv"
+    result = simcc("profile", "comm", "--ranks", "2", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_comm_profile_covers_every_collective_and_size(comm_measured):
+    frame = pd.read_csv(comm_measured)
+    assert set(frame["collective"]) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}
+    assert frame.groupby("collective")["bytes"].nunique().min() >= 5  # 4 KB .. 4 MB, every 4x
+    assert (frame["median_s"] > 0).all() and (frame["backend"] == "gloo").all()
+
+
+def test_collectives_calibrate_into_link_fits_and_validate(comm_measured, measured, tmp_path):
+    out = tmp_path / "node.yaml"
+    result = simcc("calibrate", str(measured), str(comm_measured), "--base", "cpu_host_local", "--out", str(out),
+                   "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    summary = pd.read_csv(pd.io.common.StringIO(result.stdout.split("note:")[0]))
+    assert {"all_reduce", "p2p", "gemm"} <= set(summary["family"])
+    system = load_hardware(str(out))
+    assert {f.collective for f in system.intra_link.fits} == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}
+    checked = simcc("validate", "--profile", str(out), "--measurements", str(comm_measured), "--format", "csv")
+    table = pd.read_csv(pd.io.common.StringIO(checked.stdout))
+    assert checked.returncode == 0 and table["error"].map(math.isfinite).all()
+
+
+def test_collective_measurements_need_a_node_profile(comm_measured, tmp_path):
+    result = simcc("calibrate", str(comm_measured), "--base", "cpu_host_generic", "--out", str(tmp_path / "x.yaml"))
+    assert result.returncode == 2 and "need a node or cluster profile" in result.stderr
+
+
+def test_unknown_collective_is_a_one_line_error(comm_measured, tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(comm_measured).assign(collective="broadcast_storm").to_csv(bad, index=False)
+    result = simcc("calibrate", str(bad), "--base", "cpu_host_local", "--out", str(tmp_path / "x.yaml"))
+    assert result.returncode == 2 and "unknown op name" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fitted_lines_replace_the_model_for_the_groups_they_cover():
+    from simcc.specs.hardware import CollectiveFit
+
+    system = load_hardware("dgx_h100_x1")
+    fits = [CollectiveFit(collective="all_reduce", ranks=8, max_bytes=65536, latency_us=40, bandwidth_gb_s=10),
+            CollectiveFit(collective="all_reduce", ranks=8, max_bytes=1e12, latency_us=100, bandwidth_gb_s=180)]
+    link = system.intra_link.model_copy(update={"fits": fits})
+    import dataclasses
+
+    calibrated = dataclasses.replace(system, intra_link=link)
+    assert collective_time("all_reduce", 32e3, CommGroup(8, 8), calibrated) == pytest.approx(40e-6 + 32e3 / 10e9)
+    assert collective_time("all_reduce", 1e9, CommGroup(8, 8), calibrated) == pytest.approx(100e-6 + 1e9 / 180e9)
+    # a group size or collective the fits do not cover keeps the model
+    assert collective_time("all_reduce", 1e9, CommGroup(4, 4), calibrated) == collective_time("all_reduce", 1e9, CommGroup(4, 4), system)
+    assert collective_time("all_gather", 1e9, CommGroup(8, 8), calibrated) == collective_time("all_gather", 1e9, CommGroup(8, 8), system)

@@ -162,20 +162,82 @@ def error_summary(errors: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def calibrated_profile_yaml(base_profile, device: Device) -> str:
-    """The base profile with its device replaced by the calibrated one, names resolved inline."""
-    import yaml
-
+def calibrated_profile(base_profile, device: Device, fits: list | None = None):
+    """The base profile with its device (and, given collective fits, its intra-node link) replaced."""
     from simcc.specs.hardware import Cluster, Edge, Node
 
+    def node_with(node: Node) -> Node:
+        update: dict = {"device": device}
+        if fits is not None and node.intra_link is not None:
+            update["intra_link"] = node.intra_link.model_copy(update={"fits": fits})
+        return node.model_copy(update=update)
+
     if isinstance(base_profile, Device):
-        profile = device
-    elif isinstance(base_profile, Cluster):
-        profile = base_profile.model_copy(update={"node": base_profile.node.model_copy(update={"device": device}),
-                                                  "name": f"{base_profile.name} (calibrated)"})
-    elif isinstance(base_profile, (Node, Edge)):
-        profile = base_profile.model_copy(update={"device": device, "name": f"{base_profile.name} (calibrated)"})
-    else:
-        raise TypeError(type(base_profile))
-    header = "# Written by `simcc calibrate`; efficiency.curves were fitted to measured kernels.\n"
+        return device
+    if isinstance(base_profile, Cluster):
+        return base_profile.model_copy(update={"node": node_with(base_profile.node), "name": f"{base_profile.name} (calibrated)"})
+    if isinstance(base_profile, Node):
+        return node_with(base_profile).model_copy(update={"name": f"{base_profile.name} (calibrated)"})
+    if isinstance(base_profile, Edge):
+        return base_profile.model_copy(update={"device": device, "name": f"{base_profile.name} (calibrated)"})
+    raise TypeError(type(base_profile))
+
+
+def profile_yaml(profile) -> str:
+    import yaml
+
+    header = "# Written by `simcc calibrate`: efficiency curves and collective fits come from measurements.\n"
     return header + yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+# ---------------------------------------------------------------- collectives
+
+# Protocol regimes: NCCL moves from LL to LL128 to Simple as messages grow, so one latency-bandwidth
+# line fits poorly across sizes (hardware.md); a line per range does.
+SIZE_BREAKPOINTS = (64 << 10, 4 << 20)
+
+
+def _line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
+    """Least squares t = a + b*S with a, b >= 0 (a through-origin fit when the intercept goes negative)."""
+    if len(sizes) >= 2 and np.ptp(sizes) > 0:
+        b, a = np.polyfit(sizes, seconds, 1)
+        if a >= 0 and b > 0:
+            return float(a), float(b)
+    b = float(np.dot(sizes, seconds) / np.dot(sizes, sizes))
+    return 0.0, max(b, 1e-18)
+
+
+def fit_collectives(train: pd.DataFrame):
+    """Piecewise latency-bandwidth fits per collective and rank count, one per size range."""
+    from simcc.specs.hardware import CollectiveFit
+
+    fits = []
+    for (collective, ranks), rows in train.groupby(["collective", "ranks"]):
+        rows = rows.sort_values("bytes")
+        edges = [0.0, *SIZE_BREAKPOINTS, float("inf")]
+        for low, high in zip(edges, edges[1:]):
+            part = rows[(rows["bytes"] > low) & (rows["bytes"] <= high)]
+            if part.empty:
+                continue
+            a, b = _line(part["bytes"].to_numpy(float), part["median_s"].to_numpy(float))
+            top = high if np.isfinite(high) else float(rows["bytes"].max()) * 4
+            fits.append(CollectiveFit(collective=collective, ranks=int(ranks), max_bytes=top,
+                                      latency_us=a * 1e6, bandwidth_gb_s=1.0 / b / 1e9))
+    return fits
+
+
+def collective_errors(frame: pd.DataFrame, system) -> pd.DataFrame:
+    from simcc.costs.collectives import CommGroup, collective_time
+
+    rows = []
+    for _, row in frame.iterrows():
+        group = CommGroup(int(row["ranks"]), int(row["ranks_per_node"]))
+        predicted = collective_time(str(row["collective"]), float(row["bytes"]), group, system)
+        rows.append({"family": row["collective"], "case": f"{row['collective']}_{int(row['bytes'])}B_x{int(row['ranks'])}",
+                     "measured_s": float(row["median_s"]), "predicted_s": predicted,
+                     "error": predicted / float(row["median_s"]) - 1.0})
+    return pd.DataFrame(rows, columns=["family", "case", "measured_s", "predicted_s", "error"])
+
+
+def comm_held_out(frame: pd.DataFrame) -> pd.Series:
+    return held_out_mask(frame.rename(columns={"collective": "family"}).assign(kernel_flops=frame["bytes"]))

@@ -10,6 +10,7 @@ from simcc.costs.compute import op_cost
 from simcc.errors import InputError
 from simcc.model.blocks import Batch, Shard, moe_ffn_work
 from simcc.model.ops import Op, backward_of, elementwise, gemm
+from simcc.profile.comm import COMM_COLLECTIVES, COMM_COLUMNS
 from simcc.profile.kernels import FAMILIES, MEASUREMENT_COLUMNS
 from simcc.specs.hardware import Device
 from simcc.specs.workload import MoEFFNBlock
@@ -17,13 +18,39 @@ from simcc.specs.workload import MoEFFNBlock
 PROCESSOR_OF_DEVICE_TYPE = {"cpu": "cpu", "cuda": "gpu"}
 
 
-def read_measurements(path: str) -> pd.DataFrame:
+def _read(path: str) -> pd.DataFrame:
     if not Path(path).is_file():
         raise InputError(path, "", "file not found")
     try:
-        frame = pd.read_csv(path)
+        return pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as exc:
         raise InputError(path, "", f"not a readable CSV ({exc})") from None
+
+
+def measurement_kind(path: str) -> str:
+    """"collectives" for `simcc profile comm` tables, "kernels" otherwise."""
+    return "collectives" if "collective" in _read(path).columns else "kernels"
+
+
+def read_collectives(path: str) -> pd.DataFrame:
+    frame = _read(path)
+    missing = [c for c in COMM_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(path, ", ".join(missing), "missing column(s) (write them with `simcc profile comm`)")
+    unknown = sorted(set(frame["collective"]) - set(COMM_COLLECTIVES))
+    if unknown:
+        raise InputError(path, "collective", f"unknown op name(s) {', '.join(map(str, unknown))}; "
+                         f"expected {', '.join(COMM_COLLECTIVES)}")
+    for column, floor in (("median_s", 0.0), ("bytes", 0.0), ("ranks", 1.0)):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.isna().any() or (values <= floor).any():
+            row = int((values.isna() | (values <= floor)).idxmax()) + 2
+            raise InputError(path, f"line {row}: {column}", f"expected a number > {floor:g}")
+    return frame
+
+
+def read_measurements(path: str) -> pd.DataFrame:
+    frame = _read(path)
     missing = [c for c in MEASUREMENT_COLUMNS if c not in frame.columns]
     if missing:
         raise InputError(path, ", ".join(missing), "missing column(s) (write measurements with `simcc profile`)")

@@ -99,6 +99,9 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
     n = group.size
     if n <= 1 or size <= 0:
         return 0.0
+    fitted = _measured(collective, size, group, system)
+    if fitted is not None:
+        return fitted
     intra, inter = intra_level(system), inter_level(system)
     local = min(group.per_node, n)
     nodes = group.nodes
@@ -115,6 +118,20 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
     intra_t = _ring(factor, local, size, intra)
     inter_t = _reduction(factor, nodes, size / local, inter, algorithm)
     return max(intra_t, inter_t)
+
+
+def _measured(collective: str, size: float, group: CommGroup, system: System) -> float | None:
+    """A calibrated fit of this collective on this many ranks inside one node, if the profile has
+    one: the line of the size range that holds `size` (the largest range beyond the last)."""
+    link = system.intra_link
+    if link is None or not link.fits or group.nodes != 1:
+        return None
+    ranks = 2 if collective == "p2p" else group.size
+    lines = sorted((f for f in link.fits if f.collective == collective and f.ranks == ranks), key=lambda f: f.max_bytes)
+    if not lines:
+        return None
+    line = next((f for f in lines if size <= f.max_bytes), lines[-1])
+    return line.latency_us * 1e-6 + size / (line.bandwidth_gb_s * 1e9)
 
 
 def latency_floor(collective: str, group: CommGroup, system: System, algorithm: str = "auto") -> float:

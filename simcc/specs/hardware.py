@@ -96,6 +96,17 @@ def _require_when_several(count: int, value: object, field: str, count_field: st
         raise ValueError(f"{field} is required when {count_field} > 1")
 
 
+class CollectiveFit(StrictModel):
+    """Measured time of one collective over `ranks` ranks of this link, for messages up to
+    `max_bytes`: t = latency + bytes / bandwidth (nccl-tests size; algorithm bandwidth)."""
+
+    collective: Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"]
+    ranks: int = Field(ge=2)
+    max_bytes: PositiveFloat
+    latency_us: NonNegativeFloat
+    bandwidth_gb_s: PositiveFloat
+
+
 class Link(StrictModel):
     """One device's port on a link level; bandwidth is per direction."""
 
@@ -104,6 +115,8 @@ class Link(StrictModel):
     topology: Literal["switch", "ring", "mesh", "pcie"] = "switch"
     # Protocol efficiency: NVLink4 loses ~20% to protocol (shared/reference/hardware.md).
     efficiency: Fraction = 0.80
+    # Piecewise fits from `simcc calibrate`; they replace the model for groups they cover.
+    fits: list[CollectiveFit] = []
 
 
 class Node(StrictModel):
