@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 from simcc.costs.compute import op_cost
@@ -13,57 +11,43 @@ from simcc.model.ops import Op, backward_of, elementwise, gemm
 from simcc.profile.comm import COMM_COLLECTIVES, COMM_COLUMNS
 from simcc.profile.kernels import FAMILIES, MEASUREMENT_COLUMNS
 from simcc.specs.hardware import Device
+from simcc.specs.tables import open_csv
 from simcc.specs.workload import MoEFFNBlock
 
 PROCESSOR_OF_DEVICE_TYPE = {"cpu": "cpu", "cuda": "gpu"}
 
 
-def _read(path: str) -> pd.DataFrame:
-    if not Path(path).is_file():
-        raise InputError(path, "", "file not found")
-    try:
-        return pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise InputError(path, "", f"not a readable CSV ({exc})") from None
-
-
 def measurement_kind(path: str) -> str:
     """"collectives" for `simcc profile comm` tables, "kernels" otherwise."""
-    return "collectives" if "collective" in _read(path).columns else "kernels"
+    return "collectives" if "collective" in open_csv(path).columns else "kernels"
 
 
-def read_collectives(path: str) -> pd.DataFrame:
-    frame = _read(path)
-    missing = [c for c in COMM_COLUMNS if c not in frame.columns]
+def _read_table(path: str, columns: tuple[str, ...], name_column: str, names: tuple[str, ...],
+                positive: dict[str, float], written_by: str) -> pd.DataFrame:
+    frame = open_csv(path)
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise InputError(path, ", ".join(missing), "missing column(s) (write them with `simcc profile comm`)")
-    unknown = sorted(set(frame["collective"]) - set(COMM_COLLECTIVES))
+        raise InputError(path, ", ".join(missing), f"missing column(s) (write the table with {written_by})")
+    unknown = sorted(set(frame[name_column]) - set(names))
     if unknown:
-        raise InputError(path, "collective", f"unknown op name(s) {', '.join(map(str, unknown))}; "
-                         f"expected {', '.join(COMM_COLLECTIVES)}")
-    for column, floor in (("median_s", 0.0), ("bytes", 0.0), ("ranks", 1.0)):
+        raise InputError(path, name_column, f"unknown op name(s) {', '.join(map(str, unknown))}; expected {', '.join(names)}")
+    for column, floor in positive.items():
         values = pd.to_numeric(frame[column], errors="coerce")
         if values.isna().any() or (values <= floor).any():
-            row = int((values.isna() | (values <= floor)).idxmax()) + 2
+            row = int((values.isna() | (values <= floor)).idxmax()) + 2  # line 1 is the header
             raise InputError(path, f"line {row}: {column}", f"expected a number > {floor:g}")
+    if frame["device_type"].nunique() != 1:
+        raise InputError(path, "device_type", "measurements from more than one device type")
     return frame
 
 
 def read_measurements(path: str) -> pd.DataFrame:
-    frame = _read(path)
-    missing = [c for c in MEASUREMENT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(path, ", ".join(missing), "missing column(s) (write measurements with `simcc profile`)")
-    unknown = sorted(set(frame["family"]) - set(FAMILIES))
-    if unknown:
-        raise InputError(path, "family", f"unknown op name(s) {', '.join(map(str, unknown))}; expected {', '.join(FAMILIES)}")
-    bad = pd.to_numeric(frame["median_s"], errors="coerce")
-    if bad.isna().any() or (bad <= 0).any():
-        row = int((bad.isna() | (bad <= 0)).idxmax()) + 2
-        raise InputError(path, f"line {row}: median_s", "expected a positive number of seconds")
-    if frame["device_type"].nunique() != 1:
-        raise InputError(path, "device_type", "measurements from more than one device type")
-    return frame
+    return _read_table(path, MEASUREMENT_COLUMNS, "family", FAMILIES, {"median_s": 0.0}, "`simcc profile`")
+
+
+def read_collectives(path: str) -> pd.DataFrame:
+    return _read_table(path, COMM_COLUMNS, "collective", COMM_COLLECTIVES, {"median_s": 0.0, "bytes": 0.0, "ranks": 1.0},
+                       "`simcc profile comm`")
 
 
 def check_device(frame: pd.DataFrame, device: Device, measurements: str, profile: str) -> None:

@@ -8,19 +8,25 @@ from pathlib import Path
 from simcc.errors import InputError
 
 
-def read_numeric_csv(path: str, minimums: dict[str, float], optional: dict[str, float] | None = None,
-                     named_by: str = "") -> "pandas.DataFrame":  # noqa: F821
-    """Columns in `minimums` are required, those in `optional` filled with their default; every
-    value must be a number at least its column's minimum."""
+def open_csv(path: str, named_by: str = "") -> "pandas.DataFrame":  # noqa: F821
     import pandas as pd
 
     where = f" (named by {named_by})" if named_by else ""
     if not Path(path).is_file():
         raise InputError(path, "", f"file not found{where}")
     try:
-        frame = pd.read_csv(path)
+        return pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as exc:
         raise InputError(path, "", f"not a readable CSV ({exc})") from None
+
+
+def read_numeric_csv(path: str, minimums: dict[str, float], optional: dict[str, float] | None = None,
+                     named_by: str = "") -> "pandas.DataFrame":  # noqa: F821
+    """Columns in `minimums` are required, those in `optional` filled with their default; every
+    value must be a number at least its column's minimum."""
+    import pandas as pd
+
+    frame = open_csv(path, named_by)
     missing = [c for c in minimums if c not in frame.columns]
     if missing:
         raise InputError(path, ", ".join(missing), f"missing column(s); expected {', '.join(minimums)}")
