@@ -14,7 +14,7 @@ from simcc.errors import InputError
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.layout import Layout, build_layout
 from simcc.model.blocks import Batch, MoEStats
-from simcc.model.anytime import expected_sandwich, scale_units
+from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.graph import model_forward_flops, model_params, units_forward_flops, units_of
 from simcc.report.metrics import mfu, run_totals
 from simcc.specs.hardware import System
@@ -22,7 +22,7 @@ from simcc.specs.workload import Workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
 from simcc.timing.plan import TrainingPlan, build_training_plan
-from simcc.routing.activation import input_dependent_share, request_compute_scales
+from simcc.routing.activation import ActivationProfile, input_dependent_share, request_compute_scales
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
 from simcc.timing.serving import serving_costs
 
@@ -47,24 +47,30 @@ def _layout_section(layout: Layout, system: System) -> dict[str, Any]:
             "microbatches_per_step": layout.microbatches}
 
 
+def _waste_fractions(routed: float, dropped: float, padded: float) -> tuple[float, float]:
+    """Share of routed assignments dropped, and share of computed slots that were padding."""
+    if not routed:
+        return 0.0, 0.0
+    return dropped / routed, padded / (routed - dropped + padded)
+
+
 def _moe_section(stats: list[MoEStats]) -> dict[str, Any]:
     if not stats:
         return {}
-    routed = sum(s.loads.routed for s in stats)
-    dropped = sum(s.loads.dropped for s in stats)
-    padded = sum(s.loads.padded for s in stats)
+    dropped, padded = _waste_fractions(sum(s.loads.routed for s in stats), sum(s.loads.dropped for s in stats),
+                                       sum(s.loads.padded for s in stats))
     return {
         "moe_layers": len(stats),
         "load_cv": sum(s.loads.cv for s in stats) / len(stats),
         "max_over_mean_load": max(s.loads.max_over_mean for s in stats),
-        "dropped_fraction": dropped / routed if routed else 0.0,
-        "padding_fraction": padded / (routed - dropped + padded) if routed else 0.0,
+        "dropped_fraction": dropped,
+        "padding_fraction": padded,
         "experts_per_token": sum(s.experts_per_token for s in stats) / len(stats),
         "all_to_all_mb_per_layer": stats[0].dispatch_bytes / 1e6,
     }
 
 
-def _moe_layer_rows(plan: TrainingPlan, layout: Layout, workload: Workload) -> list[dict[str, Any]]:
+def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[dict[str, Any]]:
     """Per MoE layer, in model order: load, drops, padding, traffic and the wait it causes per step."""
     group = layout.groups["ep"]
     natural_remote = (group.size - min(group.per_node, group.size)) / group.size if group.nodes > 1 else 0.0
@@ -76,13 +82,14 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout, workload: Workload) -> l
             remote = natural_remote if stats.remote_share is None or group.nodes == 1 else stats.remote_share
             moved = 4 * stats.dispatch_bytes  # dispatch + combine, forward and backward
             inside = max(0.0, (group.size - 1) / group.size - remote) if group.size > 1 else 0.0
+            dropped, padded = _waste_fractions(loads.routed, loads.dropped, loads.padded)
             rows.append({
                 "layer": len(rows),
                 "tokens_per_expert_mean": loads.routed / stats.experts,
                 "tokens_per_expert_max": loads.max_expert_tokens,
                 "load_cv": loads.cv,
-                "dropped_fraction": loads.dropped / loads.routed if loads.routed else 0.0,
-                "padding_fraction": loads.padded / (loads.routed - loads.dropped + loads.padded) if loads.routed else 0.0,
+                "dropped_fraction": dropped,
+                "padding_fraction": padded,
                 "experts_per_token": stats.experts_per_token,
                 "no_expert_fraction": loads.no_expert_fraction,
                 "a2a_intra_mb": moved * inside / 1e6 * layout.microbatches,
@@ -109,11 +116,11 @@ def _memory_section(memory: MemoryBreakdown) -> dict[str, Any]:
 
 
 def _check_precision(workload: Workload, system: System, source: str) -> None:
-    for field in ("compute", "router"):
-        dtype = getattr(workload.precision, field)
+    for component in ("compute", "router"):
+        dtype = getattr(workload.precision, component)
         if getattr(system.device.peak_tflops, dtype) is None:
             supported = [d for d, v in system.device.peak_tflops.model_dump().items() if v]
-            raise InputError(source, f"precision.{field}",
+            raise InputError(source, f"precision.{component}",
                              f"{system.device.name} has no {dtype} peak; it supports {', '.join(supported)}")
 
 
@@ -134,22 +141,23 @@ def estimate(workload: Workload, system: System, workload_source: str,
     result = Estimate(workload.name, system.name)
     result.sections["layout"] = _layout_section(layout, system)
     result.sections["model"] = {"params_b": params.total / 1e9, "active_params_b": params.active / 1e9}
-    share, profile = input_dependent_share(workload.model, workload.model.hidden)
+    activation = input_dependent_share(workload.model, workload.model.hidden)
+    share, profile = activation
     if profile is not None:  # expected and tail compute per input (threshold activation)
         result.sections["model"].update({
             "input_dependent_flop_share": share, "blocks_fired_mean": profile.mean_fraction,
             "blocks_fired_p95": profile.quantile(0.95), "blocks_fired_p99": profile.quantile(0.99)})
     if workload.mode == "train":
-        _estimate_training(workload, system, layout, peak, result, options)
+        _estimate_training(workload, system, layout, peak, params.total, result, options)
     else:
-        _estimate_serving(workload, system, layout, peak, result, options)
+        _estimate_serving(workload, system, layout, peak, activation, result, options)
     if system.price is None:
         result.notes.append(f"{system.name} has no price: $ figures are omitted")
     return result
 
 
-def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate,
-                       options: SimulationOptions) -> None:
+def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, total_params: float,
+                       result: Estimate, options: SimulationOptions) -> None:
     assert workload.train is not None
     train = workload.train
     plan = build_training_plan(workload, system, layout, sampled_steps=options.steps)
@@ -160,7 +168,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
     tokens_step = train.global_batch * train.seq_len
     result.sections["model"]["forward_gflop_per_token"] = per_sequence / train.seq_len / 1e9
     # Capacity-to-computation ratio (Cho & Bengio 2014): parameters per forward FLOP of one token.
-    result.sections["model"]["params_per_token_flop"] = model_params(workload.model).total / (per_sequence / train.seq_len)
+    result.sections["model"]["params_per_token_flop"] = total_params / (per_sequence / train.seq_len)
 
     # Breakdown of the critical (busiest) stage, measured from the simulated timeline.
     result.sections["step"] = {
@@ -189,7 +197,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
         result.notes.append(f"does not fit: needs {worst.total / 1e9:.1f} GB per device, "
                             f"{system.device.name} has {worst.capacity / 1e9:.1f} GB")
     result.sections["moe"] = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
-    result.moe_layers = _moe_layer_rows(plan, layout, workload)
+    result.moe_layers = _moe_layer_rows(plan, layout)
     if train.total_tokens:
         seconds = train.total_tokens / (tokens_step / step_s)
         totals = run_totals(system, seconds, sim.mean("compute") / step_s)
@@ -197,14 +205,16 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
                                   "device_hours": totals.device_hours, "usd": totals.usd, "kwh": totals.kwh}
 
 
-def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float, result: Estimate,
+def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float,
+                      activation: tuple[float, ActivationProfile | None], result: Estimate,
                       options: SimulationOptions) -> None:
     assert workload.serve is not None
     serve = workload.serve
     costs = serving_costs(workload, system, layout)
     requests = options.requests or poisson_requests(serve.arrival_rate, options.request_count, serve, workload.seed)
-    scales = None if options.requests else request_compute_scales(workload.model, len(requests), workload.seed)
-    if scales is not None:  # input-dependent compute: each request fires its own share of blocks
+    share, profile = activation
+    if profile is not None and not options.requests:  # input-dependent compute: each request fires its own blocks
+        scales = request_compute_scales(share, profile, len(requests), workload.seed)
         requests = [Request(r.arrival, r.prompt, r.output, float(s)) for r, s in zip(requests, scales)]
     sim = simulate_serving(costs, serve, requests, layout.dp, workload.seed)
     tokens_per_s = sim.output_tokens / sim.span * layout.dp if sim.span > 0 else 0.0
@@ -218,11 +228,9 @@ def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: 
         "latency_p99_s": percentile(sim.latency, 99),
         "queueing_mean_s": statistics.fmean(sim.queueing), "queueing_p95_s": percentile(sim.queueing, 95),
     }
-    units = units_of(workload.model)
     if workload.anytime is not None:
-        units = scale_units(units, workload.anytime.serve_width)
         result.sections["model"]["serve_width"] = workload.anytime.serve_width
-    per_token_flops = units_forward_flops(units, workload.model.hidden, Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
+    per_token_flops = units_forward_flops(served_units(workload), workload.model.hidden, Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
     result.sections["throughput"] = {
         "requests_per_s": requests_per_s, "output_tokens_per_s": tokens_per_s,
         "busy_fraction": sim.busy / sim.span if sim.span > 0 else 0.0,

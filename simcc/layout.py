@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from simcc.costs.collectives import CommGroup
 from simcc.errors import InputError
+from simcc.model.blocks import Params
 from simcc.model.graph import units_of
 from simcc.specs.hardware import System
 from simcc.specs.workload import AttentionBlock, DenseFFNBlock, MoEFFNBlock, Workload
@@ -27,6 +28,10 @@ class Layout:
     expert_dp: int
     microbatches: int  # per pipeline per step (train); 1 for serving
     groups: dict[str, CommGroup]
+
+    def local_params(self, params: Params) -> tuple[float, float]:
+        """(dense, expert) parameters one device holds before ZeRO sharding."""
+        return params.dense / self.tp + params.replicated, params.expert / (self.ep * self.expert_tp)
 
 
 def _group(size: int, stride: int, devices_per_node: int) -> CommGroup:

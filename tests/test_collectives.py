@@ -80,7 +80,7 @@ def test_bus_bandwidth_conventions():
 
 def test_tree_all_reduce_formula_and_auto_choice(dgx4):
     big = load_hardware("dgx_h100_x128")
-    size, nodes = 64e3, 128
+    size = 64e3
     per_rank = size / 8
     tree_inter = 2 * (7 * 5e-6 + per_rank / (50e9 * 0.8))  # ceil(log2 128) = 7 latency steps per phase
     ring_inter = 2 * 127 * 5e-6 + 2 * 127 / 128 * per_rank / (50e9 * 0.8)
@@ -96,7 +96,7 @@ def test_tree_all_reduce_formula_and_auto_choice(dgx4):
 
 
 def test_hierarchical_all_to_all_formula(dgx4):
-    size, n, local, nodes = 64e6, 32, 8, 4
+    size, n, local = 64e6, 32, 8
     regroup = 7 * 2e-6 + 7 / 8 * size / (450e9 * 0.8)
     across = 3 * 5e-6 + 3 / 4 * size / (50e9 * 0.8)
     assert collective_time("all_to_all", size, CommGroup(n, local), dgx4, "hierarchical") == pytest.approx(regroup + across)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simcc.estimate import SimulationOptions, estimate
-from simcc.routing.activation import activation_profile, request_compute_scales, tree_blocks
+from simcc.routing.activation import activation_profile, input_dependent_share, request_compute_scales, tree_blocks
 from simcc.specs.loader import load_hardware, load_workload
 from simcc.specs.workload import ThresholdTreeBlock
 
@@ -49,13 +49,16 @@ def test_expected_cost_is_fired_blocks_times_block_flops():
 
 def test_request_compute_scales_average_one_and_widen_the_tail():
     workload, src = load_workload("ray_tracing_mlp_serve_rpi5")
-    scales = request_compute_scales(workload.model, 20000, seed=1)
-    assert scales is not None and np.mean(scales) == pytest.approx(1.0, rel=0.02)
+    share, profile = input_dependent_share(workload.model, workload.model.hidden)
+    assert profile is not None and 0 < share <= 1  # this model's compute depends on the input
+    scales = request_compute_scales(share, profile, 20000, seed=1)
+    assert np.mean(scales) == pytest.approx(1.0, rel=0.02)
     system = load_hardware("raspberry_pi_5")
     varied = estimate(workload, system, src, SimulationOptions(request_count=3000)).sections["latency"]
     steady_workload, _ = load_workload("ray_tracing_mlp_serve_rpi5",
                                        ["model.blocks.1.threshold_tree.concentration_easy=5.0", "model.blocks.1.threshold_tree.hard_fraction=1.0"])
-    steady_scales = request_compute_scales(steady_workload.model, 20000, seed=1)
+    steady_scales = request_compute_scales(*input_dependent_share(steady_workload.model, steady_workload.model.hidden),
+                                           20000, seed=1)
     assert np.std(steady_scales) < np.std(scales)
     assert varied["latency_p99_s"] > 1.5 * varied["latency_p50_s"]
 
@@ -120,3 +123,8 @@ def test_anytime_spec_is_validated():
         _anytime(["anytime.widths=[0.25, 0.5]"])
     with pytest.raises(InputError, match="one weight per width"):
         _anytime(["anytime.importance=[1.0]"])
+
+
+def test_models_without_threshold_trees_have_no_input_dependent_compute():
+    workload, _ = load_workload("mixtral_8x7b_train_64xh100")
+    assert input_dependent_share(workload.model, workload.model.hidden) == (0.0, None)

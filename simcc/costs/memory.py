@@ -44,17 +44,12 @@ class MemoryBreakdown:
         return {f: getattr(self, f) / GB for f in fields}
 
 
-def local_params(params: Params, layout: Layout) -> tuple[float, float]:
-    """(dense, expert) parameters one device holds before ZeRO sharding."""
-    return params.dense / layout.tp + params.replicated, params.expert / (layout.ep * layout.expert_tp)
-
-
 def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) -> float:
     """Mixed-precision Adam keeps an fp32 master copy and two fp32 moments (12 B/param; Rajbhandari
     et al. 2020); Adafactor keeps a factored second moment, O(rows + cols) per matrix (Shazeer &
     Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks."""
     opt, prec = workload.optimizer, workload.precision
-    dense, expert = local_params(params, layout)
+    dense, expert = layout.local_params(params)
     master = 4 if (opt.master_weights and prec.weights != "fp32") else 0
     if opt.type == "adam":
         dense_state, expert_state = dense * (master + 8), expert * (master + 8)
@@ -84,7 +79,7 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
                     activation_bytes_per_microbatch: float, buffer_bytes: float) -> MemoryBreakdown:
     prec = workload.precision
     zero = workload.parallelism.zero_stage
-    dense, expert = local_params(stage_params, layout)
+    dense, expert = layout.local_params(stage_params)
     weights = (dense / (layout.dp if zero >= 3 else 1) + expert / (layout.expert_dp if zero >= 3 else 1)) * DTYPE_BYTES[prec.weights]
     grads = (dense / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
     optimizer = optimizer_state_bytes(stage_params, workload, layout)

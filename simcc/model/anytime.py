@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simcc.model.graph import Block, Unit
-from simcc.specs.workload import AnytimeSpec, ConvBlock, DenseFFNBlock, MLPBlock
+from simcc.model.graph import Block, Unit, units_of
+from simcc.specs.workload import AnytimeSpec, ConvBlock, DenseFFNBlock, MLPBlock, Workload
 
 
 def _scaled(count: int, width: float) -> int:
@@ -43,6 +43,12 @@ def scale_units(units: list[Unit], width: float) -> list[Unit]:
     flat = [b for u in units for b in u.blocks]
     first, last = flat[0].index, flat[-1].index
     return [Unit(tuple(_scale_block(b, width, b.index == first, b.index == last) for b in u.blocks)) for u in units]
+
+
+def served_units(workload: Workload) -> list[Unit]:
+    """The units a workload serves with: an anytime network at the width its budget allows."""
+    units = units_of(workload.model)
+    return scale_units(units, workload.anytime.serve_width) if workload.anytime is not None else units
 
 
 def _middle_weights(spec: AnytimeSpec) -> np.ndarray:

@@ -63,9 +63,12 @@ def input_dependent_share(model: ModelSpec, hidden: int) -> tuple[float, Activat
     from simcc.model.graph import block_work, units_of
     from simcc.model.ops import Op
 
+    units = units_of(model)
+    if not any(isinstance(b.spec, ThresholdTreeBlock) for u in units for b in u.blocks):
+        return 0.0, None
     total = conditional = 0.0
     profile = None
-    for unit in units_of(model):
+    for unit in units:
         for block in unit.blocks:
             flops = sum(i.flops for i in block_work(block, hidden, Batch(1, 1, 1), Shard()).forward if isinstance(i, Op))
             total += flops
@@ -75,10 +78,8 @@ def input_dependent_share(model: ModelSpec, hidden: int) -> tuple[float, Activat
     return (conditional / total if total else 0.0), profile
 
 
-def request_compute_scales(model: ModelSpec, count: int, seed: int) -> np.ndarray | None:
-    """Per-request compute relative to the mean, for models whose compute depends on the input."""
-    share, profile = input_dependent_share(model, model.hidden)
-    if profile is None:
-        return None
+def request_compute_scales(share: float, profile: ActivationProfile, count: int, seed: int) -> np.ndarray:
+    """Per-request compute relative to the mean, for a model whose compute depends on the input
+    (`share` and `profile` as input_dependent_share gives them)."""
     draws = np.random.default_rng(seed).choice(profile.fraction, size=count) / profile.mean_fraction
     return (1.0 - share) + share * draws

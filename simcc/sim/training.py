@@ -244,14 +244,8 @@ class _Simulator:
         self.trace.add(f"stage{stage}", lane, name, start, duration)
         self.trace.add(f"link stage{stage}.{link or 'intra'}", lane, name, start, duration)
 
-    def _send(self, stage: int, cost: Cost, event: simpy.Event, lane: str):
-        start = self.env.now
-        yield self._transfer(stage, cost.link, cost.seconds)
-        self._record_comm(stage, lane, cost.link, cost.name, start)
-        event.succeed()
-
     def _chain(self, stage: int, costs: list[Cost], done: simpy.Event, lane: str):
-        """Run comm items one after another in the background (a bucket, a gather)."""
+        """Run comm items one after another in the background (a send, a bucket, a gather)."""
         for cost in costs:
             start = self.env.now
             yield self._transfer(stage, cost.link, cost.seconds)
@@ -316,7 +310,7 @@ class _Simulator:
         if self.plan.pp == 1:
             event.succeed()  # the next chunk lives on this same device
         else:
-            self.env.process(self._send(stage, self.plan.stages[stage].p2p, event, "p2p"))
+            self.env.process(self._chain(stage, [self.plan.stages[stage].p2p], event, "p2p"))
 
     def run_step(self, step: int) -> StepResult:
         state = _Step(self, step)

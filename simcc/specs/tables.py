@@ -4,11 +4,15 @@ way as YAML: one error line naming the file, the column (and line) and what was 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simcc.errors import InputError
 
+if TYPE_CHECKING:  # pandas loads only when a table is read
+    import pandas
 
-def open_csv(path: str, named_by: str = "") -> "pandas.DataFrame":  # noqa: F821
+
+def open_csv(path: str, named_by: str = "") -> "pandas.DataFrame":
     import pandas as pd
 
     where = f" (named by {named_by})" if named_by else ""
@@ -21,7 +25,7 @@ def open_csv(path: str, named_by: str = "") -> "pandas.DataFrame":  # noqa: F821
 
 
 def read_numeric_csv(path: str, minimums: dict[str, float], optional: dict[str, float] | None = None,
-                     named_by: str = "") -> "pandas.DataFrame":  # noqa: F821
+                     named_by: str = "") -> "pandas.DataFrame":
     """Columns in `minimums` are required, those in `optional` filled with their default; every
     value must be a number at least its column's minimum."""
     import pandas as pd

@@ -206,32 +206,35 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     elif work.moe:  # expert loads change from step to step; everything else does not
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
-    chunk.grad_buckets = [_grad_sync(p, workload, system, layout)[0] + [cost_item(i, system, layout) for i in extra]
+    chunk.grad_buckets = [_grad_sync(p, workload, system, layout) + [cost_item(i, system, layout) for i in extra]
                           for p, extra in zip(work.unit_params, work.unit_step_grads)]
-    chunk.param_sync = (_grad_sync(work.params, workload, system, layout)[1]
+    chunk.param_sync = (_param_gather(work.params, workload, system, layout)
                         + [cost_item(i, system, layout) for i in work.per_step])
     return chunk
 
 
-def _grad_sync(params: Params, workload: Workload, system: System, layout: Layout) -> tuple[list[Cost], list[Cost]]:
-    """Data-parallel gradient reduction, and the ZeRO parameter gather that follows the update."""
+def _sharded_groups(params: Params, layout: Layout) -> list[tuple[str, float]]:
+    """(data-parallel group, parameters of this device it syncs): dense over DP, experts over expert-DP."""
+    dense, expert = layout.local_params(params)
+    return [(group, count) for group, count in (("dp", dense), ("edp", expert)) if count > 0]
+
+
+def _grad_sync(params: Params, workload: Workload, system: System, layout: Layout) -> list[Cost]:
+    """Data-parallel gradient reduction: an all-reduce, or with a distributed optimizer (ZeRO,
+    Rajbhandari 2020) a reduce-scatter."""
+    collective = "all_reduce" if workload.parallelism.zero_stage == 0 else "reduce_scatter"
     grad_bytes = DTYPE_BYTES[workload.precision.gradients]
+    return [cost_item(Comm(f"grad_{collective}.{group}", collective, count * grad_bytes, group), system, layout)
+            for group, count in _sharded_groups(params, layout)]
+
+
+def _param_gather(params: Params, workload: Workload, system: System, layout: Layout) -> list[Cost]:
+    """ZeRO: all-gather the updated weights before the next forward."""
+    if workload.parallelism.zero_stage == 0:
+        return []
     weight_bytes = DTYPE_BYTES[workload.precision.weights]
-    dense = params.dense / layout.tp + params.replicated
-    expert = params.expert / (layout.ep * layout.expert_tp)
-    zero = workload.parallelism.zero_stage
-    grad_items: list[WorkItem] = []
-    param_items: list[WorkItem] = []
-    for group, count in (("dp", dense), ("edp", expert)):
-        if count <= 0:
-            continue
-        if zero == 0:
-            grad_items.append(Comm(f"grad_all_reduce.{group}", "all_reduce", count * grad_bytes, group))
-        else:
-            # Distributed optimizer: reduce-scatter gradients, all-gather updated weights (ZeRO, Rajbhandari 2020).
-            grad_items.append(Comm(f"grad_reduce_scatter.{group}", "reduce_scatter", count * grad_bytes, group))
-            param_items.append(Comm(f"param_all_gather.{group}", "all_gather", count * weight_bytes, group))
-    return ([cost_item(i, system, layout) for i in grad_items], [cost_item(i, system, layout) for i in param_items])
+    return [cost_item(Comm(f"param_all_gather.{group}", "all_gather", count * weight_bytes, group), system, layout)
+            for group, count in _sharded_groups(params, layout)]
 
 
 def optimizer_bytes_per_param(workload: Workload) -> float:
@@ -248,10 +251,8 @@ def optimizer_bytes_per_param(workload: Workload) -> float:
 
 
 def _optimizer(params: Params, workload: Workload, system: System, layout: Layout) -> Cost:
-    zero = workload.parallelism.zero_stage
-    dense = params.dense / layout.tp + params.replicated
-    expert = params.expert / (layout.ep * layout.expert_tp)
-    if zero >= 1:
+    dense, expert = layout.local_params(params)
+    if workload.parallelism.zero_stage >= 1:
         dense, expert = dense / layout.dp, expert / layout.expert_dp
     moved = (dense + expert) * optimizer_bytes_per_param(workload)
     op = Op("optimizer.step", "elementwise", (dense + expert) * 10, moved, "fp32")

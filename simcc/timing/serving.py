@@ -15,12 +15,12 @@ import numpy as np
 from simcc.costs.memory import MemoryBreakdown, serving_memory
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, MoEStats, kv_cache_bytes_per_token
-from simcc.model.anytime import scale_units
-from simcc.model.graph import Block, stage_units, units_of
+from simcc.model.anytime import served_units
+from simcc.model.graph import Block, stage_units
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.specs.hardware import System
 from simcc.specs.workload import AttentionBlock, MoEFFNBlock, Workload
-from simcc.timing.plan import Cost, cost_item, forward_work
+from simcc.timing.plan import Cost, ForwardWork, cost_item, forward_work
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,7 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     assert workload.serve is not None
     serve = workload.serve
     hidden = workload.model.hidden
-    units = units_of(workload.model)
-    if workload.anytime is not None:  # an anytime network serves at the width the budget allows
-        units = scale_units(units, workload.anytime.serve_width)
+    units = served_units(workload)
     chunks = stage_units(units, layout.pp * layout.vpp)
     act_bytes = DTYPE_BYTES[workload.precision.communication] * hidden
     context = serve.prompt_tokens + serve.output_tokens // 2  # mean context while decoding
@@ -93,17 +91,20 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     grid = batch_grid(serve.batch)
     prefill_rows, decode_rows = [], []
     moe_stats: list[MoEStats] = []
+    full_batch: list[ForwardWork] = []  # prefill work of a whole batch, per chunk: also sizes memory
     for size in grid:
         prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens)
         decode_batch = Batch(size, 1, context)
         prefill: list[Cost] = []
         decode: list[Cost] = []
         for chunk_units in chunks:
-            prefill += [cost_item(i, system, layout) for i in forward_work(chunk_units, workload, layout, prefill_batch).items]
+            pre = forward_work(chunk_units, workload, layout, prefill_batch)
+            prefill += [cost_item(i, system, layout) for i in pre.items]
             dec = forward_work(chunk_units, workload, layout, decode_batch)
             decode += [cost_item(i, system, layout) for i in dec.items]
             if size == serve.batch:
                 moe_stats += dec.moe
+                full_batch.append(pre)
         for rows, costs, batch in ((prefill_rows, prefill, prefill_batch), (decode_rows, decode, decode_batch)):
             # each stage hands its output activations to the next
             hop = cost_item(Comm("pp.send", "p2p", batch.tokens * act_bytes, "pp"), system, layout)
@@ -113,14 +114,14 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     # Memory of the heaviest pipeline stage.
     wbytes = DTYPE_BYTES[workload.precision.weights]
     heaviest = (0.0, 0.0, 0.0, 0.0)  # weights, expert weights, kv per token, activation peak
-    one_request = Batch(serve.batch, serve.prompt_tokens, serve.prompt_tokens)
     for stage in range(layout.pp):
         weights = experts = kv = act = 0.0
-        for chunk_units in (chunks[v * layout.pp + stage] for v in range(layout.vpp)):
-            work = forward_work(chunk_units, workload, layout, one_request)
-            weights += (work.params.dense / layout.tp + work.params.replicated) * wbytes
-            experts += work.params.expert / (layout.ep * layout.expert_tp) * wbytes
-            kv += sum(_kv_bytes(b, hidden, workload, layout) for u in chunk_units for b in u.blocks)
+        for index in (v * layout.pp + stage for v in range(layout.vpp)):
+            work = full_batch[index]
+            dense, expert = layout.local_params(work.params)
+            weights += dense * wbytes
+            experts += expert * wbytes
+            kv += sum(_kv_bytes(b, hidden, workload, layout) for u in chunks[index] for b in u.blocks)
             act = max(act, max((2 * i.saved_bytes for i in work.items if isinstance(i, Op)), default=0.0))
         if weights + experts > heaviest[0] + heaviest[1]:
             heaviest = (weights, experts, kv, act)
