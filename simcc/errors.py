@@ -10,7 +10,12 @@ class InputError(Exception):
         self.source = source
         self.field = field
         self.message = message
-        super().__init__(self.one_line())
+        # args are the constructor's own, so that code re-raising a copy (simpy does, for errors
+        # raised inside a process) can rebuild it as type(err)(*err.args).
+        super().__init__(source, field, message)
+
+    def __str__(self) -> str:
+        return self.one_line()
 
     def one_line(self) -> str:
         where = f"{self.source}: {self.field}" if self.field else self.source

@@ -154,3 +154,9 @@ def test_inconsistent_moe_spec(tmp_path):
     text = WORKLOAD.replace("- dense_ffn: {hidden: 1024}", "- moe_ffn: {experts: 4, k: 2, expert_hidden: 64, gating: {policy: switch}}")
     err = _error(load_workload, str(write(tmp_path, "w.yaml", text)))
     assert "switch gating is top-1" in err.message
+
+
+def test_input_error_survives_being_rebuilt_from_its_args():
+    err = InputError("w.yaml", "serve", "does not fit")
+    copy = type(err)(*err.args)  # what simpy does with an error raised inside a process
+    assert str(copy) == str(err) == "w.yaml: serve: does not fit"
