@@ -150,7 +150,7 @@ def estimate(workload: Workload, system: System, workload_source: str,
     if workload.mode == "train":
         _estimate_training(workload, system, layout, peak, params.total, result, options)
     else:
-        _estimate_serving(workload, system, layout, peak, activation, result, options)
+        _estimate_serving(workload, system, layout, peak, activation, result, options, workload_source)
     if system.price is None:
         result.notes.append(f"{system.name} has no price: $ figures are omitted")
     return result
@@ -207,7 +207,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
 
 def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float,
                       activation: tuple[float, ActivationProfile | None], result: Estimate,
-                      options: SimulationOptions) -> None:
+                      options: SimulationOptions, source: str) -> None:
     assert workload.serve is not None
     serve = workload.serve
     costs = serving_costs(workload, system, layout)
@@ -216,7 +216,7 @@ def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: 
     if profile is not None and not options.requests:  # input-dependent compute: each request fires its own blocks
         scales = request_compute_scales(share, profile, len(requests), workload.seed)
         requests = [Request(r.arrival, r.prompt, r.output, float(s)) for r, s in zip(requests, scales)]
-    sim = simulate_serving(costs, serve, requests, layout.dp, workload.seed)
+    sim = simulate_serving(costs, serve, requests, layout.dp, workload.seed, source)
     tokens_per_s = sim.output_tokens / sim.span * layout.dp if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * layout.dp if sim.span > 0 else 0.0
     result.sections["latency"] = {

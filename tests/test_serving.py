@@ -114,3 +114,13 @@ def test_serving_estimate_reports_tails_and_cache():
     assert latency["latency_p50_s"] <= latency["latency_p99_s"]
     assert 0 < result.value("expert_cache", "hit_rate") < 1
     assert 0 < result.value("expert_cache", "loading_share_of_busy_time") < 1
+
+
+def test_a_request_that_can_never_fit_names_the_workload_file():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "simcc", "estimate", "mixtral_8x7b_serve_edge", "-H", "h200",
+                             "--set", "serve.prompt_tokens=2000000", "--requests", "5"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "mixtral_8x7b_serve_edge.yaml: serve: one request's KV cache" in result.stderr

@@ -124,7 +124,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Request], replicas: int,
-                     seed: int) -> ServingResult:
+                     seed: int, source: str = "workload") -> ServingResult:
+    """`source` names the workload file in the error raised when a request can never be admitted."""
     mine = requests[::replicas] if replicas > 1 else requests
     cache = profile_expert_cache(costs, serve, seed)
     memory = costs.memory
@@ -156,7 +157,8 @@ def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Reque
                 kv_used += kv_need(request)
                 admitted.append(request)
             if not admitted and not running:
-                raise InputError("workload", "serve", "one request's KV cache does not fit in the memory left")
+                raise InputError(source, "serve", f"one request's KV cache ({kv_need(queue[0]) / 1e9:.3g} GB) does not "
+                                 f"fit in the {max(kv_capacity, 0) / 1e9:.3g} GB left after weights and reserve")
             if admitted:
                 scale = statistics.fmean(r.compute_scale * r.prompt / serve.prompt_tokens for r in admitted)
                 load = cache.prefill_load_seconds * len(admitted)
