@@ -160,3 +160,19 @@ def test_fitted_lines_replace_the_model_for_the_groups_they_cover():
     # a group size or collective the fits do not cover keeps the model
     assert collective_time("all_reduce", 1e9, CommGroup(4, 4), calibrated) == collective_time("all_reduce", 1e9, CommGroup(4, 4), system)
     assert collective_time("all_gather", 1e9, CommGroup(8, 8), calibrated) == collective_time("all_gather", 1e9, CommGroup(8, 8), system)
+
+
+def test_balanced_kmeans_gives_equal_clusters_closer_than_chance():
+    from simcc.profile.moefication import balanced_kmeans
+
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(8, 32, generator=generator) * 4
+    rows = (centres.repeat_interleave(64, dim=0) + torch.randn(512, 32, generator=generator))[torch.randperm(512, generator=generator)]
+    labels = balanced_kmeans(rows, 8, 10)
+    assert torch.bincount(labels, minlength=8).tolist() == [64] * 8  # balanced: f/E neurons each
+
+    def spread(assignment):
+        return sum(((rows[assignment == c] - rows[assignment == c].mean(0)) ** 2).sum().item() for c in range(8))
+
+    chance = torch.arange(512) % 8
+    assert spread(labels) < 0.5 * spread(chance)

@@ -37,11 +37,11 @@ def test_gemv_is_memory_bound_at_the_streaming_fraction():
 
 def test_calibrated_curve_replaces_the_default_fraction():
     h100 = load_hardware("h100_sxm").device
-    curve = EfficiencyCurve(flops=[1e6, 1e12], fraction=[0.1, 0.7])
+    curve = EfficiencyCurve(size=[1e6, 1e12], fraction=[0.1, 0.7])
     calibrated = h100.model_copy(update={"efficiency": h100.efficiency.model_copy(update={"curves": {"gemm": curve}})})
-    assert efficiency(calibrated, "gemm", 1e9) == pytest.approx(0.4)  # halfway in log10(FLOPs)
-    assert efficiency(calibrated, "gemm", 1e3) == pytest.approx(0.1)  # clamped
-    assert efficiency(calibrated, "grouped_gemm", 1e9) == pytest.approx(0.80)  # no curve: default
+    assert efficiency(calibrated, "gemm", 1e9, 100.0) == pytest.approx(0.4)  # halfway in log10(FLOPs)
+    assert efficiency(calibrated, "gemm", 1e3, 100.0) == pytest.approx(0.1)  # clamped
+    assert efficiency(calibrated, "grouped_gemm", 1e9, 100.0) == pytest.approx(0.80)  # no curve: default
 
 
 def test_mixtral_estimate_is_consistent():

@@ -15,7 +15,7 @@ from simcc.calibrate.measurements import predict
 from simcc.costs.compute import peak_flops
 from simcc.specs.hardware import Device, EfficiencyCurve
 
-CURVE_FAMILIES = ("gemm", "grouped_gemm", "attention", "lstm")
+CURVE_FAMILIES = ("gemm", "grouped_gemm", "attention", "lstm", "moefication")
 MEMORY_FAMILIES = ("memcpy", "permute", "combine", "gate")
 FRACTION_FLOOR = 1e-4
 
@@ -65,25 +65,47 @@ def fit_memory(train: pd.DataFrame, device: Device) -> tuple[float, float]:
     return launch, float(min(1.0, max(FRACTION_FLOOR, fraction)))
 
 
+def _monotone_curve(points: list[tuple[float, float]], axis: str) -> EfficiencyCurve:
+    """Isotonic fit of (size, fraction) points; points at one size share a knot."""
+    points = sorted(points)
+    fitted = _pool_adjacent_violators([p[1] for p in points], [1.0] * len(points))
+    knots: dict[float, float] = {}
+    for (x, _), y in zip(points, fitted):
+        knots[x] = min(1.0, max(FRACTION_FLOOR, y))
+    xs = sorted(knots)
+    return EfficiencyCurve(axis=axis, size=xs, fraction=[knots[x] for x in xs])
+
+
+def _leave_one_out_error(points: list[tuple[float, float]], axis: str) -> float:
+    """Median relative time error predicting each training point from a curve fitted without it."""
+    from simcc.costs.compute import on_curve
+
+    errors = []
+    for index, (x, fraction) in enumerate(points):
+        rest = points[:index] + points[index + 1:]
+        if rest:
+            errors.append(abs(fraction / on_curve(_monotone_curve(rest, axis), x) - 1.0))
+    return statistics.median(errors) if errors else 0.0
+
+
 def fit_curve(rows: pd.DataFrame, device: Device, launch: float) -> tuple[EfficiencyCurve | None, bool]:
-    """Achieved fraction of peak per point, then a monotone curve over log10(kernel FLOPs)."""
+    """Achieved fraction of peak per point, then a monotone curve over whichever size axis (one
+    kernel's FLOPs, or FLOPs per byte) predicts the training points better when each is left out:
+    large GEMMs on a GPU are limited by how many tiles fill the chip (FLOPs), skinny ones on a CPU by
+    streaming their weights (intensity)."""
     if rows.empty:
         return None, False
-    points = []
+    fractions, by_axis = [], {"kernel_flops": [], "intensity": []}
     for _, row in rows.iterrows():
         peak = peak_flops(device, row["dtype"])
         launches = int(row["experts"]) if row["family"] == "grouped_gemm" else 1
         busy = max(float(row["median_s"]) - launch * launches, 0.05 * float(row["median_s"]))
-        points.append((float(row["kernel_flops"]), float(row["flops"]) / busy / peak))
-    points.sort()
-    flops = [p[0] for p in points]
-    fitted = _pool_adjacent_violators([p[1] for p in points], [1.0] * len(points))
-    above_peak = max(fitted) > 1.0
-    knots: dict[float, float] = {}
-    for x, y in zip(flops, fitted):
-        knots[x] = min(1.0, max(FRACTION_FLOOR, y))
-    xs = sorted(knots)
-    return EfficiencyCurve(flops=xs, fraction=[knots[x] for x in xs]), above_peak
+        fraction = float(row["flops"]) / busy / peak
+        fractions.append(fraction)
+        by_axis["kernel_flops"].append((float(row["kernel_flops"]), fraction))
+        by_axis["intensity"].append((float(row["flops"]) / float(row["bytes"]), fraction))
+    axis = min(by_axis, key=lambda name: (_leave_one_out_error(by_axis[name], name), name != "kernel_flops"))
+    return _monotone_curve(by_axis[axis], axis), max(fractions) > 1.0
 
 
 def fit_memory_curve(rows: pd.DataFrame, device: Device, launch: float, calibrated: Device) -> EfficiencyCurve | None:
@@ -108,7 +130,7 @@ def fit_memory_curve(rows: pd.DataFrame, device: Device, launch: float, calibrat
     for x, y in points:
         knots.setdefault(x, []).append(min(1.0, max(FRACTION_FLOOR, y)))
     xs = sorted(knots)
-    return EfficiencyCurve(flops=xs, fraction=[statistics.fmean(knots[x]) for x in xs])
+    return EfficiencyCurve(axis="bytes", size=xs, fraction=[statistics.fmean(knots[x]) for x in xs])
 
 
 def calibrate(frame: pd.DataFrame, device: Device, source: str) -> FitReport:

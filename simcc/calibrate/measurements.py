@@ -76,8 +76,8 @@ def row_ops(row: pd.Series) -> list[Op]:
         return [elementwise(row["case"], tokens * k * hidden, 1, 1, dtype, family="permute")]
     if family == "combine":  # weighted scatter-add of the k expert outputs back to each token
         return [elementwise(row["case"], tokens * k * hidden, 1, 1.0 / k, dtype, family="combine")]
-    if family == "attention":
-        return [Op(row["case"], "attention", row["flops"], row["bytes"], dtype)]
+    if family in ("attention", "moefication"):  # the profiler recorded the cost model's own FLOPs and bytes
+        return [Op(row["case"], family, row["flops"], row["bytes"], dtype)]
     if family == "memcpy":
         return [elementwise(row["case"], row["bytes"] / 2 / _bytes(dtype), 1, 1, dtype, family="memcpy")]
     if family == "lstm":

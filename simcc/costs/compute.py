@@ -10,7 +10,7 @@ import numpy as np
 
 from simcc.errors import InputError
 from simcc.model.ops import MATMUL_FAMILIES, Op
-from simcc.specs.hardware import Device
+from simcc.specs.hardware import Device, EfficiencyCurve
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
 VECTOR_DTYPE = "fp32"
@@ -31,14 +31,18 @@ def peak_flops(device: Device, dtype: str, field: str = "precision.compute") -> 
     return value * 1e12
 
 
-def efficiency(device: Device, family: str, kernel_flops: float) -> float:
+def on_curve(curve: EfficiencyCurve, x: float) -> float:
+    """Log-linear interpolation, clamped at the ends."""
+    return float(np.interp(math.log10(max(x, 1e-9)), np.log10(curve.size), curve.fraction))
+
+
+def efficiency(device: Device, family: str, kernel_flops: float, intensity: float) -> float:
     """Achieved fraction of peak: the calibrated curve for the family when the profile has one
-    (log-linear interpolation in FLOPs, clamped at the ends), else the profile's default."""
+    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default."""
     eff = device.efficiency
     curve = eff.curves.get(family)  # type: ignore[call-overload]
     if curve is not None:
-        x = math.log10(max(kernel_flops, 1.0))
-        return float(np.interp(x, np.log10(curve.flops), curve.fraction))
+        return on_curve(curve, intensity if curve.axis == "intensity" else max(kernel_flops, 1.0))
     return eff.attention if family == "attention" else eff.matmul
 
 
@@ -47,7 +51,7 @@ def memory_efficiency(device: Device, family: str, moved: float) -> float:
     (gathers and scatters stream worse than copies), else the profile's single fraction."""
     curve = device.efficiency.memory_curves.get(family)  # type: ignore[call-overload]
     if curve is not None:
-        return float(np.interp(math.log10(max(moved, 1.0)), np.log10(curve.flops), curve.fraction))
+        return on_curve(curve, max(moved, 1.0))
     return device.efficiency.memory
 
 
@@ -55,7 +59,8 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     launch = device.efficiency.kernel_launch_us * 1e-6 * op.launches
     if op.family in MATMUL_FAMILIES or op.family == "attention":
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
-        compute = flops / (peak_flops(device, op.dtype) * efficiency(device, op.family, kernel))
+        intensity = flops / moved if moved > 0 else math.inf
+        compute = flops / (peak_flops(device, op.dtype) * efficiency(device, op.family, kernel, intensity))
     else:
         compute = flops / peak_flops(device, VECTOR_DTYPE)
     memory = moved / (device.memory_bandwidth_gb_s * 1e9 * memory_efficiency(device, op.family, moved))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simcc.model import blocks as B
-from simcc.model.ops import MATMUL_FAMILIES, Op
+from simcc.model.ops import Op
 from simcc.specs.workload import BlockItem, ModelSpec
 
 ATTACHED_KINDS = ("embedding", "lm_head")
@@ -163,6 +163,6 @@ def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float
     for unit in units:
         for block in unit.blocks:
             for item in block_work(block, hidden, batch, shard).forward:
-                if isinstance(item, Op) and (item.family in MATMUL_FAMILIES or item.family == "attention"):
+                if isinstance(item, Op) and item.is_matmul:
                     total += item.flops
     return total

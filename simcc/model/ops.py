@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
 # Families whose FLOPs run on matrix units, at the matmul efficiency (attention has its own).
-MATMUL_FAMILIES = ("gemm", "grouped_gemm", "conv", "lstm")
+# Families costed against peak FLOPs at a matmul efficiency (moefication: the clustering of a
+# dense->sparse switch, dominated by its distance products).
+MATMUL_FAMILIES = ("gemm", "grouped_gemm", "conv", "lstm", "moefication")
 
 
 @dataclass(frozen=True)

@@ -30,18 +30,20 @@ class PeakTflops(StrictModel):
 
 
 class EfficiencyCurve(StrictModel):
-    """Achieved fraction of peak against an op's size (FLOPs for compute-bound families, bytes
-    moved for memory-bound ones), filled by `simcc calibrate`."""
+    """Achieved fraction of peak against an op's size, filled by `simcc calibrate`. Compute curves
+    are indexed by one kernel's FLOPs or by arithmetic intensity (FLOPs per byte moved: a skinny
+    GEMM streams its weights whatever its FLOPs), memory curves by bytes moved."""
 
-    flops: list[PositiveFloat] = Field(min_length=1)  # the size axis (bytes for memory curves)
+    axis: Literal["kernel_flops", "intensity", "bytes"] = "kernel_flops"
+    size: list[PositiveFloat] = Field(min_length=1)
     fraction: list[Fraction] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _same_length_and_sorted(self) -> "EfficiencyCurve":
-        if len(self.flops) != len(self.fraction):
-            raise ValueError("flops and fraction must have the same length")
-        if any(b <= a for a, b in zip(self.flops, self.flops[1:])):
-            raise ValueError("flops must be strictly increasing")
+        if len(self.size) != len(self.fraction):
+            raise ValueError("size and fraction must have the same length")
+        if any(b <= a for a, b in zip(self.size, self.size[1:])):
+            raise ValueError("size must be strictly increasing")
         return self
 
 
@@ -52,10 +54,20 @@ class Efficiency(StrictModel):
     attention: Fraction = 0.50
     memory: Fraction = 0.80
     kernel_launch_us: NonNegativeFloat = 5.0
-    curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm"], EfficiencyCurve] = {}
+    curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm", "moefication"], EfficiencyCurve] = {}
     # Fraction of memory bandwidth against bytes moved, per memory-bound family.
     memory_curves: dict[Literal["memcpy", "permute", "combine", "gate", "elementwise", "embedding"], EfficiencyCurve] = {}
     source: str = "simcc defaults"
+
+    @model_validator(mode="after")
+    def _axes_match_the_bound(self) -> "Efficiency":
+        for family, curve in self.curves.items():
+            if curve.axis == "bytes":
+                raise ValueError(f"curves.{family}: a compute curve's axis is kernel_flops or intensity, not bytes")
+        for family, curve in self.memory_curves.items():
+            if curve.axis != "bytes":
+                raise ValueError(f"memory_curves.{family}: a memory curve's axis is bytes")
+        return self
 
 
 class Power(StrictModel):
