@@ -19,6 +19,7 @@ from simcc.model.graph import model_forward_flops, model_params, units_forward_f
 from simcc.report.metrics import mfu, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
+from simcc.schedule import PhaseStep, expand, plan_schedule, sparse_workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
 from simcc.timing.plan import TrainingPlan, build_training_plan
@@ -36,6 +37,7 @@ class Estimate:
     sections: Sections = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     moe_layers: list[dict[str, Any]] = field(default_factory=list)  # one row per MoE layer
+    phases: list[dict[str, Any]] = field(default_factory=list)  # one row per schedule phase or switch
 
     def value(self, section: str, key: str) -> Any:
         return self.sections[section][key]
@@ -148,7 +150,7 @@ def estimate(workload: Workload, system: System, workload_source: str,
             "input_dependent_flop_share": share, "blocks_fired_mean": profile.mean_fraction,
             "blocks_fired_p95": profile.quantile(0.95), "blocks_fired_p99": profile.quantile(0.99)})
     if workload.mode == "train":
-        _estimate_training(workload, system, layout, peak, params.total, result, options)
+        _estimate_training(workload, system, layout, peak, params.total, result, options, workload_source)
     else:
         _estimate_serving(workload, system, layout, peak, activation, result, options, workload_source)
     if system.price is None:
@@ -157,7 +159,7 @@ def estimate(workload: Workload, system: System, workload_source: str,
 
 
 def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, total_params: float,
-                       result: Estimate, options: SimulationOptions) -> None:
+                       result: Estimate, options: SimulationOptions, source: str) -> None:
     assert workload.train is not None
     train = workload.train
     plan = build_training_plan(workload, system, layout, sampled_steps=options.steps)
@@ -203,6 +205,55 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
         totals = run_totals(system, seconds, sim.mean("compute") / step_s)
         result.sections["run"] = {"total_tokens": train.total_tokens, "days": seconds / 86400,
                                   "device_hours": totals.device_hours, "usd": totals.usd, "kwh": totals.kwh}
+    if workload.named_schedules:
+        _estimate_schedules(workload, system, layout, result, options, source)
+
+
+def _phase_step(result: Estimate) -> PhaseStep:
+    step = result.sections["step"]
+    return PhaseStep(step["step_s"], step["compute_s"] / step["step_s"], result.sections["memory"]["total_gb"],
+                     result.sections["memory"]["fits"])
+
+
+def _estimate_schedules(workload: Workload, system: System, layout: Layout, result: Estimate,
+                        options: SimulationOptions, source: str) -> None:
+    """Each named schedule's whole run next to all-dense training; with a `serve:` section, the
+    trained model served dense and as the MoE of the first schedule's last sparse phase."""
+    quiet = SimulationOptions(steps=options.steps, request_count=options.request_count)
+    step_of = lambda phase_workload: _phase_step(estimate(phase_workload, system, source, quiet))  # noqa: E731
+    for name, schedule in workload.named_schedules.items():
+        totals, rows = plan_schedule(name, schedule, workload, system, layout, source, _phase_step(result), step_of)
+        result.sections[f"schedule {name}" if workload.schedules else "schedule"] = totals
+        result.phases += rows
+        if totals["usd"] is None:
+            totals.pop("usd"), totals.pop("dense_baseline_usd")
+        if not totals["fits"]:
+            result.notes.append(f"schedule {name}: a phase does not fit in memory (peak {totals['peak_memory_gb']:.1f} GB)")
+    if "moefication" not in system.device.efficiency.curves:
+        result.notes.append("switches: the MoEfication clustering is costed at the profile's default matmul efficiency "
+                            "(no measured curve): a lower bound; `simcc profile` + `simcc calibrate` on the device measure it")
+    if workload.serve is not None:
+        _serve_dense_and_sparse(workload, system, result, quiet, source)
+
+
+def _serve_dense_and_sparse(workload: Workload, system: System, result: Estimate, options: SimulationOptions,
+                            source: str) -> None:
+    name, schedule = next(iter(workload.named_schedules.items()))
+    field = "schedule" if workload.schedule is not None else f"schedules.{name}"
+    sparse = [p for p in expand(schedule, workload.train.total_tokens if workload.train else None, 1.0, source, field)
+              if p.mode == "sparse"]
+    if not sparse:
+        return
+    served = workload.model_copy(update={"mode": "serve", "schedule": None, "schedules": None})
+    dense = estimate(served, system, source, options)
+    moe = estimate(sparse_workload(served, sparse[-1], schedule, source, field), system, source, options)
+    section: dict[str, Any] = {"moe_experts": sparse[-1].experts, "moe_k": sparse[-1].k}
+    for label, served_result in (("dense", dense), ("moe", moe)):
+        latency, throughput = served_result.sections["latency"], served_result.sections["throughput"]
+        section.update({f"{label}_latency_p50_s": latency["latency_p50_s"], f"{label}_tpot_mean_s": latency["tpot_mean_s"],
+                        f"{label}_output_tokens_per_s": throughput["output_tokens_per_s"]})
+    section["moe_speedup_tpot"] = section["dense_tpot_mean_s"] / section["moe_tpot_mean_s"]
+    result.sections["serving dense vs moe"] = section
 
 
 def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float,

@@ -13,6 +13,8 @@ SECTION_TITLES = {
     "layout": "Parallel layout", "model": "Model", "step": "Training step (critical stage)",
     "latency": "Serving latency", "throughput": "Throughput", "memory": "Memory per device",
     "moe": "MoE routing", "expert_cache": "Expert cache (edge)", "run": "Whole run",
+    "schedule": "Dense/sparse schedule (whole run, next to all-dense)",
+    "serving dense vs moe": "Serving the trained model: dense vs MoEfied",
 }
 
 
@@ -35,7 +37,9 @@ LAYER_ROWS_IN_TABLE = 12  # beyond this, the table shows the layers that wait lo
 
 def to_dict(result: Estimate) -> dict[str, Any]:
     layers = {"moe_layers": result.moe_layers} if result.moe_layers else {}
-    return {"workload": result.workload, "hardware": result.hardware, **result.sections, **layers, "notes": result.notes}
+    phases = {"phases": result.phases} if result.phases else {}
+    return {"workload": result.workload, "hardware": result.hardware, **result.sections, **layers, **phases,
+            "notes": result.notes}
 
 
 def to_json(result: Estimate) -> str:
@@ -53,6 +57,9 @@ def to_csv(result: Estimate) -> str:
         for key, value in row.items():
             if key != "layer":
                 writer.writerow([f"moe_layer.{row['layer']}", key, value])
+    for index, row in enumerate(result.phases):
+        for key, value in row.items():
+            writer.writerow([f"phase.{index}", key, value])
     return buffer.getvalue()
 
 
@@ -72,6 +79,17 @@ def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _phase_table(rows: list[dict[str, Any]]) -> list[str]:
+    columns = [("schedule", "schedule"), ("phase", "phase"), ("mode", "mode"), ("E", "experts"), ("k", "k"),
+               ("tokens", "tokens"), ("steps", "steps"), ("step s", "step_s"), ("hours", "hours"), ("$", "usd"),
+               ("kWh", "kwh")]
+    lines = ["", "Schedule phases (switches cost MoEfication clustering and permutation)"]
+    lines.append("  " + " ".join(f"{title:>14}" for title, _ in columns))
+    for row in rows:
+        lines.append("  " + " ".join(f"{_fmt(row[key]):>14}" for _, key in columns))
+    return lines
+
+
 def to_table(result: Estimate) -> str:
     lines = [f"{result.workload} on {result.hardware}"]
     width = max((len(k) for values in result.sections.values() for k in values), default=10)
@@ -83,6 +101,8 @@ def to_table(result: Estimate) -> str:
         lines += [f"  {key:<{width}}  {_fmt(value):>14}" for key, value in values.items()]
     if result.moe_layers:
         lines += _layer_table(result.moe_layers)
+    if result.phases:
+        lines += _phase_table(result.phases)
     if result.notes:
         lines.append("")
         lines += [f"note: {note}" for note in result.notes]

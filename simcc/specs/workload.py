@@ -334,6 +334,60 @@ class AnytimeSpec(StrictModel):
         return self
 
 
+class SchedulePhase(StrictModel):
+    """One phase of an SSD run: dense steps, or sparse steps with every FFN MoEfied into `experts`
+    clusters of which `k` are active (defaults: the schedule's)."""
+
+    mode: Literal["dense", "sparse"]
+    steps: PositiveFloat | None = None
+    tokens: PositiveFloat | None = None
+    experts: PositiveInt | None = None
+    k: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _length_and_shape(self) -> "SchedulePhase":
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give a phase either steps or tokens")
+        if self.mode == "dense" and (self.experts is not None or self.k is not None):
+            raise ValueError("a dense phase has no experts or k")
+        return self
+
+
+class ScheduleRule(StrictModel):
+    """SSD's shape (Zhang et al. 2024): dense warm-up, then sparse and dense phases alternating until
+    the run's last `final_dense_tokens`, which train dense."""
+
+    warmup_tokens: PositiveFloat
+    sparse_tokens: PositiveFloat
+    dense_tokens: PositiveFloat
+    final_dense_tokens: PositiveFloat
+
+
+class Schedule(StrictModel):
+    """Dense/sparse phases of a training run: an explicit list, or a rule over train.total_tokens."""
+
+    experts: PositiveInt | None = None  # sparse phases' default E
+    k: PositiveInt | None = None  # sparse phases' default active experts
+    phases: list[SchedulePhase] | None = None
+    rule: ScheduleRule | None = None
+    conversion_iterations: PositiveInt = 10  # balanced k-means iterations per dense->sparse switch
+    load: LoadSpec = LoadSpec()  # how unevenly tokens use the clustered experts
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "Schedule":
+        if (self.phases is None) == (self.rule is None):
+            raise ValueError("give a schedule either phases or rule")
+        shapes = [(p.experts or self.experts, p.k or self.k) for p in self.phases or [] if p.mode == "sparse"]
+        if self.rule is not None:
+            shapes.append((self.experts, self.k))
+        for experts, k in shapes:
+            if experts is None or k is None:
+                raise ValueError("sparse phases need experts and k (on the phase or the schedule)")
+            if k > experts:
+                raise ValueError(f"k ({k}) must not exceed experts ({experts})")
+        return self
+
+
 class Workload(StrictModel):
     name: str
     description: str = ""
@@ -346,6 +400,8 @@ class Workload(StrictModel):
     train: TrainSpec | None = None
     serve: ServeSpec | None = None
     anytime: AnytimeSpec | None = None
+    schedule: Schedule | None = None  # SSD dense/sparse phases
+    schedules: dict[str, Schedule] | None = None  # several, compared by name
     seed: NonNegativeInt = 0
 
     @model_validator(mode="after")
@@ -354,4 +410,14 @@ class Workload(StrictModel):
             raise ValueError("mode train needs a `train:` section (seq_len, global_batch)")
         if self.mode == "serve" and self.serve is None:
             raise ValueError("mode serve needs a `serve:` section (batch, prompt_tokens, output_tokens)")
+        if self.schedule is not None and self.schedules is not None:
+            raise ValueError("give either schedule or schedules (named), not both")
+        if (self.schedule or self.schedules) and self.mode != "train":
+            raise ValueError("a dense/sparse schedule belongs to a training workload (mode: train)")
         return self
+
+    @property
+    def named_schedules(self) -> dict[str, "Schedule"]:
+        if self.schedule is not None:
+            return {"schedule": self.schedule}
+        return dict(self.schedules or {})

@@ -1,0 +1,137 @@
+"""SSD dense/sparse schedules and whole-run plans: phases add up, an all-dense schedule is the
+baseline, switches scale with the model, a sparse phase that keeps every expert is never cheaper."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simcc.errors import InputError
+from simcc.estimate import estimate
+from simcc.layout import build_layout
+from simcc.schedule import Phase, expand, sparse_workload, switch_seconds
+from simcc.specs.loader import load_hardware, load_workload, resolve_workload_path
+from simcc.specs.workload import Schedule
+
+SSD = "ssd_gpt2_small_train"
+
+
+def _workload_file(tmp_path: Path, change) -> str:
+    data = yaml.safe_load(Path(resolve_workload_path(SSD)).read_text())
+    change(data)
+    path = tmp_path / "ssd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _estimate(path: str, hardware: str = "dgx_a100_x1"):
+    workload, source = load_workload(path)
+    return estimate(workload, load_hardware(hardware), source)
+
+
+def test_rule_expands_to_warmup_alternation_and_dense_finish():
+    schedule = Schedule.model_validate({"experts": 32, "k": 8, "rule": {
+        "warmup_tokens": 1e9, "sparse_tokens": 2e9, "dense_tokens": 0.5e9, "final_dense_tokens": 1e9}})
+    phases = expand(schedule, 1e10, 524288.0, "w.yaml", "schedule")
+    # 1 dense, then 8e9 to fill: S2 D.5 S2 D.5 S2 D.5 S.5, then the 1e9 dense finish
+    assert [(p.mode, p.tokens) for p in phases] == [
+        ("dense", 1e9), ("sparse", 2e9), ("dense", 0.5e9), ("sparse", 2e9), ("dense", 0.5e9),
+        ("sparse", 2e9), ("dense", 0.5e9), ("sparse", 0.5e9), ("dense", 1e9)]
+    assert sum(p.tokens for p in phases) == pytest.approx(1e10)
+    assert phases[-1].mode == "dense" and all(p.experts == 32 and p.k == 8 for p in phases if p.mode == "sparse")
+
+
+def test_only_dense_phases_equal_the_dense_baseline_exactly(tmp_path):
+    def all_dense(data):
+        data["schedules"] = {"dense": {"phases": [{"mode": "dense", "tokens": 4e9}, {"mode": "dense", "tokens": 6e9}]}}
+        data.pop("serve")
+    result = _estimate(_workload_file(tmp_path, all_dense))
+    totals = result.sections["schedule dense"]
+    assert totals["days"] == pytest.approx(totals["dense_baseline_days"], rel=1e-12)
+    assert totals["days"] == pytest.approx(result.sections["run"]["days"], rel=1e-12)
+    assert totals["kwh"] == pytest.approx(totals["dense_baseline_kwh"], rel=1e-12)
+    assert totals["switches"] == 0 and totals["speedup_vs_dense"] == pytest.approx(1.0)
+
+
+def test_phase_times_add_up_to_the_total():
+    result = _estimate(SSD)
+    for name in ("ssd", "one_long_sparse"):
+        rows = [r for r in result.phases if r["schedule"] == name]
+        totals = result.sections[f"schedule {name}"]
+        assert sum(r["seconds"] for r in rows) / 86400 == pytest.approx(totals["days"], rel=1e-12)
+        assert sum(r["usd"] for r in rows) == pytest.approx(totals["usd"], rel=1e-12)
+        assert sum(r["tokens"] for r in rows) == pytest.approx(1e10)
+        for row in rows:
+            if row["phase"] != "switch":
+                assert row["seconds"] == pytest.approx(row["steps"] * row["step_s"])
+    # The rule's run: 4 dense->sparse and 4 sparse->dense switches.
+    assert result.sections["schedule ssd"]["switches"] == 8
+
+
+def test_switch_cost_scales_with_layers_and_ffn_size():
+    system = load_hardware("dgx_a100_x1")
+
+    def seconds(overrides):
+        workload, source = load_workload(SSD, overrides)
+        layout = build_layout(workload, system, source)
+        schedule = workload.schedules["ssd"]
+        return switch_seconds(workload, system, layout, schedule, 32), switch_seconds(workload, system, layout, schedule, None)
+
+    base_in, base_out = seconds([])
+    deep_in, deep_out = seconds(["model.blocks.1.repeat=24"])
+    wide_in, wide_out = seconds(["model.blocks.1.blocks.1.dense_ffn.hidden=6144"])
+    assert deep_in == pytest.approx(2 * base_in) and deep_out == pytest.approx(2 * base_out)
+    assert wide_in > 1.9 * base_in and wide_out > 1.9 * base_out
+    assert base_in > base_out > 0  # clustering on top of the permutation
+
+
+def test_sparse_phase_keeping_every_expert_costs_at_least_dense():
+    workload, source = load_workload(SSD)
+    system = load_hardware("dgx_a100_x1")
+    dense = estimate(workload, system, source).sections["step"]["step_s"]
+    everything = sparse_workload(workload, Phase("sparse", 1.0, 32, 32), workload.schedules["ssd"], source, "schedule")
+    assert estimate(everything, system, source).sections["step"]["step_s"] >= dense
+
+
+def test_fewer_active_experts_never_slow_a_sparse_step():
+    workload, source = load_workload(SSD)
+    system = load_hardware("dgx_a100_x1")
+    steps = [estimate(sparse_workload(workload, Phase("sparse", 1.0, 32, k), workload.schedules["ssd"], source, "s"),
+                      system, source).sections["step"]["step_s"] for k in (2, 4, 8, 16)]
+    assert steps == sorted(steps)
+
+
+def test_phases_that_miss_the_total_tokens_name_the_field(tmp_path):
+    def short(data):
+        data["schedules"]["one_long_sparse"]["phases"][1]["tokens"] = 1e9
+    with pytest.raises(InputError, match="schedules.one_long_sparse.phases"):
+        _estimate(_workload_file(tmp_path, short))
+
+
+def test_experts_must_divide_the_ffn(tmp_path):
+    def odd(data):
+        data["schedules"]["ssd"]["experts"] = 7
+        data["schedules"]["ssd"]["k"] = 2
+    path = _workload_file(tmp_path, odd)
+    run = subprocess.run([sys.executable, "-m", "simcc", "estimate", path, "--hardware", "dgx_a100_x1"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "schedules.ssd.experts" in run.stderr and "3072" in run.stderr
+
+
+def test_ssd_workload_estimates_on_a_cluster_and_an_edge_device():
+    for hardware in ("dgx_a100_x1", "jetson_agx_orin"):
+        run = subprocess.run([sys.executable, "-m", "simcc", "estimate", SSD, "--hardware", hardware, "--format", "json"],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        report = json.loads(run.stdout)
+        assert report["schedule ssd"]["phases"] == 9 and len(report["phases"]) == 9 + 8 + 3 + 2
+        serving = report["serving dense vs moe"]
+        assert serving["dense_output_tokens_per_s"] > 0 and serving["moe_output_tokens_per_s"] > 0
+        # memory: the peak over phases is at least each phase's own
+        assert report["schedule ssd"]["peak_memory_gb"] >= report["memory"]["total_gb"]
