@@ -69,6 +69,126 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
     click.echo(RENDERERS[fmt](result), nl=False)
 
 
+COMPARE_COLUMNS = ["workload", "hardware", "devices", "step_s", "tokens_per_s", "tflops_per_device", "mfu",
+                   "memory_gb", "fits", "days", "usd", "kwh", "usd_per_million_tokens", "mark", "reason"]
+
+
+@main.command()
+@click.argument("workloads", nargs=-1, required=True)
+@click.option("--hardware", "-H", "profiles", multiple=True, required=True,
+              help="Hardware profiles to compare (repeat, or several after one flag with the shell's help).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override applied to every configuration.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True)
+@click.option("--jobs", type=click.IntRange(1, 1024), default=None, help="Local processes (default: one per core).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def compare(workloads: tuple[str, ...], profiles: tuple[str, ...], overrides: tuple[str, ...], steps: int,
+            jobs: int | None, fmt: str) -> None:
+    """Every WORKLOAD on every --hardware profile, side by side; marks the fastest and the cheapest
+    of those that fit, and says why the others do not."""
+    from simcc.report.render import rows_output
+    from simcc.report.summary import mark_best
+    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+    from simcc.sweep.run import Config, run_local
+
+    workload_sets, hardware_sets = split_overrides(list(overrides))
+    for workload in workloads:  # a missing file or a bad shared override is the user's error: exit 2
+        load_workload(workload, workload_sets)
+    for hardware in profiles:
+        load_hardware(hardware, hardware_sets)
+    configs = [Config(w, h, tuple(overrides), steps=steps) for w in workloads for h in profiles]
+    rows = run_local(configs, jobs)
+    mark_best(rows)
+    click.echo(rows_output(rows, fmt, COMPARE_COLUMNS), nl=False)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SWEEP.yaml")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Results table: .csv or .parquet (written atomically).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG of time vs cost with the Pareto front, and the step breakdown of the best configurations.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--jobs", type=click.IntRange(1, 1024), default=None, help="Local processes (default: one per core).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table: a summary and the Pareto front; json/csv: every configuration.")
+def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor: str, address: str | None,
+          jobs: int | None, fmt: str) -> None:
+    """Estimate every combination of a sweep file's axes; keep the reason for each one that cannot
+    run or fit; print the Pareto front of time vs cost."""
+    import time
+
+    import pandas as pd
+    from rich.progress import Progress
+
+    from simcc.report.render import rows_output
+    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+    from simcc.sweep.pareto import pareto_front, time_and_cost_columns
+    from simcc.sweep.run import run_local, run_ray, sweep_configs
+    from simcc.sweep.spec import load_sweep
+
+    spec = load_sweep(spec_path)
+    workload_sets, hardware_sets = split_overrides(list(spec.set))
+    load_workload(spec.workload, workload_sets)
+    for hardware in spec.hardware:
+        load_hardware(hardware, hardware_sets)
+    _check_out_suffix(out_path)
+    configs = sweep_configs(spec)
+    started = time.perf_counter()
+    with Progress(transient=True, disable=fmt != "table") as bar:
+        task = bar.add_task("sweeping", total=len(configs))
+        advance = lambda done: bar.update(task, completed=done)  # noqa: E731
+        rows = run_ray(configs, address, advance) if executor == "ray" else run_local(configs, jobs, advance)
+    elapsed = time.perf_counter() - started
+    table = pd.DataFrame(rows)
+    if (table["status"] == "invalid").all():
+        raise InputError(spec_path, "axes", f"no configuration could be estimated; the first: {rows[0]['reason']}")
+    if out_path is not None:
+        _write_table(table, Path(out_path))
+    x, y = time_and_cost_columns(table)
+    front = pareto_front(table[table["status"] == "ok"], x, y)
+    axes = ["hardware", *spec.axes]
+    if plot_path is not None:
+        from simcc.sweep.plot import plot_sweep
+
+        plot_sweep(table, front, x, y, axes, Path(plot_path))
+    if fmt != "table":
+        click.echo(rows_output(rows, fmt, []), nl=False)
+        return
+    counts = table["status"].value_counts().to_dict()
+    click.echo(f"{len(table)} configurations in {elapsed:.1f} s ({len(table) / elapsed:.1f}/s, {executor}): "
+               + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    for status in ("invalid", "does not fit"):
+        reasons = table[table["status"] == status]["reason"].value_counts()
+        for reason, n in reasons.head(3).items():
+            click.echo(f"  {status} ({n}): {reason}")
+    click.echo(f"\nPareto front, {x} vs {y} ({len(front)} configurations):")
+    click.echo(rows_output(front.to_dict("records"), "table", [*axes, x, y, "tokens_per_s", "mfu", "memory_gb"]), nl=False)
+    for path in filter(None, (out_path, plot_path)):
+        click.echo(f"wrote {path}")
+
+
+def _check_out_suffix(out_path: str | None) -> None:
+    if out_path is not None and Path(out_path).suffix not in (".csv", ".parquet"):
+        raise InputError("--out", out_path, "expected a .csv or .parquet file name")
+
+
+def _write_table(table, path: Path) -> None:
+    from simcc.sim.trace import write_atomically
+
+    if path.suffix == ".parquet":
+        import io
+
+        buffer = io.BytesIO()
+        try:
+            table.to_parquet(buffer, index=False)
+        except ImportError:
+            raise InputError("--out", str(path), "Parquet needs pyarrow: pip install pyarrow (or write .csv)") from None
+        write_atomically(path, buffer.getvalue())
+    else:
+        write_atomically(path, table.to_csv(index=False))
+
+
 @main.command("list")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def list_command(fmt: str) -> None:

@@ -13,7 +13,7 @@ from simcc.costs.compute import peak_flops
 from simcc.errors import InputError
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.layout import Layout, build_layout
-from simcc.model.blocks import Batch, MoEStats
+from simcc.model.blocks import Batch, MoEStats, Params
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.graph import model_forward_flops, model_params, units_forward_flops, units_of
 from simcc.report.metrics import mfu, run_totals
@@ -22,7 +22,7 @@ from simcc.specs.workload import Workload
 from simcc.schedule import PhaseStep, expand, plan_schedule, sparse_workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
-from simcc.timing.plan import TrainingPlan, build_training_plan
+from simcc.timing.plan import TrainingPlan, build_training_plan, stage_footprints
 from simcc.routing.activation import ActivationProfile, input_dependent_share, request_compute_scales
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
 from simcc.timing.serving import serving_costs
@@ -132,6 +132,7 @@ class SimulationOptions:
     trace: Trace | None = None  # filled with the timeline when enabled
     request_count: int = 2000  # serving: Poisson requests to simulate
     requests: list[Request] | None = None  # serving: a trace instead of Poisson arrivals
+    simulate_unfit: bool = True  # False: a training layout that does not fit in memory is not simulated
 
 
 def estimate(workload: Workload, system: System, workload_source: str,
@@ -158,11 +159,32 @@ def estimate(workload: Workload, system: System, workload_source: str,
     return result
 
 
+def _worst_stage_memory(workload: Workload, system: System, layout: Layout,
+                        footprints: list[tuple[Params, float, float]]) -> MemoryBreakdown:
+    """The stage that holds the most: weights by its parameters, activations by what one
+    micro-batch leaves through its chunks, buffers by its largest transient."""
+    memories = [training_memory(workload, system, layout, params, saved, buffers) for params, saved, buffers in footprints]
+    return max(memories, key=lambda memory: memory.total)
+
+
+def _unfit_note(memory: MemoryBreakdown, system: System) -> str:
+    return f"does not fit: needs {memory.total / 1e9:.1f} GB per device, {system.device.name} has {memory.capacity / 1e9:.1f} GB"
+
+
 def _estimate_training(workload: Workload, system: System, layout: Layout, peak: float, total_params: float,
                        result: Estimate, options: SimulationOptions, source: str) -> None:
     assert workload.train is not None
     train = workload.train
+    if not options.simulate_unfit and workload.anytime is None:  # fit first, before costing anything
+        worst = _worst_stage_memory(workload, system, layout, stage_footprints(workload, layout))
+        if not worst.fits:
+            result.sections["memory"] = _memory_section(worst)
+            result.notes.append(_unfit_note(worst, system))
+            return
     plan = build_training_plan(workload, system, layout, sampled_steps=options.steps)
+    worst = _worst_stage_memory(workload, system, layout, [
+        (stage.params, sum(c.saved_bytes for c in stage.chunks), max((c.transient_bytes for c in stage.chunks), default=0.0))
+        for stage in plan.stages])
     sim = simulate_training(plan, options.steps, options.trace)
     step_s = sim.mean_step
     per_sequence = _trained_forward_flops(workload, Batch(1, train.seq_len, train.seq_len))
@@ -185,19 +207,9 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
         "model_tflops_per_device": per_device / 1e12,
         "mfu": mfu(per_device, peak),
     }
-    # Memory of the stage that holds the most: weights by its parameters, activations by its chunks.
-    worst: MemoryBreakdown | None = None
-    for stage in plan.stages:
-        saved = sum(c.saved_bytes for c in stage.chunks)  # one micro-batch through all of the stage's chunks
-        buffers = max((c.transient_bytes for c in stage.chunks), default=0.0)
-        memory = training_memory(workload, system, layout, stage.params, saved, buffers)
-        if worst is None or memory.total > worst.total:
-            worst = memory
-    assert worst is not None
     result.sections["memory"] = _memory_section(worst)
     if not worst.fits:
-        result.notes.append(f"does not fit: needs {worst.total / 1e9:.1f} GB per device, "
-                            f"{system.device.name} has {worst.capacity / 1e9:.1f} GB")
+        result.notes.append(_unfit_note(worst, system))
     result.sections["moe"] = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
     result.moe_layers = _moe_layer_rows(plan, layout)
     if train.total_tokens:

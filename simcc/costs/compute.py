@@ -71,7 +71,27 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     return busy + launch, bound
 
 
+# Costs memoised per device object: a plan costs the same op (one layer's GEMM, its backward) once per
+# layer, micro-batch shape and sampled step. The device is kept in the entry, so its id is never
+# reused while the entry lives.
+_COSTS: dict[int, tuple[Device, dict[Op, "OpCost"]]] = {}
+_COSTS_LIMIT = 200_000
+
+
 def op_cost(device: Device, op: Op) -> OpCost:
+    entry = _COSTS.get(id(device))
+    if entry is None or entry[0] is not device:
+        if sum(len(costs) for _, costs in _COSTS.values()) > _COSTS_LIMIT:
+            _COSTS.clear()
+        entry = _COSTS[id(device)] = (device, {})
+    costs = entry[1]
+    cost = costs.get(op)
+    if cost is None:
+        cost = costs[op] = _op_cost(device, op)
+    return cost
+
+
+def _op_cost(device: Device, op: Op) -> OpCost:
     seconds, bound = _roofline(device, op, op.flops, op.bytes)
     if op.mean_flops is None:
         return OpCost(seconds, seconds, bound)

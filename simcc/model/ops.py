@@ -8,6 +8,7 @@ without re-deriving any cost.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
@@ -59,6 +60,7 @@ BACKWARD_BYTES_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2
 ELEMENTWISE_BACKWARD_RATIO = 1.5
 
 
+@lru_cache(maxsize=65536)  # items are immutable; a plan asks for the same layer's backward many times
 def backward_of(item: WorkItem) -> WorkItem:
     if isinstance(item, Comm):
         # Conjugate collectives move the same bytes: all-reduce <-> all-reduce, AG <-> RS, A2A <-> A2A.

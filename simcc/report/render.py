@@ -110,3 +110,25 @@ def to_table(result: Estimate) -> str:
 
 
 RENDERERS = {"table": to_table, "json": to_json, "csv": to_csv}
+
+
+def rows_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A fixed-width table of chosen columns, one line per row (compare, sweep fronts)."""
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+    lines += ["  ".join(f"{v:>{w}}" for v, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines) + "\n"
+
+
+def rows_output(rows: list[dict[str, Any]], fmt: str, table_columns: list[str]) -> str:
+    """JSON and CSV carry every column; the table the ones people read."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else table_columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    return rows_table(rows, table_columns)

@@ -87,18 +87,22 @@ def expert_ranks(spec: MoEFFNBlock, ranks: int) -> np.ndarray:
 
 
 def _per_rank_slots(computed: np.ndarray, placement: np.ndarray, hot: np.ndarray, ranks: int) -> np.ndarray:
-    """[ranks, slots] computed tokens: own non-hot experts first, then an equal share of each hot one."""
-    local = computed.size // ranks
-    slots = np.zeros((ranks, local + hot.size))
-    is_hot = np.zeros(computed.size, dtype=bool)
+    """[draws, ranks, slots] computed tokens from [draws, experts]: each rank's own non-hot experts
+    first, then an equal share of each hot one."""
+    experts = computed.shape[1]
+    local = experts // ranks
+    is_hot = np.zeros(experts, dtype=bool)
     is_hot[hot] = True
+    own = np.full((ranks, local), experts)  # index `experts` reads the zero column appended below
     for rank in range(ranks):
-        own = computed[(placement == rank) & ~is_hot]
-        slots[rank, : own.size] = own
-    slots[:, local:] = computed[hot] / ranks
-    return slots
+        mine = np.flatnonzero((placement == rank) & ~is_hot)
+        own[rank, : mine.size] = mine
+    padded = np.concatenate([computed, np.zeros((computed.shape[0], 1))], axis=1)
+    shared = np.broadcast_to(computed[:, None, hot] / ranks, (computed.shape[0], ranks, hot.size))
+    return np.concatenate([padded[:, own], shared], axis=2)
 
 
+@lru_cache(maxsize=16384)  # pure in its arguments: a sweep meets the same layer loads many times
 def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, profile_seed: int,
                balanced: bool = False, draws: int = LOAD_DRAWS) -> RankLoads:
     """Per-rank expert loads for one MoE layer over `ranks` expert-parallel ranks.
@@ -121,30 +125,27 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     block = spec.routing.dropless_block if spec.gating.policy not in NO_CAPACITY_POLICIES else 1
 
     rng = np.random.default_rng(seed)
-    slots = local + hot.size
-    busiest, mean_rank = np.zeros(slots), np.zeros(slots)
-    dropped = padded = cv = max_over_mean = max_tokens = 0.0
-    for _ in range(draws):
-        if profile.exact:
-            counts = routed * profile.share
-        else:
-            counts = rng.multinomial(int(round(routed)), profile.share).astype(float)
-        if capacity is None:
-            kept = counts
-            computed = np.ceil(counts / block) * block
-        else:
-            kept = np.minimum(counts, capacity)
-            computed = np.full(experts, float(capacity))  # buffers are padded to capacity
-        per_rank = _per_rank_slots(computed, placement, hot, ranks)
-        hottest = int(np.argmax(per_rank.sum(axis=1)))
-        busiest += per_rank[hottest]
-        mean_rank += per_rank.mean(axis=0)
-        dropped += float((counts - kept).sum())
-        padded += float((computed - kept).sum())
-        average = counts.mean()
-        cv += float(counts.std() / average) if average > 0 else 0.0
-        max_over_mean += float(counts.max() / average) if average > 0 else 1.0
-        max_tokens += float(counts.max())
+    if profile.exact:
+        counts = np.tile(routed * profile.share, (draws, 1))
+    else:
+        counts = rng.multinomial(int(round(routed)), profile.share, size=draws).astype(float)
+    if capacity is None:
+        kept = counts
+        computed = np.ceil(counts / block) * block
+    else:
+        kept = np.minimum(counts, capacity)
+        computed = np.full_like(counts, float(capacity))  # buffers are padded to capacity
+    per_rank = _per_rank_slots(computed, placement, hot, ranks)  # [draws, ranks, slots]
+    hottest = per_rank.sum(axis=2).argmax(axis=1)
+    busiest = per_rank[np.arange(draws), hottest].sum(axis=0)
+    mean_rank = per_rank.mean(axis=1).sum(axis=0)
+    dropped = float((counts - kept).sum())
+    padded = float((computed - kept).sum())
+    average = counts.mean(axis=1)
+    safe = np.where(average > 0, average, 1.0)
+    cv = float(np.where(average > 0, counts.std(axis=1) / safe, 0.0).sum())
+    max_over_mean = float(np.where(average > 0, counts.max(axis=1) / safe, 1.0).sum())
+    max_tokens = float(counts.max(axis=1).sum())
     n = float(draws)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
                      dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction,

@@ -10,7 +10,8 @@ from pathlib import Path
 from simcc.errors import InputError
 from simcc.routing.gating import POLICY_PARAMETERS
 from simcc.routing.load import CAPACITY_FORMULAS
-from simcc.specs.loader import PROFILE_FOLDERS, read_yaml, shipped_hardware_dir, shipped_workload_dir
+from simcc.specs.loader import (PROFILE_FOLDERS, SWEEP_FOLDER, read_yaml, shipped_hardware_dir, shipped_workload_dir,
+                                 shipped_workload_files)
 
 
 def catalog() -> list[dict[str, str]]:
@@ -19,8 +20,11 @@ def catalog() -> list[dict[str, str]]:
     for folder in PROFILE_FOLDERS:
         for path in sorted((hardware / folder).glob("*.yaml")):
             rows.append(_row("hardware", folder, path))
-    for path in sorted(shipped_workload_dir().glob("**/*.yaml")):
+    for path in shipped_workload_files():
         rows.append(_row("workload", path.parent.name, path))
+    for path in sorted((shipped_workload_dir() / SWEEP_FOLDER).glob("*.yaml")):
+        rows.append({"kind": "sweep", "group": SWEEP_FOLDER, "name": path.stem,
+                     "summary": f"simcc sweep {path.relative_to(shipped_workload_dir().parent)}"})
     rows += [{"kind": "gating", "group": "policy", "name": name, "summary": text}
              for name, text in POLICY_PARAMETERS.items()]
     rows += [{"kind": "routing", "group": "capacity", "name": name, "summary": text}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import types
 import typing
@@ -34,9 +35,18 @@ def shipped_workload_dir() -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's mapping, parsed once per version of the file (a sweep reads the same profiles
+    for every configuration); callers get their own copy to change."""
     source = str(path)
     if not path.is_file():
         raise InputError(source, "", "file not found")
+    stat = path.stat()
+    return copy.deepcopy(_parse_yaml(source, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_yaml(source: str, modified_ns: int, size: int) -> dict[str, Any]:
+    path = Path(source)
     try:
         with path.open(encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
@@ -269,18 +279,26 @@ def _apply_all(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
     return labels
 
 
+SWEEP_FOLDER = "sweeps"  # sweep files live beside the workloads they sweep, but are not workloads
+
+
+def shipped_workload_files(stem: str = "*") -> list[Path]:
+    return [p for p in sorted(shipped_workload_dir().glob(f"**/{stem}.yaml"))
+            if SWEEP_FOLDER not in p.relative_to(shipped_workload_dir()).parts]
+
+
 def resolve_workload_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    for candidate in sorted(shipped_workload_dir().glob(f"**/{name_or_path}.yaml")):
+    for candidate in shipped_workload_files(name_or_path):
         return candidate
     return path
 
 
 def load_workload(name_or_path: str, overrides: list[str] | None = None) -> tuple[Workload, str]:
     path = resolve_workload_path(name_or_path)
-    data = copy.deepcopy(read_yaml(path))
+    data = read_yaml(path)
     labels = _apply_all(data, overrides or [])
     return validate(Workload, data, str(path), labels), str(path)
 

@@ -259,10 +259,33 @@ def _optimizer(params: Params, workload: Workload, system: System, layout: Layou
     return cost_item(op, system, layout)
 
 
+def _micro_batch(workload: Workload) -> Batch:
+    assert workload.train is not None
+    return Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
+
+
+def stage_footprints(workload: Workload, layout: Layout) -> list[tuple[Params, float, float]]:
+    """Per pipeline stage, what memory needs and nothing is costed for: its parameters, the
+    activations one micro-batch leaves through all its chunks, and its largest transient buffer.
+    The same numbers as the full plan's (a sweep checks fit first); not for anytime supernets,
+    whose saved activations depend on the sandwich."""
+    assert workload.anytime is None
+    batch = _micro_batch(workload)
+    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp)
+    footprints = []
+    for stage in range(layout.pp):
+        works = [forward_work(chunks[v * layout.pp + stage], workload, layout, batch) for v in range(layout.vpp)]
+        params = Params()
+        for work in works:
+            params = params.add(work.params)
+        footprints.append((params, sum(w.saved_bytes for w in works), max((w.transient_bytes for w in works), default=0.0)))
+    return footprints
+
+
 def build_training_plan(workload: Workload, system: System, layout: Layout, sampled_steps: int = 0) -> TrainingPlan:
     assert workload.train is not None
     par = workload.parallelism
-    batch = Batch(par.micro_batch, workload.train.seq_len, workload.train.seq_len)
+    batch = _micro_batch(workload)
     chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp)
     act_bytes = batch.tokens * workload.model.hidden * DTYPE_BYTES[workload.precision.communication]
     if par.effective_sequence_parallel and layout.tp > 1:

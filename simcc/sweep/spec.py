@@ -1,0 +1,52 @@
+"""The sweep file: a workload, hardware profiles, fixed overrides and axes of `--set` paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from simcc.specs.base import StrictModel
+from simcc.specs.loader import read_yaml, validate
+
+
+class SweepSpec(StrictModel):
+    workload: str  # a shipped name or a path (relative to the sweep file)
+    hardware: list[str] = Field(min_length=1)  # profiles: the first axis
+    set: list[str] = []  # overrides applied to every configuration (`hardware.` prefix for the profile)
+    # Each axis: a `--set` path and the values it takes; the sweep is their cartesian product.
+    axes: dict[str, list[Any]] = {}
+    steps: int = Field(default=1, ge=1, le=100)  # simulated training steps per configuration
+    seed: int | None = Field(default=None, ge=0)
+
+    @field_validator("axes")
+    @classmethod
+    def _axes_have_values(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path, values in axes.items():
+            if not values:
+                raise ValueError(f"axis {path} has no values")
+            if "=" in path:
+                raise ValueError(f"axis {path}: give the path alone; its values go in the list")
+        return axes
+
+    @property
+    def size(self) -> int:
+        count = len(self.hardware)
+        for values in self.axes.values():
+            count *= len(values)
+        return count
+
+
+def _near(base: Path, name: str) -> str:
+    """A path relative to the sweep file when one exists there; otherwise the name as given."""
+    candidate = base / name
+    return str(candidate) if candidate.exists() else name
+
+
+def load_sweep(path: str) -> SweepSpec:
+    data = read_yaml(Path(path))
+    spec = validate(SweepSpec, data, path)
+    base = Path(path).parent
+    return spec.model_copy(update={"workload": _near(base, spec.workload),
+                                   "hardware": [_near(base, h) for h in spec.hardware]})
