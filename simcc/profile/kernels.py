@@ -129,7 +129,10 @@ def build_cases(device: str, dtype: str, quick: bool, ffn_shapes: tuple[tuple[in
                           lambda inputs=inputs, ws=ws: [x @ w for x, w in zip(inputs, ws)],
                           tokens=sum(loads), hidden=hidden, ffn=ffn, experts=experts))
 
-    for tokens in token_counts:
+    # Memory-bound families every 2x in size (a full run): their bandwidth changes in steps as
+    # buffers leave each cache level, and a held-out point should sit close to measured ones.
+    memory_counts = token_counts if quick else [2**i for i in range(15)]
+    for tokens in memory_counts:
         x, router = tensor(tokens, hidden), tensor(hidden, 64)
         cases.append(Case("gate", f"gate_{tokens}x64", 2.0 * tokens * hidden * 64,
                           (tokens * hidden + hidden * 64 + tokens * 64) * b, 2.0 * tokens * hidden * 64,
@@ -151,8 +154,8 @@ def build_cases(device: str, dtype: str, quick: bool, ffn_shapes: tuple[tuple[in
                           lambda q=q, k=k_, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
                           tokens=seq, hidden=heads * head_dim))
 
-    # Copies every 4x in size, so that cache-to-memory transitions are sampled, not jumped over.
-    for megabytes in ([0.25, 1, 4, 16] if quick else [0.0625, 0.25, 1, 4, 16, 64, 256]):
+    # Copies every 4x (quick) or 2x in size, so that cache-to-memory transitions are sampled.
+    for megabytes in ([0.25, 1, 4, 16] if quick else [0.0625 * 2**i for i in range(13)]):
         x = torch.empty(int(megabytes * 1e6 / b), device=device, dtype=dt)
         y = torch.empty_like(x)
         cases.append(Case("memcpy", f"copy_{megabytes:g}MB", 0.0, 2 * x.numel() * b, 0.0, lambda x=x, y=y: y.copy_(x)))
