@@ -327,11 +327,18 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
 
 
 @main.command()
-@click.option("--profile", "profile_name", required=True, help="Hardware profile (e.g. one written by calibrate).")
-@click.option("--measurements", multiple=True, required=True, help="Kernel or collective CSV; repeat for several.")
+@click.option("--profile", "profile_name", default=None, help="Hardware profile (e.g. one written by calibrate).")
+@click.option("--measurements", multiple=True, help="Kernel or collective CSV; repeat for several.")
+@click.option("--suite", default=None, help="Instead: a suite of published measurements (`published`).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def validate(profile_name: str, measurements: tuple[str, ...], fmt: str) -> None:
-    """Predicted vs measured for every measured kernel, MoE layer and collective, with signed error."""
+def validate(profile_name: str | None, measurements: tuple[str, ...], suite: str | None, fmt: str) -> None:
+    """Predicted vs measured, with signed error: for every measured kernel, MoE layer and collective
+    of a profile (--profile, --measurements), or for each published case of a suite (--suite)."""
+    if suite is not None:
+        _validate_suite(suite, fmt)
+        return
+    if profile_name is None or not measurements:
+        raise click.UsageError("give --profile and --measurements, or --suite published")
     import pandas as pd
 
     from simcc.calibrate.fit import collective_errors, comm_held_out, error_summary, held_out_mask, prediction_errors
@@ -365,6 +372,26 @@ def validate(profile_name: str, measurements: tuple[str, ...], fmt: str) -> None
     click.echo(_render_errors(error_summary(errors[errors["unseen"]]), "table",
                               "summary, points a calibration from these tables did not fit (held out, and whole MoE layers)"),
                nl=False)
+
+
+def _validate_suite(name: str, fmt: str) -> None:
+    import json
+
+    from simcc.report.render import rows_output
+    from simcc.validation import load_suite, run_suite, summary
+
+    rows = run_suite(load_suite(name))
+    totals = summary(rows)
+    if fmt == "json":
+        click.echo(json.dumps({"cases": rows, "summary": totals}, indent=2))
+        return
+    if fmt == "csv":
+        click.echo(rows_output(rows, "csv", []), nl=False)
+        return
+    shown = [{**r, "error %": f"{r['error'] * 100:+.1f}"} for r in rows]
+    click.echo(rows_output(shown, "table", ["case", "metric", "measured", "predicted", "error %", "dominant"]), nl=False)
+    click.echo(f"{totals['cases']} cases: median |error| {totals['median_abs_error']:.1%}, worst "
+               f"{totals['worst_abs_error']:.1%}; {totals['within_10pct']} within 10%, {totals['within_25pct']} within 25%")
 
 
 def _render_errors(summary, fmt: str, title: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -64,6 +65,9 @@ class Shard:
     seed: int = 0  # expert-load draws
     profile_seed: int = 0  # the gating policy's measured profile (fixed across steps)
     load_draws: int = LOAD_DRAWS  # expert-load draws averaged (1: a single step's draw)
+    microbatches: int = 1  # per replica per step: how many tokens a step's gradients cover
+    dp: int = 1  # data-parallel replicas whose sparse gradient rows are gathered
+    grad_dtype: str = "fp32"
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Params:
     # Sum of (rows + cols) over weight matrices: a factored optimizer keeps O(rows + cols) state.
     dense_rows_cols: float = 0.0
     expert_rows_cols: float = 0.0
+    sparse_grad: float = 0.0  # of `dense`: embedding rows whose gradients sync as touched rows only
 
     def add(self, other: "Params") -> "Params":
         return Params(*(a + b for a, b in zip(self.astuple(), other.astuple())))
@@ -85,7 +90,8 @@ class Params:
         return Params(*(a * times for a in self.astuple()))
 
     def astuple(self) -> tuple[float, ...]:
-        return (self.dense, self.replicated, self.expert, self.active_expert, self.dense_rows_cols, self.expert_rows_cols)
+        return (self.dense, self.replicated, self.expert, self.active_expert, self.dense_rows_cols, self.expert_rows_cols,
+                self.sparse_grad)
 
     @property
     def total(self) -> float:
@@ -458,7 +464,18 @@ def conv_work(spec: ConvBlock, batch: Batch, shard: Shard) -> BlockWork:
 
 
 def embedding_params(spec: EmbeddingBlock, hidden: int) -> Params:
-    return Params(dense=spec.vocab * hidden)
+    table = spec.vocab * hidden
+    return Params(dense=table, sparse_grad=table if spec.sparse_gradients else 0.0)
+
+
+@lru_cache(maxsize=1024)
+def distinct_rows(vocab: int, draws: float, zipf: float) -> float:
+    """Expected distinct tokens among `draws` drawn by Zipf(zipf) frequency from a vocabulary:
+    sum over tokens of 1 - (1 - p)^draws (Zipf's law for word frequencies, exponent ~1)."""
+    ranks = np.arange(1, vocab + 1, dtype=float)
+    p = ranks ** -zipf
+    p /= p.sum()
+    return float(np.sum(-np.expm1(draws * np.log1p(-p))))
 
 
 def embedding_work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
@@ -467,6 +484,10 @@ def embedding_work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard
     work.forward.append(elementwise("embed.lookup", T * hidden, 1, 1, shard.dtype, family="embedding"))
     if shard.tp > 1:  # vocabulary-parallel lookup: partial rows are all-reduced
         work.forward += _tp_exit("embed.tp_reduce", T, hidden, shard)
+    if spec.sparse_gradients and shard.dp > 1:  # each replica's touched rows (ids + values), gathered by all
+        rows = distinct_rows(spec.vocab, T * shard.microbatches, spec.token_zipf)
+        row_bytes = hidden / shard.tp * DTYPE_BYTES[shard.grad_dtype] + 8  # int64 row id
+        work.per_step_grads.append(Comm("embed.sparse_grad_all_gather", "all_gather", shard.dp * rows * row_bytes, "dp"))
     return work
 
 

@@ -280,11 +280,12 @@ def _apply_all(data: dict[str, Any], overrides: list[str]) -> dict[str, str]:
 
 
 SWEEP_FOLDER = "sweeps"  # sweep files live beside the workloads they sweep, but are not workloads
+SUITE_SUFFIX = "_suite"  # nor are validation suites (workloads/validation/published_suite.yaml)
 
 
 def shipped_workload_files(stem: str = "*") -> list[Path]:
     return [p for p in sorted(shipped_workload_dir().glob(f"**/{stem}.yaml"))
-            if SWEEP_FOLDER not in p.relative_to(shipped_workload_dir()).parts]
+            if SWEEP_FOLDER not in p.relative_to(shipped_workload_dir()).parts and not p.stem.endswith(SUITE_SUFFIX)]
 
 
 def resolve_workload_path(name_or_path: str) -> Path:

@@ -201,6 +201,10 @@ class ConvBlock(StrictModel):
 
 class EmbeddingBlock(StrictModel):
     vocab: PositiveInt
+    # Sparse updates (TF IndexedSlices, torch sparse=True): a step syncs only the rows its tokens
+    # touched, gathered from every data-parallel replica, instead of all-reducing the whole table.
+    sparse_gradients: bool = False
+    token_zipf: NonNegativeFloat = 1.0  # token frequencies ~ Zipf(token_zipf): how many rows a batch touches
 
 
 class LMHeadBlock(StrictModel):

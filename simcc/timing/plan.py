@@ -6,7 +6,7 @@ reads `Cost.seconds` and never re-derives it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from simcc.costs.collectives import collective_time, latency_floor
 from simcc.costs.compute import op_cost
@@ -88,7 +88,8 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
     seed, draws = (workload.seed, LOAD_DRAWS) if step is None else (workload.seed * 7919 + 1 + step, 1)
     return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
-                 comm_dtype=prec.communication, seed=seed, profile_seed=workload.seed, load_draws=draws)
+                 comm_dtype=prec.communication, seed=seed, profile_seed=workload.seed, load_draws=draws,
+                 microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
@@ -224,8 +225,10 @@ def _grad_sync(params: Params, workload: Workload, system: System, layout: Layou
     Rajbhandari 2020) a reduce-scatter."""
     collective = "all_reduce" if workload.parallelism.zero_stage == 0 else "reduce_scatter"
     grad_bytes = DTYPE_BYTES[workload.precision.gradients]
+    # Sparse embedding rows are gathered by the block itself (embedding_work), not reduced here.
+    dense_only = replace(params, dense=params.dense - params.sparse_grad, sparse_grad=0.0)
     return [cost_item(Comm(f"grad_{collective}.{group}", collective, count * grad_bytes, group), system, layout)
-            for group, count in _sharded_groups(params, layout)]
+            for group, count in _sharded_groups(dense_only, layout)]
 
 
 def _param_gather(params: Params, workload: Workload, system: System, layout: Layout) -> list[Cost]:
