@@ -128,6 +128,13 @@ def _partner(segments: list[Segment], first: int) -> int | None:
     return None
 
 
+def _wait(event: simpy.Event):
+    """Yield only an event still pending: a process that yields one already processed is resumed
+    through one more scheduled event, for nothing."""
+    if not event.processed:
+        yield event
+
+
 class _Step:
     """The shared state of one simulated step: readiness events between stages."""
 
@@ -278,13 +285,13 @@ class _Simulator:
                     yield gathers[chunk_index]
                     account.sync_wait += env.now - start
                 if global_chunk > 0:
-                    yield state.event("act", microbatch, global_chunk - 1)
+                    yield from _wait(state.event("act", microbatch, global_chunk - 1))
                 yield from self._run_segments(stage, forward, account)
                 if global_chunk < last_global:
                     self._hand_off(state, stage, "act", microbatch, global_chunk)
             else:
                 if global_chunk < last_global:
-                    yield state.event("grad", microbatch, global_chunk + 1)
+                    yield from _wait(state.event("grad", microbatch, global_chunk + 1))
                 backward_left[chunk_index] -= 1
                 last = backward_left[chunk_index] == 0 and plan.overlap_grad_reduce
                 launch = (chunks[chunk_index].grad_buckets, buckets) if last else None
@@ -306,11 +313,20 @@ class _Simulator:
         self.trace.add(f"stage{stage}", "compute", "optimizer.step", start, stage_plan.optimizer.seconds)
 
     def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> None:
+        """The activation or gradient goes to the next stage in the background; a callback on the
+        send (not a process per send) marks it ready there."""
         event = state.event(kind, microbatch, global_chunk)
         if self.plan.pp == 1:
             event.succeed()  # the next chunk lives on this same device
-        else:
-            self.env.process(self._chain(stage, [self.plan.stages[stage].p2p], event, "p2p"))
+            return
+        send = self.plan.stages[stage].p2p
+        start = self.env.now
+
+        def arrived(_sent: simpy.Event) -> None:
+            self._record_comm(stage, "p2p", send.link, send.name, start)
+            event.succeed()
+
+        self._transfer(stage, send.link, send.seconds).callbacks.append(arrived)
 
     def run_step(self, step: int) -> StepResult:
         state = _Step(self, step)

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Iterable
 
 from simcc.errors import InputError
@@ -43,17 +44,26 @@ def sweep_configs(spec: SweepSpec) -> list[Config]:
     return configs
 
 
+@lru_cache(maxsize=64)
+def _system(hardware: str, overrides: tuple[str, ...]):
+    """A sweep's profiles are few and its files do not change while it runs: load each once per
+    process, which also lets the op-cost memo (per device object) serve every configuration."""
+    from simcc.specs.loader import load_hardware
+
+    return load_hardware(hardware, list(overrides))
+
+
 def evaluate(config: Config) -> dict[str, Any]:
     """One row; a configuration that cannot be built or estimated becomes an invalid row with the
     one-line reason, so a sweep never stops on one bad combination."""
     from simcc.estimate import SimulationOptions, estimate
     from simcc.report.summary import invalid_row, summary_row
-    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+    from simcc.specs.loader import load_workload, split_overrides
 
     workload_sets, hardware_sets = split_overrides(list(config.overrides))
     try:
         workload, source = load_workload(config.workload, workload_sets)
-        system = load_hardware(config.hardware, hardware_sets)
+        system = _system(config.hardware, tuple(hardware_sets))
         row = summary_row(estimate(workload, system, source, SimulationOptions(steps=config.steps, simulate_unfit=config.simulate_unfit)), system)
     except InputError as error:
         row = invalid_row(config.workload, config.hardware, error.one_line())
