@@ -97,6 +97,8 @@ def compare(workloads: tuple[str, ...], profiles: tuple[str, ...], overrides: tu
         load_hardware(hardware, hardware_sets)
     configs = [Config(w, h, tuple(overrides), steps=steps) for w in workloads for h in profiles]
     rows = run_local(configs, jobs)
+    if all(row["status"] == "invalid" for row in rows):
+        raise InputError(rows[0]["workload"], "", f"no configuration could be estimated; the first: {rows[0]['reason']}")
     mark_best(rows)
     click.echo(rows_output(rows, fmt, COMPARE_COLUMNS), nl=False)
 

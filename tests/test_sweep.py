@@ -56,9 +56,12 @@ def test_compare_rows_equal_single_estimates_and_mark_the_best():
 def test_compare_says_why_a_configuration_does_not_run():
     run = simcc("compare", WORKLOAD, "--hardware", "dgx_a100_x1", "--hardware", "hgx_h200_x2", "--set", DENSE,
                 "--set", "parallelism.micro_batch=48", "--format", "json")
-    assert run.returncode == 0, run.stderr
-    rows = json.loads(run.stdout)
-    assert all(r["status"] == "invalid" and "micro_batch" in r["reason"] for r in rows)
+    assert run.returncode == 2 and "micro_batch" in run.stderr and "Traceback" not in run.stderr
+    mixed = simcc("compare", WORKLOAD, "--hardware", "dgx_a100_x1", "--hardware", "hgx_h200_x2", "--set", DENSE,
+                  "--set", "parallelism.micro_batch=64", "--format", "json")  # 512 = 8 x 64, but not 16 x 64
+    assert mixed.returncode == 0, mixed.stderr
+    rows = json.loads(mixed.stdout)
+    assert rows[0]["status"] != "invalid" and rows[1]["status"] == "invalid" and "micro_batch" in rows[1]["reason"]
 
 
 def test_sweep_of_two_values_equals_the_two_estimates(tmp_path):
