@@ -202,7 +202,8 @@ class _Simulator:
                 yield self._timeout(seconds)
                 account.compute += seconds - imbalance
                 account.imbalance += imbalance
-                self.trace.add(f"stage{stage}", "compute", name, start, seconds)
+                if self.trace.enabled:
+                    self.trace.add(f"stage{stage}", "compute", name, start, seconds)
             else:
                 yield self._transfer(stage, link, seconds)
                 account.blocking_comm += env.now - start
@@ -247,6 +248,8 @@ class _Simulator:
 
     def _record_comm(self, stage: int, lane: str, link: str, name: str, start: float) -> None:
         """A finished transfer appears on the stage's stream and on the link it loaded."""
+        if not self.trace.enabled:
+            return  # skip building the labels: this runs once per transfer
         duration = self.env.now - start
         self.trace.add(f"stage{stage}", lane, name, start, duration)
         self.trace.add(f"link stage{stage}.{link or 'intra'}", lane, name, start, duration)

@@ -39,7 +39,7 @@ class ChunkPlan:
     """One pipeline chunk (virtual stage) for one micro-batch."""
 
     units: list[Unit]
-    forward: list[Cost] = field(default_factory=list)  # expected expert loads
+    forward: list[Cost] = field(default_factory=list)  # expected expert loads, or the first sampled step's
     backward: list[Cost] = field(default_factory=list)  # includes recomputation
     params: Params = field(default_factory=Params)
     saved_bytes: float = 0.0  # activations kept per micro-batch under the recompute policy
@@ -195,18 +195,21 @@ def _subnet_costs(units: list[Unit], workload: Workload, system: System, layout:
 def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
                 sampled_steps: int = 0) -> ChunkPlan:
     work = forward_work(units, workload, layout, batch)
-    forward, backward = _costed(work, system, layout)
-    chunk = ChunkPlan(units, forward, backward, params=work.params, saved_bytes=work.saved_bytes,
-                      transient_bytes=work.transient_bytes, moe=work.moe)
-    for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank
-        chunk.moe_imbalance.append(sum(forward[i].imbalance + cost_item(backward_of(work.items[i]), system, layout).imbalance
+    chunk = ChunkPlan(units, params=work.params, saved_bytes=work.saved_bytes, transient_bytes=work.transient_bytes,
+                      moe=work.moe)
+    for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
+        chunk.moe_imbalance.append(sum(cost_item(work.items[i], system, layout).imbalance
+                                       + cost_item(backward_of(work.items[i]), system, layout).imbalance
                                        for i in range(start, end)))
     if workload.anytime is not None:
         chunk.forward, chunk.backward, chunk.saved_bytes = _subnet_costs(units, workload, system, layout, batch, None)
         chunk.sampled = [_subnet_costs(units, workload, system, layout, batch, step)[:2] for step in range(sampled_steps)]
-    elif work.moe:  # expert loads change from step to step; everything else does not
+    elif work.moe and sampled_steps > 0:  # expert loads change from step to step; everything else does not
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
+        chunk.forward, chunk.backward = chunk.sampled[0]  # the expected-load costs would never be played
+    else:
+        chunk.forward, chunk.backward = _costed(work, system, layout)
     chunk.grad_buckets = [_grad_sync(p, workload, system, layout) + [cost_item(i, system, layout) for i in extra]
                           for p, extra in zip(work.unit_params, work.unit_step_grads)]
     chunk.param_sync = (_param_gather(work.params, workload, system, layout)
