@@ -19,7 +19,7 @@ from simcc.model.graph import model_forward_flops, model_params, units_forward_f
 from simcc.report.metrics import mfu, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
-from simcc.schedule import PhaseStep, expand, plan_schedule, sparse_workload
+from simcc.schedule import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
 from simcc.timing.plan import TrainingPlan, build_training_plan, stage_footprints
@@ -251,15 +251,14 @@ def _estimate_schedules(workload: Workload, system: System, layout: Layout, resu
 def _serve_dense_and_sparse(workload: Workload, system: System, result: Estimate, options: SimulationOptions,
                             source: str) -> None:
     name, schedule = next(iter(workload.named_schedules.items()))
-    field = "schedule" if workload.schedule is not None else f"schedules.{name}"
-    sparse = [p for p in expand(schedule, workload.train.total_tokens if workload.train else None, 1.0, source, field)
-              if p.mode == "sparse"]
+    sparse = [row for row in result.phases if row["schedule"] == name and row["mode"] == "sparse"]
     if not sparse:
         return
+    last = Phase("sparse", sparse[-1]["tokens"], sparse[-1]["experts"], sparse[-1]["k"])
     served = workload.model_copy(update={"mode": "serve", "schedule": None, "schedules": None})
     dense = estimate(served, system, source, options)
-    moe = estimate(sparse_workload(served, sparse[-1], schedule, source, field), system, source, options)
-    section: dict[str, Any] = {"moe_experts": sparse[-1].experts, "moe_k": sparse[-1].k}
+    moe = estimate(sparse_workload(served, last, schedule, source, schedule_field(workload, name)), system, source, options)
+    section: dict[str, Any] = {"moe_experts": last.experts, "moe_k": last.k}
     for label, served_result in (("dense", dense), ("moe", moe)):
         latency, throughput = served_result.sections["latency"], served_result.sections["throughput"]
         section.update({f"{label}_latency_p50_s": latency["latency_p50_s"], f"{label}_tpot_mean_s": latency["tpot_mean_s"],

@@ -45,6 +45,11 @@ class PhaseStep:
     fits: bool
 
 
+def schedule_field(workload: Workload, name: str) -> str:
+    """Where a named schedule sits in the workload file, for error messages."""
+    return "schedule" if workload.schedule is not None else f"schedules.{name}"
+
+
 def expand(schedule: Schedule, total_tokens: float | None, tokens_per_step: float, source: str, field: str) -> list[Phase]:
     """The schedule's phases in order, each with its tokens; a rule fills train.total_tokens."""
     if schedule.phases is not None:
@@ -109,16 +114,20 @@ def switch_seconds(workload: Workload, system: System, layout: Layout, schedule:
 def plan_schedule(name: str, schedule: Schedule, workload: Workload, system: System, layout: Layout, source: str,
                   dense: PhaseStep, step_of: Callable[[Workload], PhaseStep]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Totals (next to the all-dense baseline) and one row per phase and switch."""
-    field = "schedule" if workload.schedule is not None else f"schedules.{name}"
+    field = schedule_field(workload, name)
     assert workload.train is not None
     tokens_per_step = float(workload.train.global_batch * workload.train.seq_len)
     phases = expand(schedule, workload.train.total_tokens, tokens_per_step, source, field)
     steps_by_shape: dict[tuple[int, int] | None, PhaseStep] = {None: dense}
+    switch_by_experts: dict[int | None, float] = {}  # every switch into E experts (or back) costs the same
     rows: list[dict[str, Any]] = []
     previous = "dense"
     for index, phase in enumerate(phases):
         if phase.mode != previous:  # a switch: MoEfication into sparse, the inverse permutation back
-            seconds = switch_seconds(workload, system, layout, schedule, phase.experts if phase.mode == "sparse" else None)
+            experts = phase.experts if phase.mode == "sparse" else None
+            if experts not in switch_by_experts:
+                switch_by_experts[experts] = switch_seconds(workload, system, layout, schedule, experts)
+            seconds = switch_by_experts[experts]
             rows.append(_row(name, "switch", f"{previous}->{phase.mode}", None, None, 0.0, 0.0, seconds, system, 1.0))
             previous = phase.mode
         if phase.shape not in steps_by_shape:

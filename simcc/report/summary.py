@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from simcc.estimate import Estimate
+from simcc.report.metrics import SECONDS_PER_HOUR
 from simcc.specs.hardware import System
 
-SECONDS_PER_HOUR = 3600.0
 BREAKDOWN = ("compute_s", "exposed_comm_s", "imbalance_s", "bubble_s", "optimizer_s")
 COLUMNS = ("workload", "hardware", "devices", "status", "reason", "step_s", "tokens_per_s",
            "tflops_per_device", "mfu", "memory_gb", "memory_capacity_gb", "fits", "days", "device_hours", "usd", "kwh",

@@ -32,7 +32,7 @@ def plot_sweep(table: pd.DataFrame, front: pd.DataFrame, x: str, y: str, axes: l
     except ImportError:
         from simcc.errors import InputError
 
-        raise InputError("--plot", str(out), "needs matplotlib: pip install 'simcc[plot]'") from None
+        raise InputError("--plot", str(out), "needs matplotlib: pip install 'simcc[sweep]'") from None
     ok = table[table["status"] == "ok"]
     axes = varying(table, axes)
     figure, (scatter, bars) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})

@@ -78,10 +78,8 @@ def _evaluate_batch(configs: list[Config]) -> list[dict[str, Any]]:
 def run_local(configs: list[Config], jobs: int | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
     """In this process when one job is asked for, else a process pool over local cores."""
     jobs = jobs or os.cpu_count() or 1
-    results: Iterable[dict[str, Any]]
     if jobs == 1 or len(configs) == 1:
-        results = map(evaluate, configs)
-        return _collect(results, progress)
+        return _collect(map(evaluate, configs), progress)
     from concurrent.futures import ProcessPoolExecutor
 
     chunk = max(1, min(32, len(configs) // (4 * jobs)))
@@ -99,10 +97,11 @@ def run_ray(configs: list[Config], address: str | None = None, progress: Progres
     remote = ray.remote(_evaluate_batch)
     batches = [configs[i:i + RAY_BATCH] for i in range(0, len(configs), RAY_BATCH)]
     refs = [remote.remote(batch) for batch in batches]
+    sizes = {ref: len(batch) for ref, batch in zip(refs, batches)}
     pending, done = list(refs), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        done += sum(len(batches[refs.index(r)]) for r in ready)
+        done += sum(sizes[r] for r in ready)
         if progress:
             progress(done)
     return [row for batch in ray.get(refs) for row in batch]
