@@ -95,3 +95,9 @@ def test_bad_workload_file_names_the_file(tmp_path):
 def test_click_usage_errors_exit_2():
     assert _cli("estimate", "mixtral_8x7b_train_64xh100").returncode == 2  # --hardware missing
     assert _cli("estimate", "x", "-H", "y", "--format", "xml").returncode == 2
+
+
+def test_bad_ffn_shape_is_one_line_before_any_profiling(tmp_path):
+    run = _cli("profile", "--ffn-shape", "768x3072x7", "--out", str(tmp_path / "k.csv"))
+    assert run.returncode == 2 and "--ffn-shape" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "k.csv").exists()
