@@ -22,7 +22,7 @@ from simcc.specs.workload import Workload
 from simcc.schedule import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
-from simcc.timing.plan import TrainingPlan, build_training_plan, stage_footprints
+from simcc.timing.plan import TrainingPlan, build_training_plan, chunk_works, stage_footprints
 from simcc.routing.activation import ActivationProfile, input_dependent_share, request_compute_scales
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
 from simcc.timing.serving import serving_costs
@@ -175,13 +175,15 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
                        result: Estimate, options: SimulationOptions, source: str) -> None:
     assert workload.train is not None
     train = workload.train
+    works = None
     if not options.simulate_unfit and workload.anytime is None:  # fit first, before costing anything
-        worst = _worst_stage_memory(workload, system, layout, stage_footprints(workload, layout))
+        works = chunk_works(workload, layout)
+        worst = _worst_stage_memory(workload, system, layout, stage_footprints(workload, layout, works))
         if not worst.fits:
             result.sections["memory"] = _memory_section(worst)
             result.notes.append(_unfit_note(worst, system))
             return
-    plan = build_training_plan(workload, system, layout, sampled_steps=options.steps)
+    plan = build_training_plan(workload, system, layout, sampled_steps=options.steps, works=works)
     worst = _worst_stage_memory(workload, system, layout, [
         (stage.params, sum(c.saved_bytes for c in stage.chunks), max((c.transient_bytes for c in stage.chunks), default=0.0))
         for stage in plan.stages])

@@ -137,7 +137,7 @@ def test_ray_executor_gives_the_local_results(tmp_path):
 ])
 def test_the_fit_check_a_sweep_runs_first_matches_the_full_plan(workload, hardware, overrides):
     from simcc.layout import build_layout
-    from simcc.timing.plan import build_training_plan, stage_footprints
+    from simcc.timing.plan import build_training_plan, chunk_works, stage_footprints
 
     spec, source = load_workload(workload, overrides)
     system = load_hardware(hardware)
@@ -145,7 +145,11 @@ def test_the_fit_check_a_sweep_runs_first_matches_the_full_plan(workload, hardwa
     plan = build_training_plan(spec, system, layout)
     from_plan = [(s.params, sum(c.saved_bytes for c in s.chunks), max(c.transient_bytes for c in s.chunks))
                  for s in plan.stages]
-    assert stage_footprints(spec, layout) == from_plan
+    works = chunk_works(spec, layout)
+    assert stage_footprints(spec, layout, works) == from_plan
+    shared = build_training_plan(spec, system, layout, works=works)  # the plan a sweep builds after its check
+    assert [(c.forward, c.backward, c.grad_buckets) for s in shared.stages for c in s.chunks] == \
+        [(c.forward, c.backward, c.grad_buckets) for s in plan.stages for c in s.chunks]
 
 
 def test_a_sweep_skips_what_does_not_fit_with_the_estimates_reason():

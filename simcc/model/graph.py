@@ -151,10 +151,18 @@ def model_params(model: ModelSpec) -> B.Params:
     return units_params(units_of(model), model.hidden)
 
 
+_FORWARD_FLOPS: dict[tuple[str, B.Batch], float] = {}  # a sweep asks again for every layout of one model
+
+
 def model_forward_flops(model: ModelSpec, batch: B.Batch) -> float:
     """Forward matmul FLOPs at the reporting convention (Narayanan et al. 2021, appendix): full
     attention score products, exactly balanced experts, no padding or recomputation."""
-    return units_forward_flops(units_of(model), model.hidden, batch)
+    key = (model.model_dump_json(), batch)
+    if key not in _FORWARD_FLOPS:
+        if len(_FORWARD_FLOPS) >= 256:
+            _FORWARD_FLOPS.clear()
+        _FORWARD_FLOPS[key] = units_forward_flops(units_of(model), model.hidden, batch)
+    return _FORWARD_FLOPS[key]
 
 
 def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:

@@ -193,8 +193,9 @@ def _subnet_costs(units: list[Unit], workload: Workload, system: System, layout:
 
 
 def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
-                sampled_steps: int = 0) -> ChunkPlan:
-    work = forward_work(units, workload, layout, batch)
+                sampled_steps: int = 0, work: ForwardWork | None = None) -> ChunkPlan:
+    """`work`: these units' expected-load forward work, when the caller already built it."""
+    work = work or forward_work(units, workload, layout, batch)
     chunk = ChunkPlan(units, params=work.params, saved_bytes=work.saved_bytes, transient_bytes=work.transient_bytes,
                       moe=work.moe)
     for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
@@ -270,25 +271,35 @@ def _micro_batch(workload: Workload) -> Batch:
     return Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
 
 
-def stage_footprints(workload: Workload, layout: Layout) -> list[tuple[Params, float, float]]:
+def chunk_works(workload: Workload, layout: Layout) -> list[ForwardWork]:
+    """Each model chunk's expected-load forward work, in global chunk order: what a fit check
+    reads and the plan then costs, built once for both."""
+    batch = _micro_batch(workload)
+    return [forward_work(units, workload, layout, batch)
+            for units in stage_units(units_of(workload.model), layout.pp * layout.vpp)]
+
+
+def stage_footprints(workload: Workload, layout: Layout,
+                     works: list[ForwardWork]) -> list[tuple[Params, float, float]]:
     """Per pipeline stage, what memory needs and nothing is costed for: its parameters, the
     activations one micro-batch leaves through all its chunks, and its largest transient buffer.
     The same numbers as the full plan's (a sweep checks fit first); not for anytime supernets,
     whose saved activations depend on the sandwich."""
     assert workload.anytime is None
-    batch = _micro_batch(workload)
-    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp)
     footprints = []
     for stage in range(layout.pp):
-        works = [forward_work(chunks[v * layout.pp + stage], workload, layout, batch) for v in range(layout.vpp)]
+        stage_works = [works[v * layout.pp + stage] for v in range(layout.vpp)]
         params = Params()
-        for work in works:
+        for work in stage_works:
             params = params.add(work.params)
-        footprints.append((params, sum(w.saved_bytes for w in works), max((w.transient_bytes for w in works), default=0.0)))
+        footprints.append((params, sum(w.saved_bytes for w in stage_works),
+                           max((w.transient_bytes for w in stage_works), default=0.0)))
     return footprints
 
 
-def build_training_plan(workload: Workload, system: System, layout: Layout, sampled_steps: int = 0) -> TrainingPlan:
+def build_training_plan(workload: Workload, system: System, layout: Layout, sampled_steps: int = 0,
+                        works: list[ForwardWork] | None = None) -> TrainingPlan:
+    """`works`: `chunk_works` of this workload and layout, when a fit check already built them."""
     assert workload.train is not None
     par = workload.parallelism
     batch = _micro_batch(workload)
@@ -302,7 +313,9 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
         plans = []
         for virtual in range(layout.vpp):
             # Interleaved schedule: chunk v of stage s holds model chunk v*pp + s (Narayanan et al. 2021).
-            plans.append(build_chunk(chunks[virtual * layout.pp + stage], workload, system, layout, batch, sampled_steps))
+            index = virtual * layout.pp + stage
+            plans.append(build_chunk(chunks[index], workload, system, layout, batch, sampled_steps,
+                                     works[index] if works else None))
         params = Params()
         for c in plans:
             params = params.add(c.params)
