@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from simcc.costs.compute import efficiency, op_cost
+from simcc.costs.compute import efficiency, op_cost, quantization
 from simcc.estimate import estimate
-from simcc.model.ops import gemm
+from simcc.model.ops import backward_of, gemm, grouped_gemm
 from simcc.specs.hardware import EfficiencyCurve
 from simcc.specs.loader import load_hardware, load_workload
 
@@ -22,9 +22,40 @@ def _run(workload: str, hardware: str, w_over=(), h_over=()):
 def test_large_gemm_is_compute_bound_at_the_matmul_fraction():
     h100 = load_hardware("h100_sxm").device
     op = gemm("g", 4096, 4096, 4096, "bf16")
-    expected = 2 * 4096**3 / (989e12 * 0.80) + 5e-6
+    # 16 x 32 tiles of 256x128 on 132 SMs: 4 waves, 512 of 528 slots busy.
+    expected = 2 * 4096**3 / (989e12 * 0.80 * 512 / 528) + 5e-6
     cost = op_cost(h100, op)
     assert cost.bound == "compute" and cost.seconds == pytest.approx(expected)
+
+
+def test_wave_and_tile_quantization_by_hand():
+    a100 = load_hardware("a100_80gb").device
+    # Megatron 175B QKV under TP 8: 2048 x 4608 outputs = 288 tiles of 256x128 (or 576 of 128x128),
+    # 3 (or 6) waves of 108 SMs: 8/9 of the SM-time does work, whichever tile.
+    assert quantization(a100, gemm("qkv", 2048, 12288, 4608, "fp16")) == pytest.approx(8 / 9)
+    # 12288 x 4608 outputs = 1728 tiles of 256x128: exactly 16 waves.
+    assert quantization(a100, gemm("w", 12288, 2048, 4608, "fp16")) == pytest.approx(1.0)
+    # Fewer tiles than SMs: split-K fills the waves, only the 100-row edge of a 128-row tile is lost.
+    assert quantization(a100, gemm("small", 100, 8192, 128, "fp16")) == pytest.approx(100 / 128)
+    # The backward's two kernels at equal FLOPs, harmonic mean: dX (2048 x 12288 outputs) is best as
+    # 1536 tiles of 128x128 in 15 waves (1620 slots); dW (12288 x 4608) fills 16 waves.
+    backward = backward_of(gemm("qkv", 2048, 12288, 4608, "fp16"))
+    assert quantization(a100, backward) == pytest.approx(2 / (1620 / 1536 + 1.0))
+    # A grouped GEMM tiles all experts in one kernel: 3 experts of 200 tokens x 1024 = 3 x 2 x 8 tiles
+    # of 128x128 (48 < 108: one split-K wave), 600 of 768 rows useful.
+    grouped = grouped_gemm("experts", [200, 200, 200], [200, 200, 200], 512, 1024, "fp16")
+    assert quantization(a100, grouped) == pytest.approx(600 / 768)
+
+
+def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():
+    a100 = load_hardware("a100_80gb").device
+    op = gemm("qkv", 2048, 12288, 4608, "fp16")
+    unknown = a100.model_copy(update={"sm_count": None})
+    assert quantization(unknown, op) == 1.0
+    assert op_cost(a100, op).seconds > op_cost(unknown, op).seconds
+    measured = a100.model_copy(update={"efficiency": a100.efficiency.model_copy(
+        update={"curves": {"gemm": EfficiencyCurve(size=[1e6, 1e15], fraction=[0.87, 0.87])}})})
+    assert op_cost(measured, op).seconds == pytest.approx(op_cost(unknown, op).seconds)
 
 
 def test_gemv_is_memory_bound_at_the_streaming_fraction():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.model.ops import MATMUL_FAMILIES, Op
+from simcc.model.ops import MATMUL_FAMILIES, Block, Op
 from simcc.specs.hardware import Device, EfficiencyCurve
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
@@ -46,6 +46,34 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     return eff.attention if family == "attention" else eff.matmul
 
 
+# Output tiles cuBLAS-class kernels use for large GEMMs; each tile runs on one SM, in waves of
+# sm_count tiles (NVIDIA, "Matrix Multiplication Background User's Guide": tile and wave quantization).
+LARGE_TILES = ((256, 128), (128, 256), (128, 128))
+
+
+def _kernel_quantization(blocks: tuple[Block, ...], sms: int) -> float:
+    """Useful share of the SM-time one GEMM kernel occupies: partial tiles at the edges of each
+    output block, and a last wave that leaves SMs idle. A kernel with fewer tiles than SMs splits
+    its K loop across the idle ones (split-K), so only its tile edges are lost. The best tile
+    shape is taken, as the library's heuristics pick one per shape."""
+    useful = sum(m * n for m, _, n in blocks)
+    best = 0.0
+    for rows, cols in LARGE_TILES:
+        tiles = sum(math.ceil(m / rows) * math.ceil(n / cols) for m, _, n in blocks)
+        occupied = tiles * rows * cols
+        slots = math.ceil(tiles / sms) * sms if tiles >= sms else tiles
+        best = max(best, useful / occupied * tiles / slots)
+    return best
+
+
+def quantization(device: Device, op: Op) -> float:
+    """Achieved share of the best-shape efficiency for this op's GEMM kernels (equal FLOPs each, so
+    the time-weighted mean is harmonic); 1 when the device or the shape is not known."""
+    if device.sm_count is None or not op.kernels:
+        return 1.0
+    return len(op.kernels) / sum(1.0 / _kernel_quantization(kernel, device.sm_count) for kernel in op.kernels)
+
+
 def memory_efficiency(device: Device, family: str, moved: float) -> float:
     """Achieved fraction of memory bandwidth: the family's calibrated curve over bytes moved
     (gathers and scatters stream worse than copies), else the profile's single fraction."""
@@ -60,7 +88,10 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     if op.family in MATMUL_FAMILIES or op.family == "attention":
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
         intensity = flops / moved if moved > 0 else math.inf
-        compute = flops / (peak_flops(device, op.dtype) * efficiency(device, op.family, kernel, intensity))
+        fraction = efficiency(device, op.family, kernel, intensity)
+        if op.family not in device.efficiency.curves:  # a measured curve already holds its shapes' quantization
+            fraction *= quantization(device, op)
+        compute = flops / (peak_flops(device, op.dtype) * fraction)
     else:
         compute = flops / peak_flops(device, VECTOR_DTYPE)
     memory = moved / (device.memory_bandwidth_gb_s * 1e9 * memory_efficiency(device, op.family, moved))

@@ -173,9 +173,12 @@ def attention_work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard
     fwd.append(_norm("attn.norm", T, hidden, shard))
     fwd += _tp_entry("attn.tp_gather", T, hidden, shard)
     fwd.append(gemm("attn.qkv", T, hidden, (local_heads + 2 * local_kv) * head_dim, dt))
-    # Score and value products: 2 * (2 * q * kv * d) FLOPs per head and sequence; causal masking
-    # skips half of the score matrix (executed work only; model FLOPs count it all, as Megatron does).
-    causal_share = 0.5 if (spec.causal and shard.executed and batch.q_len > 1) else 1.0
+    # Score and value products: 2 * (2 * q * kv * d) FLOPs per head and sequence. A fused kernel
+    # skips the masked half of a causal score matrix (executed work only; model FLOPs count it all,
+    # as Megatron does); unfused attention multiplies the whole matrix and masks in the softmax
+    # (Megatron-LM 2022: batched GEMM, then fused scale-mask-softmax).
+    skips_masked = spec.impl == "flash" and spec.causal and shard.executed and batch.q_len > 1
+    causal_share = 0.5 if skips_masked else 1.0
     core_flops = 4.0 * batch.sequences * batch.q_len * batch.kv_len * local_heads * head_dim * causal_share
     q_bytes = T * local_heads * head_dim * b
     kv_bytes = batch.sequences * batch.kv_len * local_kv * head_dim * b * 2
@@ -184,12 +187,16 @@ def attention_work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard
                       saved_bytes=2 * q_bytes + kv_bytes + T * local_heads * 4))
     else:
         scores = batch.sequences * local_heads * batch.q_len * batch.kv_len
+        products = int(batch.sequences * local_heads)  # one batched GEMM kernel over (sequence, head)
+        q, kv = batch.q_len, batch.kv_len
         core = [
-            Op("attn.scores", "gemm", core_flops / 2, q_bytes + kv_bytes / 2 + scores * b, dt, saved_bytes=q_bytes + kv_bytes / 2),
+            Op("attn.scores", "gemm", core_flops / 2, q_bytes + kv_bytes / 2 + scores * b, dt, saved_bytes=q_bytes + kv_bytes / 2,
+               kernels=(((q, head_dim, kv),) * products,)),
             # softmax reads and writes the s x s scores; dropout writes a 1-byte mask too.
             elementwise("attn.softmax", scores, 1, 1, dt, flops_per_element=5, saved_elements=scores),
             elementwise("attn.dropout", scores, 1, 1 + 1 / b, dt, saved_elements=scores / b),
-            Op("attn.context", "gemm", core_flops / 2, scores * b + kv_bytes / 2 + q_bytes, dt, saved_bytes=scores * b),
+            Op("attn.context", "gemm", core_flops / 2, scores * b + kv_bytes / 2 + q_bytes, dt, saved_bytes=scores * b,
+               kernels=(((q, kv, head_dim),) * products,)),
         ]
         fwd += core
         work.selective_recompute = list(core)
@@ -412,7 +419,7 @@ def lstm_work(spec: LSTMBlock, hidden: int, batch: Batch, shard: Shard) -> Block
     b = DTYPE_BYTES[dt]
     work.forward.append(Op("lstm.recurrent", "lstm", recurrent.flops * steps,
                            recurrent.bytes * steps, dt, saved_bytes=T * spec.hidden * b,
-                           kernel_flops=recurrent.flops, launches=steps))
+                           kernel_flops=recurrent.flops, launches=steps, kernels=recurrent.kernels))
     work.forward.append(elementwise("lstm.cell", T * gates, 2, 1, dt, flops_per_element=10, saved_elements=T * gates))
     return work
 

@@ -31,6 +31,9 @@ class Op:
     # The busiest rank's work is in flops/bytes; the mean rank's here (expert ops only).
     mean_flops: float | None = None
     mean_bytes: float | None = None
+    # The GEMM kernels one launch runs, each as the output blocks its tiles cover (a grouped GEMM
+    # tiles all its experts in one kernel); the kernels do equal FLOPs. Empty: shape unknown.
+    kernels: tuple[tuple["Block", ...], ...] = ()
 
     @property
     def is_matmul(self) -> bool:
@@ -52,6 +55,8 @@ class Comm:
 
 WorkItem = Op | Comm
 
+Block = tuple[float, float, float]  # one output matrix of a GEMM kernel: (rows m, inner k, columns n)
+
 # Backward/forward ratios. GEMM: data-gradient + weight-gradient products, each as large as the
 # forward one (Narayanan et al. 2021, appendix). Fused attention: 5 matmuls backward vs 2 forward
 # (Dao 2023, FlashAttention-2, sec. 3.1). Elementwise: read saved input + incoming gradient, write one.
@@ -69,6 +74,9 @@ def backward_of(item: WorkItem) -> WorkItem:
     f_ratio = BACKWARD_FLOPS_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
     b_ratio = BACKWARD_BYTES_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
     scale = lambda v: None if v is None else v * f_ratio  # noqa: E731
+    # dX[m,k] = dY[m,n] W^T and dW[k,n] = X^T dY: two kernels as large as the forward one.
+    kernels = tuple(kernel for forward in item.kernels
+                    for kernel in (tuple((m, n, k) for m, k, n in forward), tuple((k, m, n) for m, k, n in forward)))
     return replace(
         item,
         name=item.name + ".bwd",
@@ -78,6 +86,7 @@ def backward_of(item: WorkItem) -> WorkItem:
         kernel_flops=scale(item.kernel_flops),
         mean_flops=scale(item.mean_flops),
         mean_bytes=None if item.mean_bytes is None else item.mean_bytes * b_ratio,
+        kernels=kernels,
     )
 
 
@@ -85,7 +94,7 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
     """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once."""
     b = DTYPE_BYTES[dtype]
     return Op(name, "gemm", 2.0 * m * k * n, (m * k + k * n + m * n) * b, dtype,
-              saved_bytes=m * k * b if saved else 0.0)
+              saved_bytes=m * k * b if saved else 0.0, kernels=(((m, k, n),),))
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str) -> Op:
@@ -101,7 +110,8 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
     mean_flops, mean_moved = totals(mean)
     active = max(1, sum(1 for t in busiest if t > 0))
     return Op(name, "grouped_gemm", flops, moved, dtype, saved_bytes=sum(busiest) * k * b,
-              kernel_flops=flops / active, mean_flops=mean_flops, mean_bytes=mean_moved)
+              kernel_flops=flops / active, mean_flops=mean_flops, mean_bytes=mean_moved,
+              kernels=(tuple((t, k, n) for t in busiest if t > 0),))
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,

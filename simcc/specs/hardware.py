@@ -98,6 +98,9 @@ class Device(StrictModel):
     power: Power
     price: Price | None = None
     efficiency: Efficiency = Efficiency()
+    # Streaming multiprocessors (compute units) that run GEMM tiles side by side: GEMMs whose
+    # tiles do not fill whole waves of them lose the rest (costs/compute.py). None: not modelled.
+    sm_count: PositiveInt | None = None
     # CUDA context, allocator fragmentation and framework workspaces; not usable for tensors.
     reserve_gb: NonNegativeFloat = 2.0
 
