@@ -39,7 +39,6 @@ class FairShareLink:
         self._last = env.now
         self._generation = 0
         self._finishing = False  # inside the timer step: new flows wait for one reschedule
-        self.busy_seconds = 0.0
 
     @property
     def active(self) -> int:
@@ -65,7 +64,6 @@ class FairShareLink:
         flows = self._flows
         if elapsed <= 0 or not flows:
             return
-        self.busy_seconds += elapsed
         share = elapsed / len(flows)
         for flow in flows:
             flow.left -= share

@@ -128,6 +128,26 @@ def _partner(segments: list[Segment], first: int) -> int | None:
     return None
 
 
+def _solo_run(segments: list[Segment], first: int, launches_buckets: bool) -> tuple[int, float, float, float]:
+    """The segments from `first` that can play as one timeout on quiet links: compute, and blocking
+    transfers that will each have their link to themselves, up to a gradient bucket that starts a
+    background reduction or a transfer pipelined with compute. Returns (end, compute seconds,
+    their imbalance, transfer seconds)."""
+    compute = imbalance = comm = 0.0
+    index = first
+    while index < len(segments):
+        segment = segments[index]
+        if segment.stream == "compute":
+            compute += segment.seconds
+            imbalance += segment.imbalance
+        elif segment.stream == "comm" and (segment.chunks == 1 or _partner(segments, index) is None):
+            comm += segment.seconds
+        elif segment.stream != "bucket" or launches_buckets:
+            break
+        index += 1
+    return index, compute, imbalance, comm
+
+
 def _wait(event: simpy.Event):
     """Yield only an event still pending: a process that yields one already processed is resumed
     through one more scheduled event, for nothing."""
@@ -167,6 +187,7 @@ class _Simulator:
         self.virtual = plan.vpp if plan.schedule == "interleaved" else 1
         self.orders = [task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, s) for s in range(plan.pp)]
         self.events = 0  # timed events scheduled: compute segments and link transfers
+        self.background = [0] * plan.pp  # per stage: background transfer chains not yet finished
 
     def _timeout(self, seconds: float) -> simpy.Event:
         self.events += 1
@@ -183,12 +204,19 @@ class _Simulator:
         env = self.env
         index = 0
         while index < len(segments):
+            if self._quiet(stage):
+                end, compute, imbalance, comm = _solo_run(segments, index, launches_buckets=buckets is not None)
+                if end - index > 1:
+                    yield self._timeout(compute + comm)
+                    account.compute += compute - imbalance
+                    account.imbalance += imbalance
+                    account.blocking_comm += comm
+                    index = end
+                    continue
             stream, seconds, imbalance, link, name, chunks, _, bucket = segments[index]
             if stream == "bucket":
                 if buckets is not None:
-                    done = env.event()
-                    env.process(self._chain(stage, buckets[0][bucket], done, "grad_sync"))
-                    buckets[1].append(done)
+                    buckets[1].append(self._launch_chain(stage, buckets[0][bucket], "grad_sync"))
                 index += 1
                 continue
             partner = _partner(segments, index) if stream == "comm" and chunks > 1 else None
@@ -254,12 +282,29 @@ class _Simulator:
         self.trace.add(f"stage{stage}", lane, name, start, duration)
         self.trace.add(f"link stage{stage}.{link or 'intra'}", lane, name, start, duration)
 
+    def _quiet(self, stage: int) -> bool:
+        """Nothing else can load this stage's links until its own process starts something: no
+        flow in progress and no background chain that will start one. Only the stage's process
+        starts flows on its links, so its next blocking transfers will each run alone. With a
+        trace kept, every segment is its own event, for the timeline."""
+        links = self.links[stage]
+        return (not self.trace.enabled and self.background[stage] == 0
+                and not links["intra"].active and not links["inter"].active)
+
+    def _launch_chain(self, stage: int, costs: list[Cost], lane: str) -> simpy.Event:
+        """Start comm items one after another in the background (a bucket, a gather); the event
+        fires when the last is done. Counted from now, before the process first runs."""
+        done = self.env.event()
+        self.background[stage] += 1
+        self.env.process(self._chain(stage, costs, done, lane))
+        return done
+
     def _chain(self, stage: int, costs: list[Cost], done: simpy.Event, lane: str):
-        """Run comm items one after another in the background (a send, a bucket, a gather)."""
         for cost in costs:
             start = self.env.now
             yield self._transfer(stage, cost.link, cost.seconds)
             self._record_comm(stage, lane, cost.link, cost.name, start)
+        self.background[stage] -= 1
         done.succeed()
 
     def _stage(self, state: _Step, stage: int, account: StageAccount):
@@ -268,11 +313,7 @@ class _Simulator:
         last_global = p * self.virtual - 1
         stage_plan = plan.stages[stage]
         # ZeRO: this step's forward of a chunk needs its freshly gathered parameters.
-        gathers = []
-        for chunk in chunks:
-            done = env.event()
-            env.process(self._chain(stage, chunk.param_sync, done, "param_gather"))
-            gathers.append(done)
+        gathers = [self._launch_chain(stage, chunk.param_sync, "param_gather") for chunk in chunks]
         if not plan.overlap_grad_reduce:
             start = env.now
             yield simpy.AllOf(env, gathers)
@@ -306,9 +347,7 @@ class _Simulator:
             yield simpy.AllOf(env, buckets)
         else:
             for chunk in chunks:
-                done = env.event()
-                env.process(self._chain(stage, [c for bucket in chunk.grad_buckets for c in bucket], done, "grad_sync"))
-                yield done
+                yield self._launch_chain(stage, [c for bucket in chunk.grad_buckets for c in bucket], "grad_sync")
         account.sync_wait += env.now - start
         start = env.now
         yield self._timeout(stage_plan.optimizer.seconds)
