@@ -84,6 +84,18 @@ def test_pipeline_sends_overlap_compute_but_delay_dependents():
     assert simulate_training(plan, steps=1).steps[0].seconds == pytest.approx(1 + 0.25 + 1 + 2 + 0.25 + 2 + 0.5)
 
 
+@pytest.mark.parametrize("overlap_p2p, expected", [(True, 10.0), (False, 10.5)])
+def test_a_stage_that_waits_for_its_sends_starts_its_next_task_later(overlap_p2p, expected):
+    # GPipe, 2 stages, 2 micro-batches, F = 1, B = 2, sends 0.25, optimizer 0.5. In the background:
+    # stage 1 runs F0 1.25-2.25, F1 2.25-3.25, B0 3.25-5.25, B1 5.25-7.25; stage 0 gets grad0 at 5.5,
+    # grad1 at 7.5, ends B1 at 9.5. Waiting: stage 0 starts F1 at 1.25, so every later step on stage 1
+    # slips by 0.25 and its own grad0 send delays B1 by 0.25 more: stage 0 gets grad1 at 8.0, ends at 10.0.
+    plan = _plan(2, 2, 1, "gpipe")
+    plan.stages = [StagePlan(s.chunks, Cost("p2p", "comm", 0.25, link="inter"), s.optimizer) for s in plan.stages]
+    plan.overlap_p2p = overlap_p2p
+    assert simulate_training(plan, steps=1).steps[0].seconds == pytest.approx(expected)
+
+
 def _moe_case(overrides=()):
     workload, src = load_workload("mixtral_8x7b_train_64xh100", list(overrides))
     system = load_hardware("dgx_h100_x8")

@@ -332,7 +332,7 @@ class _Simulator:
                     yield from _wait(state.event("act", microbatch, global_chunk - 1))
                 yield from self._run_segments(stage, forward, account)
                 if global_chunk < last_global:
-                    self._hand_off(state, stage, "act", microbatch, global_chunk)
+                    yield from self._send(state, stage, "act", microbatch, global_chunk, account)
             else:
                 if global_chunk < last_global:
                     yield from _wait(state.event("grad", microbatch, global_chunk + 1))
@@ -341,7 +341,7 @@ class _Simulator:
                 launch = (chunks[chunk_index].grad_buckets, buckets) if last else None
                 yield from self._run_segments(stage, backward, account, launch)
                 if global_chunk > 0:
-                    self._hand_off(state, stage, "grad", microbatch, global_chunk)
+                    yield from self._send(state, stage, "grad", microbatch, global_chunk, account)
         start = env.now
         if plan.overlap_grad_reduce:
             yield simpy.AllOf(env, buckets)
@@ -354,13 +354,21 @@ class _Simulator:
         account.optimizer += stage_plan.optimizer.seconds
         self.trace.add(f"stage{stage}", "compute", "optimizer.step", start, stage_plan.optimizer.seconds)
 
-    def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> None:
-        """The activation or gradient goes to the next stage in the background; a callback on the
-        send (not a process per send) marks it ready there."""
+    def _send(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int, account: StageAccount):
+        """Hand the activation or gradient on; unless sends overlap compute, wait for it to arrive."""
+        sent = self._hand_off(state, stage, kind, microbatch, global_chunk)
+        if sent is not None and not self.plan.overlap_p2p:
+            start = self.env.now
+            yield from _wait(sent)
+            account.blocking_comm += self.env.now - start
+
+    def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> simpy.Event | None:
+        """The activation or gradient goes to the next stage; a callback on the send (not a process
+        per send) marks it ready there. Returns the send, None when no link is crossed."""
         event = state.event(kind, microbatch, global_chunk)
         if self.plan.pp == 1:
             event.succeed()  # the next chunk lives on this same device
-            return
+            return None
         send = self.plan.stages[stage].p2p
         start = self.env.now
 
@@ -368,7 +376,9 @@ class _Simulator:
             self._record_comm(stage, "p2p", send.link, send.name, start)
             event.succeed()
 
-        self._transfer(stage, send.link, send.seconds).callbacks.append(arrived)
+        sent = self._transfer(stage, send.link, send.seconds)
+        sent.callbacks.append(arrived)
+        return sent
 
     def run_step(self, step: int) -> StepResult:
         state = _Step(self, step)

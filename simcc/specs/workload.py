@@ -270,6 +270,10 @@ class Parallelism(StrictModel):
     recompute: Literal["none", "selective", "full"] = "none"
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
     overlap_grad_reduce: bool = True
+    # false: a pipeline stage waits for each activation/gradient send to finish before computing on,
+    # as Megatron-LM's p2p calls do (Megatron-Core's overlap_p2p_comm defaults off); true: sends
+    # complete in the background while the next task computes.
+    overlap_p2p: bool = False
 
     @model_validator(mode="after")
     def _schedule_matches_vpp(self) -> "Parallelism":
@@ -301,6 +305,9 @@ class Optimizer(StrictModel):
     # adam: two moments; adafactor: factored second moment, no first moment (Shazeer 2017 sec. D).
     type: Literal["adam", "adafactor", "sgd"] = "adam"
     master_weights: bool = True  # fp32 copy when weights are kept in lower precision
+    # Global gradient-norm clipping (Megatron-LM's default, clip-grad 1.0): the step reads every
+    # gradient once more for the norm.
+    clip_grad_norm: bool = True
 
 
 class TrainSpec(StrictModel):

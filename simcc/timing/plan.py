@@ -80,6 +80,7 @@ class TrainingPlan:
     vpp: int
     schedule: str
     overlap_grad_reduce: bool
+    overlap_p2p: bool = True  # false: a stage waits for its pipeline sends
 
 
 def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Shard:
@@ -245,16 +246,22 @@ def _param_gather(params: Params, workload: Workload, system: System, layout: La
 
 
 def optimizer_bytes_per_param(workload: Workload) -> float:
-    """Bytes the optimizer step reads and writes per parameter: a memory-bound elementwise pass.
-    Adam reads grad, master weight, two moments and writes master, moments and the low-precision
-    copy; Adafactor touches no first moment; SGD only the weights."""
+    """Bytes the optimizer step reads and writes per parameter: memory-bound elementwise passes.
+    The update: Adam reads grad, master weight, two moments and writes master, moments and the
+    low-precision copy; Adafactor touches no first moment; SGD only the weights. Around it (as
+    Megatron-LM's step runs): fp16 dynamic loss scaling unscales every gradient and checks it for
+    inf/NaN (read + write; Micikevicius et al. 2018), clipping reads every gradient for the global
+    norm, and the contiguous gradient buffer is zeroed for the next step's accumulation."""
     prec, opt = workload.precision, workload.optimizer
     weight, grad = DTYPE_BYTES[prec.weights], DTYPE_BYTES[prec.gradients]
     has_master = opt.master_weights and prec.weights != "fp32"
     main = 4 if has_master else weight  # the copy the update is applied to
     low_precision_copy = weight if has_master else 0
     states = {"adam": 8, "adafactor": 0, "sgd": 0}[opt.type]
-    return grad + 2 * (main + states) + low_precision_copy
+    update = grad + 2 * (main + states) + low_precision_copy
+    unscale = 2 * grad if prec.compute == "fp16" else 0
+    clip = grad if opt.clip_grad_norm else 0
+    return update + unscale + clip + grad  # the last: zeroing the gradient buffer
 
 
 def _optimizer(params: Params, workload: Workload, system: System, layout: Layout) -> Cost:
@@ -320,4 +327,5 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
         for c in plans:
             params = params.add(c.params)
         stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
-    return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce)
+    return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce,
+                        par.overlap_p2p)
