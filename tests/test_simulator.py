@@ -211,3 +211,17 @@ def test_gradient_buckets_overlap_the_backward_pass():
     assert serial.mean("sync_wait") == pytest.approx(buckets)  # reduced only after the backward
     assert overlapped.mean("sync_wait") < 0.5 * buckets  # most buckets hide behind earlier layers' backward
     assert overlapped.mean_step < serial.mean_step
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_pipeline_sends_scatter_over_tensor_ranks_and_gather_in_the_node(sequence_parallel):
+    workload, src = load_workload("megatron_175b_train", [f"parallelism.sequence_parallel={str(sequence_parallel).lower()}"])
+    system = load_hardware("dgx_a100_x8")
+    plan = build_training_plan(workload, system, build_layout(workload, system, src))
+    activation = 2048 * 12288 * 2  # tokens x hidden x fp16
+    # each of the 8 tensor ranks sends 1/8 over its own 200 Gb/s NIC (20 GB/s at 80%), 5 us latency
+    send = 5e-6 + activation / 8 / 20e9
+    # then the receivers all-gather it: ring over 8 on NVLink, 300 GB/s at 80%, 2 us a step
+    gather = 7 * 2e-6 + 7 / 8 * activation / 240e9
+    expected = send if sequence_parallel else send + gather  # sequence-parallel shards are already 1/8
+    assert plan.stages[0].p2p.seconds == pytest.approx(expected)

@@ -304,6 +304,21 @@ def stage_footprints(workload: Workload, layout: Layout,
     return footprints
 
 
+def _pipeline_send(workload: Workload, system: System, layout: Layout, batch: Batch) -> Cost:
+    """One activation (or its gradient) to the next stage. Tensor-parallel ranks hold the same
+    activation, so each sends 1/tp of it over its own link and the receivers all-gather it over
+    the node fabric (Narayanan et al. 2021, sec. 4.1, scatter/gather); with sequence parallelism
+    each rank's shard is already 1/tp. The send's link carries the pair, in that order."""
+    act_bytes = batch.tokens * workload.model.hidden * DTYPE_BYTES[workload.precision.communication]
+    if layout.tp == 1:
+        return cost_item(Comm("pp.send", "p2p", act_bytes, "pp"), system, layout)
+    send = cost_item(Comm("pp.send", "p2p", act_bytes / layout.tp, "pp"), system, layout)
+    if workload.parallelism.effective_sequence_parallel:
+        return send
+    gather = cost_item(Comm("pp.gather", "all_gather", act_bytes, "tp"), system, layout)
+    return replace(send, name="pp.send+gather", seconds=send.seconds + gather.seconds)
+
+
 def build_training_plan(workload: Workload, system: System, layout: Layout, sampled_steps: int = 0,
                         works: list[ForwardWork] | None = None) -> TrainingPlan:
     """`works`: `chunk_works` of this workload and layout, when a fit check already built them."""
@@ -311,10 +326,7 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
     par = workload.parallelism
     batch = _micro_batch(workload)
     chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp)
-    act_bytes = batch.tokens * workload.model.hidden * DTYPE_BYTES[workload.precision.communication]
-    if par.effective_sequence_parallel and layout.tp > 1:
-        act_bytes /= layout.tp
-    p2p = cost_item(Comm("pp.send", "p2p", act_bytes, "pp"), system, layout) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)
+    p2p = _pipeline_send(workload, system, layout, batch) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)
     stages: list[StagePlan] = []
     for stage in range(layout.pp):
         plans = []
