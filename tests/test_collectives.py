@@ -97,9 +97,22 @@ def test_tree_all_reduce_formula_and_auto_choice(dgx4):
 
 def test_hierarchical_all_to_all_formula(dgx4):
     size, n, local = 64e6, 32, 8
-    regroup = 7 * 2e-6 + 7 / 8 * size / (450e9 * 0.8)
+    regroup = 7 * 2e-6 + 7 / 8 * size / (450e9 * 0.71)  # an intra-node all-to-all, at the link's all-to-all fraction
     across = 3 * 5e-6 + 3 / 4 * size / (50e9 * 0.8)
     assert collective_time("all_to_all", size, CommGroup(n, local), dgx4, "hierarchical") == pytest.approx(regroup + across)
+
+
+def test_all_to_all_in_a_node_runs_at_the_links_all_to_all_fraction(dgx4):
+    size = 2.0**30
+    seconds = collective_time("all_to_all", size, CommGroup(8, 8), dgx4)
+    assert seconds == pytest.approx(7 * 2e-6 + 7 / 8 * size / (450e9 * 0.71))
+    assert bus_bandwidth("all_to_all", size, seconds, 8) / 1e9 == pytest.approx(450 * 0.71, rel=0.01)
+    # the ring reductions keep the link's own fraction
+    ring = collective_time("all_reduce", size, CommGroup(8, 8), dgx4)
+    assert bus_bandwidth("all_reduce", size, ring, 8) / 1e9 == pytest.approx(450 * 0.8, rel=0.01)
+    # a link without the field uses its efficiency for every collective
+    plain = dataclasses.replace(dgx4, intra_link=dgx4.intra_link.model_copy(update={"all_to_all_efficiency": None}))
+    assert collective_time("all_to_all", size, CommGroup(8, 8), plain) == pytest.approx(7 * 2e-6 + 7 / 8 * size / (450e9 * 0.8))
 
 
 def test_hierarchical_all_to_all_wins_on_small_messages_over_many_nodes():

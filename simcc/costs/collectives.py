@@ -34,11 +34,14 @@ class LinkLevel:
     latency: float  # seconds per protocol step
 
 
-def intra_level(system: System) -> LinkLevel:
+def intra_level(system: System, collective: str = "") -> LinkLevel:
     link = system.intra_link
     if link is None:
         return LinkLevel(float("inf"), 0.0)
-    return LinkLevel(link.bandwidth_gb_s * 1e9 * link.efficiency, link.latency_us * 1e-6)
+    efficiency = link.efficiency
+    if collective == "all_to_all" and link.all_to_all_efficiency is not None:
+        efficiency = link.all_to_all_efficiency
+    return LinkLevel(link.bandwidth_gb_s * 1e9 * efficiency, link.latency_us * 1e-6)
 
 
 def inter_level(system: System) -> LinkLevel:
@@ -102,7 +105,7 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
     fitted = _measured(collective, size, group, system)
     if fitted is not None:
         return fitted
-    intra, inter = intra_level(system), inter_level(system)
+    intra, inter = intra_level(system, collective), inter_level(system)
     local = min(group.per_node, n)
     nodes = group.nodes
     if collective == "p2p":

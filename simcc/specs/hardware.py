@@ -130,6 +130,9 @@ class Link(StrictModel):
     topology: Literal["switch", "ring", "mesh", "pcie"] = "switch"
     # Protocol efficiency: NVLink4 loses ~20% to protocol (shared/reference/hardware.md).
     efficiency: Fraction = 0.80
+    # All-to-all exchanges distinct data with every peer at once instead of streaming a pipelined
+    # ring, and reaches less of the link (hardware.md: ~320 of 450 GB/s on H100). None: `efficiency`.
+    all_to_all_efficiency: Fraction | None = None
     # Piecewise fits from `simcc calibrate`; they replace the model for groups they cover.
     fits: list[CollectiveFit] = []
 
