@@ -9,7 +9,7 @@ import pytest
 
 from simcc.costs.compute import efficiency, op_cost, quantization
 from simcc.estimate import estimate
-from simcc.model.ops import backward_of, gemm, grouped_gemm
+from simcc.model.ops import Op, backward_of, gemm, grouped_gemm
 from simcc.specs.hardware import EfficiencyCurve
 from simcc.specs.loader import load_hardware, load_workload
 
@@ -45,6 +45,10 @@ def test_wave_and_tile_quantization_by_hand():
     # of 128x128 (48 < 108: one split-K wave), 600 of 768 rows useful.
     grouped = grouped_gemm("experts", [200, 200, 200], [200, 200, 200], 512, 1024, "fp16")
     assert quantization(a100, grouped) == pytest.approx(600 / 768)
+    assert quantization(a100, grouped_gemm("idle", [0, 0], [0, 0], 512, 1024, "fp16")) == 1.0  # no tokens, no tiles
+    # A batched GEMM counts its copies: 12 heads of 2048 x 2048 scores = 3072 tiles of 128x128, 29 waves.
+    scores = Op("scores", "gemm", 1.0, 1.0, "fp16", kernels=(((2048, 128, 2048, 12),),))
+    assert quantization(a100, scores) == pytest.approx(3072 / (29 * 108))
 
 
 def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.model.ops import MATMUL_FAMILIES, Block, Op
+from simcc.model.ops import MATMUL_FAMILIES, GemmBlock, Op
 from simcc.specs.hardware import Device, EfficiencyCurve
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
@@ -51,15 +51,17 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
 LARGE_TILES = ((256, 128), (128, 256), (128, 128))
 
 
-def _kernel_quantization(blocks: tuple[Block, ...], sms: int) -> float:
+def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
     """Useful share of the SM-time one GEMM kernel occupies: partial tiles at the edges of each
     output block, and a last wave that leaves SMs idle. A kernel with fewer tiles than SMs splits
     its K loop across the idle ones (split-K), so only its tile edges are lost. The best tile
     shape is taken, as the library's heuristics pick one per shape."""
-    useful = sum(m * n for m, _, n in blocks)
+    useful = sum(m * n * copies for m, _, n, copies in blocks)
+    if useful <= 0:
+        return 1.0  # nothing to tile (an expert rank that received no tokens)
     best = 0.0
     for rows, cols in LARGE_TILES:
-        tiles = sum(math.ceil(m / rows) * math.ceil(n / cols) for m, _, n in blocks)
+        tiles = sum(math.ceil(m / rows) * math.ceil(n / cols) * copies for m, _, n, copies in blocks)
         occupied = tiles * rows * cols
         slots = math.ceil(tiles / sms) * sms if tiles >= sms else tiles
         best = max(best, useful / occupied * tiles / slots)

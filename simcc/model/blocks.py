@@ -187,16 +187,16 @@ def attention_work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard
                       saved_bytes=2 * q_bytes + kv_bytes + T * local_heads * 4))
     else:
         scores = batch.sequences * local_heads * batch.q_len * batch.kv_len
-        products = int(batch.sequences * local_heads)  # one batched GEMM kernel over (sequence, head)
+        products = max(1, round(batch.sequences * local_heads))  # one batched GEMM kernel over (sequence, head)
         q, kv = batch.q_len, batch.kv_len
         core = [
             Op("attn.scores", "gemm", core_flops / 2, q_bytes + kv_bytes / 2 + scores * b, dt, saved_bytes=q_bytes + kv_bytes / 2,
-               kernels=(((q, head_dim, kv),) * products,)),
+               kernels=(((q, head_dim, kv, products),),)),
             # softmax reads and writes the s x s scores; dropout writes a 1-byte mask too.
             elementwise("attn.softmax", scores, 1, 1, dt, flops_per_element=5, saved_elements=scores),
             elementwise("attn.dropout", scores, 1, 1 + 1 / b, dt, saved_elements=scores / b),
             Op("attn.context", "gemm", core_flops / 2, scores * b + kv_bytes / 2 + q_bytes, dt, saved_bytes=scores * b,
-               kernels=(((q, kv, head_dim),) * products,)),
+               kernels=(((q, kv, head_dim, products),),)),
         ]
         fwd += core
         work.selective_recompute = list(core)

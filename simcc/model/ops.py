@@ -32,8 +32,9 @@ class Op:
     mean_flops: float | None = None
     mean_bytes: float | None = None
     # The GEMM kernels one launch runs, each as the output blocks its tiles cover (a grouped GEMM
-    # tiles all its experts in one kernel); the kernels do equal FLOPs. Empty: shape unknown.
-    kernels: tuple[tuple["Block", ...], ...] = ()
+    # tiles all its experts in one kernel, a batched one all its copies); the kernels do equal
+    # FLOPs. Empty: shape unknown.
+    kernels: tuple[tuple["GemmBlock", ...], ...] = ()
 
     @property
     def is_matmul(self) -> bool:
@@ -55,7 +56,8 @@ class Comm:
 
 WorkItem = Op | Comm
 
-Block = tuple[float, float, float]  # one output matrix of a GEMM kernel: (rows m, inner k, columns n)
+# Output matrices of one GEMM kernel: (rows m, inner k, columns n, how many such matrices).
+GemmBlock = tuple[float, float, float, int]
 
 # Backward/forward ratios. GEMM: data-gradient + weight-gradient products, each as large as the
 # forward one (Narayanan et al. 2021, appendix). Fused attention: 5 matmuls backward vs 2 forward
@@ -76,7 +78,7 @@ def backward_of(item: WorkItem) -> WorkItem:
     scale = lambda v: None if v is None else v * f_ratio  # noqa: E731
     # dX[m,k] = dY[m,n] W^T and dW[k,n] = X^T dY: two kernels as large as the forward one.
     kernels = tuple(kernel for forward in item.kernels
-                    for kernel in (tuple((m, n, k) for m, k, n in forward), tuple((k, m, n) for m, k, n in forward)))
+                    for kernel in (tuple((m, n, k, c) for m, k, n, c in forward), tuple((k, m, n, c) for m, k, n, c in forward)))
     return replace(
         item,
         name=item.name + ".bwd",
@@ -94,7 +96,7 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
     """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once."""
     b = DTYPE_BYTES[dtype]
     return Op(name, "gemm", 2.0 * m * k * n, (m * k + k * n + m * n) * b, dtype,
-              saved_bytes=m * k * b if saved else 0.0, kernels=(((m, k, n),),))
+              saved_bytes=m * k * b if saved else 0.0, kernels=(((m, k, n, 1),),))
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str) -> Op:
@@ -111,7 +113,7 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
     active = max(1, sum(1 for t in busiest if t > 0))
     return Op(name, "grouped_gemm", flops, moved, dtype, saved_bytes=sum(busiest) * k * b,
               kernel_flops=flops / active, mean_flops=mean_flops, mean_bytes=mean_moved,
-              kernels=(tuple((t, k, n) for t in busiest if t > 0),))
+              kernels=(tuple((t, k, n, 1) for t in busiest if t > 0),))
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,
