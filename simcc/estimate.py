@@ -13,7 +13,7 @@ from simcc.costs.compute import peak_flops
 from simcc.errors import InputError
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.layout import Layout, build_layout
-from simcc.model.blocks import Batch, MoEStats, Params
+from simcc.model.blocks import Batch, MoEStats
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.graph import model_forward_flops, model_params, units_forward_flops, units_of
 from simcc.report.metrics import mfu, run_totals
@@ -22,7 +22,7 @@ from simcc.specs.workload import Workload
 from simcc.schedule import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.sim.trace import Trace
 from simcc.sim.training import simulate_training
-from simcc.timing.plan import TrainingPlan, build_training_plan, chunk_works, stage_footprints
+from simcc.timing.plan import Footprint, TrainingPlan, build_training_plan, chunk_works, footprint, stage_footprints
 from simcc.routing.activation import ActivationProfile, input_dependent_share, request_compute_scales
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
 from simcc.timing.serving import serving_costs
@@ -160,7 +160,7 @@ def estimate(workload: Workload, system: System, workload_source: str,
 
 
 def _worst_stage_memory(workload: Workload, system: System, layout: Layout,
-                        footprints: list[tuple[Params, float, float]]) -> MemoryBreakdown:
+                        footprints: list[Footprint]) -> MemoryBreakdown:
     """The stage that holds the most: weights by its parameters, activations by what one
     micro-batch leaves through its chunks, buffers by its largest transient."""
     memories = [training_memory(workload, system, layout, params, saved, buffers) for params, saved, buffers in footprints]
@@ -184,9 +184,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
             result.notes.append(_unfit_note(worst, system))
             return
     plan = build_training_plan(workload, system, layout, sampled_steps=options.steps, works=works)
-    worst = _worst_stage_memory(workload, system, layout, [
-        (stage.params, sum(c.saved_bytes for c in stage.chunks), max((c.transient_bytes for c in stage.chunks), default=0.0))
-        for stage in plan.stages])
+    worst = _worst_stage_memory(workload, system, layout, [footprint(stage.chunks) for stage in plan.stages])
     sim = simulate_training(plan, options.steps, options.trace)
     step_s = sim.mean_step
     per_sequence = _trained_forward_flops(workload, Batch(1, train.seq_len, train.seq_len))

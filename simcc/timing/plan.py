@@ -286,22 +286,24 @@ def chunk_works(workload: Workload, layout: Layout) -> list[ForwardWork]:
             for units in stage_units(units_of(workload.model), layout.pp * layout.vpp)]
 
 
-def stage_footprints(workload: Workload, layout: Layout,
-                     works: list[ForwardWork]) -> list[tuple[Params, float, float]]:
-    """Per pipeline stage, what memory needs and nothing is costed for: its parameters, the
-    activations one micro-batch leaves through all its chunks, and its largest transient buffer.
-    The same numbers as the full plan's (a sweep checks fit first); not for anytime supernets,
-    whose saved activations depend on the sandwich."""
+Footprint = tuple[Params, float, float]  # parameters, saved activation bytes, largest transient buffer
+
+
+def footprint(chunks: list[ForwardWork] | list[ChunkPlan]) -> Footprint:
+    """What memory needs of one stage, from its chunks' works or plans: their parameters, the
+    activations one micro-batch leaves through all of them, and the largest transient buffer."""
+    params = Params()
+    for chunk in chunks:
+        params = params.add(chunk.params)
+    return params, sum(c.saved_bytes for c in chunks), max((c.transient_bytes for c in chunks), default=0.0)
+
+
+def stage_footprints(workload: Workload, layout: Layout, works: list[ForwardWork]) -> list[Footprint]:
+    """Per pipeline stage, its footprint before anything is costed: the same numbers as the full
+    plan's (a sweep checks fit first); not for anytime supernets, whose saved activations depend
+    on the sandwich."""
     assert workload.anytime is None
-    footprints = []
-    for stage in range(layout.pp):
-        stage_works = [works[v * layout.pp + stage] for v in range(layout.vpp)]
-        params = Params()
-        for work in stage_works:
-            params = params.add(work.params)
-        footprints.append((params, sum(w.saved_bytes for w in stage_works),
-                           max((w.transient_bytes for w in stage_works), default=0.0)))
-    return footprints
+    return [footprint([works[v * layout.pp + stage] for v in range(layout.vpp)]) for stage in range(layout.pp)]
 
 
 def _pipeline_send(workload: Workload, system: System, layout: Layout, batch: Batch) -> Cost:
