@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import click
 
@@ -87,14 +88,9 @@ def compare(workloads: tuple[str, ...], profiles: tuple[str, ...], overrides: tu
     of those that fit, and says why the others do not."""
     from simcc.report.render import rows_output
     from simcc.report.summary import mark_best
-    from simcc.specs.loader import load_hardware, load_workload, split_overrides
     from simcc.sweep.run import Config, run_local
 
-    workload_sets, hardware_sets = split_overrides(list(overrides))
-    for workload in workloads:  # a missing file or a bad shared override is the user's error: exit 2
-        load_workload(workload, workload_sets)
-    for hardware in profiles:
-        load_hardware(hardware, hardware_sets)
+    _check_loadable(workloads, profiles, overrides)
     configs = [Config(w, h, tuple(overrides), steps=steps) for w in workloads for h in profiles]
     rows = run_local(configs, jobs)
     if all(row["status"] == "invalid" for row in rows):
@@ -124,16 +120,12 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
     from rich.progress import Progress
 
     from simcc.report.render import rows_output
-    from simcc.specs.loader import load_hardware, load_workload, split_overrides
     from simcc.sweep.pareto import pareto_front, time_and_cost_columns
     from simcc.sweep.run import run_local, run_ray, sweep_configs
     from simcc.sweep.spec import load_sweep
 
     spec = load_sweep(spec_path)
-    workload_sets, hardware_sets = split_overrides(list(spec.set))
-    load_workload(spec.workload, workload_sets)
-    for hardware in spec.hardware:
-        load_hardware(hardware, hardware_sets)
+    _check_loadable([spec.workload], spec.hardware, spec.set)
     _check_out_suffix(out_path)
     configs = sweep_configs(spec)
     started = time.perf_counter()
@@ -168,6 +160,18 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
     click.echo(rows_output(front.to_dict("records"), "table", [*axes, x, y, "tokens_per_s", "mfu", "memory_gb"]), nl=False)
     for path in filter(None, (out_path, plot_path)):
         click.echo(f"wrote {path}")
+
+
+def _check_loadable(workloads: Iterable[str], profiles: Iterable[str], overrides: Iterable[str]) -> None:
+    """Before any configuration runs: a missing file or a bad shared override is the user's error
+    (exit 2), not a table of identical invalid rows."""
+    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+
+    workload_sets, hardware_sets = split_overrides(list(overrides))
+    for workload in workloads:
+        load_workload(workload, workload_sets)
+    for hardware in profiles:
+        load_hardware(hardware, hardware_sets)
 
 
 def _check_out_suffix(out_path: str | None) -> None:

@@ -16,7 +16,7 @@ from simcc.layout import Layout, build_layout
 from simcc.model.blocks import Batch, MoEStats
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.graph import model_forward_flops, model_params, units_forward_flops, units_of
-from simcc.report.metrics import mfu, run_totals
+from simcc.report.metrics import SECONDS_PER_DAY, mfu, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
 from simcc.schedule import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
@@ -215,7 +215,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
     if train.total_tokens:
         seconds = train.total_tokens / (tokens_step / step_s)
         totals = run_totals(system, seconds, sim.mean("compute") / step_s)
-        result.sections["run"] = {"total_tokens": train.total_tokens, "days": seconds / 86400,
+        result.sections["run"] = {"total_tokens": train.total_tokens, "days": seconds / SECONDS_PER_DAY,
                                   "device_hours": totals.device_hours, "usd": totals.usd, "kwh": totals.kwh}
     if workload.named_schedules:
         _estimate_schedules(workload, system, layout, result, options, source)

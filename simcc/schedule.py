@@ -16,7 +16,7 @@ from simcc.layout import Layout
 from simcc.model.blocks import ffn_params
 from simcc.model.moefication import clustering_op, dense_ffn_layers, moefied_model, permutation_op
 from simcc.model.ops import DTYPE_BYTES
-from simcc.report.metrics import run_totals
+from simcc.report.metrics import SECONDS_PER_DAY, SECONDS_PER_HOUR, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Schedule, Workload
 
@@ -145,9 +145,9 @@ def plan_schedule(name: str, schedule: Schedule, workload: Workload, system: Sys
     totals = {
         "phases": len(phases), "switches": sum(r["mode"].count("->") for r in rows), "total_tokens": total_tokens,
         "sparse_token_share": sum(p.tokens for p in phases if p.mode == "sparse") / total_tokens,
-        "days": seconds / 86400, "device_hours": system.devices * seconds / 3600, "usd": usd, "kwh": kwh,
-        "switch_hours": sum(r["seconds"] for r in rows if r["phase"] == "switch") / 3600,
-        "dense_baseline_days": baseline.seconds / 86400, "dense_baseline_usd": baseline.usd,
+        "days": seconds / SECONDS_PER_DAY, "device_hours": system.devices * seconds / SECONDS_PER_HOUR, "usd": usd, "kwh": kwh,
+        "switch_hours": sum(r["seconds"] for r in rows if r["phase"] == "switch") / SECONDS_PER_HOUR,
+        "dense_baseline_days": baseline.seconds / SECONDS_PER_DAY, "dense_baseline_usd": baseline.usd,
         "dense_baseline_kwh": baseline.kwh, "speedup_vs_dense": baseline.seconds / seconds,
         "peak_memory_gb": peak.memory_gb,
         "peak_memory_phase": "dense" if peak_shape is None else f"sparse {peak_shape[1]}/{peak_shape[0]}",
@@ -160,5 +160,5 @@ def _row(schedule: str, phase: str, mode: str, experts: int | None, k: int | Non
          seconds: float, system: System, busy: float, step_s: float | None = None) -> dict[str, Any]:
     totals = run_totals(system, seconds, busy)
     return {"schedule": schedule, "phase": phase, "mode": mode, "experts": experts, "k": k, "tokens": tokens,
-            "steps": steps, "step_s": step_s, "seconds": seconds, "hours": seconds / 3600, "usd": totals.usd,
+            "steps": steps, "step_s": step_s, "seconds": seconds, "hours": seconds / SECONDS_PER_HOUR, "usd": totals.usd,
             "kwh": totals.kwh}

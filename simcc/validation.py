@@ -15,7 +15,6 @@ from simcc.errors import InputError
 from simcc.specs.base import StrictModel
 
 SUITES = {"published": "published_suite.yaml"}
-STEP_PARTS = ("compute_s", "exposed_comm_s", "imbalance_s", "bubble_s", "optimizer_s")
 
 
 class Case(StrictModel):
@@ -89,8 +88,10 @@ def _counted_share(spec, exclude: list[str]) -> float:
 
 
 def _dominant(result) -> str:
+    from simcc.report.summary import BREAKDOWN
+
     step = result.sections["step"]
-    part = max(STEP_PARTS, key=lambda key: step[key])
+    part = max(BREAKDOWN, key=lambda key: step[key])
     return f"{part.removesuffix('_s')} {step[part] / step['step_s']:.0%}"
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from simcc.specs.hardware import System
 
 SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_DAY = 86400.0
 JOULES_PER_KWH = 3.6e6
 
 
