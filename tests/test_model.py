@@ -97,3 +97,27 @@ def test_capacity_to_computation_grows_exponentially_with_bits():
         ratios.append(estimate(workload, load_hardware("rtx_4090"), src).value("model", "params_per_token_flop"))
     assert ratios[0] < ratios[1] < ratios[2]
     assert ratios[2] / ratios[1] > 8  # ~2^4 more parameters for ~(13/9) more FLOPs
+
+
+@pytest.mark.parametrize("workload, published_ops", [
+    ("shazeer_moe_4096h_lstm_train", 8.9e6), ("shazeer_moe34m_lstm_train", 33.8e6), ("shazeer_moe143m_lstm_train", 142.7e6)])
+def test_shazeer_ops_per_timestep_match_table_7(workload, published_ops):
+    """Shazeer et al. 2017, table 7 'ops/timestep' (multiply-adds, softmax and embedding left out):
+    MoE-143M = 2 LSTMP(4096 -> 1024) x (4*4096*(1024+1024) + 4096*1024) + 4 experts x 2*1024*8192
+    + gates; the LSTMP's per-step projection is what brings it to the published figure."""
+    spec, _ = load_workload(workload)
+    steps = 20
+    macs = model_forward_flops(spec.model, Batch(1, steps, steps), ("embedding", "lm_head")) / 2 / steps
+    assert macs == pytest.approx(published_ops, rel=0.006)
+
+
+def test_lstm_projection_shrinks_the_recurrent_product_and_adds_its_own():
+    from simcc.model.blocks import lstm_params, lstm_work
+    from simcc.specs.workload import LSTMBlock
+
+    plain, projected = LSTMBlock(hidden=4096, input_size=1024), LSTMBlock(hidden=4096, input_size=1024, projection=1024)
+    assert lstm_params(plain, 1024).dense == 4 * 4096 * (1024 + 4096)
+    assert lstm_params(projected, 1024).dense == 4 * 4096 * (1024 + 1024) + 4096 * 1024
+    ops = {op.name: op for op in lstm_work(projected, 1024, Batch(8, 20, 20), Shard(dtype="fp32")).forward}
+    assert ops["lstm.recurrent"].flops == 2 * 8 * 1024 * 4 * 4096 * 20 and ops["lstm.recurrent"].launches == 20
+    assert ops["lstm.projection"].flops == 2 * 8 * 4096 * 1024 * 20 and ops["lstm.projection"].launches == 20

@@ -401,26 +401,34 @@ def threshold_tree_work(spec: ThresholdTreeBlock, batch: Batch, shard: Shard) ->
 # ------------------------------------------------------------------------------------------ others
 
 def lstm_params(spec: LSTMBlock, hidden: int) -> Params:
-    inputs = spec.input_size or hidden
-    weights = 4 * spec.hidden * (inputs + spec.hidden)
-    return Params(dense=weights, replicated=4 * spec.hidden, dense_rows_cols=(inputs + spec.hidden) + 4 * spec.hidden)
+    inputs, recurrent = spec.input_size or hidden, spec.projection or spec.hidden
+    # gates: 4h x (inputs + recurrent); LSTMP adds the h x r projection (Sak et al. 2014)
+    weights = 4 * spec.hidden * (inputs + recurrent) + (spec.hidden * recurrent if spec.projection else 0)
+    rows_cols = (inputs + recurrent) + 4 * spec.hidden + ((spec.hidden + recurrent) if spec.projection else 0)
+    return Params(dense=weights, replicated=4 * spec.hidden, dense_rows_cols=rows_cols)
 
 
 def lstm_work(spec: LSTMBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
-    """cuDNN-style LSTM: one GEMM over all time steps for the input projection, then one small
-    recurrent GEMM per step (batch rows only) that cannot be batched across time."""
-    inputs = spec.input_size or hidden
+    """cuDNN-style LSTM: one GEMM over all time steps for the input projection, then small per-step
+    GEMMs (batch rows only) that cannot be batched across time: the recurrent product and, for an
+    LSTMP, the output projection that the next step consumes."""
+    inputs, width = spec.input_size or hidden, spec.projection or spec.hidden
     dt, T, t = shard.dtype, batch.tokens, shard.tp
     gates = 4 * spec.hidden / t
+    b = DTYPE_BYTES[dt]
+    steps = batch.q_len
     work = BlockWork()
     work.forward.append(gemm("lstm.input", T, inputs, gates, dt))
-    recurrent = gemm("lstm.recurrent", batch.sequences, spec.hidden, gates, dt)
-    steps = batch.q_len
-    b = DTYPE_BYTES[dt]
-    work.forward.append(Op("lstm.recurrent", "lstm", recurrent.flops * steps,
-                           recurrent.bytes * steps, dt, saved_bytes=T * spec.hidden * b,
-                           kernel_flops=recurrent.flops, launches=steps, kernels=recurrent.kernels))
+
+    def per_step(name: str, k: float, n: float, saved_width: float) -> Op:
+        step = gemm(name, batch.sequences, k, n, dt)
+        return Op(name, "lstm", step.flops * steps, step.bytes * steps, dt, saved_bytes=T * saved_width * b,
+                  kernel_flops=step.flops, launches=steps, kernels=step.kernels)
+
+    work.forward.append(per_step("lstm.recurrent", width, gates, width))
     work.forward.append(elementwise("lstm.cell", T * gates, 2, 1, dt, flops_per_element=10, saved_elements=T * gates))
+    if spec.projection:
+        work.forward.append(per_step("lstm.projection", spec.hidden / t, spec.projection, spec.hidden / t))
     return work
 
 

@@ -177,6 +177,9 @@ class ThresholdTreeBlock(StrictModel):
 class LSTMBlock(StrictModel):
     hidden: PositiveInt
     input_size: PositiveInt | None = None  # defaults to the model's hidden size
+    # LSTMP (Sak et al. 2014): the cell output is projected to this size, which both feeds the
+    # next time step and leaves the layer. None: no projection, the output is `hidden` wide.
+    projection: PositiveInt | None = None
 
 
 class MLPBlock(StrictModel):
