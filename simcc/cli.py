@@ -395,7 +395,8 @@ def _validate_suite(name: str, fmt: str) -> None:
         click.echo(rows_output(rows, "csv", []), nl=False)
         return
     shown = [{**r, "error %": f"{r['error'] * 100:+.1f}"} for r in rows]
-    click.echo(rows_output(shown, "table", ["case", "metric", "measured", "predicted", "error %", "dominant"]), nl=False)
+    click.echo(rows_output(shown, "table", ["case", "metric", "measured", "predicted", "error %", "dominant", "memory"]),
+               nl=False)
     click.echo(f"{totals['cases']} cases: median |error| {totals['median_abs_error']:.1%}, worst "
                f"{totals['worst_abs_error']:.1%}; {totals['within_10pct']} within 10%, {totals['within_25pct']} within 25%")
 

@@ -112,12 +112,15 @@ def _collective(case: Case) -> tuple[float, str]:
 
 def run_case(case: Case, steps: int = 1) -> dict[str, Any]:
     """Predicted value, signed error and the dominant part for one case."""
+    memory = ""  # a run that was measured fitted: the memory model should agree
     if case.metric in ("busbw_gb_s", "latency_us"):
         predicted, dominant = _collective(case)
     else:
         assert case.workload is not None
         spec, result = _estimate(case.workload, case.hardware, case.set, steps)
         dominant = _dominant(result)
+        mem = result.sections["memory"]
+        memory = f"{mem['total_gb']:.1f}/{mem['capacity_gb']:.0f} GB" + ("" if mem["fits"] else " OVER")
         if case.metric == "step_s":
             predicted = result.sections["step"]["step_s"]
         elif case.metric == "tflops_per_device":
@@ -126,7 +129,7 @@ def run_case(case: Case, steps: int = 1) -> dict[str, Any]:
             _, reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
             predicted = result.sections["throughput"]["tokens_per_s"] / reference.sections["throughput"]["tokens_per_s"]
     return {"case": case.name, "metric": case.metric, "measured": case.measured, "predicted": predicted,
-            "error": predicted / case.measured - 1.0, "dominant": dominant, "source": case.source}
+            "error": predicted / case.measured - 1.0, "dominant": dominant, "memory": memory, "source": case.source}
 
 
 def run_suite(suite: Suite, steps: int = 1) -> list[dict[str, Any]]:

@@ -72,3 +72,38 @@ def test_full_recompute_keeps_less_activation_memory():
         workload, src = load_workload("mixtral_8x7b_train_64xh100", [f"parallelism.recompute={policy}"])
         mem[policy] = estimate(workload, system, src).value("memory", "activations_gb")
     assert mem["full"] < mem["selective"] <= mem["none"]
+
+
+@pytest.mark.parametrize("sets, per_layer_sbh_over_t, keeps_scores", [
+    (["parallelism.recompute=none", "parallelism.sequence_parallel=false"], 10 * 8 + 24 - 2 * 8, True),
+    (["parallelism.recompute=none", "parallelism.sequence_parallel=true"], 34 - 2, True),
+    (["parallelism.recompute=selective", "parallelism.sequence_parallel=true"], 34 - 2, False),
+])
+def test_saved_activations_per_layer_follow_korthikanti_table_2(sets, per_layer_sbh_over_t, keeps_scores):
+    """Korthikanti et al. 2022, table 2, per layer in bytes: tensor parallel sbh(10 + 24/t + 5as/ht);
+    with sequence parallelism sbh(34/t + 5as/ht); selective recomputation drops the 5as/ht score
+    terms. Less the two hidden-dropout masks (sbh/t each with SP, sbh without), not modelled."""
+    from simcc.timing.plan import chunk_works
+
+    def saved(layers: int) -> float:
+        workload, src = load_workload("gpt_22b_dense_train_8xa100", sets + [f"model.blocks.1.repeat={layers}"])
+        return chunk_works(workload, build_layout(workload, load_hardware("dgx_a100_x1"), src))[0].saved_bytes
+
+    s, b, h, a, t = 2048, 1, 6144, 64, 8
+    expected = (s * b * h / t) * per_layer_sbh_over_t + (5 * a * s * s * b / t if keeps_scores else 0.0)
+    assert saved(3) - saved(2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_sparse_embedding_gradients_are_touched_rows_not_a_table():
+    """TF's IndexedSlices: a sparse embedding's gradient is the rows a step touched (gathered over
+    data-parallel replicas), a transient buffer; the dense gradient buffer leaves the table out."""
+    from simcc.estimate import estimate
+
+    def memory(sparse: bool) -> dict:
+        spec, src = load_workload("shazeer_4xlstm512_train", [f"model.blocks.0.embedding.sparse_gradients={str(sparse).lower()}"])
+        return estimate(spec, load_hardware("k40_x16"), src).sections["memory"]
+
+    dense, sparse = memory(False), memory(True)
+    table_gb = 793471 * 512 * 4 / 1e9
+    assert dense["gradients_gb"] - sparse["gradients_gb"] == pytest.approx(table_gb, rel=1e-6)
+    assert 0 < sparse["buffers_gb"] < table_gb  # 16 replicas' touched rows, well under the table

@@ -81,7 +81,9 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
     zero = workload.parallelism.zero_stage
     dense, expert = layout.local_params(stage_params)
     weights = (dense / (layout.dp if zero >= 3 else 1) + expert / (layout.expert_dp if zero >= 3 else 1)) * DTYPE_BYTES[prec.weights]
-    grads = (dense / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
+    # Sparse embedding gradients are their touched rows, a transient buffer (embedding_work).
+    dense_grads = dense - stage_params.sparse_grad / layout.tp
+    grads = (dense_grads / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
     optimizer = optimizer_state_bytes(stage_params, workload, layout)
     activations = activation_bytes_per_microbatch * in_flight_microbatches(workload, layout)
     device = system.device

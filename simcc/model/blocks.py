@@ -8,7 +8,7 @@ per block in each direction (Shoeybi et al. 2019; Korthikanti et al. 2022).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -110,6 +110,7 @@ class BlockWork:
     moe: "MoEStats | None" = None
     per_step: list[WorkItem] = field(default_factory=list)  # once per step, before the first forward
     per_step_grads: list[WorkItem] = field(default_factory=list)  # once per step, with the gradients
+    transient_bytes: float = 0.0  # a short-lived buffer the block needs besides saved activations
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,15 @@ def _tp_entry(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkI
     if shard.tp > 1 and shard.sequence_parallel:
         return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
     return []
+
+
+def _column_gemm(name: str, tokens: float, hidden: int, width: float, shard: Shard, kept: float = 0.0) -> Op:
+    """The GEMM after `_tp_entry`. With sequence parallelism it keeps its input's sequence shard
+    for the backward pass and all-gathers it again there (Korthikanti et al. 2022, sec. 4.2.2),
+    not the gathered copy. `kept`: bytes of its output the backward needs as well."""
+    share = tokens / shard.tp if shard.sequence_parallel else tokens
+    op = gemm(name, tokens, hidden, width, shard.dtype)
+    return replace(op, saved_bytes=share * hidden * DTYPE_BYTES[shard.dtype] + kept)
 
 
 def _tp_exit(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
@@ -172,7 +182,12 @@ def attention_work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard
     fwd = work.forward
     fwd.append(_norm("attn.norm", T, hidden, shard))
     fwd += _tp_entry("attn.tp_gather", T, hidden, shard)
-    fwd.append(gemm("attn.qkv", T, hidden, (local_heads + 2 * local_kv) * head_dim, dt))
+    q_bytes = T * local_heads * head_dim * b
+    kv_bytes = batch.sequences * batch.kv_len * local_kv * head_dim * b * 2
+    # Q, K and V outlive the forward pass whichever way the core runs (selective recomputation
+    # replays the core from them: Korthikanti et al. 2022, sec. 4.3).
+    fwd.append(_column_gemm("attn.qkv", T, hidden, (local_heads + 2 * local_kv) * head_dim, shard,
+                            kept=q_bytes + kv_bytes))
     # Score and value products: 2 * (2 * q * kv * d) FLOPs per head and sequence. A fused kernel
     # skips the masked half of a causal score matrix (executed work only; model FLOPs count it all,
     # as Megatron does); unfused attention multiplies the whole matrix and masks in the softmax
@@ -180,17 +195,14 @@ def attention_work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard
     skips_masked = spec.impl == "flash" and spec.causal and shard.executed and batch.q_len > 1
     causal_share = 0.5 if skips_masked else 1.0
     core_flops = 4.0 * batch.sequences * batch.q_len * batch.kv_len * local_heads * head_dim * causal_share
-    q_bytes = T * local_heads * head_dim * b
-    kv_bytes = batch.sequences * batch.kv_len * local_kv * head_dim * b * 2
-    if spec.impl == "flash":
-        fwd.append(Op("attn.core", "attention", core_flops, 2 * q_bytes + kv_bytes, dt,
-                      saved_bytes=2 * q_bytes + kv_bytes + T * local_heads * 4))
+    if spec.impl == "flash":  # keeps its output (the out projection's input, stored once) and the fp32 log-sum-exp
+        fwd.append(Op("attn.core", "attention", core_flops, 2 * q_bytes + kv_bytes, dt, saved_bytes=T * local_heads * 4))
     else:
         scores = batch.sequences * local_heads * batch.q_len * batch.kv_len
         products = max(1, round(batch.sequences * local_heads))  # one batched GEMM kernel over (sequence, head)
         q, kv = batch.q_len, batch.kv_len
         core = [
-            Op("attn.scores", "gemm", core_flops / 2, q_bytes + kv_bytes / 2 + scores * b, dt, saved_bytes=q_bytes + kv_bytes / 2,
+            Op("attn.scores", "gemm", core_flops / 2, q_bytes + kv_bytes / 2 + scores * b, dt,
                kernels=(((q, head_dim, kv, products),),)),
             # softmax reads and writes the s x s scores; dropout writes a 1-byte mask too.
             elementwise("attn.softmax", scores, 1, 1, dt, flops_per_element=5, saved_elements=scores),
@@ -230,7 +242,7 @@ def dense_ffn_work(spec: DenseFFNBlock, hidden: int, batch: Batch, shard: Shard)
     fwd = work.forward
     fwd.append(_norm("ffn.norm", T, hidden, shard))
     fwd += _tp_entry("ffn.tp_gather", T, hidden, shard)
-    fwd.append(gemm("ffn.up", T, hidden, _gated_width(spec.hidden, spec.gated) / t, dt))
+    fwd.append(_column_gemm("ffn.up", T, hidden, _gated_width(spec.hidden, spec.gated) / t, shard))
     reads = 2 if spec.gated else 1
     fwd.append(elementwise("ffn.act", T * spec.hidden / t, reads, 1, dt, flops_per_element=8,
                            saved_elements=T * spec.hidden / t * reads))
@@ -499,10 +511,14 @@ def embedding_work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard
     work.forward.append(elementwise("embed.lookup", T * hidden, 1, 1, shard.dtype, family="embedding"))
     if shard.tp > 1:  # vocabulary-parallel lookup: partial rows are all-reduced
         work.forward += _tp_exit("embed.tp_reduce", T, hidden, shard)
-    if spec.sparse_gradients and shard.dp > 1:  # each replica's touched rows (ids + values), gathered by all
+    if spec.sparse_gradients:
+        # The gradient is the touched rows only (ids + values; TF IndexedSlices), not a table-sized
+        # buffer; with data parallelism every replica's rows are gathered by all.
         rows = distinct_rows(spec.vocab, T * shard.microbatches, spec.token_zipf)
         row_bytes = hidden / shard.tp * DTYPE_BYTES[shard.grad_dtype] + 8  # int64 row id
-        work.per_step_grads.append(Comm("embed.sparse_grad_all_gather", "all_gather", shard.dp * rows * row_bytes, "dp"))
+        work.transient_bytes = shard.dp * rows * row_bytes
+        if shard.dp > 1:
+            work.per_step_grads.append(Comm("embed.sparse_grad_all_gather", "all_gather", shard.dp * rows * row_bytes, "dp"))
     return work
 
 

@@ -150,6 +150,7 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
                 out.saved_bytes += _saved(work.forward)
             out.per_step += work.per_step
             out.unit_step_grads[-1] += work.per_step_grads
+            out.transient_bytes = max(out.transient_bytes, work.transient_bytes)
             if work.moe is not None:
                 out.moe.append(work.moe)
                 out.moe_ranges.append((first, first + len(work.forward)))
