@@ -107,3 +107,19 @@ def test_sparse_embedding_gradients_are_touched_rows_not_a_table():
     table_gb = 793471 * 512 * 4 / 1e9
     assert dense["gradients_gb"] - sparse["gradients_gb"] == pytest.approx(table_gb, rel=1e-6)
     assert 0 < sparse["buffers_gb"] < table_gb  # 16 replicas' touched rows, well under the table
+
+
+def test_relu_keeps_no_copy_of_its_own_but_gelu_and_swiglu_do():
+    """ReLU's output is both its gradient's input and the down projection's saved input: one tensor.
+    GeLU needs its input (another s x 4h tensor; Korthikanti 2022 counts 8sbh for it), SwiGLU both halves."""
+    from simcc.model.blocks import Batch, Shard, dense_ffn_work
+    from simcc.specs.workload import DenseFFNBlock
+
+    def saved(**kw) -> float:
+        work = dense_ffn_work(DenseFFNBlock(hidden=4096, **kw), 1024, Batch(2, 512, 512), Shard(dtype="bf16"))
+        return sum(op.saved_bytes for op in work.forward if hasattr(op, "saved_bytes"))
+
+    tokens, wide = 2 * 512, 4096 * 2  # bf16 bytes per element
+    assert saved(activation="gelu") - saved(activation="relu") == pytest.approx(tokens * wide)
+    # SwiGLU: the up GEMM is twice as wide; its two halves kept, and the product the down GEMM keeps
+    assert saved(activation="swiglu", gated=True) - saved(activation="relu") == pytest.approx(2 * tokens * wide)

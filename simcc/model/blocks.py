@@ -230,6 +230,18 @@ def _gated_width(hidden: int, gated: bool) -> int:
     return 2 * hidden if gated else hidden
 
 
+OUTPUT_DERIVED = ("relu", "tanh", "sigmoid")  # activations whose gradient is a function of their output
+
+
+def _act_saved(activation: str, gated: bool, elements: float) -> float:
+    """Elements an activation keeps beyond what the next GEMM keeps: ReLU, tanh and sigmoid take
+    their gradient from their output, which is the next GEMM's saved input (one stored tensor, as
+    PyTorch's autograd saves their result); GeLU and SiLU need their input; a gated one both halves."""
+    if activation in OUTPUT_DERIVED and not gated:
+        return 0.0
+    return elements * (2 if gated else 1)
+
+
 def ffn_params(width: int, hidden: int, gated: bool) -> Params:
     up = width * _gated_width(hidden, gated)
     down = hidden * width
@@ -245,7 +257,7 @@ def dense_ffn_work(spec: DenseFFNBlock, hidden: int, batch: Batch, shard: Shard)
     fwd.append(_column_gemm("ffn.up", T, hidden, _gated_width(spec.hidden, spec.gated) / t, shard))
     reads = 2 if spec.gated else 1
     fwd.append(elementwise("ffn.act", T * spec.hidden / t, reads, 1, dt, flops_per_element=8,
-                           saved_elements=T * spec.hidden / t * reads))
+                           saved_elements=_act_saved(spec.activation, spec.gated, T * spec.hidden / t)))
     fwd.append(gemm("ffn.down", T, spec.hidden / t, hidden, dt))
     fwd += _tp_exit("ffn.tp_reduce", T, hidden, shard)
     fwd.append(_residual("ffn.residual", T, hidden, shard))
@@ -311,7 +323,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
     reads = 2 if spec.gated else 1
     act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
-                      saved_elements=sum(busiest) * spec.expert_hidden / etp * reads)
+                      saved_elements=_act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp))
     mean_act = sum(mean) * spec.expert_hidden / etp
     fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
                   mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
@@ -327,7 +339,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
         shared_hidden = (spec.shared_expert_hidden or spec.expert_hidden) * spec.shared_experts
         fwd.append(gemm("moe.shared_up", T, hidden, _gated_width(shared_hidden, spec.gated) / shard.tp, dt))
         fwd.append(elementwise("moe.shared_act", T * shared_hidden / shard.tp, reads, 1, dt, flops_per_element=8,
-                               saved_elements=T * shared_hidden / shard.tp * reads))
+                               saved_elements=_act_saved(spec.activation, spec.gated, T * shared_hidden / shard.tp)))
         fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt))
     fwd += _tp_exit("moe.tp_reduce", T, hidden, shard)
     fwd.append(_residual("moe.residual", T, hidden, shard))
@@ -455,7 +467,8 @@ def mlp_work(spec: MLPBlock, batch: Batch, shard: Shard) -> BlockWork:
     T, dt = batch.tokens, shard.dtype
     for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
         work.forward.append(gemm(f"mlp.fc{i}", T, a, b / shard.tp, dt))
-        work.forward.append(elementwise(f"mlp.act{i}", T * b / shard.tp, 1, 1, dt, saved_elements=T * b / shard.tp))
+        work.forward.append(elementwise(f"mlp.act{i}", T * b / shard.tp, 1, 1, dt,
+                                        saved_elements=_act_saved(spec.activation, False, T * b / shard.tp)))
     return work
 
 
