@@ -91,7 +91,7 @@ class Device(StrictModel):
     kind: Literal["device"] = "device"
     name: str
     source: str
-    processor: Literal["gpu", "cpu"] = "gpu"  # which measurements may calibrate it
+    processor: Literal["gpu", "cpu", "tpu"] = "gpu"  # which measurements may calibrate it
     peak_tflops: PeakTflops
     memory_gb: PositiveFloat
     memory_bandwidth_gb_s: PositiveFloat
