@@ -200,3 +200,18 @@ def test_noisy_hierarchical_gate_doubles_its_gate_products():
     assert len(router_products(noisy, 8)) == 2 * len(router_products(plain, 8)) == 4
     assert moe_params(noisy, 32).replicated - moe_params(plain, 32).replicated == 32 * (8 + 64)
     assert route(noisy, 8, seed=0).experts_per_token == 4
+
+
+@pytest.mark.parametrize("groups, ranks_hold_whole_groups", [(16, True), (8, False)])
+def test_hierarchical_moe_sends_a_token_once_per_picked_group(groups, ranks_hold_whole_groups):
+    """Shazeer et al. 2017 sec. 3.1: each secondary MoE lives on one device, so a token crosses the
+    network once per picked group (k_primary = 2), not once per expert (k = 4). 16 K40, 20480
+    tokens per rank, d = 512 fp32: 20480 x 2 x 512 x 4 B = 83.9 MB. With 8 groups over 16 ranks a
+    group spans two devices and the token goes to each expert: 4 copies."""
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_hardware, load_workload
+
+    workload, src = load_workload("shazeer_moe_4096h_lstm_train", [f"model.blocks.2.moe_ffn.gating.groups={groups}"])
+    traffic = estimate(workload, load_hardware("k40_x16"), src).value("moe", "all_to_all_mb_per_layer")
+    copies = 2 if ranks_hold_whole_groups else 4
+    assert traffic == pytest.approx(20480 * copies * 512 * 4 / 1e6, rel=1e-6)

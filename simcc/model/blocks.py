@@ -289,6 +289,17 @@ def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
     return hidden * spec.experts * (2 if policy == "noisy_topk" else 1)
 
 
+def _copies_per_assignment(spec: MoEFFNBlock, ep: int) -> float:
+    """Token copies crossing the all-to-all per token-expert assignment. A hierarchical MoE whose
+    secondary MoEs each live whole on one device sends a token once to every group it picks; the
+    group's own gate and weighted sum run there (Shazeer et al. 2017, sec. 3.1): k_primary copies
+    per token, not k."""
+    gating, routing = spec.gating, spec.routing
+    whole_groups = (gating.policy == "hierarchical" and gating.groups is not None and gating.groups % ep == 0
+                    and routing.placement == "contiguous" and not routing.replicate_hot)
+    return gating.k_primary / spec.k if whole_groups else 1.0
+
+
 def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     T, dt = batch.tokens, shard.dtype
     ep, etp = shard.ep, shard.expert_tp
@@ -313,6 +324,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
         sent_per_rank = (loads.routed - loads.dropped) / ep
     else:
         sent_per_rank = loads.capacity * spec.experts / ep
+    sent_per_rank *= _copies_per_assignment(spec, ep)
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     routing = spec.routing
     remote = None if routing.keep_in_node is None else 1.0 - routing.keep_in_node
