@@ -29,8 +29,6 @@ class Case(StrictModel):
     collective: Literal["all_reduce", "all_to_all", "all_gather", "reduce_scatter"] | None = None
     ranks: int | None = Field(default=None, ge=2)
     bytes: PositiveFloat | None = None
-    # tflops_per_device: block kinds whose FLOPs the published figure does not count
-    flops_exclude: list[Literal["embedding", "lm_head"]] = []
 
     @model_validator(mode="after")
     def _kind(self) -> "Case":
@@ -41,8 +39,6 @@ class Case(StrictModel):
             raise ValueError(f"{self.metric} cases need a workload")
         if (self.metric == "throughput_ratio") != (self.reference_set is not None):
             raise ValueError("reference_set goes with metric throughput_ratio, and only with it")
-        if self.flops_exclude and self.metric != "tflops_per_device":
-            raise ValueError("flops_exclude goes with metric tflops_per_device, and only with it")
         return self
 
 
@@ -72,19 +68,7 @@ def _estimate(workload: str, hardware: str, overrides: list[str], steps: int):
 
     workload_sets, hardware_sets = split_overrides(overrides)
     spec, source = load_workload(workload, workload_sets)
-    return spec, estimate(spec, load_hardware(hardware, hardware_sets), source, SimulationOptions(steps=steps))
-
-
-def _counted_share(spec, exclude: list[str]) -> float:
-    """Share of the model FLOPs a published figure counts, when it leaves some blocks out."""
-    from simcc.model.blocks import Batch
-    from simcc.model.graph import model_forward_flops
-
-    if not exclude:
-        return 1.0
-    assert spec.train is not None
-    batch = Batch(1, spec.train.seq_len, spec.train.seq_len)
-    return model_forward_flops(spec.model, batch, tuple(sorted(exclude))) / model_forward_flops(spec.model, batch)
+    return estimate(spec, load_hardware(hardware, hardware_sets), source, SimulationOptions(steps=steps))
 
 
 def _dominant(result) -> str:
@@ -117,16 +101,16 @@ def run_case(case: Case, steps: int = 1) -> dict[str, Any]:
         predicted, dominant = _collective(case)
     else:
         assert case.workload is not None
-        spec, result = _estimate(case.workload, case.hardware, case.set, steps)
+        result = _estimate(case.workload, case.hardware, case.set, steps)
         dominant = _dominant(result)
         mem = result.sections["memory"]
         memory = f"{mem['total_gb']:.1f}/{mem['capacity_gb']:.0f} GB" + ("" if mem["fits"] else " OVER")
         if case.metric == "step_s":
             predicted = result.sections["step"]["step_s"]
         elif case.metric == "tflops_per_device":
-            predicted = result.sections["throughput"]["model_tflops_per_device"] * _counted_share(spec, case.flops_exclude)
+            predicted = result.sections["throughput"]["model_tflops_per_device"]
         else:
-            _, reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
+            reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
             predicted = result.sections["throughput"]["tokens_per_s"] / reference.sections["throughput"]["tokens_per_s"]
     return {"case": case.name, "metric": case.metric, "measured": case.measured, "predicted": predicted,
             "error": predicted / case.measured - 1.0, "dominant": dominant, "memory": memory, "source": case.source}

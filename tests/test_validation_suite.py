@@ -81,19 +81,3 @@ def test_suite_cli_errors_and_json():
     assert bad.returncode == 2 and "unknown suite" in bad.stderr and "Traceback" not in bad.stderr
     none = subprocess.run([sys.executable, "-m", "simcc", "validate"], capture_output=True, text=True)
     assert none.returncode == 2 and "--suite" in none.stderr
-
-
-def test_a_published_flop_count_that_leaves_some_blocks_out_can_be_matched():
-    """Some papers count a subset of the model's FLOPs (flops_exclude). Shazeer et al. 2017's
-    efficiency column is not one of them: sec. 5.1 counts the sampled softmax too."""
-    from pydantic import ValidationError
-
-    from simcc.validation import Case, _counted_share
-
-    spec, _ = load_workload("shazeer_4xlstm512_train")
-    # per token: 4 LSTM layers x (input + recurrent product) = 4 x 2 x (2 x 512 x 2048) FLOPs;
-    # the 8192-class output layer 2 x 512 x 8192: the LSTM share is 2/3
-    assert _counted_share(spec, ["embedding", "lm_head"]) == pytest.approx(2 / 3)
-    assert _counted_share(spec, []) == 1.0
-    with pytest.raises(ValidationError, match="flops_exclude goes with metric tflops_per_device"):
-        Case(name="x", source="s", metric="step_s", measured=1.0, hardware="h", workload="w", flops_exclude=["lm_head"])

@@ -543,7 +543,7 @@ def embedding_work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard
         row_bytes = hidden / shard.tp * DTYPE_BYTES[shard.grad_dtype] + 8  # int64 row id
         work.transient_bytes = shard.dp * rows * row_bytes
         if shard.dp > 1:
-            work.per_step_grads.append(Comm("embed.sparse_grad_all_gather", "all_gather", shard.dp * rows * row_bytes, "dp"))
+            work.per_step_grads.append(Comm("embed.sparse_grad_all_gather", "all_gather", work.transient_bytes, "dp"))
     return work
 
 

@@ -151,28 +151,25 @@ def model_params(model: ModelSpec) -> B.Params:
     return units_params(units_of(model), model.hidden)
 
 
-_FORWARD_FLOPS: dict[tuple[str, B.Batch, tuple[str, ...]], float] = {}  # a sweep asks again for every layout
+_FORWARD_FLOPS: dict[tuple[str, B.Batch], float] = {}  # a sweep asks again for every layout
 
 
-def model_forward_flops(model: ModelSpec, batch: B.Batch, exclude: tuple[str, ...] = ()) -> float:
+def model_forward_flops(model: ModelSpec, batch: B.Batch) -> float:
     """Forward matmul FLOPs at the reporting convention (Narayanan et al. 2021, appendix): full
-    attention score products, exactly balanced experts, no padding or recomputation. `exclude`:
-    block kinds a published figure leaves out of its count (Shazeer et al. 2017 count no softmax)."""
-    key = (model.model_dump_json(), batch, exclude)
+    attention score products, exactly balanced experts, no padding or recomputation."""
+    key = (model.model_dump_json(), batch)
     if key not in _FORWARD_FLOPS:
         if len(_FORWARD_FLOPS) >= 256:
             _FORWARD_FLOPS.clear()
-        _FORWARD_FLOPS[key] = units_forward_flops(units_of(model), model.hidden, batch, exclude)
+        _FORWARD_FLOPS[key] = units_forward_flops(units_of(model), model.hidden, batch)
     return _FORWARD_FLOPS[key]
 
 
-def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch, exclude: tuple[str, ...] = ()) -> float:
+def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
     shard = B.Shard(executed=False)
     total = 0.0
     for unit in units:
         for block in unit.blocks:
-            if block.kind in exclude:
-                continue
             for item in block_work(block, hidden, batch, shard).forward:
                 if isinstance(item, Op) and item.is_matmul:
                     total += item.flops
