@@ -90,6 +90,12 @@ def test_tree_all_reduce_formula_and_auto_choice(dgx4):
     assert collective_time("all_reduce", size, group, big, "ring") == pytest.approx(max(intra, ring_inter))
     # small message over many nodes: the tree's log latency wins, and auto takes it
     assert collective_time("all_reduce", size, group, big) == pytest.approx(max(intra, tree_inter))
+    # inside one node NCCL's tree is a chain: 7 hops a phase for 8 ranks, so the ring is never slower
+    small, node = 32e3, CommGroup(8, 8)
+    chain = 2 * (7 * 2e-6 + small / (450e9 * 0.8))
+    assert collective_time("all_reduce", small, node, dgx4, "tree") == pytest.approx(chain)
+    assert collective_time("all_reduce", small, node, dgx4) == pytest.approx(
+        collective_time("all_reduce", small, node, dgx4, "ring"))
     # a large message in one node: the ring's bandwidth term wins
     assert collective_time("all_reduce", 1e9, CommGroup(8, 8), dgx4) == pytest.approx(
         collective_time("all_reduce", 1e9, CommGroup(8, 8), dgx4, "ring"))

@@ -58,19 +58,25 @@ def _ring(steps_factor: float, n: int, size: float, level: LinkLevel) -> float:
     return steps_factor * (n - 1) * level.latency + steps_factor * (n - 1) / n * size / level.bandwidth
 
 
-def _tree(steps_factor: float, n: int, size: float, level: LinkLevel) -> float:
-    """Pipelined (double) binary tree: log2(n) latency steps per phase, every rank moving the whole
-    buffer once per phase (reduce, then broadcast for all-reduce)."""
-    if n <= 1:
+def _tree(steps_factor: float, hops: int, size: float, level: LinkLevel) -> float:
+    """Pipelined tree: `hops` latency steps per phase, every rank moving the whole buffer once per
+    phase (reduce, then broadcast for all-reduce)."""
+    if hops <= 0:
         return 0.0
-    return steps_factor * (math.ceil(math.log2(n)) * level.latency + size / level.bandwidth)
+    return steps_factor * (hops * level.latency + size / level.bandwidth)
 
 
-def _reduction(factor: float, n: int, size: float, level: LinkLevel, algorithm: str) -> float:
+def _tree_hops(n: int, in_node: bool) -> int:
+    # NCCL's trees are binary across nodes and a chain inside one (NVIDIA/nccl src/graph/tuning.cc:
+    # tree latency = 2 * ((ranks per node - 1) * intra hop + log2(nodes) * inter hop)).
+    return n - 1 if in_node else math.ceil(math.log2(n))
+
+
+def _reduction(factor: float, n: int, size: float, level: LinkLevel, algorithm: str, in_node: bool) -> float:
     ring = _ring(factor, n, size, level)
     if algorithm == "ring" or factor < 2:  # trees serve all-reduce only
         return ring
-    tree = _tree(factor, n, size, level)
+    tree = _tree(factor, _tree_hops(n, in_node), size, level)
     return tree if algorithm == "tree" else min(ring, tree)  # auto: NCCL's tuner picks the faster
 
 
@@ -115,11 +121,11 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
         return _all_to_all(size, n, local, nodes, intra, inter, algorithm, remote_share)
     factor = 2.0 if collective == "all_reduce" else 1.0
     if nodes == 1:
-        return _reduction(factor, n, size, intra, algorithm)
+        return _reduction(factor, n, size, intra, algorithm, in_node=True)
     # Hierarchical (NCCL-style): reduce-scatter/gather inside the node, the inter-node stage on
     # 1/local of the data per rank; the stages pipeline over chunks, so the slower one bounds.
     intra_t = _ring(factor, local, size, intra)
-    inter_t = _reduction(factor, nodes, size / local, inter, algorithm)
+    inter_t = _reduction(factor, nodes, size / local, inter, algorithm, in_node=False)
     return max(intra_t, inter_t)
 
 
