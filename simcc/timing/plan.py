@@ -197,7 +197,8 @@ def _subnet_costs(units: list[Unit], workload: Workload, system: System, layout:
 def build_chunk(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
                 sampled_steps: int = 0, work: ForwardWork | None = None) -> ChunkPlan:
     """`work`: these units' expected-load forward work, when the caller already built it."""
-    work = work or forward_work(units, workload, layout, batch)
+    if work is None:
+        work = forward_work(units, workload, layout, batch)
     chunk = ChunkPlan(units, params=work.params, saved_bytes=work.saved_bytes, transient_bytes=work.transient_bytes,
                       moe=work.moe)
     for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
