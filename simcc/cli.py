@@ -52,8 +52,8 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
     from simcc.estimate import SimulationOptions
     from simcc.estimate import estimate as run_estimate
     from simcc.report.render import RENDERERS
-    from simcc.sim.serving import read_trace
-    from simcc.sim.trace import Trace, write_trace
+    from simcc.sim.serving import read_request_csv
+    from simcc.sim.timeline import Timeline, write_timeline
     from simcc.specs.loader import load_hardware, load_workload, split_overrides
 
     workload_overrides, hardware_overrides = split_overrides(list(overrides))
@@ -61,12 +61,12 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
         workload_overrides.append(f"seed={seed}")
     spec, source = load_workload(workload, workload_overrides)
     system = load_hardware(hardware, hardware_overrides)
-    trace = Trace(enabled=trace_path is not None)
-    requests = read_trace(requests_trace) if requests_trace else None
-    options = SimulationOptions(steps=steps, trace=trace, request_count=request_count, requests=requests)
+    timeline = Timeline(enabled=trace_path is not None)
+    requests = read_request_csv(requests_trace) if requests_trace else None
+    options = SimulationOptions(steps=steps, timeline=timeline, request_count=request_count, requests=requests)
     result = run_estimate(spec, system, source, options)
     if trace_path is not None:
-        write_trace(trace, Path(trace_path))
+        write_timeline(timeline, Path(trace_path))
     click.echo(RENDERERS[fmt](result), nl=False)
 
 
@@ -180,7 +180,7 @@ def _check_out_suffix(out_path: str | None) -> None:
 
 
 def _write_table(table, path: Path) -> None:
-    from simcc.sim.trace import write_atomically
+    from simcc.io import write_atomically
 
     if path.suffix == ".parquet":
         import io
@@ -199,7 +199,7 @@ def _write_table(table, path: Path) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def list_command(fmt: str) -> None:
     """List shipped hardware profiles and workloads."""
-    from simcc.specs.catalog import catalog, render_catalog
+    from simcc.report.catalog import catalog, render_catalog
 
     click.echo(render_catalog(catalog(), fmt), nl=False)
 
@@ -236,7 +236,7 @@ def profile(ctx: click.Context, device: str, dtype: str | None, quick: bool, out
     from rich.progress import Progress
 
     from simcc.profile.kernels import run_profile
-    from simcc.sim.trace import write_atomically
+    from simcc.io import write_atomically
 
     with Progress(transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -293,7 +293,7 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
 
     from simcc.calibrate import fit as F
     from simcc.calibrate.measurements import check_device, measurement_kind, read_collectives, read_measurements
-    from simcc.sim.trace import write_atomically
+    from simcc.io import write_atomically
     from simcc.specs.hardware import Device, Edge, system_from
     from simcc.specs.loader import load_profile_model
 

@@ -9,23 +9,24 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from simcc.costs.compute import peak_flops
+from simcc.costs.compute import mfu, peak_flops
 from simcc.errors import InputError
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.layout import Layout, build_layout
 from simcc.model.blocks import Batch, MoEStats
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.graph import model_forward_flops, model_params, units_forward_flops, units_of
-from simcc.report.metrics import SECONDS_PER_DAY, mfu, run_totals
+from simcc.costs.money import SECONDS_PER_DAY, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
-from simcc.schedule import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
-from simcc.sim.trace import Trace
+from simcc.phases import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
+from simcc.sim.timeline import Timeline
 from simcc.sim.training import simulate_training
-from simcc.timing.plan import Footprint, TrainingPlan, build_training_plan, chunk_works, footprint, stage_footprints
-from simcc.routing.activation import ActivationProfile, input_dependent_share, request_compute_scales
+from simcc.plan.training import Footprint, TrainingPlan, build_training_plan, chunk_works, footprint, stage_footprints
+from simcc.model.graph import input_dependent_share
+from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.sim.serving import Request, percentile, poisson_requests, simulate_serving
-from simcc.timing.serving import serving_costs
+from simcc.plan.serving import serving_costs
 
 Sections = dict[str, dict[str, Any]]
 
@@ -129,7 +130,7 @@ def _check_precision(workload: Workload, system: System, source: str) -> None:
 @dataclass(frozen=True)
 class SimulationOptions:
     steps: int = 4  # simulated training steps, each with a fresh expert-load draw
-    trace: Trace | None = None  # filled with the timeline when enabled
+    timeline: Timeline | None = None  # filled with the simulated timeline when enabled
     request_count: int = 2000  # serving: Poisson requests to simulate
     requests: list[Request] | None = None  # serving: a trace instead of Poisson arrivals
     simulate_unfit: bool = True  # False: a training layout that does not fit in memory is not simulated
@@ -185,7 +186,7 @@ def _estimate_training(workload: Workload, system: System, layout: Layout, peak:
             return
     plan = build_training_plan(workload, system, layout, sampled_steps=options.steps, works=works)
     worst = _worst_stage_memory(workload, system, layout, [footprint(stage.chunks) for stage in plan.stages])
-    sim = simulate_training(plan, options.steps, options.trace)
+    sim = simulate_training(plan, options.steps, options.timeline)
     step_s = sim.mean_step
     per_sequence = _trained_forward_flops(workload, Batch(1, train.seq_len, train.seq_len))
     model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
@@ -268,7 +269,7 @@ def _serve_dense_and_sparse(workload: Workload, system: System, result: Estimate
 
 
 def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: float,
-                      activation: tuple[float, ActivationProfile | None], result: Estimate,
+                      activation: tuple[float, FiringSample | None], result: Estimate,
                       options: SimulationOptions, source: str) -> None:
     assert workload.serve is not None
     serve = workload.serve
@@ -278,7 +279,7 @@ def _estimate_serving(workload: Workload, system: System, layout: Layout, peak: 
     if profile is not None and not options.requests:  # input-dependent compute: each request fires its own blocks
         scales = request_compute_scales(share, profile, len(requests), workload.seed)
         requests = [Request(r.arrival, r.prompt, r.output, float(s)) for r, s in zip(requests, scales)]
-    sim = simulate_serving(costs, serve, requests, layout.dp, workload.seed, source)
+    sim = simulate_serving(costs, serve, requests, layout.dp, source)
     tokens_per_s = sim.output_tokens / sim.span * layout.dp if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * layout.dp if sim.span > 0 else 0.0
     result.sections["latency"] = {

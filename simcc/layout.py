@@ -9,12 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simcc.costs.collectives import CommGroup
 from simcc.errors import InputError
 from simcc.model.blocks import Params
 from simcc.model.graph import units_of
 from simcc.specs.hardware import System
 from simcc.specs.workload import AttentionBlock, DenseFFNBlock, MoEFFNBlock, Workload
+
+
+@dataclass(frozen=True)
+class CommGroup:
+    """`size` ranks, `per_node` of them in each node (the rest on other nodes)."""
+
+    size: int
+    per_node: int
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.size // max(1, self.per_node))
 
 
 @dataclass(frozen=True)

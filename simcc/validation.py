@@ -80,7 +80,8 @@ def _dominant(result) -> str:
 
 
 def _collective(case: Case) -> tuple[float, str]:
-    from simcc.costs.collectives import CommGroup, bus_bandwidth, collective_time, latency_floor
+    from simcc.costs.collectives import bus_bandwidth, collective_time, latency_floor
+    from simcc.layout import CommGroup
     from simcc.specs.loader import load_hardware
 
     system = load_hardware(case.hardware)

@@ -101,7 +101,8 @@ def test_monotone_fit_and_hold_out():
 
 # ---------------------------------------------------------------- collectives
 
-from simcc.costs.collectives import CommGroup, collective_time  # noqa: E402
+from simcc.costs.collectives import collective_time  # noqa: E402
+from simcc.layout import CommGroup
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from simcc.costs.collectives import CommGroup, bus_bandwidth, collective_time
+from simcc.costs.collectives import bus_bandwidth, collective_time
+from simcc.layout import CommGroup
 from simcc.specs.loader import load_hardware
 
 GB = 1e9

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from simcc.estimate import SimulationOptions, estimate
-from simcc.routing.activation import activation_profile, input_dependent_share, request_compute_scales, tree_blocks
+from simcc.model.graph import input_dependent_share
+from simcc.model.threshold import firing_sample, request_compute_scales, tree_blocks
 from simcc.specs.loader import load_hardware, load_workload
 from simcc.specs.workload import ThresholdTreeBlock
 
@@ -20,20 +21,20 @@ def tree(**kw) -> ThresholdTreeBlock:
 def test_tree_size_and_root_always_fires():
     spec = tree(branching=3, levels=4)
     assert tree_blocks(spec) == 1 + 3 + 9 + 27
-    profile = activation_profile(spec, 0)
+    profile = firing_sample(spec, 0)
     assert profile.active_per_level[0] == 1.0
     assert (profile.fraction >= 1 / 40).all() and (profile.fraction <= 1).all()
 
 
 def test_harder_inputs_fire_more_blocks():
-    easy = activation_profile(tree(hard_fraction=0.0), 0).mean_fraction
-    mixed = activation_profile(tree(hard_fraction=0.3), 0).mean_fraction
-    hard = activation_profile(tree(hard_fraction=1.0), 0).mean_fraction
+    easy = firing_sample(tree(hard_fraction=0.0), 0).mean_fraction
+    mixed = firing_sample(tree(hard_fraction=0.3), 0).mean_fraction
+    hard = firing_sample(tree(hard_fraction=1.0), 0).mean_fraction
     assert easy < mixed < hard
 
 
 def test_a_higher_threshold_fires_fewer_blocks():
-    fractions = [activation_profile(tree(threshold=t), 0).mean_fraction for t in (0.02, 0.1, 0.3, 1.0)]
+    fractions = [firing_sample(tree(threshold=t), 0).mean_fraction for t in (0.02, 0.1, 0.3, 1.0)]
     assert all(b < a for a, b in zip(fractions, fractions[1:]))
     assert fractions[-1] == pytest.approx(1 / tree_blocks(tree()))  # only the root
 

@@ -83,7 +83,7 @@ def test_saved_activations_per_layer_follow_korthikanti_table_2(sets, per_layer_
     """Korthikanti et al. 2022, table 2, per layer in bytes: tensor parallel sbh(10 + 24/t + 5as/ht);
     with sequence parallelism sbh(34/t + 5as/ht); selective recomputation drops the 5as/ht score
     terms. Less the two hidden-dropout masks (sbh/t each with SP, sbh without), not modelled."""
-    from simcc.timing.plan import chunk_works
+    from simcc.plan.training import chunk_works
 
     def saved(layers: int) -> float:
         workload, src = load_workload("gpt_22b_dense_train_8xa100", sets + [f"model.blocks.1.repeat={layers}"])

@@ -22,7 +22,7 @@ def moe(**kw) -> MoEFFNBlock:
 
 
 def loads(spec: MoEFFNBlock, tokens: int = 4096, ranks: int = 8, seed: int = 1, draws: int = 4):
-    return rank_loads(spec, tokens, ranks, seed, profile_seed=seed, draws=draws)
+    return rank_loads(spec, tokens, ranks, seed, sample_seed=seed, draws=draws)
 
 
 @pytest.mark.parametrize("formula,expected", [
@@ -183,7 +183,7 @@ def test_topology_aware_gating_moves_traffic_into_the_node():
 
 
 def test_list_shows_policies_and_capacity_formulas():
-    from simcc.specs.catalog import catalog
+    from simcc.report.catalog import catalog
 
     rows = catalog()
     assert {r["name"] for r in rows if r["kind"] == "gating"} == {

@@ -14,7 +14,7 @@ import yaml
 from simcc.errors import InputError
 from simcc.estimate import estimate
 from simcc.layout import build_layout
-from simcc.schedule import Phase, expand, sparse_workload, switch_seconds
+from simcc.phases import Phase, expand, sparse_workload, switch_seconds
 from simcc.specs.loader import load_hardware, load_workload, resolve_workload_path
 from simcc.specs.workload import Schedule
 

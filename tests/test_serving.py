@@ -9,9 +9,9 @@ import pytest
 from simcc.errors import InputError
 from simcc.estimate import SimulationOptions, estimate
 from simcc.layout import build_layout
-from simcc.sim.serving import Request, poisson_requests, profile_expert_cache, read_trace, simulate_serving
+from simcc.sim.serving import Request, poisson_requests, read_request_csv, simulate_serving
 from simcc.specs.loader import load_hardware, load_workload
-from simcc.timing.serving import serving_costs
+from simcc.plan.serving import measure_expert_cache, serving_costs
 
 from conftest import write
 
@@ -35,7 +35,7 @@ def test_m_d_1_queueing_matches_pollaczek_khinchine(load):
     serve = workload.serve
     service = _service_time(costs, serve)
     rate = load / service
-    result = simulate_serving(costs, serve, poisson_requests(rate, 20000, serve, seed=1), 1, seed=1)
+    result = simulate_serving(costs, serve, poisson_requests(rate, 20000, serve, seed=1), 1)
     waiting = load * service / (2 * (1 - load))  # M/D/1 mean wait in queue (Pollaczek-Khinchine)
     assert statistics.fmean(result.queueing) == pytest.approx(waiting, rel=0.1)
     assert statistics.fmean(result.latency) == pytest.approx(waiting + service, rel=0.05)
@@ -45,7 +45,7 @@ def test_m_d_1_queueing_matches_pollaczek_khinchine(load):
 def test_unloaded_request_latency_is_prefill_plus_decode_steps():
     workload, costs = _costs(SMALL, "h200", ["memory_gb=200"])
     serve = workload.serve
-    result = simulate_serving(costs, serve, [Request(0.0, 16, 8), Request(1e6, 16, 8)], 1, seed=0)
+    result = simulate_serving(costs, serve, [Request(0.0, 16, 8), Request(1e6, 16, 8)], 1)
     assert result.ttft[0] == pytest.approx(costs.prefill.at(1))
     assert result.latency[0] == pytest.approx(_service_time(costs, serve))
     assert result.tpot[0] == pytest.approx(costs.decode.at(1))
@@ -55,7 +55,7 @@ def test_continuous_batching_raises_throughput_under_a_burst():
     def burst_throughput(batch: int) -> float:
         workload, costs = _costs([f"serve.batch={batch}", "serve.prompt_tokens=64", "serve.output_tokens=32"],
                                  "h200", ["memory_gb=200"])
-        result = simulate_serving(costs, workload.serve, poisson_requests(None, 64, workload.serve, 0), 1, seed=0)
+        result = simulate_serving(costs, workload.serve, poisson_requests(None, 64, workload.serve, 0), 1)
         assert len(result.latency) == 64
         return result.output_tokens / result.span
     assert burst_throughput(16) > 4 * burst_throughput(1)
@@ -64,9 +64,9 @@ def test_continuous_batching_raises_throughput_under_a_burst():
 def test_kv_cache_limits_the_batch():
     workload, costs = _costs(["serve.batch=32", "serve.prompt_tokens=1024", "serve.output_tokens=16"], "h200",
                              ["memory_gb=200"])
-    roomy = simulate_serving(costs, workload.serve, poisson_requests(None, 32, workload.serve, 0), 1, seed=0)
+    roomy = simulate_serving(costs, workload.serve, poisson_requests(None, 32, workload.serve, 0), 1)
     tight_costs = costs.__class__(**{**costs.__dict__, "kv_bytes_per_token": costs.memory.capacity / 4000})
-    tight = simulate_serving(tight_costs, workload.serve, poisson_requests(None, 32, workload.serve, 0), 1, seed=0)
+    tight = simulate_serving(tight_costs, workload.serve, poisson_requests(None, 32, workload.serve, 0), 1)
     assert tight.span > roomy.span  # fewer requests fit at once, so the burst drains more slowly
 
 
@@ -76,8 +76,8 @@ def test_input_dependent_compute_widens_the_tail():
     rate = 0.5 / _service_time(costs, serve)
     base = poisson_requests(rate, 4000, serve, seed=2)
     varied = [Request(r.arrival, r.prompt, r.output, 3.0 if i % 5 == 0 else 0.5) for i, r in enumerate(base)]
-    steady = simulate_serving(costs, serve, base, 1, seed=0)
-    spiky = simulate_serving(costs, serve, varied, 1, seed=0)
+    steady = simulate_serving(costs, serve, base, 1)
+    spiky = simulate_serving(costs, serve, varied, 1)
     # same mean compute (0.2*3 + 0.8*0.5 = 1), heavier tail
     q = lambda xs: sorted(xs)[int(0.99 * len(xs))]  # noqa: E731
     assert q(spiky.latency) > q(steady.latency)
@@ -85,24 +85,24 @@ def test_input_dependent_compute_widens_the_tail():
 
 def test_trace_csv_is_read_and_validated(tmp_path):
     good = write(tmp_path, "t.csv", "arrival_s,prompt_tokens,output_tokens,compute_scale\n0.5,10,4,1\n0.1,20,2,2\n")
-    requests = read_trace(str(good))
+    requests = read_request_csv(str(good))
     assert [r.arrival for r in requests] == [0.1, 0.5] and requests[0].compute_scale == 2
     with pytest.raises(InputError, match="missing column"):
-        read_trace(str(write(tmp_path, "m.csv", "arrival_s,prompt_tokens\n0,1\n")))
+        read_request_csv(str(write(tmp_path, "m.csv", "arrival_s,prompt_tokens\n0,1\n")))
     with pytest.raises(InputError, match="line 3: output_tokens"):
-        read_trace(str(write(tmp_path, "b.csv", "arrival_s,prompt_tokens,output_tokens\n0,1,1\n1,2,x\n")))
+        read_request_csv(str(write(tmp_path, "b.csv", "arrival_s,prompt_tokens,output_tokens\n0,1,1\n1,2,x\n")))
 
 
 def test_expert_cache_hit_rate_follows_routing_skew():
     workload, costs = _costs([], "jetson_agx_orin")
     assert 0 < costs.resident_experts < 256
-    uniform = profile_expert_cache(costs, workload.serve, seed=0)
+    uniform = measure_expert_cache(costs, workload.serve, seed=0)
     skewed_workload, skewed_costs = _costs(["model.blocks.1.blocks.1.moe_ffn.load.distribution=zipf",
                                             "model.blocks.1.blocks.1.moe_ffn.load.alpha=1.5"], "jetson_agx_orin")
-    skewed = profile_expert_cache(skewed_costs, skewed_workload.serve, seed=0)
+    skewed = measure_expert_cache(skewed_costs, skewed_workload.serve, seed=0)
     assert skewed.hit_rate > uniform.hit_rate
     assert skewed.decode_load_seconds[0] < uniform.decode_load_seconds[0]
-    everything = profile_expert_cache(_costs([], "jetson_agx_orin", ["device.memory_gb=256"])[1], workload.serve, 0)
+    everything = measure_expert_cache(_costs([], "jetson_agx_orin", ["device.memory_gb=256"])[1], workload.serve, 0)
     assert everything.hit_rate == 1.0 and everything.decode_load_seconds == (0.0,)
 
 

@@ -10,10 +10,10 @@ import simpy
 from simcc.estimate import SimulationOptions, estimate
 from simcc.layout import build_layout
 from simcc.sim.links import FairShareLink
-from simcc.sim.trace import Trace
+from simcc.sim.timeline import Timeline
 from simcc.sim.training import simulate_training, task_order
 from simcc.specs.loader import load_hardware, load_workload
-from simcc.timing.plan import ChunkPlan, Cost, StagePlan, TrainingPlan, build_training_plan
+from simcc.plan.training import ChunkPlan, Cost, StagePlan, TrainingPlan, build_training_plan
 
 
 def _finish_times(starts_and_work: list[tuple[float, float]]) -> list[float]:
@@ -129,8 +129,8 @@ def test_runs_are_reproducible_by_seed():
 
 def test_trace_has_a_track_per_stage(tmp_path):
     workload, system, _ = _moe_case()
-    trace = Trace(enabled=True)
-    estimate(workload, system, "w", SimulationOptions(steps=1, trace=trace))
+    trace = Timeline(enabled=True)
+    estimate(workload, system, "w", SimulationOptions(steps=1, timeline=trace))
     chrome = trace.to_chrome()
     names = {e["args"]["name"] for e in chrome["traceEvents"] if e.get("name") == "process_name"}
     assert {"stage0", "stage1", "stage2", "stage3"} <= names
@@ -161,7 +161,7 @@ def test_segments_played_as_one_event_give_the_segment_by_segment_timeline(overr
     workload, system, layout = _moe_case(overrides)
     plan = build_training_plan(workload, system, layout, sampled_steps=2)
     folded = simulate_training(plan, 2)
-    each = simulate_training(plan, 2, Trace(enabled=True))  # a kept trace plays every segment
+    each = simulate_training(plan, 2, Timeline(enabled=True))  # a kept trace plays every segment
     assert folded.events < each.events
     for a, b in zip(folded.steps, each.steps):
         assert a.seconds == pytest.approx(b.seconds, rel=1e-9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from simcc.errors import InputError
-from simcc.specs.catalog import catalog
+from simcc.report.catalog import catalog
 from simcc.specs.loader import load_hardware, load_workload, resolve_profile_path
 
 from conftest import write

@@ -137,7 +137,7 @@ def test_ray_executor_gives_the_local_results(tmp_path):
 ])
 def test_the_fit_check_a_sweep_runs_first_matches_the_full_plan(workload, hardware, overrides):
     from simcc.layout import build_layout
-    from simcc.timing.plan import build_training_plan, chunk_works, stage_footprints
+    from simcc.plan.training import build_training_plan, chunk_works, stage_footprints
 
     spec, source = load_workload(workload, overrides)
     system = load_hardware(hardware)

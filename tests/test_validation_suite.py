@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from simcc.costs.collectives import CommGroup, bus_bandwidth, collective_time
+from simcc.costs.collectives import bus_bandwidth, collective_time
+from simcc.layout import CommGroup
 from simcc.model.blocks import distinct_rows
 from simcc.specs.loader import load_hardware, load_workload
 from simcc.validation import load_suite, run_suite, summary
@@ -54,7 +55,7 @@ def test_distinct_rows_by_hand():
 
 def test_sparse_embedding_gradients_replace_the_table_all_reduce():
     from simcc.layout import build_layout
-    from simcc.timing.plan import build_training_plan
+    from simcc.plan.training import build_training_plan
 
     system = load_hardware("k40_x16")
 

@@ -249,7 +249,8 @@ def fit_collectives(train: pd.DataFrame):
 
 
 def collective_errors(frame: pd.DataFrame, system) -> pd.DataFrame:
-    from simcc.costs.collectives import CommGroup, collective_time
+    from simcc.costs.collectives import collective_time
+    from simcc.layout import CommGroup
 
     rows = []
     for _, row in frame.iterrows():

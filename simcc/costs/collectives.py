@@ -10,22 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from simcc.layout import CommGroup
 from simcc.specs.hardware import System
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 ALGORITHMS = ("auto", "ring", "tree", "flat", "hierarchical")
-
-
-@dataclass(frozen=True)
-class CommGroup:
-    """`size` ranks, `per_node` of them in each node (the rest on other nodes)."""
-
-    size: int
-    per_node: int
-
-    @property
-    def nodes(self) -> int:
-        return max(1, self.size // max(1, self.per_node))
 
 
 @dataclass(frozen=True)

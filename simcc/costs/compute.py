@@ -130,3 +130,8 @@ def _op_cost(device: Device, op: Op) -> OpCost:
         return OpCost(seconds, seconds, bound)
     mean, _ = _roofline(device, op, op.mean_flops, op.mean_bytes if op.mean_bytes is not None else op.bytes)
     return OpCost(seconds, min(mean, seconds), bound)
+
+
+def mfu(model_flops_per_second_per_device: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation (Chowdhery et al. 2022): model FLOPs, not executed ones, over peak."""
+    return model_flops_per_second_per_device / peak_flops

@@ -16,7 +16,7 @@ import numpy as np
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm, grouped_gemm
 from simcc.routing.gating import router_products
 from simcc.routing.load import LOAD_DRAWS, RankLoads, rank_loads
-from simcc.routing.activation import activation_profile
+from simcc.model.threshold import firing_sample
 from simcc.specs.workload import (
     AttentionBlock,
     BitPatternBlock,
@@ -63,7 +63,7 @@ class Shard:
     # (model FLOPs) counts full attention and exactly balanced loads.
     executed: bool = True
     seed: int = 0  # expert-load draws
-    profile_seed: int = 0  # the gating policy's measured profile (fixed across steps)
+    sample_seed: int = 0  # the gating policy's measured profile (fixed across steps)
     load_draws: int = LOAD_DRAWS  # expert-load draws averaged (1: a single step's draw)
     microbatches: int = 1  # per replica per step: how many tokens a step's gradients cover
     dp: int = 1  # data-parallel replicas whose sparse gradient rows are gathered
@@ -317,7 +317,7 @@ def moe_ffn_work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> 
     # Permute tokens into expert order: gather k copies of each token, read once and written once.
     fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
 
-    loads = rank_loads(spec, T, ep, shard.seed, shard.profile_seed, balanced=not shard.executed, draws=shard.load_draws)
+    loads = rank_loads(spec, T, ep, shard.seed, shard.sample_seed, balanced=not shard.executed, draws=shard.load_draws)
     # Dropless: each rank sends its routed token copies. Capacity: the padded E x C buffers move
     # whole (2*E*C*d*b per group for dispatch + combine, mechanisms.md), so traffic grows with cf.
     if loads.capacity is None:
@@ -409,7 +409,7 @@ def threshold_tree_params(spec: ThresholdTreeBlock) -> Params:
     """Every block's MLP is stored; an input uses the blocks that fire (counted like experts)."""
     pairs = list(zip(spec.widths, spec.widths[1:]))
     per_block = sum(a * b for a, b in pairs)
-    profile = activation_profile(spec, 0)
+    profile = firing_sample(spec, 0)
     blocks = profile.blocks
     return Params(replicated=sum(b for _, b in pairs) * blocks, expert=per_block * blocks,
                   active_expert=per_block * blocks * profile.mean_fraction,
@@ -418,7 +418,7 @@ def threshold_tree_params(spec: ThresholdTreeBlock) -> Params:
 
 def threshold_tree_work(spec: ThresholdTreeBlock, batch: Batch, shard: Shard) -> BlockWork:
     """Per level, the token-block pairs that fire run as one grouped product per MLP layer."""
-    profile = activation_profile(spec, shard.profile_seed)
+    profile = firing_sample(spec, shard.sample_seed)
     T, dt = batch.tokens, shard.dtype
     work = BlockWork()
     for level, active in enumerate(profile.active_per_level):

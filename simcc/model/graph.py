@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simcc.model import blocks as B
+import simcc.model.blocks as B
 from simcc.model.ops import Op
-from simcc.specs.workload import BlockItem, ModelSpec
+from simcc.model.threshold import FiringSample, firing_sample
+from simcc.specs.workload import BlockItem, ModelSpec, ThresholdTreeBlock
 
 ATTACHED_KINDS = ("embedding", "lm_head")
 
@@ -114,7 +115,7 @@ def block_params(block: Block, hidden: int) -> B.Params:
 def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
     spec = block.spec
     seeded = B.Shard(**{**shard.__dict__, "seed": shard.seed * 100_003 + block.index,
-                        "profile_seed": shard.profile_seed * 100_003 + block.index})
+                        "sample_seed": shard.sample_seed * 100_003 + block.index})
     match block.kind:
         case "attention":
             return B.attention_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
@@ -174,3 +175,20 @@ def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float
                 if isinstance(item, Op) and item.is_matmul:
                     total += item.flops
     return total
+
+
+def input_dependent_share(model: ModelSpec, hidden: int) -> tuple[float, FiringSample | None]:
+    """Share of the model's forward FLOPs spent in threshold trees, and the first tree's profile."""
+    units = units_of(model)
+    if not any(isinstance(b.spec, ThresholdTreeBlock) for u in units for b in u.blocks):
+        return 0.0, None
+    total = conditional = 0.0
+    profile = None
+    for unit in units:
+        for block in unit.blocks:
+            flops = sum(i.flops for i in block_work(block, hidden, B.Batch(1, 1, 1), B.Shard()).forward if isinstance(i, Op))
+            total += flops
+            if isinstance(block.spec, ThresholdTreeBlock):
+                conditional += flops
+                profile = profile or firing_sample(block.spec, block.index)
+    return (conditional / total if total else 0.0), profile

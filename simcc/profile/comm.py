@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, port: int, backend: str, device: str, quick: 
         import pandas as pd
 
         from simcc.profile.kernels import device_description
-        from simcc.sim.trace import write_atomically
+        from simcc.io import write_atomically
 
         device_type, name = device_description(device)
         table = pd.DataFrame(rows).assign(ranks_per_node=lambda f: f["ranks"].clip(upper=local), backend=backend,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from simcc.estimate import Estimate
-from simcc.report.metrics import SECONDS_PER_HOUR
+from simcc.costs.money import SECONDS_PER_HOUR
 from simcc.specs.hardware import System
 
 BREAKDOWN = ("compute_s", "exposed_comm_s", "imbalance_s", "bubble_s", "optimizer_s")

@@ -44,7 +44,7 @@ assert set(POLICY_PARAMETERS) == set(GATING_POLICIES)
 
 
 @dataclass(frozen=True)
-class RoutingProfile:
+class RoutingSample:
     share: np.ndarray  # [E] each expert's share of the assignments
     experts_per_token: float  # assignments per token before capacity
     exact: bool  # per-expert counts are fixed by the policy (no sampling noise)
@@ -112,19 +112,19 @@ def _counts(chosen: np.ndarray, experts: int) -> np.ndarray:
     return np.bincount(chosen.ravel(), minlength=experts).astype(float)
 
 
-def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
+def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
     """Route a sample of tokens with the layer's policy and measure the result.
 
     With uniform popularity the experts are exchangeable, so each expert's expected share is
     exactly 1/E: the sample's own noise would otherwise act as a fixed router bias every step."""
     profile = _route_sample(spec, ranks, seed)
     if spec.load.distribution == "uniform" and spec.gating.policy != "hash":
-        return RoutingProfile(np.full(spec.experts, 1.0 / spec.experts), profile.experts_per_token,
+        return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), profile.experts_per_token,
                               profile.exact, profile.no_expert_fraction)
     return profile
 
 
-def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
+def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
     rng = np.random.default_rng(seed)
     gating, experts, k = spec.gating, spec.experts, spec.k
     tokens = gating.sample_tokens
@@ -136,13 +136,13 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
         ids = rng.choice(gating.vocab, size=tokens, p=ranks_by_freq / ranks_by_freq.sum())
         chosen = ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(experts)
         counts = _counts(chosen.astype(np.int64), experts)
-        return RoutingProfile(counts / counts.sum(), 1.0, False, 0.0)
+        return RoutingSample(counts / counts.sum(), 1.0, False, 0.0)
     logits = _logits(popular, tokens, spec.load.router_temperature, rng)
     if policy == "noisy_topk" or (policy == "hierarchical" and gating.noisy):
         logits = _add_gate_noise(logits, gating.noise_std, rng)
     if policy in ("topk", "noisy_topk", "switch", "moefication"):
         counts = _counts(_top(logits, k), experts)
-        return RoutingProfile(counts / counts.sum(), float(k), False, 0.0)
+        return RoutingSample(counts / counts.sum(), float(k), False, 0.0)
     if policy == "gshard":
         top2 = _top(logits, 2)
         gates = _softmax(np.take_along_axis(logits, top2, axis=1))
@@ -151,7 +151,7 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
         second_gate = gates.min(axis=1)
         keep = rng.random(tokens) < np.minimum(1.0, 2.0 * second_gate)
         counts = _counts(first, experts) + _counts(second[keep], experts)
-        return RoutingProfile(counts / counts.sum(), 1.0 + keep.mean(), False, 0.0)
+        return RoutingSample(counts / counts.sum(), 1.0 + keep.mean(), False, 0.0)
     if policy == "expert_choice":
         assert spec.routing.capacity_factor is not None
         capacity = max(1, int(spec.routing.capacity_factor * tokens * k / experts))
@@ -159,10 +159,10 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
         picks = np.argpartition(-scores, capacity - 1, axis=0)[:capacity, :]  # each column: an expert's tokens
         per_token = np.bincount(picks.ravel(), minlength=tokens)
         share = np.full(experts, 1.0 / experts)
-        return RoutingProfile(share, capacity * experts / tokens, True, float((per_token == 0).mean()))
+        return RoutingSample(share, capacity * experts / tokens, True, float((per_token == 0).mean()))
     if policy == "base":
         share = _balanced_assignment(logits, rng)
-        return RoutingProfile(share, 1.0, True, 0.0)
+        return RoutingSample(share, 1.0, True, 0.0)
     # hierarchical: primary gate over groups, then a secondary gate inside each chosen group.
     groups = gating.groups or ranks
     per_group = experts // groups
@@ -178,7 +178,7 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
         inner = logits.reshape(tokens, groups, per_group)[np.arange(tokens), group]
         local = _top(inner, inner_k)
         counts += _counts(group[:, None] * per_group + local, experts)
-    return RoutingProfile(counts / counts.sum(), float(k), False, 0.0)
+    return RoutingSample(counts / counts.sum(), float(k), False, 0.0)
 
 
 def _balanced_assignment(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.routing.gating import RoutingProfile, read_expert_column, route
+from simcc.routing.gating import RoutingSample, read_expert_column, route
 from simcc.specs.workload import MoEFFNBlock
 
 CAPACITY_FORMULAS = {
@@ -47,7 +47,7 @@ class RankLoads:
 
 
 @lru_cache(maxsize=4096)
-def routing_profile(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingProfile:
+def routing_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
     """One profile per layer: the policy's behaviour does not change from step to step."""
     return route(spec, ranks, seed)
 
@@ -103,7 +103,7 @@ def _per_rank_slots(computed: np.ndarray, placement: np.ndarray, hot: np.ndarray
 
 
 @lru_cache(maxsize=16384)  # pure in its arguments: a sweep meets the same layer loads many times
-def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, profile_seed: int,
+def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, sample_seed: int,
                balanced: bool = False, draws: int = LOAD_DRAWS) -> RankLoads:
     """Per-rank expert loads for one MoE layer over `ranks` expert-parallel ranks.
 
@@ -116,7 +116,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
         per_expert = tuple([routed / experts] * local)
         return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0, routed / experts)
 
-    profile = routing_profile(spec, ranks, profile_seed)
+    profile = routing_sample(spec, ranks, sample_seed)
     routed = tokens_per_rank * ranks * profile.experts_per_token
     placement = expert_ranks(spec, ranks)
     hot = np.argsort(-profile.share, kind="stable")[: spec.routing.replicate_hot]

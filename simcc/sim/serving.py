@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
 
 from simcc.errors import InputError
-from simcc.routing.gating import popularity
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.workload import ServeSpec
-from simcc.timing.serving import ServingCosts
-
-CACHE_PROFILE_CYCLES = 6  # request cycles (one prefill, then its decode steps) in the cache profile
-CACHE_PROFILE_DECODE_STEPS = 64  # decode steps per cycle, at most
-
+from simcc.plan.serving import CacheStats, ServingCosts
 
 @dataclass(frozen=True)
 class Request:
@@ -45,7 +39,7 @@ def poisson_requests(rate: float | None, count: int, serve: ServeSpec, seed: int
     return [Request(float(t), serve.prompt_tokens, serve.output_tokens) for t in times]
 
 
-def read_trace(path: str) -> list[Request]:
+def read_request_csv(path: str) -> list[Request]:
     """A CSV with arrival_s, prompt_tokens, output_tokens and optionally compute_scale."""
     frame = read_numeric_csv(path, {"arrival_s": 0, "prompt_tokens": 1, "output_tokens": 1},
                              optional={"compute_scale": 1.0}, named_by="--requests-trace")
@@ -55,54 +49,6 @@ def read_trace(path: str) -> list[Request]:
     frame = frame.sort_values("arrival_s", kind="stable")
     return [Request(float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens), float(r.compute_scale))
             for r in frame.itertuples()]
-
-
-@dataclass(frozen=True)
-class CacheProfile:
-    hit_rate: float
-    decode_load_seconds: tuple[float, ...]  # per decode step, by the decode table's batch sizes
-    prefill_load_seconds: float  # per prefill of one request
-
-
-def profile_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int) -> CacheProfile:
-    """Run an LRU expert cache over sampled routing (prefill, then decode steps, repeatedly) and
-    measure its misses; each miss streams one expert from the storage tier."""
-    total = sum(spec.experts for spec in costs.moe_layers)
-    sizes = costs.decode.batch_sizes
-    if not costs.moe_layers or costs.resident_experts >= total or costs.storage_bandwidth <= 0:
-        return CacheProfile(1.0, tuple(0.0 for _ in sizes), 0.0)
-    rng = np.random.default_rng(seed)
-    probs = [popularity(spec, np.random.default_rng(seed + i)) for i, spec in enumerate(costs.moe_layers)]
-    load_one = costs.expert_bytes / costs.storage_bandwidth
-    hits = lookups = 0
-    decode_loads = []
-    prefill_misses: list[float] = []  # per request
-    decode_steps = min(serve.output_tokens, CACHE_PROFILE_DECODE_STEPS)
-    for size in sizes:
-        cache: OrderedDict[tuple[int, int], None] = OrderedDict()
-        misses_per_step: list[float] = []
-        for _cycle in range(CACHE_PROFILE_CYCLES):
-            for tokens, record, share in ((size * serve.prompt_tokens, prefill_misses, 1.0 / size),
-                                          *[(size, misses_per_step, 1.0)] * decode_steps):
-                misses = 0
-                for layer, (spec, p) in enumerate(zip(costs.moe_layers, probs)):
-                    picks = rng.multinomial(tokens * spec.k, p)
-                    for expert in np.flatnonzero(picks):
-                        key = (layer, int(expert))
-                        lookups += 1
-                        if key in cache:
-                            hits += 1
-                            cache.move_to_end(key)
-                        else:
-                            misses += 1
-                            cache[key] = None
-                            if len(cache) > costs.resident_experts:
-                                cache.popitem(last=False)
-                record.append(misses * share)
-        warm = misses_per_step[len(misses_per_step) // CACHE_PROFILE_CYCLES:]  # skip the cold first cycle
-        decode_loads.append(statistics.fmean(warm) * load_one)
-    prefill = statistics.fmean(prefill_misses) * load_one
-    return CacheProfile(hits / lookups if lookups else 1.0, tuple(decode_loads), prefill)
 
 
 @dataclass
@@ -116,7 +62,7 @@ class ServingResult:
     busy: float = 0.0
     loading: float = 0.0
     events: int = 0
-    cache: CacheProfile | None = None
+    cache: CacheStats | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,10 +70,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Request], replicas: int,
-                     seed: int, source: str = "workload") -> ServingResult:
+                     source: str = "workload") -> ServingResult:
     """`source` names the workload file in the error raised when a request can never be admitted."""
     mine = requests[::replicas] if replicas > 1 else requests
-    cache = profile_expert_cache(costs, serve, seed)
+    cache = costs.cache
     memory = costs.memory
     kv_capacity = memory.capacity - (memory.total - memory.kv_cache)
     env = simpy.Environment()

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import simpy
 
 from simcc.sim.links import FairShareLink
-from simcc.sim.trace import Trace
-from simcc.timing.plan import ChunkPlan, Cost, TrainingPlan
+from simcc.sim.timeline import Timeline
+from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
 
 Task = tuple[str, int, int]  # ("F" | "B", micro-batch, chunk)
 
@@ -178,7 +178,7 @@ class _Step:
 
 
 class _Simulator:
-    def __init__(self, plan: TrainingPlan, trace: Trace) -> None:
+    def __init__(self, plan: TrainingPlan, trace: Timeline) -> None:
         self.plan = plan
         self.trace = trace
         self.env = simpy.Environment()
@@ -390,9 +390,9 @@ class _Simulator:
         return StepResult(self.env.now - start, critical)
 
 
-def simulate_training(plan: TrainingPlan, steps: int, trace: Trace | None = None) -> TrainingSimulation:
+def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = None) -> TrainingSimulation:
     """Simulate `steps` consecutive steps, each with its own expert-load draw."""
-    simulator = _Simulator(plan, trace or Trace())
+    simulator = _Simulator(plan, trace or Timeline())
     result = TrainingSimulation()
     for step in range(steps):
         result.steps.append(simulator.run_step(step))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from simcc.report.summary import BREAKDOWN
-from simcc.sim.trace import write_atomically
+from simcc.io import write_atomically
 
 BEST_SHOWN = 6
 

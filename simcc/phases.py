@@ -16,7 +16,7 @@ from simcc.layout import Layout
 from simcc.model.blocks import ffn_params
 from simcc.model.moefication import clustering_op, dense_ffn_layers, moefied_model, permutation_op
 from simcc.model.ops import DTYPE_BYTES
-from simcc.report.metrics import SECONDS_PER_DAY, SECONDS_PER_HOUR, run_totals
+from simcc.costs.money import SECONDS_PER_DAY, SECONDS_PER_HOUR, run_totals
 from simcc.specs.hardware import System
 from simcc.specs.workload import Schedule, Workload
 

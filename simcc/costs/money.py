@@ -1,4 +1,4 @@
-"""Throughput, utilisation, money and energy from a step or request time."""
+"""Money and energy of a run from its duration and how busy its devices are."""
 
 from __future__ import annotations
 
@@ -34,8 +34,3 @@ def run_totals(system: System, seconds: float, busy_fraction: float) -> RunTotal
     usd = device_hours * system.price.usd_per_device_hour if system.price else None
     kwh = system.devices * device_power_w(system, busy_fraction) * seconds / JOULES_PER_KWH
     return RunTotals(seconds, device_hours, usd, kwh)
-
-
-def mfu(model_flops_per_second_per_device: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation (Chowdhery et al. 2022): model FLOPs, not executed ones, over peak."""
-    return model_flops_per_second_per_device / peak_flops

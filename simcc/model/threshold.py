@@ -14,11 +14,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from simcc.specs.workload import ModelSpec, ThresholdTreeBlock
+from simcc.specs.workload import ThresholdTreeBlock
 
 
 @dataclass(frozen=True)
-class ActivationProfile:
+class FiringSample:
     blocks: int  # blocks in the tree
     active_per_level: tuple[float, ...]  # mean active blocks at each level, root first
     fraction: np.ndarray  # per sampled input: share of blocks that fired
@@ -36,7 +36,7 @@ def tree_blocks(spec: ThresholdTreeBlock) -> int:
 
 
 @lru_cache(maxsize=256)
-def activation_profile(spec: ThresholdTreeBlock, seed: int) -> ActivationProfile:
+def firing_sample(spec: ThresholdTreeBlock, seed: int) -> FiringSample:
     rng = np.random.default_rng(seed)
     b = spec.branching
     hard = rng.random(spec.samples) < spec.hard_fraction
@@ -54,31 +54,10 @@ def activation_profile(spec: ThresholdTreeBlock, seed: int) -> ActivationProfile
         rates = np.where(active, children, 0.0)  # a silent block passes nothing on
         per_level.append(float(active.sum(axis=1).mean()))
         fired += active.sum(axis=1)
-    return ActivationProfile(tree_blocks(spec), tuple(per_level), fired / tree_blocks(spec))
+    return FiringSample(tree_blocks(spec), tuple(per_level), fired / tree_blocks(spec))
 
 
-def input_dependent_share(model: ModelSpec, hidden: int) -> tuple[float, ActivationProfile | None]:
-    """Share of the model's forward FLOPs spent in threshold trees, and the first tree's profile."""
-    from simcc.model.blocks import Batch, Shard
-    from simcc.model.graph import block_work, units_of
-    from simcc.model.ops import Op
-
-    units = units_of(model)
-    if not any(isinstance(b.spec, ThresholdTreeBlock) for u in units for b in u.blocks):
-        return 0.0, None
-    total = conditional = 0.0
-    profile = None
-    for unit in units:
-        for block in unit.blocks:
-            flops = sum(i.flops for i in block_work(block, hidden, Batch(1, 1, 1), Shard()).forward if isinstance(i, Op))
-            total += flops
-            if isinstance(block.spec, ThresholdTreeBlock):
-                conditional += flops
-                profile = profile or activation_profile(block.spec, block.index)
-    return (conditional / total if total else 0.0), profile
-
-
-def request_compute_scales(share: float, profile: ActivationProfile, count: int, seed: int) -> np.ndarray:
+def request_compute_scales(share: float, profile: FiringSample, count: int, seed: int) -> np.ndarray:
     """Per-request compute relative to the mean, for a model whose compute depends on the input
     (`share` and `profile` as input_dependent_share gives them)."""
     draws = np.random.default_rng(seed).choice(profile.fraction, size=count) / profile.mean_fraction

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simcc.io import write_atomically
+
 
 @dataclass
-class Trace:
+class Timeline:
     enabled: bool = False
     events: list[tuple[str, str, str, float, float]] = field(default_factory=list)  # track, lane, name, start, dur
 
@@ -19,7 +19,7 @@ class Trace:
             self.events.append((track, lane, name, start, duration))
 
     def to_chrome(self) -> dict:
-        """Trace-event format: one process per simulated device or link, one thread per stream."""
+        """Timeline-event format: one process per simulated device or link, one thread per stream."""
         tracks = sorted({t for t, *_ in self.events})
         lanes = sorted({(t, lane) for t, lane, *_ in self.events})
         pid = {t: i + 1 for i, t in enumerate(tracks)}
@@ -32,23 +32,5 @@ class Trace:
         return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if isinstance(content, bytes):
-            with os.fdopen(handle, "wb") as raw:
-                raw.write(content)
-        else:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(content)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_trace(trace: Trace, path: Path) -> None:
+def write_timeline(trace: Timeline, path: Path) -> None:
     write_atomically(path, json.dumps(trace.to_chrome()))

@@ -8,7 +8,9 @@ is and how many experts stay resident; the simulator's expert cache decides what
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,9 +20,14 @@ from simcc.model.blocks import Batch, MoEStats, kv_cache_bytes_per_token
 from simcc.model.anytime import served_units
 from simcc.model.graph import Block, stage_units
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
+from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
-from simcc.specs.workload import AttentionBlock, MoEFFNBlock, Workload
-from simcc.timing.plan import Cost, ForwardWork, cost_item, forward_work
+from simcc.specs.workload import AttentionBlock, MoEFFNBlock, ServeSpec, Workload
+from simcc.plan.training import Cost, ForwardWork, cost_item, forward_work
+
+
+CACHE_SAMPLE_CYCLES = 6  # request cycles (one prefill, then its decode steps) in the cache profile
+CACHE_SAMPLE_DECODE_STEPS = 64  # decode steps per cycle, at most
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class ServingCosts:
     resident_experts: int  # experts that stay in memory (all of them unless offloaded)
     storage_bandwidth: float  # bytes/s of the storage tier (0 if none)
     moe: list[MoEStats]
+    cache: "CacheStats | None" = None  # the expert cache's misses over sampled routing (offloaded experts)
 
 
 def batch_grid(max_batch: int) -> tuple[int, ...]:
@@ -137,9 +145,58 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     if expert_bytes and memory.offloaded_weights > 0:
         resident = int((experts - memory.offloaded_weights) // expert_bytes)
     storage = system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0
-    return ServingCosts(
+    costs = ServingCosts(
         prefill=StepTable(grid, tuple(r[0] for r in prefill_rows), tuple(r[1] for r in prefill_rows)),
         decode=StepTable(grid, tuple(r[0] for r in decode_rows), tuple(r[1] for r in decode_rows)),
         memory=memory, kv_bytes_per_token=kv_per_token, moe_layers=moe_layers, expert_bytes=expert_bytes,
         resident_experts=resident, storage_bandwidth=storage, moe=moe_stats,
     )
+    return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed))
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hit_rate: float
+    decode_load_seconds: tuple[float, ...]  # per decode step, by the decode table's batch sizes
+    prefill_load_seconds: float  # per prefill of one request
+
+
+def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int) -> CacheStats:
+    """Run an LRU expert cache over sampled routing (prefill, then decode steps, repeatedly) and
+    measure its misses; each miss streams one expert from the storage tier."""
+    total = sum(spec.experts for spec in costs.moe_layers)
+    sizes = costs.decode.batch_sizes
+    if not costs.moe_layers or costs.resident_experts >= total or costs.storage_bandwidth <= 0:
+        return CacheStats(1.0, tuple(0.0 for _ in sizes), 0.0)
+    rng = np.random.default_rng(seed)
+    probs = [popularity(spec, np.random.default_rng(seed + i)) for i, spec in enumerate(costs.moe_layers)]
+    load_one = costs.expert_bytes / costs.storage_bandwidth
+    hits = lookups = 0
+    decode_loads = []
+    prefill_misses: list[float] = []  # per request
+    decode_steps = min(serve.output_tokens, CACHE_SAMPLE_DECODE_STEPS)
+    for size in sizes:
+        cache: OrderedDict[tuple[int, int], None] = OrderedDict()
+        misses_per_step: list[float] = []
+        for _cycle in range(CACHE_SAMPLE_CYCLES):
+            for tokens, record, share in ((size * serve.prompt_tokens, prefill_misses, 1.0 / size),
+                                          *[(size, misses_per_step, 1.0)] * decode_steps):
+                misses = 0
+                for layer, (spec, p) in enumerate(zip(costs.moe_layers, probs)):
+                    picks = rng.multinomial(tokens * spec.k, p)
+                    for expert in np.flatnonzero(picks):
+                        key = (layer, int(expert))
+                        lookups += 1
+                        if key in cache:
+                            hits += 1
+                            cache.move_to_end(key)
+                        else:
+                            misses += 1
+                            cache[key] = None
+                            if len(cache) > costs.resident_experts:
+                                cache.popitem(last=False)
+                record.append(misses * share)
+        warm = misses_per_step[len(misses_per_step) // CACHE_SAMPLE_CYCLES:]  # skip the cold first cycle
+        decode_loads.append(statistics.fmean(warm) * load_one)
+    prefill = statistics.fmean(prefill_misses) * load_one
+    return CacheStats(hits / lookups if lookups else 1.0, tuple(decode_loads), prefill)

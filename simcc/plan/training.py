@@ -89,7 +89,7 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
     seed, draws = (workload.seed, LOAD_DRAWS) if step is None else (workload.seed * 7919 + 1 + step, 1)
     return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
-                 comm_dtype=prec.communication, seed=seed, profile_seed=workload.seed, load_draws=draws,
+                 comm_dtype=prec.communication, seed=seed, sample_seed=workload.seed, load_draws=draws,
                  microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients)
 
 
