@@ -10,8 +10,8 @@ class InputError(Exception):
         self.source = source
         self.field = field
         self.message = message
-        # args are the constructor's own, so that code re-raising a copy (simpy does, for errors
-        # raised inside a process) can rebuild it as type(err)(*err.args).
+        # args are the constructor's own, so that a copy can be rebuilt as type(err)(*err.args), as
+        # pickling does when a sweep worker process sends the error back.
         super().__init__(source, field, message)
 
     def __str__(self) -> str:

@@ -4,17 +4,17 @@ devices) experts loaded on demand into an LRU cache.
 One replica is simulated explicitly; with dp replicas, it receives every dp-th request (the
 others are symmetric). Between arrivals and completions the batch cannot change, so the server
 advances all the decode steps of such a stretch in one event: the event count follows requests,
-not tokens.
+not tokens. One server means one process, so a plain clock replaces a discrete-event engine.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import simpy
 
 from simcc.errors import InputError
 from simcc.specs.tables import read_numeric_csv
@@ -69,80 +69,126 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+@dataclass
+class RunningRequest:
+    """A request in the batch, past its prefill, still producing output tokens."""
+
+    request: Request
+    tokens_left: int
+    first_token_time: float
+
+
+class _ReplicaServer:
+    """One replica's continuous-batching loop. A single server, so no event engine is needed: a
+    clock that jumps from one step boundary to the next gives the same times and event count."""
+
+    def __init__(self, costs: ServingCosts, serve: ServeSpec, arrivals: list[Request], source: str) -> None:
+        self.costs = costs
+        self.serve = serve
+        self.cache = costs.cache
+        self.arrivals = arrivals
+        self.source = source
+        memory = costs.memory
+        self.kv_capacity = memory.capacity - (memory.total - memory.kv_cache)
+        self.result = ServingResult(cache=costs.cache)
+        self.now = 0.0
+        self.upcoming = 0  # index of the next request not yet arrived
+        self.queue: deque[Request] = deque()
+        self.running: list[RunningRequest] = []
+        self.kv_used = 0.0
+
+    def run(self) -> ServingResult:
+        start = self.arrivals[0].arrival if self.arrivals else 0.0
+        while self.upcoming < len(self.arrivals) or self.queue or self.running:
+            self._enqueue_arrivals()
+            if not self.queue and not self.running:
+                self._advance(self.arrivals[self.upcoming].arrival - self.now)  # idle until the next arrival
+                continue
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted)
+            finished = self._finished()
+            if self.running and not finished:
+                self._decode_stretch()
+                finished = self._finished()
+            self._complete(finished)
+        self.result.span = self.now - start
+        return self.result
+
+    def _advance(self, seconds: float) -> None:
+        """One simulated event: the clock moves on by `seconds`."""
+        self.result.events += 1
+        self.now += seconds
+
+    def _kv_need(self, request: Request) -> float:
+        return (request.prompt + request.output) * self.costs.kv_bytes_per_token
+
+    def _enqueue_arrivals(self) -> None:
+        while self.upcoming < len(self.arrivals) and self.arrivals[self.upcoming].arrival <= self.now:
+            self.queue.append(self.arrivals[self.upcoming])
+            self.upcoming += 1
+
+    def _admit(self) -> list[Request]:
+        """Move queued requests into the batch, first come first served, while the batch has a slot
+        and their KV cache fits; an empty batch that can admit nothing never will."""
+        admitted: list[Request] = []
+        while (self.queue and len(self.running) + len(admitted) < self.serve.batch
+               and self.kv_used + self._kv_need(self.queue[0]) <= self.kv_capacity):
+            request = self.queue.popleft()
+            self.kv_used += self._kv_need(request)
+            admitted.append(request)
+        if not admitted and not self.running:
+            raise InputError(self.source, "serve", f"one request's KV cache ({self._kv_need(self.queue[0]) / 1e9:.3g} GB) "
+                             f"does not fit in the {max(self.kv_capacity, 0) / 1e9:.3g} GB left after weights and reserve")
+        return admitted
+
+    def _prefill(self, admitted: list[Request]) -> None:
+        """Process the admitted prompts together; each request's first token comes at the end."""
+        scale = statistics.fmean(r.compute_scale * r.prompt / self.serve.prompt_tokens for r in admitted)
+        load = self.cache.prefill_load_seconds * len(admitted)
+        seconds = self.costs.prefill.at(len(admitted)) * scale + load
+        self._advance(seconds)
+        self.result.busy += seconds
+        self.result.loading += load
+        for request in admitted:
+            self.result.queueing.append(self.now - seconds - request.arrival)
+            self.result.ttft.append(self.now - request.arrival)
+            self.running.append(RunningRequest(request, request.output - 1, self.now))
+
+    def _decode_stretch(self) -> None:
+        """Run decode steps of the unchanged batch until a request finishes or, with a free slot,
+        until the iteration boundary after the next arrival, which may join the batch."""
+        batch = len(self.running)
+        load = float(np.interp(batch, self.costs.decode.batch_sizes, self.cache.decode_load_seconds))
+        step = self.costs.decode.at(batch) * statistics.fmean(r.request.compute_scale for r in self.running) + load
+        steps = min(r.tokens_left for r in self.running)
+        if self.upcoming < len(self.arrivals) and batch < self.serve.batch:
+            steps = min(steps, max(1, math.ceil((self.arrivals[self.upcoming].arrival - self.now) / step)))
+        self._advance(steps * step)
+        self.result.busy += steps * step
+        self.result.loading += steps * load
+        for r in self.running:
+            r.tokens_left -= steps
+
+    def _finished(self) -> list[RunningRequest]:
+        return [r for r in self.running if r.tokens_left <= 0]
+
+    def _complete(self, finished: list[RunningRequest]) -> None:
+        """Record finished requests and free their batch slots and KV cache."""
+        if not finished:
+            return
+        self.running = [r for r in self.running if r.tokens_left > 0]
+        for r in finished:
+            request = r.request
+            self.kv_used -= self._kv_need(request)
+            self.result.latency.append(self.now - request.arrival)
+            self.result.output_tokens += request.output
+            if request.output > 1:
+                self.result.tpot.append((self.now - r.first_token_time) / (request.output - 1))
+
+
 def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Request], replicas: int,
                      source: str = "workload") -> ServingResult:
     """`source` names the workload file in the error raised when a request can never be admitted."""
     mine = requests[::replicas] if replicas > 1 else requests
-    cache = costs.cache
-    memory = costs.memory
-    kv_capacity = memory.capacity - (memory.total - memory.kv_cache)
-    env = simpy.Environment()
-    result = ServingResult(cache=cache)
-    sizes = costs.decode.batch_sizes
-
-    def kv_need(request: Request) -> float:
-        return (request.prompt + request.output) * costs.kv_bytes_per_token
-
-    def server():
-        queue: list[Request] = []
-        running: list[list] = []  # [request, tokens left, first-token time]
-        kv_used = 0.0
-        upcoming = 0
-        start_time = mine[0].arrival if mine else 0.0
-        while upcoming < len(mine) or queue or running:
-            while upcoming < len(mine) and mine[upcoming].arrival <= env.now:
-                queue.append(mine[upcoming])
-                upcoming += 1
-            if not queue and not running:
-                result.events += 1
-                yield env.timeout(mine[upcoming].arrival - env.now)
-                continue
-            admitted = []
-            while queue and len(running) + len(admitted) < serve.batch and kv_used + kv_need(queue[0]) <= kv_capacity:
-                request = queue.pop(0)
-                kv_used += kv_need(request)
-                admitted.append(request)
-            if not admitted and not running:
-                raise InputError(source, "serve", f"one request's KV cache ({kv_need(queue[0]) / 1e9:.3g} GB) does not "
-                                 f"fit in the {max(kv_capacity, 0) / 1e9:.3g} GB left after weights and reserve")
-            if admitted:
-                scale = statistics.fmean(r.compute_scale * r.prompt / serve.prompt_tokens for r in admitted)
-                load = cache.prefill_load_seconds * len(admitted)
-                prefill = costs.prefill.at(len(admitted)) * scale + load
-                result.events += 1
-                yield env.timeout(prefill)
-                result.busy += prefill
-                result.loading += load
-                for request in admitted:
-                    result.queueing.append(env.now - prefill - request.arrival)
-                    result.ttft.append(env.now - request.arrival)
-                    running.append([request, request.output - 1, env.now])
-            finished = [r for r in running if r[1] <= 0]
-            if running and not finished:
-                batch = len(running)
-                load = float(np.interp(batch, sizes, cache.decode_load_seconds))
-                step = costs.decode.at(batch) * statistics.fmean(r[0].compute_scale for r in running) + load
-                steps = min(r[1] for r in running)
-                if upcoming < len(mine) and batch < serve.batch:
-                    # stop at the iteration boundary after the next arrival, which may join the batch
-                    steps = min(steps, max(1, math.ceil((mine[upcoming].arrival - env.now) / step)))
-                result.events += 1
-                yield env.timeout(steps * step)
-                result.busy += steps * step
-                result.loading += steps * load
-                for r in running:
-                    r[1] -= steps
-                finished = [r for r in running if r[1] <= 0]
-            for r in finished:
-                request, _, first = r
-                running.remove(r)
-                kv_used -= kv_need(request)
-                result.latency.append(env.now - request.arrival)
-                result.output_tokens += request.output
-                if request.output > 1:
-                    result.tpot.append((env.now - first) / (request.output - 1))
-        result.span = env.now - start_time
-
-    env.process(server())
-    env.run()
-    return result
+    return _ReplicaServer(costs, serve, mine, source).run()
