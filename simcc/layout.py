@@ -13,7 +13,8 @@ from simcc.errors import InputError
 from simcc.model.blocks import Params
 from simcc.model.graph import units_of
 from simcc.specs.hardware import System
-from simcc.specs.workload import AttentionBlock, DenseFFNBlock, MoEFFNBlock, Workload
+from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MoEFFNBlock
+from simcc.specs.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -52,33 +53,52 @@ def _group(size: int, stride: int, devices_per_node: int) -> CommGroup:
     return CommGroup(size, per_node)
 
 
-def _blocks_of(workload: Workload) -> list:
-    return [b for unit in units_of(workload.model) for b in unit.blocks]
-
-
 def build_layout(workload: Workload, system: System, source: str) -> Layout:
+    """The parallel layout of `workload` on `system`, after checking that its degrees are
+    consistent with the devices and the model (one-line InputError naming the field)."""
     par = workload.parallelism
-    devices = system.devices
-    tp, pp, vpp, ep = par.tp, par.pp, par.vpp, par.ep
+    dp = _check_device_split(workload, system, source)
+    units = units_of(workload.model)
+    _check_model_split(workload, [block.spec for unit in units for block in unit.blocks], len(units), source)
+    microbatches = _microbatches(workload, dp, source)
     etp = par.effective_expert_tp
+    dpn = system.devices_per_node
+    expert_dp = dp * par.tp // (par.ep * etp)
+    groups = {
+        "tp": _group(par.tp, 1, dpn),
+        "dp": _group(dp, par.tp, dpn),
+        "ep": _group(par.ep, etp, dpn),
+        "edp": _group(expert_dp, par.ep * etp, dpn),
+        "pp": _group(par.pp, par.tp * dp, dpn),
+    }
+    return Layout(dp, par.tp, par.pp, par.vpp, par.ep, etp, expert_dp, microbatches, groups)
+
+
+def _check_device_split(workload: Workload, system: System, source: str) -> int:
+    """tp x pp must divide the devices; the rest is data parallelism, which ep x expert_tp divides."""
+    par = workload.parallelism
+    tp, pp, ep, etp, devices = par.tp, par.pp, par.ep, par.effective_expert_tp, system.devices
+    if devices % (tp * pp):
+        raise InputError(source, "parallelism", f"tp x pp = {tp * pp} does not divide the {devices} devices of {system.name}")
+    dp = devices // (tp * pp)
+    if par.dp is not None and par.dp != dp:
+        raise InputError(source, "parallelism.dp", f"tp x pp x dp = {tp * pp * par.dp} but {system.name} has {devices} devices")
+    if (dp * tp) % (ep * etp):
+        raise InputError(source, "parallelism.ep", f"ep x expert_tp = {ep * etp} must divide dp x tp = {dp * tp}")
+    return dp
+
+
+def _check_model_split(workload: Workload, specs: list[BlockSpec], units: int, source: str) -> None:
+    """Every degree must cut the model's layers, heads and widths evenly."""
+    par = workload.parallelism
+    tp, pp, vpp, ep, etp = par.tp, par.pp, par.vpp, par.ep, par.effective_expert_tp
 
     def fail(field: str, message: str) -> InputError:
         return InputError(source, field, message)
 
-    if devices % (tp * pp):
-        raise fail("parallelism", f"tp x pp = {tp * pp} does not divide the {devices} devices of {system.name}")
-    dp = devices // (tp * pp)
-    if par.dp is not None and par.dp != dp:
-        raise fail("parallelism.dp", f"tp x pp x dp = {tp * pp * par.dp} but {system.name} has {devices} devices")
-    if (dp * tp) % (ep * etp):
-        raise fail("parallelism.ep", f"ep x expert_tp = {ep * etp} must divide dp x tp = {dp * tp}")
-
-    units = len(units_of(workload.model))
     if units < pp * vpp:
         raise fail("parallelism.pp", f"pp x vpp = {pp * vpp} exceeds the model's {units} pipeline units (layers)")
-
-    for block in _blocks_of(workload):
-        spec = block.spec
+    for spec in specs:
         if isinstance(spec, AttentionBlock):
             kv = spec.kv_heads or spec.heads
             if spec.heads % tp:
@@ -92,29 +112,21 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
                 raise fail("parallelism.ep", f"ep={ep} does not divide experts={spec.experts}")
             if spec.expert_hidden % etp:
                 raise fail("parallelism.expert_tp", f"expert_tp={etp} does not divide expert_hidden={spec.expert_hidden}")
-    has_moe = any(isinstance(b.spec, MoEFFNBlock) for b in _blocks_of(workload))
-    if ep > 1 and not has_moe:
+    if ep > 1 and not any(isinstance(spec, MoEFFNBlock) for spec in specs):
         raise fail("parallelism.ep", f"ep={ep} but the model has no moe_ffn block")
 
-    microbatches = 1
-    if workload.mode == "train":
-        assert workload.train is not None
-        per_step = workload.train.global_batch
-        if per_step % (par.micro_batch * dp):
-            raise fail("train.global_batch", f"global_batch={per_step} is not a multiple of micro_batch x dp = "
-                       f"{par.micro_batch} x {dp}")
-        microbatches = per_step // (par.micro_batch * dp)
-        if par.schedule == "interleaved" and microbatches % pp:
-            raise fail("train.global_batch", f"interleaved schedule needs micro-batches per pipeline "
-                       f"({microbatches}) to be a multiple of pp={pp}")
 
-    dpn = system.devices_per_node
-    expert_dp = dp * tp // (ep * etp)
-    groups = {
-        "tp": _group(tp, 1, dpn),
-        "dp": _group(dp, tp, dpn),
-        "ep": _group(ep, etp, dpn),
-        "edp": _group(expert_dp, ep * etp, dpn),
-        "pp": _group(pp, tp * dp, dpn),
-    }
-    return Layout(dp, tp, pp, vpp, ep, etp, expert_dp, microbatches, groups)
+def _microbatches(workload: Workload, dp: int, source: str) -> int:
+    """Micro-batches per pipeline per step (training); serving runs one batch at a time."""
+    if workload.mode != "train":
+        return 1
+    assert workload.train is not None
+    par, per_step = workload.parallelism, workload.train.global_batch
+    if per_step % (par.micro_batch * dp):
+        raise InputError(source, "train.global_batch", f"global_batch={per_step} is not a multiple of micro_batch x dp = "
+                         f"{par.micro_batch} x {dp}")
+    microbatches = per_step // (par.micro_batch * dp)
+    if par.schedule == "interleaved" and microbatches % par.pp:
+        raise InputError(source, "train.global_batch", f"interleaved schedule needs micro-batches per pipeline "
+                         f"({microbatches}) to be a multiple of pp={par.pp}")
+    return microbatches

@@ -160,3 +160,23 @@ def test_input_error_survives_being_rebuilt_from_its_args():
     err = InputError("w.yaml", "serve", "does not fit")
     copy = type(err)(*err.args)  # what simpy does with an error raised inside a process
     assert str(copy) == str(err) == "w.yaml: serve: does not fit"
+
+
+def test_each_vocabulary_is_one_table():
+    """A dtype needs its bytes and a peak field; the Literals accept exactly the described names."""
+    from typing import get_args
+
+    from simcc.specs import vocab
+    from simcc.specs.hardware import PeakTflops
+
+    dtypes = list(get_args(vocab.Dtype))
+    assert dtypes == list(vocab.DTYPES) == list(vocab.DTYPE_BYTES) == list(PeakTflops.model_fields)
+    for literal, names in ((vocab.Collective, vocab.COLLECTIVES), (vocab.GatingPolicy, vocab.GATING_POLICIES),
+                           (vocab.CapacityFormula, vocab.CAPACITY_FORMULAS)):
+        assert list(get_args(literal)) == list(names) and all(names.values())
+
+
+def test_a_name_outside_a_vocabulary_lists_the_valid_ones(tmp_path):
+    path = write(tmp_path, "w.yaml", WORKLOAD + "precision: {compute: bf17}\n")
+    err = _error(load_workload, str(path))
+    assert err.field == "precision.compute" and "'bf16'" in err.message and "'bf17'" in err.message

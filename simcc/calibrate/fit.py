@@ -215,7 +215,7 @@ def profile_yaml(profile) -> str:
 # ---------------------------------------------------------------- collectives
 
 # Protocol regimes: NCCL moves from LL to LL128 to Simple as messages grow, so one latency-bandwidth
-# line fits poorly across sizes (hardware.md); a line per range does.
+# line fits poorly across sizes (NCCL documentation, NCCL_PROTO; nccl-tests small-message figures); a line per range does.
 SIZE_BREAKPOINTS = (64 << 10, 4 << 20)
 
 

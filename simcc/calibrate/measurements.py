@@ -6,7 +6,8 @@ import pandas as pd
 
 from simcc.costs.compute import op_cost
 from simcc.errors import InputError
-from simcc.model.blocks import Batch, Shard, moe_ffn_work
+from simcc.model.blocks import Batch, Shard
+from simcc.model.kinds.moe_ffn import work as moe_ffn_work
 from simcc.model.ops import Op, backward_of, elementwise, gemm
 from simcc.profile.comm import COMM_COLLECTIVES, COMM_COLUMNS
 from simcc.profile.kernels import FAMILIES, MEASUREMENT_COLUMNS

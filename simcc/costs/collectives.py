@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from simcc.layout import CommGroup
 from simcc.specs.hardware import System
+from simcc.specs.vocab import Collective
 
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 ALGORITHMS = ("auto", "ring", "tree", "flat", "hierarchical")
 
 
@@ -23,7 +23,7 @@ class LinkLevel:
     latency: float  # seconds per protocol step
 
 
-def intra_level(system: System, collective: str = "") -> LinkLevel:
+def intra_level(system: System, collective: Collective | None = None) -> LinkLevel:
     link = system.intra_link
     if link is None:
         return LinkLevel(float("inf"), 0.0)
@@ -89,7 +89,7 @@ def _all_to_all(size: float, n: int, local: int, nodes: int, intra: LinkLevel, i
     return (n - 1) * inter.latency + max(intra_t, inter_t)
 
 
-def collective_time(collective: str, size: float, group: CommGroup, system: System, algorithm: str = "auto",
+def collective_time(collective: Collective, size: float, group: CommGroup, system: System, algorithm: str = "auto",
                     remote_share: float | None = None) -> float:
     """Seconds for one collective. `algorithm`: ring | tree | auto for reductions; flat |
     hierarchical for all-to-all. `remote_share`: all-to-all bytes leaving the node, when gating
@@ -118,7 +118,7 @@ def collective_time(collective: str, size: float, group: CommGroup, system: Syst
     return max(intra_t, inter_t)
 
 
-def _measured(collective: str, size: float, group: CommGroup, system: System) -> float | None:
+def _measured(collective: Collective, size: float, group: CommGroup, system: System) -> float | None:
     """A calibrated fit of this collective on this many ranks inside one node, if the profile has
     one: the line of the size range that holds `size` (the largest range beyond the last)."""
     link = system.intra_link
@@ -132,12 +132,12 @@ def _measured(collective: str, size: float, group: CommGroup, system: System) ->
     return line.latency_us * 1e-6 + size / (line.bandwidth_gb_s * 1e9)
 
 
-def latency_floor(collective: str, group: CommGroup, system: System, algorithm: str = "auto") -> float:
+def latency_floor(collective: Collective, group: CommGroup, system: System, algorithm: str = "auto") -> float:
     """The part of a collective's time no chunking can split: the model's time for one byte."""
     return collective_time(collective, 1.0, group, system, algorithm)
 
 
-def bus_bandwidth(collective: str, size: float, seconds: float, n: int) -> float:
+def bus_bandwidth(collective: Collective, size: float, seconds: float, n: int) -> float:
     """nccl-tests bus bandwidth (bytes/s) of a measured or predicted collective."""
     if seconds <= 0 or n <= 1:
         return 0.0

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from simcc.model.graph import Block, Unit, units_of
-from simcc.specs.workload import AnytimeSpec, ConvBlock, DenseFFNBlock, MLPBlock, Workload
+from simcc.specs.blocks import ConvBlock, DenseFFNBlock, MLPBlock
+from simcc.specs.workload import AnytimeSpec, Workload
 
 
 def _scaled(count: int, width: float) -> int:

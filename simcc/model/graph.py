@@ -3,20 +3,23 @@ and LM head ride along with the first and last unit, as in Megatron's pipeline s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import simcc.model.blocks as B
+from simcc.model.kinds import COSTINGS, costing_of
 from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, firing_sample
+from simcc.specs.blocks import BlockSpec
 from simcc.specs.workload import BlockItem, ModelSpec, ThresholdTreeBlock
 
-ATTACHED_KINDS = ("embedding", "lm_head")
+# Kinds that ride with a neighbouring pipeline unit (their costing registration says so).
+ATTACHED_KINDS = tuple(costing.spec_type.kind for costing in COSTINGS.values() if costing.attached)
 
 
 @dataclass(frozen=True)
 class Block:
     kind: str
-    spec: object  # the validated block spec
+    spec: BlockSpec  # the validated block spec
     index: int  # position in the expanded model, for seeding per-layer loads
 
 
@@ -60,7 +63,7 @@ def units_of(model: ModelSpec) -> list[Unit]:
         for item in items:
             made.append(Block(item.kind, item.spec, index))
             index += 1
-        if len(made) == 1 and made[0].kind in ATTACHED_KINDS:
+        if len(made) == 1 and costing_of(made[0].spec).attached:
             (leading if not body else trailing).append(made[0])
         else:
             if trailing:  # an attached block between body units is an ordinary unit after all
@@ -87,57 +90,15 @@ def stage_units(units: list[Unit], chunks: int) -> list[list[Unit]]:
 
 
 def block_params(block: Block, hidden: int) -> B.Params:
-    spec = block.spec
-    match block.kind:
-        case "attention":
-            return B.attention_params(spec, hidden)  # type: ignore[arg-type]
-        case "dense_ffn":
-            return B.ffn_params(hidden, spec.hidden, spec.gated)  # type: ignore[attr-defined]
-        case "moe_ffn":
-            return B.moe_params(spec, hidden)  # type: ignore[arg-type]
-        case "bitpattern":
-            return B.bitpattern_params(spec, hidden)  # type: ignore[arg-type]
-        case "threshold_tree":
-            return B.threshold_tree_params(spec)  # type: ignore[arg-type]
-        case "lstm":
-            return B.lstm_params(spec, hidden)  # type: ignore[arg-type]
-        case "mlp":
-            return B.mlp_params(spec)  # type: ignore[arg-type]
-        case "conv":
-            return B.conv_params(spec)  # type: ignore[arg-type]
-        case "embedding":
-            return B.embedding_params(spec, hidden)  # type: ignore[arg-type]
-        case "lm_head":
-            return B.lm_head_params(spec, hidden)  # type: ignore[arg-type]
-    raise ValueError(block.kind)
+    return costing_of(block.spec).params(block.spec, hidden)
 
 
 def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
-    spec = block.spec
-    seeded = B.Shard(**{**shard.__dict__, "seed": shard.seed * 100_003 + block.index,
-                        "sample_seed": shard.sample_seed * 100_003 + block.index})
-    match block.kind:
-        case "attention":
-            return B.attention_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
-        case "dense_ffn":
-            return B.dense_ffn_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
-        case "moe_ffn":
-            return B.moe_ffn_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
-        case "bitpattern":
-            return B.bitpattern_work(spec, hidden, batch, seeded)  # type: ignore[arg-type]
-        case "threshold_tree":
-            return B.threshold_tree_work(spec, batch, seeded)  # type: ignore[arg-type]
-        case "lstm":
-            return B.lstm_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
-        case "mlp":
-            return B.mlp_work(spec, batch, shard)  # type: ignore[arg-type]
-        case "conv":
-            return B.conv_work(spec, batch, shard)  # type: ignore[arg-type]
-        case "embedding":
-            return B.embedding_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
-        case "lm_head":
-            return B.lm_head_work(spec, hidden, batch, shard)  # type: ignore[arg-type]
-    raise ValueError(block.kind)
+    costing = costing_of(block.spec)
+    if costing.per_layer_seed:  # each layer its own draws, reproducibly
+        shard = replace(shard, seed=shard.seed * 100_003 + block.index,
+                        sample_seed=shard.sample_seed * 100_003 + block.index)
+    return costing.work(block.spec, hidden, batch, shard)
 
 
 def units_params(units: list[Unit], hidden: int) -> B.Params:

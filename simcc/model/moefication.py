@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from simcc.errors import InputError
 from simcc.model.ops import DTYPE_BYTES, Op
-from simcc.specs.workload import BlockItem, DenseFFNBlock, GatingSpec, LoadSpec, ModelSpec, MoEFFNBlock, RoutingSpec
+from simcc.specs.blocks import DenseFFNBlock, GatingSpec, LoadSpec, MoEFFNBlock, RoutingSpec
+from simcc.specs.workload import BlockItem, ModelSpec
 
 # k-means runs in fp32, as the profiler's torch implementation does.
 CLUSTER_DTYPE = "fp32"
@@ -21,12 +22,12 @@ def moefied_model(model: ModelSpec, experts: int, k: int, load: LoadSpec, source
         for item in items:
             if item.blocks is not None:
                 out.append(item.model_copy(update={"blocks": convert(item.blocks)}))
-            elif item.dense_ffn is not None:
-                ffn = item.dense_ffn
+            elif isinstance(item.spec, DenseFFNBlock):
+                ffn = item.spec
                 if ffn.hidden % experts:
                     raise InputError(source, field,
                                      f"{experts} experts must divide the FFN width {ffn.hidden} (clusters of equal size)")
-                out.append(BlockItem(moe_ffn=MoEFFNBlock(
+                out.append(BlockItem.of(MoEFFNBlock(
                     experts=experts, k=k, expert_hidden=ffn.hidden // experts, gated=ffn.gated,
                     activation=ffn.activation, gating=GatingSpec(policy="moefication"),
                     routing=RoutingSpec(dropless=True, capacity_factor=None, dropless_block=1), load=load)))
@@ -48,8 +49,8 @@ def dense_ffn_layers(model: ModelSpec) -> list[DenseFFNBlock]:
         for item in items:
             if item.blocks is not None:
                 found += walk(item.blocks) * (item.repeat or 1)
-            elif item.dense_ffn is not None:
-                found.append(item.dense_ffn)
+            elif isinstance(item.spec, DenseFFNBlock):
+                found.append(item.spec)
         return found
 
     return walk(model.blocks)

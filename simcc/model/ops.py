@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+from simcc.specs.vocab import DTYPE_BYTES, Collective  # noqa: F401 (DTYPE_BYTES re-exported)
 
 # Families whose FLOPs run on matrix units, at the matmul efficiency (attention has its own).
 # Families costed against peak FLOPs at a matmul efficiency (moefication: the clustering of a
@@ -44,7 +44,7 @@ class Op:
 @dataclass(frozen=True)
 class Comm:
     name: str
-    collective: str  # all_reduce | all_gather | reduce_scatter | all_to_all | p2p
+    collective: Collective
     bytes: float  # per-rank buffer size, as nccl-tests' "size"
     group: str  # tp | ep | dp | edp | pp
     algorithm: str = "auto"  # see costs.collectives.ALGORITHMS

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from simcc.specs.workload import ThresholdTreeBlock
+from simcc.specs.blocks import ThresholdTreeBlock
 
 
 @dataclass(frozen=True)

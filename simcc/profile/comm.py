@@ -12,9 +12,10 @@ import socket
 import statistics
 import time
 
+from simcc.specs.vocab import COLLECTIVES as COMM_COLLECTIVES
+
 COMM_COLUMNS = ("collective", "bytes", "ranks", "ranks_per_node", "median_s", "p10_s", "p90_s", "repeats",
                 "backend", "device_type", "device_name", "torch_version")
-COMM_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 BUDGET_S = 0.3  # timed seconds per size, split into repetitions
 
 

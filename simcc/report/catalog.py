@@ -8,10 +8,18 @@ import json
 from pathlib import Path
 
 from simcc.errors import InputError
-from simcc.routing.gating import POLICY_PARAMETERS
-from simcc.routing.load import CAPACITY_FORMULAS
+from simcc.specs.blocks import BLOCK_SPECS, help_line
 from simcc.specs.loader import (PROFILE_FOLDERS, SWEEP_FOLDER, read_yaml, shipped_hardware_dir, shipped_workload_dir,
                                  shipped_workload_files)
+from simcc.specs.vocab import CAPACITY_FORMULAS, COLLECTIVES, DTYPES, GATING_POLICIES
+
+# The vocabularies a workload or profile names things from: (kind, group, name -> help).
+VOCABULARIES = (
+    ("gating", "policy", GATING_POLICIES),
+    ("routing", "capacity", CAPACITY_FORMULAS),
+    ("dtype", "precision", DTYPES),
+    ("comm", "collective", COLLECTIVES),
+)
 
 
 def catalog() -> list[dict[str, str]]:
@@ -25,10 +33,10 @@ def catalog() -> list[dict[str, str]]:
     for path in sorted((shipped_workload_dir() / SWEEP_FOLDER).glob("*.yaml")):
         rows.append({"kind": "sweep", "group": SWEEP_FOLDER, "name": path.stem,
                      "summary": f"simcc sweep {path.relative_to(shipped_workload_dir().parent)}"})
-    rows += [{"kind": "gating", "group": "policy", "name": name, "summary": text}
-             for name, text in POLICY_PARAMETERS.items()]
-    rows += [{"kind": "routing", "group": "capacity", "name": name, "summary": text}
-             for name, text in CAPACITY_FORMULAS.items()]
+    rows += [{"kind": "block", "group": "model", "name": kind, "summary": help_line(spec)}
+             for kind, spec in BLOCK_SPECS.items()]
+    rows += [{"kind": kind, "group": group, "name": name, "summary": text}
+             for kind, group, names in VOCABULARIES for name, text in names.items()]
     return rows
 
 

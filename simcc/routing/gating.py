@@ -19,9 +19,11 @@ import numpy as np
 
 from simcc.errors import InputError
 from simcc.specs.tables import read_numeric_csv
-from simcc.specs.workload import GATING_POLICIES, MoEFFNBlock
+from simcc.specs.blocks import MoEFFNBlock
 
 FEATURE_DIM = 16  # width of the synthetic token features behind noisy top-k's noise scale
+
+# The policies and what each parameter does: specs/vocab.py GATING_POLICIES (`simcc list`).
 
 # Shazeer et al. 2017, table 6: CV of expert load reached with importance / load loss weights.
 AUX_LOSS_CV = (
@@ -29,18 +31,6 @@ AUX_LOSS_CV = (
     ((0.1, 0.1), 0.05), ((0.01, 0.01), 0.11), ((1.0, 1.0), 0.02),
 )
 
-POLICY_PARAMETERS = {
-    "topk": "softmax over E experts, keep the top k",
-    "noisy_topk": "noise_std: N(0,1)*softplus(x Wnoise) added before top-k; two d x E gate products (Shazeer 2017)",
-    "switch": "top-1 (k: 1); router in fp32 (Fedus 2021)",
-    "gshard": "top-2 (k: 2); second expert kept with probability min(1, 2 g2) (Lepikhin 2020)",
-    "expert_choice": "each expert takes its top cf*T*k/E tokens; tokens get 0..E experts (Zhou 2022)",
-    "base": "balanced assignment: every expert exactly T/E tokens (Lewis 2021)",
-    "hash": "vocab, token_zipf: expert = hash(token id); balance follows token frequencies (Roller 2021)",
-    "hierarchical": "groups, k_primary, noisy: a primary gate picks k_primary groups, each group's gate picks k/k_primary (Shazeer 2017)",
-    "moefication": "router = the k-means centroids of the FFN's W_in rows: d x E scores, keep the top k (Zhang 2022; SSD 2024)",
-}
-assert set(POLICY_PARAMETERS) == set(GATING_POLICIES)
 
 
 @dataclass(frozen=True)

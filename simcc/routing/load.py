@@ -12,18 +12,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
 from simcc.errors import InputError
 from simcc.routing.gating import RoutingSample, read_expert_column, route
-from simcc.specs.workload import MoEFFNBlock
+from simcc.specs.blocks import MoEFFNBlock, RoutingSpec
+from simcc.specs.vocab import CapacityFormula
 
-CAPACITY_FORMULAS = {
-    "switch": "C = ceil(cf * k * T / E) (Fedus et al. 2021)",
-    "gshard": "C = ceil(cf * 2 * T / E) (Lepikhin et al. 2020)",
-    "deepspeed": "C = max(ceil(cf * T / E) * k, min_capacity)",
-    "tutel": "C = k * int(cf * ceil(T / E)), rounded up to capacity_alignment",
+
+def _round_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+# Capacity of one expert in one routing group: (cf, k, tokens per expert T/E, routing) -> slots.
+# Keyed by the CapacityFormula names, whose `simcc list` text is in specs/vocab.py.
+CAPACITY_RULES: dict[CapacityFormula, Callable[[float, int, float, RoutingSpec], int]] = {
+    # Fedus et al. 2021 (Switch Transformers, arXiv 2101.03961), sec. 2.2: (T / E) * cf, per
+    # expert slot a token can take (k of them).
+    "switch": lambda cf, k, per_expert, routing: math.ceil(cf * k * per_expert),
+    # Lepikhin et al. 2020 (GShard, arXiv 2006.16668), sec. 2.2 and Algorithm 1: top-2, so 2T/E per group.
+    "gshard": lambda cf, k, per_expert, routing: math.ceil(cf * 2 * per_expert),
+    # DeepSpeed-MoE (Rajbhandari et al. 2022, arXiv 2201.05596): deepspeed/moe/sharded_moe.py
+    # _capacity, ceil(T / E * cf) and at least min_capacity; top-2 gating doubles it.
+    "deepspeed": lambda cf, k, per_expert, routing: max(math.ceil(cf * per_expert) * k, routing.min_capacity),
+    # Tutel (Hwang et al. 2023, arXiv 2206.03382): tutel/impls/fast_dispatch.py extract_critical,
+    # top_k * int(cf * ceil(T / E)), padded up to a multiple of the alignment.
+    "tutel": lambda cf, k, per_expert, routing: _round_up(k * int(cf * math.ceil(per_expert)), routing.capacity_alignment),
 }
 LOAD_DRAWS = 16  # draws averaged to estimate the expected busiest rank
 NO_CAPACITY_POLICIES = ("base", "expert_choice")  # balanced by construction: nothing to drop
@@ -53,21 +69,11 @@ def routing_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
 
 
 def capacity_per_expert(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int) -> float:
-    """Capacity of one expert, summed over the `ranks` routing groups that send to it. Formula
-    variants from mechanisms.md: Switch (Fedus 2021), GShard (Lepikhin 2020), DeepSpeed, Tutel."""
-    routing, experts, k = spec.routing, spec.experts, spec.k
+    """Capacity of one expert, summed over the `ranks` routing groups that send to it."""
+    routing = spec.routing
     assert routing.capacity_factor is not None
-    cf, per_expert = routing.capacity_factor, tokens_per_rank / experts
-    if routing.capacity_formula == "switch":
-        capacity = math.ceil(cf * k * per_expert)
-    elif routing.capacity_formula == "gshard":
-        capacity = math.ceil(cf * 2 * per_expert)
-    elif routing.capacity_formula == "deepspeed":
-        capacity = max(math.ceil(cf * per_expert) * k, routing.min_capacity)
-    else:  # tutel
-        capacity = k * int(cf * math.ceil(per_expert))
-        capacity = math.ceil(capacity / routing.capacity_alignment) * routing.capacity_alignment
-    return ranks * capacity
+    rule = CAPACITY_RULES[routing.capacity_formula]
+    return ranks * rule(routing.capacity_factor, spec.k, tokens_per_rank / spec.experts, routing)
 
 
 def expert_ranks(spec: MoEFFNBlock, ranks: int) -> np.ndarray:

@@ -13,13 +13,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from simcc.specs.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel
-
-DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8")
-Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]
+from simcc.specs.vocab import Collective, Dtype  # noqa: F401 (Dtype re-exported)
 
 
 class PeakTflops(StrictModel):
-    """Dense peak (no 2:4 sparsity) per dtype; a missing dtype means the device cannot run it."""
+    """Dense peak (no 2:4 sparsity) per dtype; a missing dtype means the device cannot run it.
+    One field per name of the Dtype vocabulary (a test keeps them equal)."""
 
     fp32: PositiveFloat | None = None
     tf32: PositiveFloat | None = None
@@ -115,7 +114,7 @@ class CollectiveFit(StrictModel):
     """Measured time of one collective over `ranks` ranks of this link, for messages up to
     `max_bytes`: t = latency + bytes / bandwidth (nccl-tests size; algorithm bandwidth)."""
 
-    collective: Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"]
+    collective: Collective
     ranks: int = Field(ge=2)
     max_bytes: PositiveFloat
     latency_us: NonNegativeFloat
@@ -128,10 +127,12 @@ class Link(StrictModel):
     bandwidth_gb_s: PositiveFloat
     latency_us: NonNegativeFloat
     topology: Literal["switch", "ring", "mesh", "pcie"] = "switch"
-    # Protocol efficiency: NVLink4 loses ~20% to protocol (shared/reference/hardware.md).
+    # Protocol efficiency: NCCL's all-reduce reaches ~370 GB/s bus bandwidth on 8x H100 (nccl-tests,
+    # large messages) of NVLink4's 450 GB/s per direction (NVIDIA H100 datasheet): ~20% lost.
     efficiency: Fraction = 0.80
     # All-to-all exchanges distinct data with every peer at once instead of streaming a pipelined
-    # ring, and reaches less of the link (hardware.md: ~320 of 450 GB/s on H100). None: `efficiency`.
+    # ring, and reaches less of the link (nccl-tests all-to-all bus bandwidth: ~320 of 450 GB/s on
+    # 8x H100). None: `efficiency`.
     all_to_all_efficiency: Fraction | None = None
     # Piecewise fits from `simcc calibrate`; they replace the model for groups they cover.
     fits: list[CollectiveFit] = []

@@ -1,0 +1,163 @@
+"""What every block kind's costing takes and returns, and the pieces several kinds share.
+
+Shapes follow Megatron-style tensor parallelism: column-parallel input projections, row-parallel
+output projections, one all-reduce (or reduce-scatter + all-gather with sequence parallelism)
+per block in each direction (Shoeybi et al. 2019; Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm
+from simcc.routing.load import LOAD_DRAWS, RankLoads
+from simcc.specs.vocab import Dtype
+
+# One weight vector per norm (RMSNorm); a LayerNorm bias would add another, < 0.01% of a layer.
+NORM_PARAMS = 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The tokens one micro-batch brings to a layer."""
+
+    sequences: int
+    q_len: int  # new tokens per sequence (1 when decoding)
+    kv_len: int  # context each new token attends to
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.q_len
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How one device's share of a layer is cut, and which counting convention applies."""
+
+    tp: int = 1
+    sequence_parallel: bool = False
+    ep: int = 1
+    expert_tp: int = 1
+    dtype: Dtype = "bf16"
+    router_dtype: Dtype = "fp32"
+    comm_dtype: Dtype = "bf16"
+    # Executed work halves causal attention and samples expert loads; the reporting convention
+    # (model FLOPs) counts full attention and exactly balanced loads.
+    executed: bool = True
+    seed: int = 0  # expert-load draws
+    sample_seed: int = 0  # the gating policy's measured profile (fixed across steps)
+    load_draws: int = LOAD_DRAWS  # expert-load draws averaged (1: a single step's draw)
+    microbatches: int = 1  # per replica per step: how many tokens a step's gradients cover
+    dp: int = 1  # data-parallel replicas whose sparse gradient rows are gathered
+    grad_dtype: Dtype = "fp32"
+
+
+@dataclass
+class Params:
+    """Parameter counts of the full (unsharded) layer, split by how they are sharded."""
+
+    dense: float = 0.0  # sharded by tensor parallelism
+    replicated: float = 0.0  # norms, routers, biases kept whole on every TP rank
+    expert: float = 0.0  # all experts; sharded by expert parallelism x expert TP
+    active_expert: float = 0.0  # expert parameters one token uses (k experts)
+    # Sum of (rows + cols) over weight matrices: a factored optimizer keeps O(rows + cols) state.
+    dense_rows_cols: float = 0.0
+    expert_rows_cols: float = 0.0
+    sparse_grad: float = 0.0  # of `dense`: embedding rows whose gradients sync as touched rows only
+
+    def add(self, other: "Params") -> "Params":
+        return Params(*(a + b for a, b in zip(self.astuple(), other.astuple())))
+
+    def scaled(self, times: float) -> "Params":
+        return Params(*(a * times for a in self.astuple()))
+
+    def astuple(self) -> tuple[float, ...]:
+        return (self.dense, self.replicated, self.expert, self.active_expert, self.dense_rows_cols, self.expert_rows_cols,
+                self.sparse_grad)
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.replicated + self.expert
+
+    @property
+    def active(self) -> float:
+        return self.dense + self.replicated + self.active_expert
+
+
+@dataclass
+class BlockWork:
+    forward: list[WorkItem] = field(default_factory=list)
+    # Ops replayed before the backward pass under selective recomputation (Korthikanti 2022 sec. 4.2).
+    selective_recompute: list[WorkItem] = field(default_factory=list)
+    moe: "MoEStats | None" = None
+    per_step: list[WorkItem] = field(default_factory=list)  # once per step, before the first forward
+    per_step_grads: list[WorkItem] = field(default_factory=list)  # once per step, with the gradients
+    transient_bytes: float = 0.0  # a short-lived buffer the block needs besides saved activations
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    loads: RankLoads
+    dispatch_bytes: float  # all-to-all bytes each rank sends in one direction
+    experts_per_token: float
+    remote_share: float | None = None  # topology-aware gating: share sent out of the node
+    experts: int = 1
+
+
+def norm(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
+    # LayerNorm/RMSNorm: read x, write y; a handful of FLOPs per element.
+    share = tokens / shard.tp if shard.sequence_parallel else tokens
+    return elementwise(name, share * hidden, 1, 1, shard.dtype, flops_per_element=5, saved_elements=share * hidden)
+
+
+def residual(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
+    share = tokens / shard.tp if shard.sequence_parallel else tokens
+    return elementwise(name, share * hidden, 2, 1, shard.dtype)
+
+
+def tp_entry(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
+    """Sequence parallelism gathers the sequence-sharded input before a column-parallel GEMM."""
+    if shard.tp > 1 and shard.sequence_parallel:
+        return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
+    return []
+
+
+def column_gemm(name: str, tokens: float, hidden: int, width: float, shard: Shard, kept: float = 0.0) -> Op:
+    """The GEMM after `tp_entry`. With sequence parallelism it keeps its input's sequence shard
+    for the backward pass and all-gathers it again there (Korthikanti et al. 2022, sec. 4.2.2),
+    not the gathered copy. `kept`: bytes of its output the backward needs as well."""
+    share = tokens / shard.tp if shard.sequence_parallel else tokens
+    op = gemm(name, tokens, hidden, width, shard.dtype)
+    return replace(op, saved_bytes=share * hidden * DTYPE_BYTES[shard.dtype] + kept)
+
+
+def tp_exit(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
+    """A row-parallel GEMM's partial sums are all-reduced (or reduce-scattered with SP)."""
+    if shard.tp == 1:
+        return []
+    collective = "reduce_scatter" if shard.sequence_parallel else "all_reduce"
+    return [Comm(name, collective, tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
+
+
+def gated_width(hidden: int, gated: bool) -> int:
+    """Width of an FFN's input projection: a gated one (SwiGLU/GeGLU) projects twice."""
+    return 2 * hidden if gated else hidden
+
+
+OUTPUT_DERIVED = ("relu", "tanh", "sigmoid")  # activations whose gradient is a function of their output
+
+
+def act_saved(activation: str, gated: bool, elements: float) -> float:
+    """Elements an activation keeps beyond what the next GEMM keeps: ReLU, tanh and sigmoid take
+    their gradient from their output, which is the next GEMM's saved input (one stored tensor, as
+    PyTorch's autograd saves their result); GeLU and SiLU need their input; a gated one both halves."""
+    if activation in OUTPUT_DERIVED and not gated:
+        return 0.0
+    return elements * (2 if gated else 1)
+
+
+def ffn_params(width: int, hidden: int, gated: bool) -> Params:
+    """An FFN of inner width `hidden` on a `width`-wide model (dense FFNs and each MoE expert)."""
+    up = width * gated_width(hidden, gated)
+    down = hidden * width
+    return Params(dense=up + down, replicated=NORM_PARAMS * width, dense_rows_cols=(width + gated_width(hidden, gated)) + (hidden + width))

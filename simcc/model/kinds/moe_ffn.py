@@ -1,0 +1,130 @@
+"""Mixture-of-experts FFN: router, permute, dispatch all-to-all, grouped expert GEMMs over the
+busiest rank's loads, combine all-to-all, un-permute; optional shared experts."""
+
+from __future__ import annotations
+
+from simcc.model.kinds._registry import block_costing
+from simcc.model.kinds._shared import (
+    NORM_PARAMS,
+    Batch,
+    BlockWork,
+    MoEStats,
+    Params,
+    Shard,
+    act_saved,
+    ffn_params,
+    gated_width,
+    norm,
+    residual,
+    tp_entry,
+    tp_exit,
+)
+from simcc.model.ops import DTYPE_BYTES, Comm, Op, elementwise, gemm, grouped_gemm
+from simcc.routing.gating import router_products
+from simcc.routing.load import rank_loads
+from simcc.specs.blocks import MoEFFNBlock
+
+
+def params(spec: MoEFFNBlock, hidden: int) -> Params:
+    one_expert = ffn_params(hidden, spec.expert_hidden, spec.gated)
+    shared = ffn_params(hidden, spec.shared_expert_hidden or spec.expert_hidden, spec.gated).scaled(spec.shared_experts)
+    per_expert = one_expert.dense  # expert weights only; biases/norm counted once below
+    return Params(
+        dense=shared.dense,
+        replicated=_router_params(spec, hidden) + NORM_PARAMS * hidden,
+        expert=per_expert * spec.experts,
+        active_expert=per_expert * spec.k,
+        dense_rows_cols=shared.dense_rows_cols,
+        expert_rows_cols=one_expert.dense_rows_cols * spec.experts,
+    )
+
+
+def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
+    """Gate weights: d x E (noisy top-k: twice); hierarchical: d x G primary plus one d x E/G gate
+    per group; hash routing: none."""
+    policy = spec.gating.policy
+    if policy == "hash":
+        return 0
+    if policy == "hierarchical":
+        return (hidden * (spec.gating.groups or 0) + hidden * spec.experts) * (2 if spec.gating.noisy else 1)
+    return hidden * spec.experts * (2 if policy == "noisy_topk" else 1)
+
+
+def _copies_per_assignment(spec: MoEFFNBlock, ep: int) -> float:
+    """Token copies crossing the all-to-all per token-expert assignment. A hierarchical MoE whose
+    secondary MoEs each live whole on one device sends a token once to every group it picks; the
+    group's own gate and weighted sum run there (Shazeer et al. 2017, sec. 3.1): k_primary copies
+    per token, not k."""
+    gating, routing = spec.gating, spec.routing
+    whole_groups = (gating.policy == "hierarchical" and gating.groups is not None and gating.groups % ep == 0
+                    and routing.placement == "contiguous" and not routing.replicate_hot)
+    return gating.k_primary / spec.k if whole_groups else 1.0
+
+
+@block_costing(MoEFFNBlock, params, per_layer_seed=True)
+def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    T, dt = batch.tokens, shard.dtype
+    ep, etp = shard.ep, shard.expert_tp
+    b = DTYPE_BYTES[dt]
+    result = BlockWork()
+    fwd = result.forward
+    fwd.append(norm("moe.norm", T, hidden, shard))
+    fwd += tp_entry("moe.tp_gather", T, hidden, shard)
+    # Gate products per the policy (noisy top-k adds a d x E noise product; hierarchical gates
+    # primary d x G then d x E/G per chosen group; hash routing looks the expert up).
+    for name, multiplier, width in router_products(spec, ep):
+        fwd.append(gemm(name, T * multiplier, hidden, width, shard.router_dtype))
+    if spec.gating.policy != "hash":
+        fwd.append(elementwise("moe.topk", T * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6, family="gate"))
+    # Permute tokens into expert order: gather k copies of each token, read once and written once.
+    fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
+
+    loads = rank_loads(spec, T, ep, shard.seed, shard.sample_seed, balanced=not shard.executed, draws=shard.load_draws)
+    # Dropless: each rank sends its routed token copies. Capacity: the zero-padded experts x
+    # capacity x hidden dispatch buffer moves whole, in the dispatch and again in the combine
+    # (Tutel's GatingEncoder fills such a buffer: microsoft/tutel, tutel/impls/fast_dispatch.py;
+    # Hwang et al. 2023, arXiv 2206.03382), so traffic grows with cf.
+    if loads.capacity is None:
+        sent_per_rank = (loads.routed - loads.dropped) / ep
+    else:
+        sent_per_rank = loads.capacity * spec.experts / ep
+    sent_per_rank *= _copies_per_assignment(spec, ep)
+    dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
+    routing = spec.routing
+    remote = None if routing.keep_in_node is None else 1.0 - routing.keep_in_node
+    if ep > 1:
+        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
+    busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
+    up_width = gated_width(spec.expert_hidden, spec.gated) / etp
+    fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
+    reads = 2 if spec.gated else 1
+    act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
+                      saved_elements=act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp))
+    mean_act = sum(mean) * spec.expert_hidden / etp
+    fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
+                  mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
+    fwd.append(grouped_gemm("moe.expert_down", busiest, mean, int(spec.expert_hidden / etp), hidden, dt))
+    if etp > 1:
+        fwd.append(Comm("moe.expert_tp_reduce", "all_reduce", sum(busiest) * hidden * DTYPE_BYTES[shard.comm_dtype], "tp"))
+    if ep > 1:
+        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
+    # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
+    fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="combine",
+                           saved_elements=T * spec.k * hidden))
+    if spec.shared_experts:
+        shared_hidden = (spec.shared_expert_hidden or spec.expert_hidden) * spec.shared_experts
+        fwd.append(gemm("moe.shared_up", T, hidden, gated_width(shared_hidden, spec.gated) / shard.tp, dt))
+        fwd.append(elementwise("moe.shared_act", T * shared_hidden / shard.tp, reads, 1, dt, flops_per_element=8,
+                               saved_elements=act_saved(spec.activation, spec.gated, T * shared_hidden / shard.tp)))
+        fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt))
+    fwd += tp_exit("moe.tp_reduce", T, hidden, shard)
+    fwd.append(residual("moe.residual", T, hidden, shard))
+    if routing.replicate_hot and ep > 1:
+        # Shadowing (He et al. 2022, FasterMoE): hot experts' weights go to every rank each step,
+        # and their gradients come back to the home rank.
+        shadow = routing.replicate_hot * gated_width(spec.expert_hidden, spec.gated) * hidden * 1.5 / etp
+        result.per_step.append(Comm("moe.shadow_broadcast", "all_gather", shadow * DTYPE_BYTES[shard.dtype], "ep"))
+        result.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
+    kept_per_token = (loads.routed - loads.dropped) / (T * ep) if T else 0.0
+    result.moe = MoEStats(loads, dispatch, kept_per_token, remote, spec.experts)
+    return result

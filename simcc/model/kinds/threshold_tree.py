@@ -1,0 +1,41 @@
+"""Threshold-fired block trees (Gallicchio & Nuti 2025): the blocks that fire, per level, run as
+grouped products; how many fire comes from the measured firing profile (model/threshold.py)."""
+
+from __future__ import annotations
+
+from simcc.model.kinds._registry import block_costing
+from simcc.model.kinds._shared import Batch, BlockWork, Params, Shard
+from simcc.model.ops import elementwise, grouped_gemm
+from simcc.model.threshold import firing_sample
+from simcc.specs.blocks import ThresholdTreeBlock
+
+
+def params(spec: ThresholdTreeBlock, hidden: int) -> Params:
+    """Every block's MLP is stored; an input uses the blocks that fire (counted like experts).
+    The widths are the block's own: the model's hidden size does not enter."""
+    pairs = list(zip(spec.widths, spec.widths[1:]))
+    per_block = sum(a * b for a, b in pairs)
+    profile = firing_sample(spec, 0)
+    blocks = profile.blocks
+    return Params(replicated=sum(b for _, b in pairs) * blocks, expert=per_block * blocks,
+                  active_expert=per_block * blocks * profile.mean_fraction,
+                  expert_rows_cols=sum(a + b for a, b in pairs) * blocks)
+
+
+@block_costing(ThresholdTreeBlock, params, per_layer_seed=True)
+def work(spec: ThresholdTreeBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
+    """Per level, the token-block pairs that fire run as one grouped product per MLP layer."""
+    profile = firing_sample(spec, shard.sample_seed)
+    T, dt = batch.tokens, shard.dtype
+    result = BlockWork()
+    for level, active in enumerate(profile.active_per_level):
+        blocks = spec.branching**level
+        tokens = [T * active / blocks] * blocks
+        for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
+            result.forward.append(grouped_gemm(f"tree.level{level}.fc{i}", tokens, tokens, a, b, dt))
+            result.forward.append(elementwise(f"tree.level{level}.act{i}", T * active * b, 1, 1, dt,
+                                              saved_elements=T * active * b))
+    # the router of each fired block: softmax over its children
+    result.forward.append(elementwise("tree.route", T * sum(profile.active_per_level) * spec.branching, 1, 1, dt,
+                                      flops_per_element=6, family="gate"))
+    return result

@@ -1,0 +1,272 @@
+"""Block kinds a model is built from, each registered under the YAML key that names it.
+
+A model is a list of blocks so that it can express the source papers' models (LSTMs, MLP stacks,
+conv stages), not only transformers. A kind is one class here, registered with `@block_spec`,
+plus one costing module in simcc/model/kinds/; the workload's `blocks:` items are generated
+from this registry (specs/workload.py), so nothing else needs to list the kinds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Literal, TypeVar
+
+from pydantic import Field, model_validator
+
+from simcc.specs.base import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    StrictModel,
+)
+from simcc.specs.vocab import CapacityFormula, GatingPolicy
+
+Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "tanh", "sigmoid"]
+
+# Keys of a `blocks:` item that are not block kinds.
+REPEAT_KEYS = ("repeat", "blocks")
+
+
+class BlockSpec(StrictModel):
+    """One layer kind of a model; `kind` is its YAML key, set by `@block_spec`."""
+
+    kind: ClassVar[str]
+
+
+BLOCK_SPECS: dict[str, type[BlockSpec]] = {}  # YAML key -> spec class, in registration order
+
+SpecT = TypeVar("SpecT", bound=BlockSpec)
+
+
+def block_spec(kind: str) -> Callable[[type[SpecT]], type[SpecT]]:
+    """Register a spec class under its YAML key (`- attention: {...}` in a model's blocks)."""
+
+    def register(cls: type[SpecT]) -> type[SpecT]:
+        if kind in BLOCK_SPECS or kind in REPEAT_KEYS:
+            raise ValueError(f"block kind {kind!r} is already taken")
+        if not cls.__doc__:
+            raise ValueError(f"block kind {kind!r}: {cls.__name__} needs a docstring saying what it is (simcc list shows it)")
+        cls.kind = kind
+        BLOCK_SPECS[kind] = cls
+        return cls
+
+    return register
+
+
+def help_line(spec_type: type[BlockSpec]) -> str:
+    """A spec's docstring as one line, for `simcc list`."""
+    return " ".join((spec_type.__doc__ or "").split())
+
+
+@block_spec("attention")
+class AttentionBlock(BlockSpec):
+    """Self-attention with Q, K, V and output projections (MHA, or GQA/MQA with fewer kv_heads)."""
+
+    heads: PositiveInt
+    kv_heads: PositiveInt | None = None  # GQA/MQA; defaults to heads (MHA)
+    head_dim: PositiveInt | None = None  # defaults to hidden / heads
+    causal: bool = True
+    # flash: fused kernel, no s^2 tensors; unfused: QK^T, softmax, dropout, AV as separate kernels.
+    impl: Literal["flash", "unfused"] = "flash"
+
+    @model_validator(mode="after")
+    def _kv_divides(self) -> "AttentionBlock":
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        return self
+
+
+@block_spec("dense_ffn")
+class DenseFFNBlock(BlockSpec):
+    """Transformer feed-forward layer: up projection to `hidden`, activation, down projection."""
+
+    hidden: PositiveInt
+    gated: bool = False  # SwiGLU/GeGLU: two input projections
+    activation: Activation = "gelu"
+
+
+class GatingSpec(StrictModel):
+    """How tokens choose experts (or experts choose tokens). Each parameter applies only to the
+    policies named in its comment; `simcc list` shows them."""
+
+    policy: GatingPolicy = "topk"
+    noise_std: NonNegativeFloat = 1.0  # noisy_topk: scale of the N(0,1) * softplus(x Wnoise) term
+    groups: PositiveInt | None = None  # hierarchical: primary branching (Shazeer 2017: the device count)
+    k_primary: PositiveInt = 2  # hierarchical: groups per token; k / k_primary experts in each
+    noisy: bool = False  # hierarchical: noisy top-k gates at both levels (Shazeer 2017)
+    vocab: PositiveInt = 32000  # hash: token-id space
+    token_zipf: NonNegativeFloat = 1.0  # hash: token frequencies follow Zipf(token_zipf)
+    sample_tokens: PositiveInt = 4096  # tokens routed for real per layer to measure the policy
+
+
+class LoadSpec(StrictModel):
+    """Expert popularity behind the router logits: uniform, Zipf(alpha), a target CV, a measured
+    per-expert histogram (CSV), or the balance that an auxiliary loss reached in Shazeer et al.
+    2017 (table 6, via the CV it measured for the given loss weights)."""
+
+    distribution: Literal["uniform", "zipf", "cv", "histogram", "aux_loss"] = "uniform"
+    alpha: PositiveFloat = 1.0
+    cv: float = Field(default=0.0, ge=0.0)
+    histogram: str | None = None  # CSV with a `tokens` column, one row per expert
+    w_importance: NonNegativeFloat = 0.0
+    w_load: NonNegativeFloat = 0.0
+    # Gumbel noise scale on the logits: 1 makes a top-1 router pick experts exactly by popularity;
+    # lower sharpens the skew, higher flattens it.
+    router_temperature: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _histogram_named(self) -> "LoadSpec":
+        if self.distribution == "histogram" and not self.histogram:
+            raise ValueError("distribution histogram needs `histogram: FILE.csv`")
+        return self
+
+
+class RoutingSpec(StrictModel):
+    """What happens to routed tokens: capacity, dropping or padding, the all-to-all, placement."""
+
+    capacity_factor: PositiveFloat | None = 1.25
+    capacity_formula: CapacityFormula = "switch"  # the formulas: specs/vocab.py, `simcc list`
+    min_capacity: NonNegativeInt = 0
+    capacity_alignment: PositiveInt = 1
+    dropless: bool = False
+    # Dropless kernels round each expert's tokens up to their block: 128 in MegaBlocks (Gale et
+    # al. 2022); 1 for kernels that do not pad (e.g. decode GEMVs).
+    dropless_block: PositiveInt = 128
+    # flat: one all-to-all over the EP group; hierarchical: intra-node then inter-node (Tutel 2DH).
+    all_to_all: Literal["flat", "hierarchical"] = "flat"
+    # Pipeline dispatch, expert compute and combine in this many chunks (Tutel's overlap degree).
+    overlap_degree: PositiveInt = 1
+    placement: Literal["contiguous", "round_robin", "file"] = "contiguous"
+    placement_file: str | None = None  # CSV with a `rank` column, one row per expert
+    replicate_hot: NonNegativeInt = 0  # hottest experts copied to every EP rank (FasterMoE shadowing)
+    keep_in_node: Fraction | None = None  # topology-aware gating: share of routed tokens kept in the node
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RoutingSpec":
+        if self.placement == "file" and not self.placement_file:
+            raise ValueError("placement file needs `placement_file: FILE.csv`")
+        return self
+
+
+@block_spec("moe_ffn")
+class MoEFFNBlock(BlockSpec):
+    """Mixture-of-experts feed-forward layer: a router sends each token to k of `experts` FFNs."""
+
+    experts: PositiveInt
+    expert_hidden: PositiveInt
+    k: PositiveInt
+    shared_experts: NonNegativeInt = 0
+    shared_expert_hidden: PositiveInt | None = None  # defaults to expert_hidden
+    gated: bool = False
+    activation: Activation = "gelu"
+    gating: GatingSpec = GatingSpec()
+    routing: RoutingSpec = RoutingSpec()
+    load: LoadSpec = LoadSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MoEFFNBlock":
+        policy, routing = self.gating.policy, self.routing
+        if self.k > self.experts:
+            raise ValueError(f"k ({self.k}) must not exceed experts ({self.experts})")
+        if policy == "switch" and self.k != 1:
+            raise ValueError("switch gating is top-1: set k: 1")
+        if policy == "gshard" and self.k != 2:
+            raise ValueError("gshard gating is top-2: set k: 2")
+        if policy == "hierarchical" and (self.gating.groups is None or self.experts % self.gating.groups):
+            raise ValueError("hierarchical gating needs gating.groups dividing the experts")
+        if policy == "hierarchical" and self.k % self.gating.k_primary:
+            raise ValueError(f"hierarchical gating: k ({self.k}) must be a multiple of k_primary ({self.gating.k_primary})")
+        if policy == "expert_choice" and routing.capacity_factor is None:
+            raise ValueError("expert_choice needs routing.capacity_factor (each expert takes cf*T*k/E tokens)")
+        if policy not in ("base", "expert_choice") and not routing.dropless and routing.capacity_factor is None:
+            raise ValueError("routing.capacity_factor is required unless routing.dropless: true")
+        if routing.replicate_hot > self.experts:
+            raise ValueError(f"routing.replicate_hot ({routing.replicate_hot}) exceeds experts ({self.experts})")
+        return self
+
+
+@block_spec("bitpattern")
+class BitPatternBlock(BlockSpec):
+    """Bit-pattern gating (Cho & Bengio 2014): the signs of `bits` gater units pick one of 2^bits
+    weight matrices; the tree variant sums the matrices on the root-to-leaf path (2^(bits+1) - 1
+    stored, bits + 1 products per token)."""
+
+    bits: PositiveInt = Field(le=24)
+    input: PositiveInt | None = None  # defaults to the model's hidden size
+    output: PositiveInt | None = None  # defaults to the model's hidden size
+    tree: bool = True
+    activation: Activation = "relu"
+
+
+@block_spec("threshold_tree")
+class ThresholdTreeBlock(BlockSpec):
+    """Threshold-fired tree of MLP blocks (Gallicchio & Nuti 2025): a block fires when the rate
+    flowing into it exceeds a network-wide threshold. Easy inputs route their rate sharply down
+    few paths, hard ones spread it, so harder inputs activate more blocks."""
+
+    widths: tuple[PositiveInt, ...] = Field(min_length=2)  # each block's MLP: input -> ... -> output
+    branching: PositiveInt = Field(default=2, ge=2)
+    levels: PositiveInt = Field(default=4, le=12)
+    threshold: Fraction = 0.1  # share of the root's rate a block needs to fire
+    concentration_easy: PositiveFloat = 0.2  # Dirichlet concentration of an easy input's routing
+    concentration_hard: PositiveFloat = 5.0  # ... and of a hard input's (near-even split)
+    hard_fraction: float = Field(default=0.3, ge=0.0, le=1.0)  # the difficulty mix
+    samples: PositiveInt = 2000  # inputs simulated to measure the activation distribution
+    activation: Activation = "relu"
+
+
+@block_spec("lstm")
+class LSTMBlock(BlockSpec):
+    """LSTM layer over the sequence, optionally with an output projection (LSTMP)."""
+
+    hidden: PositiveInt
+    input_size: PositiveInt | None = None  # defaults to the model's hidden size
+    # LSTMP (Sak et al. 2014): the cell output is projected to this size, which both feeds the
+    # next time step and leaves the layer. None: no projection, the output is `hidden` wide.
+    projection: PositiveInt | None = None
+
+
+@block_spec("mlp")
+class MLPBlock(BlockSpec):
+    """Stack of fully connected layers through the given widths, an activation after each."""
+
+    widths: list[PositiveInt] = Field(min_length=2)
+    activation: Activation = "relu"
+
+
+@block_spec("conv")
+class ConvBlock(BlockSpec):
+    """2-D convolution with "same" padding, then batch norm and activation; one token is one image."""
+
+    in_channels: PositiveInt
+    out_channels: PositiveInt
+    kernel: PositiveInt
+    input_size: PositiveInt  # spatial height = width of the input feature map
+    stride: PositiveInt = 1
+    groups: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "ConvBlock":
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups ({self.groups}) must divide in_channels and out_channels")
+        return self
+
+
+@block_spec("embedding")
+class EmbeddingBlock(BlockSpec):
+    """Token embedding table lookup; rides with the first pipeline stage."""
+
+    vocab: PositiveInt
+    # Sparse updates (TF IndexedSlices, torch sparse=True): a step syncs only the rows its tokens
+    # touched, gathered from every data-parallel replica, instead of all-reducing the whole table.
+    sparse_gradients: bool = False
+    token_zipf: NonNegativeFloat = 1.0  # token frequencies ~ Zipf(token_zipf): how many rows a batch touches
+
+
+@block_spec("lm_head")
+class LMHeadBlock(BlockSpec):
+    """Final norm, vocabulary projection and softmax cross-entropy; rides with the last pipeline stage."""
+
+    vocab: PositiveInt
+    tied: bool = False  # shares the embedding's weights
