@@ -53,7 +53,7 @@ def main() -> None:
             f"parallelism.pp={pp}", f"parallelism.ep={ep}", f"train.global_batch={dp * MICROBATCHES}"])
         system = load_hardware("dgx_h100_x128", [f"nodes={devices // 8}"])
         wall, result = _median_run(lambda: estimate(workload, system, source, SimulationOptions(steps=1)), args.repeats)
-        events = result.value("step", "simulated_events")
+        events = result.step.simulated_events
         label = f"train 61-layer MoE, {devices} GPUs (pp{pp} ep{ep} dp{dp})"
         print(f"{label:44s} {wall:13.3f} {events:9d} {events / wall:10.0f}")
 
@@ -62,7 +62,7 @@ def main() -> None:
     wall, result = _median_run(lambda: estimate(workload, system, source, SimulationOptions(request_count=10_000)),
                                args.repeats)
     label = "serve 10,000 requests, Jetson AGX Orin"
-    print(f"{label:44s} {wall:13.3f} {'':>9s} {'':>10s}  ({result.value('latency', 'requests_simulated')} requests)")
+    print(f"{label:44s} {wall:13.3f} {'':>9s} {'':>10s}  ({result.latency.requests_simulated} requests)")
 
     for workload_name, hardware_name in SHIPPED:
         workload, source = load_workload(workload_name)

@@ -386,19 +386,20 @@ def _validate_suite(name: str, fmt: str) -> None:
     from simcc.report.render import rows_output
     from simcc.validation import load_suite, run_suite, summary
 
-    rows = run_suite(load_suite(name))
-    totals = summary(rows)
+    results = run_suite(load_suite(name))
+    totals = summary(results)
+    rows = [result.as_dict() for result in results]
     if fmt == "json":
-        click.echo(json.dumps({"cases": rows, "summary": totals}, indent=2))
+        click.echo(json.dumps({"cases": rows, "summary": totals.as_dict()}, indent=2))
         return
     if fmt == "csv":
         click.echo(rows_output(rows, "csv", []), nl=False)
         return
-    shown = [{**r, "error %": f"{r['error'] * 100:+.1f}"} for r in rows]
+    shown = [{**row, "error %": f"{result.error * 100:+.1f}"} for row, result in zip(rows, results)]
     click.echo(rows_output(shown, "table", ["case", "metric", "measured", "predicted", "error %", "dominant", "memory"]),
                nl=False)
-    click.echo(f"{totals['cases']} cases: median |error| {totals['median_abs_error']:.1%}, worst "
-               f"{totals['worst_abs_error']:.1%}; {totals['within_10pct']} within 10%, {totals['within_25pct']} within 25%")
+    click.echo(f"{totals.cases} cases: median |error| {totals.median_abs_error:.1%}, worst "
+               f"{totals.worst_abs_error:.1%}; {totals.within_10pct} within 10%, {totals.within_25pct} within 25%")
 
 
 def _render_errors(summary, fmt: str, title: str) -> str:

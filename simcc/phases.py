@@ -1,5 +1,5 @@
 """Whole-run planning for SSD (Zhang et al. 2024): a run alternates dense and sparse phases, and
-costs Σ dense steps·t_dense + Σ sparse steps·t_sparse + switches·t_convert (mechanisms.md §5).
+costs Σ dense steps·t_dense + Σ sparse steps·t_sparse + switches·t_convert (Zhang et al., ICML 2024, arXiv 2410.03440).
 Step times come from the simulator (one estimate per distinct phase model); switch times from the
 MoEfication work costed on the device. Nothing here re-derives an op or a step."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from simcc.costs.compute import op_cost
 from simcc.costs.memory import optimizer_state_bytes
@@ -18,6 +18,7 @@ from simcc.model.moefication import clustering_op, dense_ffn_layers, moefied_mod
 from simcc.model.ops import DTYPE_BYTES
 from simcc.costs.money import SECONDS_PER_DAY, SECONDS_PER_HOUR, run_totals
 from simcc.specs.hardware import System
+from simcc.results import PhaseRow, ScheduleSection
 from simcc.specs.workload import Schedule, Workload
 
 RELATIVE_TOLERANCE = 1e-6
@@ -112,7 +113,7 @@ def switch_seconds(workload: Workload, system: System, layout: Layout, schedule:
 
 
 def plan_schedule(name: str, schedule: Schedule, workload: Workload, system: System, layout: Layout, source: str,
-                  dense: PhaseStep, step_of: Callable[[Workload], PhaseStep]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  dense: PhaseStep, step_of: Callable[[Workload], PhaseStep]) -> tuple[ScheduleSection, list[PhaseRow]]:
     """Totals (next to the all-dense baseline) and one row per phase and switch."""
     field = schedule_field(workload, name)
     assert workload.train is not None
@@ -120,7 +121,7 @@ def plan_schedule(name: str, schedule: Schedule, workload: Workload, system: Sys
     phases = expand(schedule, workload.train.total_tokens, tokens_per_step, source, field)
     steps_by_shape: dict[tuple[int, int] | None, PhaseStep] = {None: dense}
     switch_by_experts: dict[int | None, float] = {}  # every switch into E experts (or back) costs the same
-    rows: list[dict[str, Any]] = []
+    rows: list[PhaseRow] = []
     previous = "dense"
     for index, phase in enumerate(phases):
         if phase.mode != previous:  # a switch: MoEfication into sparse, the inverse permutation back
@@ -138,27 +139,26 @@ def plan_schedule(name: str, schedule: Schedule, workload: Workload, system: Sys
                          steps * step.step_s, system, step.busy_fraction, step.step_s))
     total_tokens = sum(p.tokens for p in phases)
     baseline = run_totals(system, total_tokens / tokens_per_step * dense.step_s, dense.busy_fraction)
-    seconds = sum(r["seconds"] for r in rows)
-    usd = sum(r["usd"] for r in rows) if system.price else None
-    kwh = sum(r["kwh"] for r in rows)
+    seconds = sum(r.seconds for r in rows)
+    usd = sum(r.usd or 0.0 for r in rows) if system.price else None
+    kwh = sum(r.kwh for r in rows)
     peak_shape, peak = max(steps_by_shape.items(), key=lambda item: item[1].memory_gb)
-    totals = {
-        "phases": len(phases), "switches": sum(r["mode"].count("->") for r in rows), "total_tokens": total_tokens,
-        "sparse_token_share": sum(p.tokens for p in phases if p.mode == "sparse") / total_tokens,
-        "days": seconds / SECONDS_PER_DAY, "device_hours": system.devices * seconds / SECONDS_PER_HOUR, "usd": usd, "kwh": kwh,
-        "switch_hours": sum(r["seconds"] for r in rows if r["phase"] == "switch") / SECONDS_PER_HOUR,
-        "dense_baseline_days": baseline.seconds / SECONDS_PER_DAY, "dense_baseline_usd": baseline.usd,
-        "dense_baseline_kwh": baseline.kwh, "speedup_vs_dense": baseline.seconds / seconds,
-        "peak_memory_gb": peak.memory_gb,
-        "peak_memory_phase": "dense" if peak_shape is None else f"sparse {peak_shape[1]}/{peak_shape[0]}",
-        "fits": all(s.fits for s in steps_by_shape.values()),
-    }
+    totals = ScheduleSection(
+        phases=len(phases), switches=sum(r.mode.count("->") for r in rows), total_tokens=total_tokens,
+        sparse_token_share=sum(p.tokens for p in phases if p.mode == "sparse") / total_tokens,
+        days=seconds / SECONDS_PER_DAY, device_hours=system.devices * seconds / SECONDS_PER_HOUR, usd=usd, kwh=kwh,
+        switch_hours=sum(r.seconds for r in rows if r.phase == "switch") / SECONDS_PER_HOUR,
+        dense_baseline_days=baseline.seconds / SECONDS_PER_DAY, dense_baseline_usd=baseline.usd,
+        dense_baseline_kwh=baseline.kwh, speedup_vs_dense=baseline.seconds / seconds,
+        peak_memory_gb=peak.memory_gb,
+        peak_memory_phase="dense" if peak_shape is None else f"sparse {peak_shape[1]}/{peak_shape[0]}",
+        fits=all(s.fits for s in steps_by_shape.values()),
+    )
     return totals, rows
 
 
 def _row(schedule: str, phase: str, mode: str, experts: int | None, k: int | None, tokens: float, steps: float,
-         seconds: float, system: System, busy: float, step_s: float | None = None) -> dict[str, Any]:
+         seconds: float, system: System, busy: float, step_s: float | None = None) -> PhaseRow:
     totals = run_totals(system, seconds, busy)
-    return {"schedule": schedule, "phase": phase, "mode": mode, "experts": experts, "k": k, "tokens": tokens,
-            "steps": steps, "step_s": step_s, "seconds": seconds, "hours": seconds / SECONDS_PER_HOUR, "usd": totals.usd,
-            "kwh": totals.kwh}
+    return PhaseRow(schedule, phase, mode, experts, k, tokens, steps, step_s, seconds, seconds / SECONDS_PER_HOUR,
+                    totals.usd, totals.kwh)

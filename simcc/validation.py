@@ -6,27 +6,34 @@ Calculon's validation harness: one error per published case, then median and wor
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, PositiveFloat, model_validator
 
 from simcc.errors import InputError
+from simcc.results import Estimate, Record
 from simcc.specs.base import StrictModel
+from simcc.specs.vocab import Collective
 
 SUITES = {"published": "published_suite.yaml"}
+RATIO_METRICS = ("throughput_ratio", "activation_memory_ratio")
 
 
 class Case(StrictModel):
     name: str
     source: str  # where the measured figure comes from
-    metric: Literal["step_s", "tflops_per_device", "throughput_ratio", "busbw_gb_s", "latency_us"]
+    # throughput_ratio: tokens/s of `set` over `reference_set`; activation_memory_ratio: activation
+    # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
+    metric: Literal["step_s", "tflops_per_device", "throughput_ratio", "activation_memory_ratio", "busbw_gb_s",
+                    "latency_us"]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases
     set: list[str] = []
-    reference_set: list[str] | None = None  # throughput_ratio: the row the ratio is taken against
-    collective: Literal["all_reduce", "all_to_all", "all_gather", "reduce_scatter"] | None = None
+    reference_set: list[str] | None = None  # ratio metrics: the row the ratio is taken against
+    collective: Collective | None = None
     ranks: int | None = Field(default=None, ge=2)
     bytes: PositiveFloat | None = None
 
@@ -37,8 +44,8 @@ class Case(StrictModel):
             raise ValueError(f"{self.metric} cases need collective, ranks and bytes")
         if not collective_metric and self.workload is None:
             raise ValueError(f"{self.metric} cases need a workload")
-        if (self.metric == "throughput_ratio") != (self.reference_set is not None):
-            raise ValueError("reference_set goes with metric throughput_ratio, and only with it")
+        if (self.metric in RATIO_METRICS) != (self.reference_set is not None):
+            raise ValueError(f"reference_set goes with the ratio metrics ({', '.join(RATIO_METRICS)}), and only with them")
         return self
 
 
@@ -62,21 +69,38 @@ def load_suite(name: str) -> Suite:
     return validate(Suite, read_yaml(path), str(path))
 
 
-def _estimate(workload: str, hardware: str, overrides: list[str], steps: int):
+@dataclass(frozen=True)
+class CaseResult(Record):
+    """One case: predicted next to measured, the signed error, the part of the predicted step that
+    dominates, and the predicted memory per device (OVER where a measured run would not fit)."""
+
+    case: str
+    metric: str
+    measured: float
+    predicted: float
+    error: float  # predicted / measured - 1
+    dominant: str
+    memory: str  # "52.8/80 GB", with OVER when it does not fit; empty for collectives
+    source: str
+    memory_gb: float | None = None  # predicted per device (estimate cases)
+
+
+@dataclass(frozen=True)
+class SuiteSummary(Record):
+    cases: int
+    median_abs_error: float
+    worst_abs_error: float
+    within_10pct: int
+    within_25pct: int
+
+
+def _estimate(workload: str, hardware: str, overrides: list[str], steps: int) -> Estimate:
     from simcc.estimate import SimulationOptions, estimate
     from simcc.specs.loader import load_hardware, load_workload, split_overrides
 
     workload_sets, hardware_sets = split_overrides(overrides)
     spec, source = load_workload(workload, workload_sets)
     return estimate(spec, load_hardware(hardware, hardware_sets), source, SimulationOptions(steps=steps))
-
-
-def _dominant(result) -> str:
-    from simcc.report.summary import BREAKDOWN
-
-    step = result.sections["step"]
-    part = max(BREAKDOWN, key=lambda key: step[key])
-    return f"{part.removesuffix('_s')} {step[part] / step['step_s']:.0%}"
 
 
 def _collective(case: Case) -> tuple[float, str]:
@@ -95,33 +119,44 @@ def _collective(case: Case) -> tuple[float, str]:
     return bus_bandwidth(case.collective, case.bytes, seconds, case.ranks) / 1e9, regime
 
 
-def run_case(case: Case, steps: int = 1) -> dict[str, Any]:
+def _tokens_per_s(result: Estimate) -> float:
+    if result.tokens_per_s is None:
+        raise InputError(result.workload, "memory", "the case does not fit in memory, so it was not simulated")
+    return result.tokens_per_s
+
+
+def run_case(case: Case, steps: int = 1) -> CaseResult:
     """Predicted value, signed error and the dominant part for one case."""
-    memory = ""  # a run that was measured fitted: the memory model should agree
+    memory, memory_gb = "", None  # a run that was measured fitted: the memory model should agree
     if case.metric in ("busbw_gb_s", "latency_us"):
         predicted, dominant = _collective(case)
     else:
         assert case.workload is not None
         result = _estimate(case.workload, case.hardware, case.set, steps)
-        dominant = _dominant(result)
-        mem = result.sections["memory"]
-        memory = f"{mem['total_gb']:.1f}/{mem['capacity_gb']:.0f} GB" + ("" if mem["fits"] else " OVER")
+        assert result.step is not None and result.memory is not None and result.throughput is not None
+        dominant = result.step.dominant()
+        mem = result.memory
+        memory, memory_gb = f"{mem.total_gb:.1f}/{mem.capacity_gb:.0f} GB" + ("" if mem.fits else " OVER"), mem.total_gb
         if case.metric == "step_s":
-            predicted = result.sections["step"]["step_s"]
+            predicted = result.step.step_s
         elif case.metric == "tflops_per_device":
-            predicted = result.sections["throughput"]["model_tflops_per_device"]
+            predicted = result.throughput.model_tflops_per_device
+        elif case.metric == "throughput_ratio":
+            reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
+            predicted = _tokens_per_s(result) / _tokens_per_s(reference)
         else:
             reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
-            predicted = result.sections["throughput"]["tokens_per_s"] / reference.sections["throughput"]["tokens_per_s"]
-    return {"case": case.name, "metric": case.metric, "measured": case.measured, "predicted": predicted,
-            "error": predicted / case.measured - 1.0, "dominant": dominant, "memory": memory, "source": case.source}
+            assert reference.memory is not None
+            predicted = mem.activations_gb / reference.memory.activations_gb
+    return CaseResult(case.name, case.metric, case.measured, predicted, predicted / case.measured - 1.0, dominant,
+                      memory, case.source, memory_gb)
 
 
-def run_suite(suite: Suite, steps: int = 1) -> list[dict[str, Any]]:
+def run_suite(suite: Suite, steps: int = 1) -> list[CaseResult]:
     return [run_case(case, steps) for case in suite.cases]
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    errors = [abs(r["error"]) for r in rows]
-    return {"cases": len(rows), "median_abs_error": statistics.median(errors), "worst_abs_error": max(errors),
-            "within_10pct": sum(e <= 0.10 for e in errors), "within_25pct": sum(e <= 0.25 for e in errors)}
+def summary(rows: list[CaseResult]) -> SuiteSummary:
+    errors = [abs(r.error) for r in rows]
+    return SuiteSummary(len(rows), statistics.median(errors), max(errors), sum(e <= 0.10 for e in errors),
+                        sum(e <= 0.25 for e in errors))

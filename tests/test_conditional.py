@@ -42,10 +42,10 @@ def test_a_higher_threshold_fires_fewer_blocks():
 def test_expected_cost_is_fired_blocks_times_block_flops():
     workload, src = load_workload("ray_tracing_mlp_serve_rpi5")
     result = estimate(workload, load_hardware("raspberry_pi_5"), src, SimulationOptions(request_count=200))
-    model = result.sections["model"]
-    assert model["blocks_fired_mean"] < 0.5  # the paper: over 50% fewer parameters used on average
-    assert model["blocks_fired_mean"] <= model["blocks_fired_p95"] <= model["blocks_fired_p99"]
-    assert model["active_params_b"] < 0.5 * model["params_b"]
+    model = result.model
+    assert model.blocks_fired_mean < 0.5  # the paper: over 50% fewer parameters used on average
+    assert model.blocks_fired_mean <= model.blocks_fired_p95 <= model.blocks_fired_p99
+    assert model.active_params_b < 0.5 * model.params_b
 
 
 def test_request_compute_scales_average_one_and_widen_the_tail():
@@ -55,13 +55,13 @@ def test_request_compute_scales_average_one_and_widen_the_tail():
     scales = request_compute_scales(share, profile, 20000, seed=1)
     assert np.mean(scales) == pytest.approx(1.0, rel=0.02)
     system = load_hardware("raspberry_pi_5")
-    varied = estimate(workload, system, src, SimulationOptions(request_count=3000)).sections["latency"]
+    varied = estimate(workload, system, src, SimulationOptions(request_count=3000)).latency
     steady_workload, _ = load_workload("ray_tracing_mlp_serve_rpi5",
                                        ["model.blocks.1.threshold_tree.concentration_easy=5.0", "model.blocks.1.threshold_tree.hard_fraction=1.0"])
     steady_scales = request_compute_scales(*input_dependent_share(steady_workload.model, steady_workload.model.hidden),
                                            20000, seed=1)
     assert np.std(steady_scales) < np.std(scales)
-    assert varied["latency_p99_s"] > 1.5 * varied["latency_p50_s"]
+    assert varied.latency_p99_s > 1.5 * varied.latency_p50_s
 
 
 # ---------------------------------------------------------------- TIPS anytime networks
@@ -102,13 +102,13 @@ def test_width_slices_keep_the_model_input_and_output():
 
 def test_step_cost_is_the_sum_of_its_subnetworks():
     system = load_hardware("rtx_4090")
-    two = estimate(*_anytime(["anytime.subnets_per_step=2"])[:1], system, "w").value("step", "compute_s")
+    two = estimate(*_anytime(["anytime.subnets_per_step=2"])[:1], system, "w").step.compute_s
     four = estimate(*_anytime()[:1], system, "w")
-    assert four.value("step", "compute_s") > 1.5 * two
+    assert four.step.compute_s > 1.5 * two
     widths_flops = {w: units_forward_flops(scale_units(units_of(four_spec.model), w), 512, Batch(1, 1, 1))
                     for four_spec in [_anytime()[0]] for w in (0.25, 0.5, 0.75, 1.0)}
     expected = widths_flops[1.0] + widths_flops[0.25] + 2 * (0.4 * widths_flops[0.5] + 0.6 * widths_flops[0.75])
-    assert four.value("model", "forward_gflop_per_token") == pytest.approx(expected / 1e9)
+    assert four.model.forward_gflop_per_token == pytest.approx(expected / 1e9)
 
 
 def test_serving_at_a_smaller_width_is_faster():
@@ -116,7 +116,7 @@ def test_serving_at_a_smaller_width_is_faster():
     serve = ["mode=serve", "serve.batch=1", "serve.prompt_tokens=1", "serve.output_tokens=1", "serve.arrival_rate=10"]
     half = estimate(*_anytime(serve)[:1], system, "w", SimulationOptions(request_count=100))
     full = estimate(*_anytime(serve + ["anytime.serve_width=1.0"])[:1], system, "w", SimulationOptions(request_count=100))
-    assert half.value("latency", "latency_p50_s") < full.value("latency", "latency_p50_s")
+    assert half.latency.latency_p50_s < full.latency.latency_p50_s
 
 
 def test_anytime_spec_is_validated():

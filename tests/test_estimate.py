@@ -81,18 +81,18 @@ def test_calibrated_curve_replaces_the_default_fraction():
 
 def test_mixtral_estimate_is_consistent():
     result = _run("mixtral_8x7b_train_64xh100", "dgx_h100_x8")
-    step = result.sections["step"]
-    parts = step["compute_s"] + step["exposed_comm_s"] + step["imbalance_s"] + step["bubble_s"] + step["optimizer_s"]
-    assert parts == pytest.approx(step["step_s"])
-    assert step["step_p95_s"] >= min(step["step_s"], step["step_p95_s"])
+    step = result.step
+    parts = step.compute_s + step.exposed_comm_s + step.imbalance_s + step.bubble_s + step.optimizer_s
+    assert parts == pytest.approx(step.step_s)
+    assert step.step_p95_s >= min(step.step_s, step.step_p95_s)
     tokens = 256 * 4096
-    assert result.value("throughput", "tokens_per_s") == pytest.approx(tokens / step["step_s"])
-    flops = 3 * result.value("model", "forward_gflop_per_token") * 1e9 * tokens
-    assert result.value("throughput", "model_tflops_per_device") == pytest.approx(flops / step["step_s"] / 64 / 1e12)
-    assert 0 < result.value("throughput", "mfu") < 0.8  # cannot beat the best-shape GEMM fraction
-    assert result.value("memory", "fits") is True
-    run = result.sections["run"]
-    assert run["usd"] == pytest.approx(run["device_hours"] * 6.88)
+    assert result.throughput.tokens_per_s == pytest.approx(tokens / step.step_s)
+    flops = 3 * result.model.forward_gflop_per_token * 1e9 * tokens
+    assert result.throughput.model_tflops_per_device == pytest.approx(flops / step.step_s / 64 / 1e12)
+    assert 0 < result.throughput.mfu < 0.8  # cannot beat the best-shape GEMM fraction
+    assert result.memory.fits is True
+    run = result.run
+    assert run.usd == pytest.approx(run.device_hours * 6.88)
 
 
 def test_more_bandwidth_is_never_slower_end_to_end():
@@ -100,14 +100,14 @@ def test_more_bandwidth_is_never_slower_end_to_end():
     for scale in (0.25, 1.0, 4.0):
         result = _run("mixtral_8x7b_train_64xh100", "dgx_h100_x8",
                       h_over=[f"node.intra_link.bandwidth_gb_s={450 * scale}", f"network.nic_gbit_s={400 * scale}"])
-        times.append(result.value("step", "step_s"))
+        times.append(result.step.step_s)
     assert times[0] > times[1] > times[2]
 
 
 def test_more_load_skew_is_never_faster():
     base = ["model.blocks.1.blocks.1.moe_ffn.load.distribution=zipf"]
     times = [_run("mixtral_8x7b_train_64xh100", "dgx_h100_x8", base + [f"model.blocks.1.blocks.1.moe_ffn.load.alpha={a}"])
-             .value("step", "imbalance_s") for a in (0.2, 1.0, 2.0)]
+             .step.imbalance_s for a in (0.2, 1.0, 2.0)]
     assert times[0] < times[1] < times[2]
 
 
@@ -115,11 +115,11 @@ def test_edge_serving_offloads_experts_and_storage_speed_matters():
     slow = _run("mixtral_8x7b_serve_edge", "jetson_agx_orin")
     fast = _run("mixtral_8x7b_serve_edge", "jetson_agx_orin", h_over=["storage.bandwidth_gb_s=7.0"])
     roomy = _run("mixtral_8x7b_serve_edge", "jetson_agx_orin", h_over=["device.memory_gb=256"])
-    assert slow.value("memory", "offloaded_weights_gb") > 0
-    assert fast.value("latency", "tpot_mean_s") < slow.value("latency", "tpot_mean_s")
-    assert fast.value("expert_cache", "loading_share_of_busy_time") < slow.value("expert_cache", "loading_share_of_busy_time")
-    assert roomy.value("memory", "offloaded_weights_gb") == 0 and "expert_cache" not in roomy.sections
-    assert roomy.value("latency", "tpot_mean_s") < fast.value("latency", "tpot_mean_s")
+    assert slow.memory.offloaded_weights_gb > 0
+    assert fast.latency.tpot_mean_s < slow.latency.tpot_mean_s
+    assert fast.expert_cache.loading_share_of_busy_time < slow.expert_cache.loading_share_of_busy_time
+    assert roomy.memory.offloaded_weights_gb == 0 and roomy.expert_cache is None
+    assert roomy.latency.tpot_mean_s < fast.latency.tpot_mean_s
 
 
 def test_every_shipped_workload_estimates_on_its_intended_hardware():
@@ -128,7 +128,7 @@ def test_every_shipped_workload_estimates_on_its_intended_hardware():
              ("mixtral_8x7b_serve_edge", "jetson_agx_orin")]
     for workload, hardware in pairs:
         result = _run(workload, hardware)
-        assert result.value("throughput", "model_tflops_per_device") > 0
+        assert result.throughput.model_tflops_per_device > 0
 
 
 def test_estimate_path_never_imports_torch(root):

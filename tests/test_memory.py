@@ -70,7 +70,7 @@ def test_full_recompute_keeps_less_activation_memory():
     mem = {}
     for policy in ("none", "selective", "full"):
         workload, src = load_workload("mixtral_8x7b_train_64xh100", [f"parallelism.recompute={policy}"])
-        mem[policy] = estimate(workload, system, src).value("memory", "activations_gb")
+        mem[policy] = estimate(workload, system, src).memory.activations_gb
     assert mem["full"] < mem["selective"] <= mem["none"]
 
 
@@ -99,14 +99,14 @@ def test_sparse_embedding_gradients_are_touched_rows_not_a_table():
     data-parallel replicas), a transient buffer; the dense gradient buffer leaves the table out."""
     from simcc.estimate import estimate
 
-    def memory(sparse: bool) -> dict:
+    def memory(sparse: bool):
         spec, src = load_workload("shazeer_4xlstm512_train", [f"model.blocks.0.embedding.sparse_gradients={str(sparse).lower()}"])
-        return estimate(spec, load_hardware("k40_x16"), src).sections["memory"]
+        return estimate(spec, load_hardware("k40_x16"), src).memory
 
     dense, sparse = memory(False), memory(True)
     table_gb = 793471 * 512 * 4 / 1e9
-    assert dense["gradients_gb"] - sparse["gradients_gb"] == pytest.approx(table_gb, rel=1e-6)
-    assert 0 < sparse["buffers_gb"] < table_gb  # 16 replicas' touched rows, well under the table
+    assert dense.gradients_gb - sparse.gradients_gb == pytest.approx(table_gb, rel=1e-6)
+    assert 0 < sparse.buffers_gb < table_gb  # 16 replicas' touched rows, well under the table
 
 
 def test_relu_keeps_no_copy_of_its_own_but_gelu_and_swiglu_do():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from simcc.model.blocks import Batch, Shard, attention_work
+from simcc.model.blocks import Batch, Shard
 from simcc.model.graph import model_forward_flops, model_params, stage_units, units_of
+from simcc.model.kinds import attention, bitpattern, lstm
 from simcc.specs.loader import load_workload
 from simcc.specs.workload import AttentionBlock
 
@@ -45,8 +46,8 @@ def test_dense_gpt_parameter_count(root):
 def test_causal_attention_executes_half_the_score_flops():
     spec = AttentionBlock(heads=8)
     batch = Batch(2, 1024, 1024)
-    executed = attention_work(spec, 512, batch, Shard()).forward
-    counted = attention_work(spec, 512, batch, Shard(executed=False)).forward
+    executed = attention.work(spec, 512, batch, Shard()).forward
+    counted = attention.work(spec, 512, batch, Shard(executed=False)).forward
     core = lambda items: next(i.flops for i in items if i.name == "attn.core")  # noqa: E731
     assert core(executed) == pytest.approx(core(counted) / 2)
     assert core(counted) == pytest.approx(4 * 2 * 1024 * 1024 * 8 * 64)
@@ -55,8 +56,8 @@ def test_causal_attention_executes_half_the_score_flops():
 def test_tensor_parallel_splits_gemm_flops():
     spec = AttentionBlock(heads=8)
     batch = Batch(1, 512, 512)
-    one = sum(i.flops for i in attention_work(spec, 512, batch, Shard(tp=1)).forward if hasattr(i, "flops") and i.family == "gemm")
-    four = sum(i.flops for i in attention_work(spec, 512, batch, Shard(tp=4)).forward if hasattr(i, "flops") and i.family == "gemm")
+    one = sum(i.flops for i in attention.work(spec, 512, batch, Shard(tp=1)).forward if hasattr(i, "flops") and i.family == "gemm")
+    four = sum(i.flops for i in attention.work(spec, 512, batch, Shard(tp=4)).forward if hasattr(i, "flops") and i.family == "gemm")
     assert four == pytest.approx(one / 4)
 
 
@@ -72,18 +73,17 @@ def test_pipeline_split_is_even_with_embedding_and_head_attached(root):
 
 
 def test_bitpattern_tree_stores_2_to_the_k_plus_1_minus_1_matrices():
-    from simcc.model.blocks import bitpattern_matrices, bitpattern_params, bitpattern_work
     from simcc.specs.workload import BitPatternBlock
 
     tree, flat = BitPatternBlock(bits=6, tree=True), BitPatternBlock(bits=6, tree=False)
-    assert bitpattern_matrices(tree) == 2**7 - 1 and bitpattern_matrices(flat) == 2**6
-    assert bitpattern_params(tree, 64).expert == 127 * 64 * 64
-    assert bitpattern_params(tree, 64).active_expert == 7 * 64 * 64
+    assert bitpattern.matrices(tree) == 2**7 - 1 and bitpattern.matrices(flat) == 2**6
+    assert bitpattern.params(tree, 64).expert == 127 * 64 * 64
+    assert bitpattern.params(tree, 64).active_expert == 7 * 64 * 64
     batch = Batch(1, 1000, 1000)
-    products = [i for i in bitpattern_work(tree, 64, batch, Shard(executed=False)).forward if i.name.startswith("bits.level")]
+    products = [i for i in bitpattern.work(tree, 64, batch, Shard(executed=False)).forward if i.name.startswith("bits.level")]
     assert len(products) == 6 + 1  # k + 1 products per token
     assert sum(p.flops for p in products) == pytest.approx(7 * 2 * 1000 * 64 * 64)
-    flat_products = [i for i in bitpattern_work(flat, 64, batch, Shard()).forward if i.name.startswith("bits.level")]
+    flat_products = [i for i in bitpattern.work(flat, 64, batch, Shard()).forward if i.name.startswith("bits.level")]
     assert len(flat_products) == 1 and sum(flat_products[0].flops for _ in [0]) == pytest.approx(2 * 1000 * 64 * 64)
 
 
@@ -94,7 +94,7 @@ def test_capacity_to_computation_grows_exponentially_with_bits():
     ratios = []
     for bits in (4, 8, 12):
         workload, src = load_workload("bitpattern_tree_mlp_train", [f"model.blocks.1.blocks.0.bitpattern.bits={bits}"])
-        ratios.append(estimate(workload, load_hardware("rtx_4090"), src).value("model", "params_per_token_flop"))
+        ratios.append(estimate(workload, load_hardware("rtx_4090"), src).model.params_per_token_flop)
     assert ratios[0] < ratios[1] < ratios[2]
     assert ratios[2] / ratios[1] > 8  # ~2^4 more parameters for ~(13/9) more FLOPs
 
@@ -114,12 +114,11 @@ def test_shazeer_ops_per_timestep_match_table_7(workload, published_ops):
 
 
 def test_lstm_projection_shrinks_the_recurrent_product_and_adds_its_own():
-    from simcc.model.blocks import lstm_params, lstm_work
     from simcc.specs.workload import LSTMBlock
 
     plain, projected = LSTMBlock(hidden=4096, input_size=1024), LSTMBlock(hidden=4096, input_size=1024, projection=1024)
-    assert lstm_params(plain, 1024).dense == 4 * 4096 * (1024 + 4096)
-    assert lstm_params(projected, 1024).dense == 4 * 4096 * (1024 + 1024) + 4096 * 1024
-    ops = {op.name: op for op in lstm_work(projected, 1024, Batch(8, 20, 20), Shard(dtype="fp32")).forward}
+    assert lstm.params(plain, 1024).dense == 4 * 4096 * (1024 + 4096)
+    assert lstm.params(projected, 1024).dense == 4 * 4096 * (1024 + 1024) + 4096 * 1024
+    ops = {op.name: op for op in lstm.work(projected, 1024, Batch(8, 20, 20), Shard(dtype="fp32")).forward}
     assert ops["lstm.recurrent"].flops == 2 * 8 * 1024 * 4 * 4096 * 20 and ops["lstm.recurrent"].launches == 20
     assert ops["lstm.projection"].flops == 2 * 8 * 4096 * 1024 * 20 and ops["lstm.projection"].launches == 20

@@ -37,6 +37,15 @@ def test_capacity_formula_variants(formula, expected):
     assert capacity_per_expert(spec, 1000, 4) == 4 * expected
 
 
+def test_every_capacity_formula_has_one_rule():
+    from typing import get_args
+
+    from simcc.routing.load import CAPACITY_RULES
+    from simcc.specs.vocab import CapacityFormula
+
+    assert list(CAPACITY_RULES) == list(get_args(CapacityFormula))
+
+
 def test_deepspeed_min_capacity_wins_for_small_batches():
     spec = moe(routing={"capacity_factor": 1.0, "capacity_formula": "deepspeed", "min_capacity": 64})
     assert capacity_per_expert(spec, 100, 1) == 64
@@ -163,9 +172,9 @@ def test_padded_capacity_buffers_make_all_to_all_grow_with_capacity_factor():
                 f"model.blocks.2.blocks.5.moe_ffn.routing.capacity_factor={cf}"]
         workload, src = load_workload("switch_base_128_train", sets)
         result = estimate(workload, system, src)
-        traffic.append(result.value("moe", "all_to_all_mb_per_layer"))
+        traffic.append(result.moe.all_to_all_mb_per_layer)
         layer = result.moe_layers[0]
-        assert layer["a2a_intra_mb"] > 0 and layer["a2a_inter_mb"] > 0  # 32 ranks over 4 nodes
+        assert layer.a2a_intra_mb > 0 and layer.a2a_inter_mb > 0  # 32 ranks over 4 nodes
     assert traffic[1] == pytest.approx(2 * traffic[0], rel=0.02)
 
 
@@ -178,8 +187,8 @@ def test_topology_aware_gating_moves_traffic_into_the_node():
     plain = estimate(*load_workload("switch_base_128_train", base)[:1], system, "w")
     local = estimate(*load_workload("switch_base_128_train",
                                     base + ["model.blocks.1.blocks.3.moe_ffn.routing.keep_in_node=0.86"])[:1], system, "w")
-    assert local.moe_layers[0]["a2a_inter_mb"] < 0.2 * plain.moe_layers[0]["a2a_inter_mb"]
-    assert local.value("step", "exposed_comm_s") < plain.value("step", "exposed_comm_s")
+    assert local.moe_layers[0].a2a_inter_mb < 0.2 * plain.moe_layers[0].a2a_inter_mb
+    assert local.step.exposed_comm_s < plain.step.exposed_comm_s
 
 
 def test_list_shows_policies_and_capacity_formulas():
@@ -192,7 +201,7 @@ def test_list_shows_policies_and_capacity_formulas():
 
 
 def test_noisy_hierarchical_gate_doubles_its_gate_products():
-    from simcc.model.blocks import moe_params
+    from simcc.model.kinds.moe_ffn import params as moe_params
     from simcc.routing.gating import router_products
 
     plain = moe(experts=64, k=4, gating={"policy": "hierarchical", "groups": 8})
@@ -212,6 +221,6 @@ def test_hierarchical_moe_sends_a_token_once_per_picked_group(groups, ranks_hold
     from simcc.specs.loader import load_hardware, load_workload
 
     workload, src = load_workload("shazeer_moe_4096h_lstm_train", [f"model.blocks.2.moe_ffn.gating.groups={groups}"])
-    traffic = estimate(workload, load_hardware("k40_x16"), src).value("moe", "all_to_all_mb_per_layer")
+    traffic = estimate(workload, load_hardware("k40_x16"), src).moe.all_to_all_mb_per_layer
     copies = 2 if ranks_hold_whole_groups else 4
     assert traffic == pytest.approx(20480 * copies * 512 * 4 / 1e6, rel=1e-6)

@@ -51,26 +51,26 @@ def test_only_dense_phases_equal_the_dense_baseline_exactly(tmp_path):
         data["schedules"] = {"dense": {"phases": [{"mode": "dense", "tokens": 4e9}, {"mode": "dense", "tokens": 6e9}]}}
         data.pop("serve")
     result = _estimate(_workload_file(tmp_path, all_dense))
-    totals = result.sections["schedule dense"]
-    assert totals["days"] == pytest.approx(totals["dense_baseline_days"], rel=1e-12)
-    assert totals["days"] == pytest.approx(result.sections["run"]["days"], rel=1e-12)
-    assert totals["kwh"] == pytest.approx(totals["dense_baseline_kwh"], rel=1e-12)
-    assert totals["switches"] == 0 and totals["speedup_vs_dense"] == pytest.approx(1.0)
+    totals = result.schedules["schedule dense"]
+    assert totals.days == pytest.approx(totals.dense_baseline_days, rel=1e-12)
+    assert totals.days == pytest.approx(result.run.days, rel=1e-12)
+    assert totals.kwh == pytest.approx(totals.dense_baseline_kwh, rel=1e-12)
+    assert totals.switches == 0 and totals.speedup_vs_dense == pytest.approx(1.0)
 
 
 def test_phase_times_add_up_to_the_total():
     result = _estimate(SSD)
     for name in ("ssd", "one_long_sparse"):
-        rows = [r for r in result.phases if r["schedule"] == name]
-        totals = result.sections[f"schedule {name}"]
-        assert sum(r["seconds"] for r in rows) / 86400 == pytest.approx(totals["days"], rel=1e-12)
-        assert sum(r["usd"] for r in rows) == pytest.approx(totals["usd"], rel=1e-12)
-        assert sum(r["tokens"] for r in rows) == pytest.approx(1e10)
+        rows = [r for r in result.phases if r.schedule == name]
+        totals = result.schedules[f"schedule {name}"]
+        assert sum(r.seconds for r in rows) / 86400 == pytest.approx(totals.days, rel=1e-12)
+        assert sum(r.usd for r in rows) == pytest.approx(totals.usd, rel=1e-12)
+        assert sum(r.tokens for r in rows) == pytest.approx(1e10)
         for row in rows:
-            if row["phase"] != "switch":
-                assert row["seconds"] == pytest.approx(row["steps"] * row["step_s"])
+            if row.phase != "switch":
+                assert row.seconds == pytest.approx(row.steps * row.step_s)
     # The rule's run: 4 dense->sparse and 4 sparse->dense switches.
-    assert result.sections["schedule ssd"]["switches"] == 8
+    assert result.schedules["schedule ssd"].switches == 8
 
 
 def test_switch_cost_scales_with_layers_and_ffn_size():
@@ -93,16 +93,16 @@ def test_switch_cost_scales_with_layers_and_ffn_size():
 def test_sparse_phase_keeping_every_expert_costs_at_least_dense():
     workload, source = load_workload(SSD)
     system = load_hardware("dgx_a100_x1")
-    dense = estimate(workload, system, source).sections["step"]["step_s"]
+    dense = estimate(workload, system, source).step.step_s
     everything = sparse_workload(workload, Phase("sparse", 1.0, 32, 32), workload.schedules["ssd"], source, "schedule")
-    assert estimate(everything, system, source).sections["step"]["step_s"] >= dense
+    assert estimate(everything, system, source).step.step_s >= dense
 
 
 def test_fewer_active_experts_never_slow_a_sparse_step():
     workload, source = load_workload(SSD)
     system = load_hardware("dgx_a100_x1")
     steps = [estimate(sparse_workload(workload, Phase("sparse", 1.0, 32, k), workload.schedules["ssd"], source, "s"),
-                      system, source).sections["step"]["step_s"] for k in (2, 4, 8, 16)]
+                      system, source).step.step_s for k in (2, 4, 8, 16)]
     assert steps == sorted(steps)
 
 

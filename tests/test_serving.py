@@ -51,6 +51,14 @@ def test_unloaded_request_latency_is_prefill_plus_decode_steps():
     assert result.tpot[0] == pytest.approx(costs.decode.at(1))
 
 
+def test_events_follow_requests_not_tokens():
+    workload, costs = _costs(SMALL, "h200", ["memory_gb=200"])
+    result = simulate_serving(costs, workload.serve, [Request(0.0, 16, 8), Request(1e6, 16, 8)], 1)
+    # prefill, all 7 decode steps as one stretch, idle until the second arrival, its prefill and stretch
+    assert result.events == 5
+    assert result.span == pytest.approx(1e6 + _service_time(costs, workload.serve))
+
+
 def test_continuous_batching_raises_throughput_under_a_burst():
     def burst_throughput(batch: int) -> float:
         workload, costs = _costs([f"serve.batch={batch}", "serve.prompt_tokens=64", "serve.output_tokens=32"],
@@ -109,11 +117,11 @@ def test_expert_cache_hit_rate_follows_routing_skew():
 def test_serving_estimate_reports_tails_and_cache():
     result = estimate(*load_workload("mixtral_8x7b_serve_edge")[:1], load_hardware("jetson_agx_orin"), "w",
                       SimulationOptions(request_count=200))
-    latency = result.sections["latency"]
-    assert latency["ttft_p50_s"] <= latency["ttft_p95_s"] <= latency["ttft_p99_s"]
-    assert latency["latency_p50_s"] <= latency["latency_p99_s"]
-    assert 0 < result.value("expert_cache", "hit_rate") < 1
-    assert 0 < result.value("expert_cache", "loading_share_of_busy_time") < 1
+    latency = result.latency
+    assert latency.ttft_p50_s <= latency.ttft_p95_s <= latency.ttft_p99_s
+    assert latency.latency_p50_s <= latency.latency_p99_s
+    assert 0 < result.expert_cache.hit_rate < 1
+    assert 0 < result.expert_cache.loading_share_of_busy_time < 1
 
 
 def test_a_request_that_can_never_fit_names_the_workload_file():

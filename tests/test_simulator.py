@@ -16,14 +16,17 @@ from simcc.specs.loader import load_hardware, load_workload
 from simcc.plan.training import ChunkPlan, Cost, StagePlan, TrainingPlan, build_training_plan
 
 
-def _finish_times(starts_and_work: list[tuple[float, float]]) -> list[float]:
+def _finish_times(starts_and_work: list[tuple[float, float | tuple[float, ...]]]) -> list[float]:
+    """When each sender's last flow ends; a tuple of works is sent back to back, each flow
+    starting the instant the one before it ends."""
     env = simpy.Environment()
     link = FairShareLink(env, "l")
     finished: list[float] = [0.0] * len(starts_and_work)
 
-    def flow(i: int, start: float, work: float):
+    def flow(i: int, start: float, work: float | tuple[float, ...]):
         yield env.timeout(start)
-        yield link.transfer(work)
+        for piece in work if isinstance(work, tuple) else (work,):
+            yield link.transfer(piece)
         finished[i] = env.now
 
     for i, (start, work) in enumerate(starts_and_work):
@@ -46,6 +49,46 @@ def test_bandwidth_is_shared_not_queued():
     assert _finish_times([(0.0, 1.0), (0.5, 1.0)]) == [pytest.approx(1.5), pytest.approx(2.0)]
     # first-come-first-served would have finished A at 1.0; a short flow is not stuck behind a long one
     assert _finish_times([(0.0, 10.0), (0.0, 1.0)]) == [pytest.approx(11.0), pytest.approx(2.0)]
+
+
+def test_flows_sharing_a_link_finish_at_hand_derived_times():
+    # both at half speed: the 1 s flow ends at 2 s, leaving the 2 s flow 1 s of work at full speed
+    assert _finish_times([(0.0, 1.0), (0.0, 2.0)]) == [pytest.approx(2.0, abs=1e-12), pytest.approx(3.0, abs=1e-12)]
+    # a flow started the instant another ends shares from then on: A's second flow (t=2) and B's
+    # remaining 2 s run at half speed until 4; B's last 1 s runs alone until 5
+    assert _finish_times([(0.0, (1.0, 1.0)), (0.0, 3.0)]) == [pytest.approx(4.0, abs=1e-12), pytest.approx(5.0, abs=1e-12)]
+
+
+def _private_attributes(source: str, on_self: bool) -> set[str]:
+    """Non-dunder names starting with `_` read or written as attributes in `source`; only those on
+    `self` with on_self, only those on anything else without."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("__"):
+            if (isinstance(node.value, ast.Name) and node.value.id == "self") == on_self:
+                names.add(node.attr)
+        elif on_self and isinstance(node, ast.FunctionDef) and node.name.startswith("_") and not node.name.endswith("__"):
+            names.add(node.name)
+    return names
+
+
+def test_links_use_only_public_simpy_api():
+    """simpy's private fields may change in any release, and pyproject no longer caps simpy's version.
+    A flow subclasses simpy.Event, so `self._x` counts too when `_x` is one of simpy's own names."""
+    import inspect
+    from pathlib import Path
+
+    import simcc.sim.links as links
+
+    source = inspect.getsource(links)
+    simpy_private = set().union(*(_private_attributes(f.read_text(), on_self)
+                                  for f in Path(simpy.__file__).parent.rglob("*.py") for on_self in (True, False)))
+    assert {"_ok", "_value"} <= simpy_private  # what firing an event by hand takes
+    assert _private_attributes(source, on_self=False) == set()
+    assert _private_attributes(source, on_self=True) & simpy_private == set()
+    assert ".callbacks =" not in source  # append to an event's callbacks; only simpy marks it processed
 
 
 def _plan(p: int, m: int, v: int, schedule: str, forward: float = 1.0, backward: float = 2.0) -> TrainingPlan:
@@ -119,12 +162,12 @@ def test_expert_parallel_layer_runs_at_its_busiest_rank():
 def test_runs_are_reproducible_by_seed():
     workload, system, layout = _moe_case(["model.blocks.1.blocks.1.moe_ffn.load.distribution=cv",
                                           "model.blocks.1.blocks.1.moe_ffn.load.cv=0.3"])
-    first = estimate(workload, system, "w").value("step", "step_s")
-    again = estimate(workload, system, "w").value("step", "step_s")
+    first = estimate(workload, system, "w").step.step_s
+    again = estimate(workload, system, "w").step.step_s
     other, _ = load_workload("mixtral_8x7b_train_64xh100", ["seed=9", "model.blocks.1.blocks.1.moe_ffn.load.distribution=cv",
                                                             "model.blocks.1.blocks.1.moe_ffn.load.cv=0.3"])
     assert first == again
-    assert estimate(other, system, "w").value("step", "step_s") != first
+    assert estimate(other, system, "w").step.step_s != first
 
 
 def test_trace_has_a_track_per_stage(tmp_path):
@@ -145,8 +188,8 @@ def test_simulation_cost_does_not_grow_with_data_parallel_width():
     workload, _, _ = small
     big_system = load_hardware("dgx_h100_x128")
     wide, src = load_workload("mixtral_8x7b_train_64xh100", ["train.global_batch=4096"])
-    small_events = estimate(workload, small[1], "w").value("step", "simulated_events")
-    big_events = estimate(wide, big_system, src).value("step", "simulated_events")
+    small_events = estimate(workload, small[1], "w").step.simulated_events
+    big_events = estimate(wide, big_system, src).step.simulated_events
     # 16x the devices, same micro-batches per pipeline; only the longer gradient reduction keeps a
     # few more segments from playing as one event.
     assert big_events <= 1.1 * small_events
@@ -191,7 +234,7 @@ def test_overlap_degree_never_slows_a_real_moe_step():
     times = []
     for degree in (1, 2, 4):
         w, src = load_workload("mixtral_8x7b_train_64xh100", [f"model.blocks.1.blocks.1.moe_ffn.routing.overlap_degree={degree}"])
-        times.append(estimate(w, system, src, SimulationOptions(steps=1)).value("step", "exposed_comm_s"))
+        times.append(estimate(w, system, src, SimulationOptions(steps=1)).step.exposed_comm_s)
     assert times[0] > times[1] > times[2]
 
 

@@ -29,7 +29,7 @@ def simcc(*args: str) -> subprocess.CompletedProcess:
 
 def _tokens_per_s(overrides: list[str], hardware: str, steps: int) -> float:
     workload, source = load_workload(WORKLOAD, [DENSE, *overrides])
-    return estimate(workload, load_hardware(hardware), source, SimulationOptions(steps=steps)).sections["throughput"]["tokens_per_s"]
+    return estimate(workload, load_hardware(hardware), source, SimulationOptions(steps=steps)).throughput.tokens_per_s
 
 
 def _sweep_file(tmp_path: Path, **changes) -> Path:

@@ -1,11 +1,14 @@
 """`simcc validate --suite published`: every published case still estimates, errors are the
-signed ratio to the measured figure, and the mechanisms the suite leans on hold by hand."""
+signed ratio to the measured figure, no case moves unseen (the golden table), and the mechanisms
+the suite leans on hold by hand."""
 
 from __future__ import annotations
 
+import csv
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,21 +24,45 @@ def rows():
     return run_suite(load_suite("published"))
 
 
+GOLDEN = Path(__file__).parent / "golden" / "published_suite.csv"
+ERROR_TOLERANCE_POINTS = 1.0  # percentage points a case may move before the golden table must change
+MEMORY_TOLERANCE = 0.01  # relative
+
+
 def test_every_published_case_estimates(rows):
     suite = load_suite("published")
-    assert [r["case"] for r in rows] == [c.name for c in suite.cases]
+    assert [r.case for r in rows] == [c.name for c in suite.cases]
     for row, case in zip(rows, suite.cases):
-        assert math.isfinite(row["predicted"]) and row["predicted"] > 0, row
-        assert row["error"] == pytest.approx(row["predicted"] / case.measured - 1.0)
-        assert row["dominant"] and case.source
+        assert math.isfinite(row.predicted) and row.predicted > 0, row
+        assert row.error == pytest.approx(row.predicted / case.measured - 1.0)
+        assert row.dominant and case.source
     totals = summary(rows)
-    assert totals["cases"] == len(rows) >= 30
-    assert 0 <= totals["median_abs_error"] <= totals["worst_abs_error"]
+    assert totals.cases == len(rows) >= 30
+    assert 0 <= totals.median_abs_error <= totals.worst_abs_error
+
+
+def test_no_case_moves_without_the_golden_table(rows):
+    """Every accuracy change is visible in review: a change that moves a case by more than a point
+    (or its predicted memory by more than 1%) fails here until `tests/golden/update.py` rewrites
+    the table in the same commit."""
+    with GOLDEN.open(encoding="utf-8") as handle:
+        golden = {line["case"]: line for line in csv.DictReader(handle)}
+    assert sorted(golden) == sorted(r.case for r in rows), "cases added or removed: run tests/golden/update.py"
+    moved = []
+    for row in rows:
+        expected = golden[row.case]
+        assert float(expected["measured"]) == pytest.approx(row.measured), f"{row.case}: measured figure changed"
+        if abs(row.error * 100 - float(expected["error_pct"])) > ERROR_TOLERANCE_POINTS:
+            moved.append(f"{row.case}: error {float(expected['error_pct']):+.1f}% -> {row.error * 100:+.1f}%")
+        if expected["memory_gb"] and row.memory_gb is not None and \
+                abs(row.memory_gb / float(expected["memory_gb"]) - 1) > MEMORY_TOLERANCE:
+            moved.append(f"{row.case}: memory {expected['memory_gb']} -> {row.memory_gb:.2f} GB")
+    assert not moved, "cases moved (update tests/golden with the change that moved them):\n" + "\n".join(moved)
 
 
 def test_suite_covers_the_published_families():
     metrics = {c.metric for c in load_suite("published").cases}
-    assert metrics == {"step_s", "tflops_per_device", "throughput_ratio", "busbw_gb_s", "latency_us"}
+    assert metrics == {"step_s", "tflops_per_device", "throughput_ratio", "activation_memory_ratio", "busbw_gb_s", "latency_us"}
 
 
 def test_large_all_reduce_bus_bandwidth_is_the_link_at_its_efficiency():

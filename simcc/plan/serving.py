@@ -36,13 +36,9 @@ class StepTable:
 
     batch_sizes: tuple[int, ...]
     seconds: tuple[float, ...]
-    comm_seconds: tuple[float, ...]
 
     def at(self, batch: float) -> float:
         return float(np.interp(batch, self.batch_sizes, self.seconds))
-
-    def comm_at(self, batch: float) -> float:
-        return float(np.interp(batch, self.batch_sizes, self.comm_seconds))
 
 
 @dataclass(frozen=True)
@@ -68,9 +64,9 @@ def batch_grid(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def _step_seconds(costs: list[Cost]) -> tuple[float, float]:
-    comm = sum(c.seconds for c in costs if c.stream == "comm")
-    return sum(c.seconds for c in costs if c.stream == "compute") + comm, comm
+def _step_seconds(costs: list[Cost]) -> float:
+    """One step runs its stages' compute and communication in sequence."""
+    return sum(c.seconds for c in costs if c.stream == "compute") + sum(c.seconds for c in costs if c.stream == "comm")
 
 
 def _expert_bytes(spec: MoEFFNBlock, hidden: int, dtype: str) -> float:
@@ -146,8 +142,8 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
         resident = int((experts - memory.offloaded_weights) // expert_bytes)
     storage = system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0
     costs = ServingCosts(
-        prefill=StepTable(grid, tuple(r[0] for r in prefill_rows), tuple(r[1] for r in prefill_rows)),
-        decode=StepTable(grid, tuple(r[0] for r in decode_rows), tuple(r[1] for r in decode_rows)),
+        prefill=StepTable(grid, tuple(prefill_rows)),
+        decode=StepTable(grid, tuple(decode_rows)),
         memory=memory, kv_bytes_per_token=kv_per_token, moe_layers=moe_layers, expert_bytes=expert_bytes,
         resident_experts=resident, storage_bandwidth=storage, moe=moe_stats,
     )

@@ -7,15 +7,7 @@ import io
 import json
 from typing import Any
 
-from simcc.estimate import Estimate
-
-SECTION_TITLES = {
-    "layout": "Parallel layout", "model": "Model", "step": "Training step (critical stage)",
-    "latency": "Serving latency", "throughput": "Throughput", "memory": "Memory per device",
-    "moe": "MoE routing", "expert_cache": "Expert cache (edge)", "run": "Whole run",
-    "schedule": "Dense/sparse schedule (whole run, next to all-dense)",
-    "serving dense vs moe": "Serving the trained model: dense vs MoEfied",
-}
+from simcc.results import Estimate, MoELayerRow, PhaseRow, ScheduleSection
 
 
 def _fmt(value: Any) -> str:
@@ -36,9 +28,11 @@ LAYER_ROWS_IN_TABLE = 12  # beyond this, the table shows the layers that wait lo
 
 
 def to_dict(result: Estimate) -> dict[str, Any]:
-    layers = {"moe_layers": result.moe_layers} if result.moe_layers else {}
-    phases = {"phases": result.phases} if result.phases else {}
-    return {"workload": result.workload, "hardware": result.hardware, **result.sections, **layers, **phases,
+    """The JSON document: every section under its report key, then per-layer and per-phase rows."""
+    sections = {key: section.as_dict() for key, section in result.sections()}
+    layers = {"moe_layers": [row.as_dict() for row in result.moe_layers]} if result.moe_layers else {}
+    phases = {"phases": [row.as_dict() for row in result.phases]} if result.phases else {}
+    return {"workload": result.workload, "hardware": result.hardware, **sections, **layers, **phases,
             "notes": result.notes}
 
 
@@ -50,23 +44,23 @@ def to_csv(result: Estimate) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["section", "metric", "value"])
-    for section, values in result.sections.items():
-        for key, value in values.items():
-            writer.writerow([section, key, value])
-    for row in result.moe_layers:
-        for key, value in row.items():
+    for name, section in result.sections():
+        for key, value in section.items():
+            writer.writerow([name, key, value])
+    for layer in result.moe_layers:
+        for key, value in layer.items():
             if key != "layer":
-                writer.writerow([f"moe_layer.{row['layer']}", key, value])
-    for index, row in enumerate(result.phases):
-        for key, value in row.items():
+                writer.writerow([f"moe_layer.{layer.layer}", key, value])
+    for index, phase in enumerate(result.phases):
+        for key, value in phase.items():
             writer.writerow([f"phase.{index}", key, value])
     return buffer.getvalue()
 
 
-def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
+def _layer_table(rows: list[MoELayerRow]) -> list[str]:
     shown = rows
     if len(rows) > LAYER_ROWS_IN_TABLE:
-        shown = sorted(sorted(rows, key=lambda r: -r["imbalance_wait_s"])[:LAYER_ROWS_IN_TABLE], key=lambda r: r["layer"])
+        shown = sorted(sorted(rows, key=lambda r: -r.imbalance_wait_s)[:LAYER_ROWS_IN_TABLE], key=lambda r: r.layer)
     columns = [("layer", "layer"), ("tok/exp", "tokens_per_expert_mean"), ("max", "tokens_per_expert_max"),
                ("cv", "load_cv"), ("dropped", "dropped_fraction"), ("padding", "padding_fraction"),
                ("exp/tok", "experts_per_token"), ("a2a in MB", "a2a_intra_mb"), ("a2a out MB", "a2a_inter_mb"),
@@ -75,30 +69,30 @@ def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
              (f": the {len(shown)} of {len(rows)} that wait longest" if len(shown) < len(rows) else "")]
     lines.append("  " + " ".join(f"{title:>10}" for title, _ in columns))
     for row in shown:
-        lines.append("  " + " ".join(f"{_fmt(row[key]):>10}" for _, key in columns))
+        lines.append("  " + " ".join(f"{_fmt(getattr(row, key)):>10}" for _, key in columns))
     return lines
 
 
-def _phase_table(rows: list[dict[str, Any]]) -> list[str]:
+def _phase_table(rows: list[PhaseRow]) -> list[str]:
     columns = [("schedule", "schedule"), ("phase", "phase"), ("mode", "mode"), ("E", "experts"), ("k", "k"),
                ("tokens", "tokens"), ("steps", "steps"), ("step s", "step_s"), ("hours", "hours"), ("$", "usd"),
                ("kWh", "kwh")]
     lines = ["", "Schedule phases (switches cost MoEfication clustering and permutation)"]
     lines.append("  " + " ".join(f"{title:>14}" for title, _ in columns))
     for row in rows:
-        lines.append("  " + " ".join(f"{_fmt(row[key]):>14}" for _, key in columns))
+        lines.append("  " + " ".join(f"{_fmt(getattr(row, key)):>14}" for _, key in columns))
     return lines
 
 
 def to_table(result: Estimate) -> str:
     lines = [f"{result.workload} on {result.hardware}"]
-    width = max((len(k) for values in result.sections.values() for k in values), default=10)
-    for section, values in result.sections.items():
-        if not values:
-            continue
+    sections = [(name, list(section.items()), section) for name, section in result.sections()]
+    width = max((len(key) for _, values, _ in sections for key, _ in values), default=10)
+    for name, values, section in sections:
         lines.append("")
-        lines.append(SECTION_TITLES.get(section, section))
-        lines += [f"  {key:<{width}}  {_fmt(value):>14}" for key, value in values.items()]
+        # a named schedule is titled by its key ("schedule ssd"); every other section by its type
+        lines.append(name if isinstance(section, ScheduleSection) and name != "schedule" else section.title)
+        lines += [f"  {key:<{width}}  {_fmt(value):>14}" for key, value in values]
     if result.moe_layers:
         lines += _layer_table(result.moe_layers)
     if result.phases:

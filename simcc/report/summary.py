@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from simcc.estimate import Estimate
 from simcc.costs.money import SECONDS_PER_HOUR
+from simcc.results import Estimate, StepSection, TrainingRunSection
 from simcc.specs.hardware import System
 
-BREAKDOWN = ("compute_s", "exposed_comm_s", "imbalance_s", "bubble_s", "optimizer_s")
+BREAKDOWN = StepSection.BREAKDOWN
 COLUMNS = ("workload", "hardware", "devices", "status", "reason", "step_s", "tokens_per_s",
            "tflops_per_device", "mfu", "memory_gb", "memory_capacity_gb", "fits", "days", "device_hours", "usd", "kwh",
            "seconds_per_million_tokens", "usd_per_million_tokens", *BREAKDOWN)
@@ -18,27 +18,28 @@ COLUMNS = ("workload", "hardware", "devices", "status", "reason", "step_s", "tok
 def summary_row(result: Estimate, system: System) -> dict[str, Any]:
     """Training reports its step; serving its output tokens. $ per million tokens is the devices'
     hourly price over the tokens an hour produces (Calculon-style cost per unit of work)."""
-    sections = result.sections
-    throughput, memory = sections.get("throughput", {}), sections["memory"]  # no throughput: not simulated
-    step = sections.get("step", {})
-    run = sections.get("run", {})
-    tokens_per_s = throughput.get("tokens_per_s", throughput.get("output_tokens_per_s"))
+    assert result.memory is not None  # every estimate sizes memory, simulated or not
+    memory, step, throughput = result.memory, result.step, result.throughput  # no throughput: not simulated
+    run = result.run if isinstance(result.run, TrainingRunSection) else None
+    tokens_per_s = result.tokens_per_s
     price = system.price.usd_per_device_hour if system.price else None
     per_million = (system.devices * price / SECONDS_PER_HOUR / tokens_per_s * 1e6
                    if price is not None and tokens_per_s else None)
-    fits = bool(memory["fits"])
+    fits = memory.fits
     row: dict[str, Any] = {
         "workload": result.workload, "hardware": result.hardware, "devices": system.devices,
         "status": "ok" if fits else "does not fit",
         "reason": "" if fits else next((n for n in result.notes if n.startswith("does not fit")), "does not fit"),
-        "step_s": step.get("step_s"), "tokens_per_s": tokens_per_s,
-        "tflops_per_device": throughput.get("model_tflops_per_device"), "mfu": throughput.get("mfu"),
-        "memory_gb": memory["total_gb"], "memory_capacity_gb": memory["capacity_gb"], "fits": fits,
-        "days": run.get("days"), "device_hours": run.get("device_hours"), "usd": run.get("usd"), "kwh": run.get("kwh"),
+        "step_s": step.step_s if step else None, "tokens_per_s": tokens_per_s,
+        "tflops_per_device": throughput.model_tflops_per_device if throughput else None,
+        "mfu": throughput.mfu if throughput else None,
+        "memory_gb": memory.total_gb, "memory_capacity_gb": memory.capacity_gb, "fits": fits,
+        "days": run.days if run else None, "device_hours": run.device_hours if run else None,
+        "usd": run.usd if run else None, "kwh": run.kwh if run else None,
         "seconds_per_million_tokens": 1e6 / tokens_per_s if tokens_per_s else None,
         "usd_per_million_tokens": per_million,
     }
-    row.update({key: step.get(key) for key in BREAKDOWN})
+    row.update(step.breakdown() if step else {key: None for key in BREAKDOWN})
     return row
 
 

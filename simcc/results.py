@@ -1,0 +1,306 @@
+"""What an estimate returns, as types: one dataclass per report section, one per table row.
+
+Field names carry their unit (`_s`, `_gb`, `_mb`, `usd`, `kwh`) and are the keys users see in
+JSON and CSV; renderers derive every output format from these fields, so a metric is named in
+exactly one place. A field made with `optional()` is left out of the output while it is None
+(a section that only some workloads have a value for); other None values print as "-".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+OMIT_IF_NONE = "omit_if_none"
+
+
+def optional() -> Any:
+    """A field that only some estimates have: absent from the output when None."""
+    return field(default=None, metadata={OMIT_IF_NONE: True})
+
+
+class Record:
+    """A dataclass whose fields render as (name, value) pairs, in declaration order."""
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for spec in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, spec.name)
+            if value is None and spec.metadata.get(OMIT_IF_NONE):
+                continue
+            yield spec.name, value
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+
+class Section(Record):
+    title: ClassVar[str]
+
+
+@dataclass(frozen=True)
+class LayoutSection(Section):
+    title: ClassVar[str] = "Parallel layout"
+    devices: int
+    nodes: int
+    dp: int
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    expert_tp: int
+    expert_dp: int
+    microbatches_per_step: int
+
+
+@dataclass(frozen=True)
+class ModelSection(Section):
+    title: ClassVar[str] = "Model"
+    params_b: float
+    active_params_b: float
+    # threshold activation (Gallicchio & Nuti 2025): expected and tail compute per input
+    input_dependent_flop_share: float | None = optional()
+    blocks_fired_mean: float | None = optional()
+    blocks_fired_p95: float | None = optional()
+    blocks_fired_p99: float | None = optional()
+    forward_gflop_per_token: float | None = optional()  # training: model FLOPs convention
+    # capacity-to-computation ratio (Cho & Bengio 2014): parameters per forward FLOP of one token
+    params_per_token_flop: float | None = optional()
+    serve_width: float | None = optional()  # anytime networks: the width served
+
+
+@dataclass(frozen=True)
+class StepSection(Section):
+    """Where the critical (busiest) stage's step time goes, measured from the simulated timeline."""
+
+    title: ClassVar[str] = "Training step (critical stage)"
+    step_s: float
+    step_p95_s: float
+    compute_s: float
+    exposed_comm_s: float
+    imbalance_s: float
+    bubble_s: float
+    optimizer_s: float
+    simulated_steps: int
+    simulated_events: int
+
+    # The parts a step is split into, in report order (compare and sweep columns, validation's
+    # dominant part, plots).
+    BREAKDOWN: ClassVar[tuple[str, ...]] = ("compute_s", "exposed_comm_s", "imbalance_s", "bubble_s", "optimizer_s")
+
+    def breakdown(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.BREAKDOWN}
+
+    def dominant(self) -> str:
+        """The part that takes most of the step, with its share: 'compute 77%'."""
+        parts = self.breakdown()
+        name = max(parts, key=lambda key: parts[key])
+        return f"{name.removesuffix('_s')} {parts[name] / self.step_s:.0%}"
+
+
+@dataclass(frozen=True)
+class LatencySection(Section):
+    title: ClassVar[str] = "Serving latency"
+    requests_simulated: int
+    ttft_p50_s: float
+    ttft_p95_s: float
+    ttft_p99_s: float
+    tpot_mean_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    queueing_mean_s: float
+    queueing_p95_s: float
+
+
+@dataclass(frozen=True)
+class TrainingThroughput(Section):
+    title: ClassVar[str] = "Throughput"
+    tokens_per_s: float
+    model_tflops_per_device: float  # model FLOPs (Narayanan et al. 2021 convention) per second
+    mfu: float
+
+
+@dataclass(frozen=True)
+class ServingThroughput(Section):
+    title: ClassVar[str] = "Throughput"
+    requests_per_s: float
+    output_tokens_per_s: float
+    busy_fraction: float
+    model_tflops_per_device: float
+    mfu: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens_per_s
+
+
+@dataclass(frozen=True)
+class MemorySection(Section):
+    """Per device, of the stage that holds the most."""
+
+    title: ClassVar[str] = "Memory per device"
+    weights_gb: float
+    gradients_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    buffers_gb: float
+    kv_cache_gb: float
+    reserve_gb: float
+    offloaded_weights_gb: float
+    total_gb: float
+    capacity_gb: float
+    headroom_gb: float
+    fits: bool
+
+
+@dataclass(frozen=True)
+class MoESection(Section):
+    title: ClassVar[str] = "MoE routing"
+    moe_layers: int
+    load_cv: float
+    max_over_mean_load: float
+    dropped_fraction: float
+    padding_fraction: float
+    experts_per_token: float
+    all_to_all_mb_per_layer: float
+
+
+@dataclass(frozen=True)
+class ExpertCacheSection(Section):
+    title: ClassVar[str] = "Expert cache (edge)"
+    resident_experts: int
+    hit_rate: float
+    loading_share_of_busy_time: float
+
+
+@dataclass(frozen=True)
+class TrainingRunSection(Section):
+    title: ClassVar[str] = "Whole run"
+    total_tokens: float
+    days: float
+    device_hours: float
+    usd: float | None  # None: the profile has no price
+    kwh: float
+
+
+@dataclass(frozen=True)
+class ServingRunSection(Section):
+    title: ClassVar[str] = "Whole run"
+    seconds_per_million_tokens: float
+    usd_per_million_tokens: float | None
+    kwh_per_million_tokens: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleSection(Section):
+    """A dense/sparse schedule's whole run (SSD, Zhang et al. 2024), next to all-dense training."""
+
+    title: ClassVar[str] = "Dense/sparse schedule (whole run, next to all-dense)"
+    phases: int
+    switches: int
+    total_tokens: float
+    sparse_token_share: float
+    days: float
+    device_hours: float
+    usd: float | None = optional()  # None: the profile has no price
+    kwh: float
+    switch_hours: float
+    dense_baseline_days: float
+    dense_baseline_usd: float | None = optional()
+    dense_baseline_kwh: float
+    speedup_vs_dense: float
+    peak_memory_gb: float
+    peak_memory_phase: str
+    fits: bool
+
+
+@dataclass(frozen=True)
+class DenseVsMoESection(Section):
+    title: ClassVar[str] = "Serving the trained model: dense vs MoEfied"
+    moe_experts: int
+    moe_k: int
+    dense_latency_p50_s: float
+    dense_tpot_mean_s: float
+    dense_output_tokens_per_s: float
+    moe_latency_p50_s: float
+    moe_tpot_mean_s: float
+    moe_output_tokens_per_s: float
+    moe_speedup_tpot: float
+
+
+@dataclass(frozen=True)
+class MoELayerRow(Record):
+    """One MoE layer per step: load, drops, padding, all-to-all traffic in and out of the node,
+    and the wait its imbalance causes."""
+
+    layer: int
+    tokens_per_expert_mean: float
+    tokens_per_expert_max: float
+    load_cv: float
+    dropped_fraction: float
+    padding_fraction: float
+    experts_per_token: float
+    no_expert_fraction: float
+    a2a_intra_mb: float
+    a2a_inter_mb: float
+    imbalance_wait_s: float
+
+
+@dataclass(frozen=True)
+class PhaseRow(Record):
+    """One phase or switch of a dense/sparse schedule."""
+
+    schedule: str
+    phase: str
+    mode: str
+    experts: int | None
+    k: int | None
+    tokens: float
+    steps: float
+    step_s: float | None
+    seconds: float
+    hours: float
+    usd: float | None
+    kwh: float
+
+
+@dataclass
+class Estimate:
+    """Everything one estimate found. Sections a run does not have are None (a serving run has
+    no step; a layout that does not fit is not simulated, so it has only layout, model, memory)."""
+
+    workload: str
+    hardware: str
+    layout: LayoutSection
+    model: ModelSection
+    memory: MemorySection | None = None
+    step: StepSection | None = None
+    latency: LatencySection | None = None
+    throughput: TrainingThroughput | ServingThroughput | None = None
+    expert_cache: ExpertCacheSection | None = None
+    moe: MoESection | None = None
+    run: TrainingRunSection | ServingRunSection | None = None
+    schedules: dict[str, ScheduleSection] = field(default_factory=dict)  # by report key
+    dense_vs_moe: DenseVsMoESection | None = None
+    moe_layers: list[MoELayerRow] = field(default_factory=list)
+    phases: list[PhaseRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def sections(self) -> list[tuple[str, Section]]:
+        """(report key, section) in report order; the keys are the JSON object names."""
+        ordered: list[tuple[str, Section | None]] = [
+            ("layout", self.layout), ("model", self.model), ("step", self.step), ("latency", self.latency),
+            ("throughput", self.throughput), ("memory", self.memory), ("expert_cache", self.expert_cache),
+            ("moe", self.moe), ("run", self.run), *self.schedules.items(), ("serving dense vs moe", self.dense_vs_moe),
+        ]
+        return [(key, section) for key, section in ordered if section is not None]
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.memory.fits
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Training tokens, or serving output tokens, per second; None when not simulated."""
+        return self.throughput.tokens_per_s if self.throughput is not None else None
