@@ -12,7 +12,8 @@ from simcc.specs.workload import AttentionBlock
 
 
 def _setup(overrides):
-    workload, src = load_workload("gpt_22b_dense_train_8xa100", overrides)
+    # one sequence per micro-batch, whatever the shipped run uses, so that b = 1 below
+    workload, src = load_workload("gpt_22b_dense_train_8xa100", ["parallelism.micro_batch=1", *overrides])
     system = load_hardware("dgx_a100_x1")
     return workload, system, build_layout(workload, system, src)
 
@@ -86,7 +87,8 @@ def test_saved_activations_per_layer_follow_korthikanti_table_2(sets, per_layer_
     from simcc.plan.training import chunk_works
 
     def saved(layers: int) -> float:
-        workload, src = load_workload("gpt_22b_dense_train_8xa100", sets + [f"model.blocks.1.repeat={layers}"])
+        workload, src = load_workload("gpt_22b_dense_train_8xa100",
+                                      ["parallelism.micro_batch=1", *sets, f"model.blocks.1.repeat={layers}"])
         return chunk_works(workload, build_layout(workload, load_hardware("dgx_a100_x1"), src))[0].saved_bytes
 
     s, b, h, a, t = 2048, 1, 6144, 64, 8

@@ -240,7 +240,7 @@ def test_overlap_degree_never_slows_a_real_moe_step():
 
 def test_gradient_buckets_overlap_the_backward_pass():
     def run(overlap: bool):
-        w, src = load_workload("gpt_22b_dense_train_8xa100", ["parallelism.tp=1", "train.global_batch=8",
+        w, src = load_workload("gpt_22b_dense_train_8xa100", ["parallelism.tp=1", "parallelism.micro_batch=1", "train.global_batch=8",
                                                                "parallelism.recompute=full", "model.blocks.1.repeat=8",
                                                                f"parallelism.overlap_grad_reduce={str(overlap).lower()}"])
         system = load_hardware("dgx_a100_x1")
