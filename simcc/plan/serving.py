@@ -18,12 +18,12 @@ from simcc.costs.memory import MemoryBreakdown, serving_memory
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, MoEStats, kv_cache_bytes_per_token
 from simcc.model.anytime import served_units
-from simcc.model.graph import Block, stage_units
+from simcc.model.graph import Block, Unit, stage_units
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
 from simcc.specs.workload import AttentionBlock, MoEFFNBlock, ServeSpec, Workload
-from simcc.plan.training import Cost, ForwardWork, cost_item, forward_work
+from simcc.plan.training import Cost, ForwardWork, cost_item, footprint, forward_work
 
 
 CACHE_SAMPLE_CYCLES = 6  # request cycles (one prefill, then its decode steps) in the cache profile
@@ -84,18 +84,48 @@ def _kv_bytes(block: Block, hidden: int, workload: Workload, layout: Layout) -> 
 
 
 def serving_costs(workload: Workload, system: System, layout: Layout) -> ServingCosts:
+    """Step tables over batch sizes, the heaviest stage's memory, and which experts stay resident."""
     assert workload.serve is not None
     serve = workload.serve
-    hidden = workload.model.hidden
     units = served_units(workload)
     chunks = stage_units(units, layout.pp * layout.vpp)
-    act_bytes = DTYPE_BYTES[workload.precision.communication] * hidden
-    context = serve.prompt_tokens + serve.output_tokens // 2  # mean context while decoding
+    tables = _step_tables(workload, system, layout, chunks)
+    stage = _heaviest_stage(workload, layout, chunks, tables.full_batch)
+    kv_total = stage.kv_bytes_per_token * serve.batch * (serve.prompt_tokens + serve.output_tokens)
+    memory = serving_memory(system, layout, stage.weight_bytes + stage.expert_bytes, stage.expert_bytes, kv_total,
+                            stage.activation_peak)
+    moe_layers = tuple(b.spec for u in units for b in u.blocks if isinstance(b.spec, MoEFFNBlock))
+    expert_bytes = (_expert_bytes(moe_layers[0], workload.model.hidden, workload.precision.weights) / layout.expert_tp
+                    if moe_layers else 0.0)
+    resident = sum(spec.experts // layout.ep for spec in moe_layers)
+    if expert_bytes and memory.offloaded_weights > 0:  # experts that do not fit stay on the storage tier
+        resident = int((stage.expert_bytes - memory.offloaded_weights) // expert_bytes)
+    costs = ServingCosts(
+        prefill=tables.prefill, decode=tables.decode, memory=memory, kv_bytes_per_token=stage.kv_bytes_per_token,
+        moe_layers=moe_layers, expert_bytes=expert_bytes, resident_experts=resident,
+        storage_bandwidth=system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0, moe=tables.moe,
+    )
+    return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed))
 
+
+@dataclass(frozen=True)
+class _StepTables:
+    prefill: StepTable
+    decode: StepTable
+    moe: list[MoEStats]  # decode at the full batch
+    full_batch: list[ForwardWork]  # prefill work of a whole batch, per chunk: sizes memory
+
+
+def _step_tables(workload: Workload, system: System, layout: Layout, chunks: list[list[Unit]]) -> _StepTables:
+    """Prefill and decode step seconds over a grid of batch sizes; pipeline stages run in sequence."""
+    assert workload.serve is not None
+    serve = workload.serve
+    act_bytes = DTYPE_BYTES[workload.precision.communication] * workload.model.hidden
+    context = serve.prompt_tokens + serve.output_tokens // 2  # mean context while decoding
     grid = batch_grid(serve.batch)
     prefill_rows, decode_rows = [], []
     moe_stats: list[MoEStats] = []
-    full_batch: list[ForwardWork] = []  # prefill work of a whole batch, per chunk: also sizes memory
+    full_batch: list[ForwardWork] = []
     for size in grid:
         prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens)
         decode_batch = Batch(size, 1, context)
@@ -114,40 +144,34 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
             hop = cost_item(Comm("pp.send", "p2p", batch.tokens * act_bytes, "pp"), system, layout)
             costs.append(Cost(hop.name, "comm", hop.seconds * (layout.pp - 1), link=hop.link))
             rows.append(_step_seconds(costs))
+    return _StepTables(StepTable(grid, tuple(prefill_rows)), StepTable(grid, tuple(decode_rows)), moe_stats, full_batch)
 
-    # Memory of the heaviest pipeline stage.
+
+@dataclass(frozen=True)
+class _StageMemory:
+    weight_bytes: float  # dense weights
+    expert_bytes: float  # expert weights
+    kv_bytes_per_token: float
+    activation_peak: float  # the largest op's input and output, alive together
+
+
+def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]],
+                    full_batch: list[ForwardWork]) -> _StageMemory:
+    """The pipeline stage whose weights weigh most: its parameters as the training plan counts them
+    (plan.training.footprint), its KV cache per token, and its activation peak."""
     wbytes = DTYPE_BYTES[workload.precision.weights]
-    heaviest = (0.0, 0.0, 0.0, 0.0)  # weights, expert weights, kv per token, activation peak
+    hidden = workload.model.hidden
+    heaviest = _StageMemory(0.0, 0.0, 0.0, 0.0)
     for stage in range(layout.pp):
-        weights = experts = kv = act = 0.0
-        for index in (v * layout.pp + stage for v in range(layout.vpp)):
-            work = full_batch[index]
-            dense, expert = layout.local_params(work.params)
-            weights += dense * wbytes
-            experts += expert * wbytes
-            kv += sum(_kv_bytes(b, hidden, workload, layout) for u in chunks[index] for b in u.blocks)
-            act = max(act, max((2 * i.saved_bytes for i in work.items if isinstance(i, Op)), default=0.0))
-        if weights + experts > heaviest[0] + heaviest[1]:
-            heaviest = (weights, experts, kv, act)
-    weights, experts, kv_per_token, act = heaviest
-    kv_total = kv_per_token * serve.batch * (serve.prompt_tokens + serve.output_tokens)
-    memory = serving_memory(system, layout, weights + experts, experts, kv_total, act)
-
-    moe_layers = tuple(b.spec for u in units for b in u.blocks if isinstance(b.spec, MoEFFNBlock))
-    expert_bytes = (_expert_bytes(moe_layers[0], hidden, workload.precision.weights) / layout.expert_tp
-                    if moe_layers else 0.0)
-    total_experts = sum(spec.experts // layout.ep for spec in moe_layers)
-    resident = total_experts
-    if expert_bytes and memory.offloaded_weights > 0:
-        resident = int((experts - memory.offloaded_weights) // expert_bytes)
-    storage = system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0
-    costs = ServingCosts(
-        prefill=StepTable(grid, tuple(prefill_rows)),
-        decode=StepTable(grid, tuple(decode_rows)),
-        memory=memory, kv_bytes_per_token=kv_per_token, moe_layers=moe_layers, expert_bytes=expert_bytes,
-        resident_experts=resident, storage_bandwidth=storage, moe=moe_stats,
-    )
-    return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed))
+        indices = [v * layout.pp + stage for v in range(layout.vpp)]
+        params, _, _ = footprint([full_batch[i] for i in indices])
+        dense, expert = layout.local_params(params)
+        kv = sum(_kv_bytes(b, hidden, workload, layout) for i in indices for u in chunks[i] for b in u.blocks)
+        peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),
+                   default=0.0)
+        if dense * wbytes + expert * wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
+            heaviest = _StageMemory(dense * wbytes, expert * wbytes, kv, peak)
+    return heaviest
 
 
 @dataclass(frozen=True)
