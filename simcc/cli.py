@@ -10,6 +10,7 @@ from typing import Iterable
 import click
 
 from simcc.errors import InputError
+from simcc.io import check_output
 
 FORMATS = click.Choice(["table", "json", "csv"])
 
@@ -22,6 +23,10 @@ class SimccGroup(click.Group):
             return super().invoke(ctx)
         except InputError as err:
             click.echo(f"error: {err.one_line()}", err=True)
+            sys.exit(2)
+        except click.UsageError as err:  # a bad option value: one line too, not click's usage block
+            command = err.ctx.command_path if err.ctx else "simcc"
+            click.echo(f"error: {command}: {err.format_message()}".replace("\n", " "), err=True)
             sys.exit(2)
 
 
@@ -40,11 +45,11 @@ def main() -> None:
 @click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Training steps to simulate, each with a fresh expert-load draw.")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed for load draws (default: the workload's).")
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--trace", "trace_path", default=None,
               help="Write the simulated training timeline as Chrome/Perfetto trace-event JSON.")
 @click.option("--requests", "request_count", type=click.IntRange(1, 10_000_000), default=2000, show_default=True,
               help="Serving: Poisson requests to simulate.")
-@click.option("--requests-trace", type=click.Path(dir_okay=False), default=None,
+@click.option("--requests-trace", default=None,
               help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
              trace_path: str | None, request_count: int, requests_trace: str | None) -> None:
@@ -63,10 +68,12 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
     system = load_hardware(hardware, hardware_overrides)
     timeline = Timeline(enabled=trace_path is not None)
     requests = read_request_csv(requests_trace) if requests_trace else None
+    if trace_path is not None:
+        check_output(trace_path, "--trace")
     options = SimulationOptions(steps=steps, timeline=timeline, request_count=request_count, requests=requests)
     result = run_estimate(spec, system, source, options)
     if trace_path is not None:
-        write_timeline(timeline, Path(trace_path))
+        write_timeline(timeline, Path(trace_path), "--trace")
     click.echo(RENDERERS[fmt](result), nl=False)
 
 
@@ -101,9 +108,9 @@ def compare(workloads: tuple[str, ...], profiles: tuple[str, ...], overrides: tu
 
 @main.command()
 @click.argument("spec_path", metavar="SWEEP.yaml")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", "out_path", default=None,
               help="Results table: .csv or .parquet (written atomically).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", default=None,
               help="PNG of time vs cost with the Pareto front, and the step breakdown of the best configurations.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")
@@ -127,7 +134,11 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
     spec = load_sweep(spec_path)
     _check_loadable([spec.workload], spec.hardware, spec.set)
     _check_out_suffix(out_path)
+    for path, option in ((out_path, "--out"), (plot_path, "--plot")):
+        if path is not None:
+            check_output(path, option)
     configs = sweep_configs(spec)
+    click.echo(f"sweeping {len(configs):,} configurations", err=True)  # said up front, before any is run
     started = time.perf_counter()
     with Progress(transient=True, disable=fmt != "table") as bar:
         task = bar.add_task("sweeping", total=len(configs))
@@ -190,9 +201,9 @@ def _write_table(table, path: Path) -> None:
             table.to_parquet(buffer, index=False)
         except ImportError:
             raise InputError("--out", str(path), "Parquet needs pyarrow: pip install pyarrow (or write .csv)") from None
-        write_atomically(path, buffer.getvalue())
+        write_atomically(path, buffer.getvalue(), "--out")
     else:
-        write_atomically(path, table.to_csv(index=False))
+        write_atomically(path, table.to_csv(index=False), "--out")
 
 
 @main.command("list")
@@ -217,7 +228,7 @@ def _torch_or_exit(command: str):
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Default: bf16 on cuda, fp32 on cpu.")
 @click.option("--quick", is_flag=True, help="Small shapes and short timing (a CPU run stays under two minutes).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="Measurements CSV to write.")
+@click.option("--out", "out_path", default=None, help="Measurements CSV to write.")
 @click.option("--ffn-shape", "ffn_shapes", multiple=True, metavar="HIDDENxFFNxEXPERTS",
               help="Time the MoEfication clustering (an SSD switch) at your model's FFN, e.g. 768x3072x32. Repeatable.")
 @click.pass_context
@@ -230,6 +241,7 @@ def profile(ctx: click.Context, device: str, dtype: str | None, quick: bool, out
         return
     if out_path is None:
         raise click.UsageError("Missing option '--out'.")
+    check_output(out_path, "--out")  # before minutes of profiling, not after
     shapes = tuple(_ffn_shape(text) for text in ffn_shapes)
     torch = _torch_or_exit("simcc profile")
     _check_cuda(torch, device)
@@ -245,7 +257,7 @@ def profile(ctx: click.Context, device: str, dtype: str | None, quick: bool, out
             bar.update(task, completed=done, total=total, description=name)
 
         table = run_profile(device, dtype or ("bf16" if device == "cuda" else "fp32"), quick, advance, shapes)
-    write_atomically(Path(out_path), table.to_csv(index=False))
+    write_atomically(Path(out_path), table.to_csv(index=False), "--out")
     click.echo(f"wrote {len(table)} measurements on {table['device_name'].iloc[0]} to {out_path}")
 
 
@@ -262,11 +274,12 @@ def _ffn_shape(text: str) -> tuple[int, int, int]:
               help="Local processes to start (ignored under torchrun, which sets the world).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--quick", is_flag=True, help="Messages up to 4 MB only.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True)
+@click.option("--out", "out_path", required=True)
 def profile_comm(ranks: int, device: str, quick: bool, out_path: str) -> None:
     """Time all-reduce, all-gather, reduce-scatter, all-to-all and point-to-point over message sizes
     (gloo across local CPU processes; NCCL across GPUs). Multi-GPU or multi-node:
     `torchrun --nproc-per-node 8 -m simcc profile comm --device cuda --out comm.csv`."""
+    check_output(out_path, "--out")
     torch = _torch_or_exit("simcc profile comm")
     _check_cuda(torch, device)
     from simcc.profile.comm import run_comm_profile
@@ -284,7 +297,7 @@ def _check_cuda(torch, device: str) -> None:
 @main.command()
 @click.argument("measurements", nargs=-1, required=True)
 @click.option("--base", required=True, help="Hardware profile to start from (path or shipped name).")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Calibrated profile to write.")
+@click.option("--out", "out_path", required=True, help="Calibrated profile to write.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str) -> None:
     """Fit MEASUREMENTS (kernel tables from `simcc profile`, collective tables from `simcc profile
@@ -320,7 +333,7 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
         held = F.comm_held_out(comm)
         fits = F.fit_collectives(comm[~held])
     profile = F.calibrated_profile(base_profile, device, fits)
-    write_atomically(out, F.profile_yaml(profile))
+    write_atomically(out, F.profile_yaml(profile), "--out")
     if comm is not None:
         errors = F.collective_errors(comm, system_from(profile, str(out)))
         held_errors.append(errors[F.comm_held_out(comm).to_numpy()])

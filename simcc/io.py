@@ -1,17 +1,74 @@
-"""Writing what simcc produces (results, timelines, profiles, plots) without ever leaving half a file."""
+"""Writing what simcc produces (results, timelines, profiles, plots) without ever harming what the
+user owns: no half-written file, no output on top of a file the command reads, the permissions a
+replaced file had (or the user's umask for a new one), and a bad path refused before any work."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
+from simcc.errors import InputError
 
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# Every file this process has read as input (workloads, profiles, the files they name, traces,
+# measurements). An output may never land on one of them.
+_INPUTS: set[Path] = set()
+
+
+def note_input(path: Path | str) -> None:
+    """Record a file the command reads, so that no output of the same run can replace it."""
+    try:
+        _INPUTS.add(Path(path).resolve())
+    except OSError:
+        pass  # unresolvable paths cannot be written to either
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(path: Path | str, option: str) -> Path:
+    """Refuse, before any work is done, an output path that would replace an input of this run,
+    that names a folder, that lies under a regular file, or whose folder cannot be written."""
+    target = Path(path)
+    resolved = target.resolve()
+    if any(_same_file(resolved, read) for read in _INPUTS):
+        raise InputError(option, str(path), "is a file this command reads; write the output elsewhere")
+    if target.is_dir():
+        raise InputError(option, str(path), "is a folder; expected a file name")
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(option, str(path), f"{parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(option, str(path), f"the folder {parent} is not writable")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InputError(option, str(path), "is not writable")
+    return target
+
+
+def _new_file_mode() -> int:
+    """What open() would give a new file: 0666 less the user's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomically(path: Path | str, content: str | bytes, option: str = "output") -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file. The
+    file keeps the mode of the one it replaces; a new one gets the user's umask."""
+    path = check_output(path, option)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else _new_file_mode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(option, str(path), f"cannot be written ({exc.strerror})") from None
     try:
         if isinstance(content, bytes):
             with os.fdopen(handle, "wb") as raw:
@@ -19,7 +76,11 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         else:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 out.write(content)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise InputError(option, str(path), f"cannot be written ({exc.strerror})") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simcc.errors import InputError
+from simcc.specs.base import MAX_PIPELINE_TASKS
 from simcc.model.blocks import Params
 from simcc.model.graph import units_of
 from simcc.specs.hardware import System
@@ -126,6 +127,10 @@ def _microbatches(workload: Workload, dp: int, source: str) -> int:
         raise InputError(source, "train.global_batch", f"global_batch={per_step} is not a multiple of micro_batch x dp = "
                          f"{par.micro_batch} x {dp}")
     microbatches = per_step // (par.micro_batch * dp)
+    tasks = microbatches * par.pp * par.vpp
+    if tasks > MAX_PIPELINE_TASKS:
+        raise InputError(source, "train.global_batch", f"{microbatches:,} micro-batches per pipeline x pp x vpp = {tasks:,} "
+                         f"simulated tasks per step, more than {MAX_PIPELINE_TASKS:,}; raise parallelism.micro_batch")
     if par.schedule == "interleaved" and microbatches % par.pp:
         raise InputError(source, "train.global_batch", f"interleaved schedule needs micro-batches per pipeline "
                          f"({microbatches}) to be a multiple of pp={par.pp}")

@@ -32,5 +32,5 @@ class Timeline:
         return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
-def write_timeline(trace: Timeline, path: Path) -> None:
-    write_atomically(path, json.dumps(trace.to_chrome()))
+def write_timeline(trace: Timeline, path: Path, option: str = "--trace") -> None:
+    write_atomically(path, json.dumps(trace.to_chrome()), option)

@@ -13,12 +13,19 @@ from typing import Callable, ClassVar, Literal, TypeVar
 from pydantic import Field, model_validator
 
 from simcc.specs.base import (
+    MAX_EXPERTS,
+    MAX_FIRING_SAMPLES,
+    MAX_OVERLAP_DEGREE,
+    MAX_SAMPLED_ROUTES,
+    MAX_TREE_BLOCKS,
+    MAX_WIDTH,
     Fraction,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     StrictModel,
+    int_up_to,
 )
 from simcc.specs.vocab import CapacityFormula, GatingPolicy
 
@@ -63,9 +70,9 @@ def help_line(spec_type: type[BlockSpec]) -> str:
 class AttentionBlock(BlockSpec):
     """Self-attention with Q, K, V and output projections (MHA, or GQA/MQA with fewer kv_heads)."""
 
-    heads: PositiveInt
-    kv_heads: PositiveInt | None = None  # GQA/MQA; defaults to heads (MHA)
-    head_dim: PositiveInt | None = None  # defaults to hidden / heads
+    heads: int_up_to(MAX_WIDTH)
+    kv_heads: int_up_to(MAX_WIDTH) | None = None  # GQA/MQA; defaults to heads (MHA)
+    head_dim: int_up_to(MAX_WIDTH) | None = None  # defaults to hidden / heads
     causal: bool = True
     # flash: fused kernel, no s^2 tensors; unfused: QK^T, softmax, dropout, AV as separate kernels.
     impl: Literal["flash", "unfused"] = "flash"
@@ -81,7 +88,7 @@ class AttentionBlock(BlockSpec):
 class DenseFFNBlock(BlockSpec):
     """Transformer feed-forward layer: up projection to `hidden`, activation, down projection."""
 
-    hidden: PositiveInt
+    hidden: int_up_to(MAX_WIDTH)
     gated: bool = False  # SwiGLU/GeGLU: two input projections
     activation: Activation = "gelu"
 
@@ -95,7 +102,7 @@ class GatingSpec(StrictModel):
     groups: PositiveInt | None = None  # hierarchical: primary branching (Shazeer 2017: the device count)
     k_primary: PositiveInt = 2  # hierarchical: groups per token; k / k_primary experts in each
     noisy: bool = False  # hierarchical: noisy top-k gates at both levels (Shazeer 2017)
-    vocab: PositiveInt = 32000  # hash: token-id space
+    vocab: int_up_to(MAX_WIDTH) = 32000  # hash: token-id space
     token_zipf: NonNegativeFloat = 1.0  # hash: token frequencies follow Zipf(token_zipf)
     sample_tokens: PositiveInt = 4096  # tokens routed for real per layer to measure the policy
 
@@ -136,7 +143,7 @@ class RoutingSpec(StrictModel):
     # flat: one all-to-all over the EP group; hierarchical: intra-node then inter-node (Tutel 2DH).
     all_to_all: Literal["flat", "hierarchical"] = "flat"
     # Pipeline dispatch, expert compute and combine in this many chunks (Tutel's overlap degree).
-    overlap_degree: PositiveInt = 1
+    overlap_degree: int_up_to(MAX_OVERLAP_DEGREE) = 1
     placement: Literal["contiguous", "round_robin", "file"] = "contiguous"
     placement_file: str | None = None  # CSV with a `rank` column, one row per expert
     replicate_hot: NonNegativeInt = 0  # hottest experts copied to every EP rank (FasterMoE shadowing)
@@ -153,11 +160,11 @@ class RoutingSpec(StrictModel):
 class MoEFFNBlock(BlockSpec):
     """Mixture-of-experts feed-forward layer: a router sends each token to k of `experts` FFNs."""
 
-    experts: PositiveInt
-    expert_hidden: PositiveInt
+    experts: int_up_to(MAX_EXPERTS)
+    expert_hidden: int_up_to(MAX_WIDTH)
     k: PositiveInt
     shared_experts: NonNegativeInt = 0
-    shared_expert_hidden: PositiveInt | None = None  # defaults to expert_hidden
+    shared_expert_hidden: int_up_to(MAX_WIDTH) | None = None  # defaults to expert_hidden
     gated: bool = False
     activation: Activation = "gelu"
     gating: GatingSpec = GatingSpec()
@@ -169,6 +176,10 @@ class MoEFFNBlock(BlockSpec):
         policy, routing = self.gating.policy, self.routing
         if self.k > self.experts:
             raise ValueError(f"k ({self.k}) must not exceed experts ({self.experts})")
+        routes = self.gating.sample_tokens * self.experts
+        if routes > MAX_SAMPLED_ROUTES:
+            raise ValueError(f"gating.sample_tokens x experts = {routes:,} exceeds {MAX_SAMPLED_ROUTES:,} (the routing "
+                             f"sample's size); use gating.sample_tokens <= {max(1, MAX_SAMPLED_ROUTES // self.experts)}")
         if policy == "switch" and self.k != 1:
             raise ValueError("switch gating is top-1: set k: 1")
         if policy == "gshard" and self.k != 2:
@@ -192,7 +203,7 @@ class BitPatternBlock(BlockSpec):
     weight matrices; the tree variant sums the matrices on the root-to-leaf path (2^(bits+1) - 1
     stored, bits + 1 products per token)."""
 
-    bits: PositiveInt = Field(le=24)
+    bits: int_up_to(24)
     input: PositiveInt | None = None  # defaults to the model's hidden size
     output: PositiveInt | None = None  # defaults to the model's hidden size
     tree: bool = True
@@ -207,7 +218,7 @@ class ThresholdTreeBlock(BlockSpec):
 
     widths: tuple[PositiveInt, ...] = Field(min_length=2)  # each block's MLP: input -> ... -> output
     branching: PositiveInt = Field(default=2, ge=2)
-    levels: PositiveInt = Field(default=4, le=12)
+    levels: int_up_to(12) = 4
     threshold: Fraction = 0.1  # share of the root's rate a block needs to fire
     concentration_easy: PositiveFloat = 0.2  # Dirichlet concentration of an easy input's routing
     concentration_hard: PositiveFloat = 5.0  # ... and of a hard input's (near-even split)
@@ -215,16 +226,28 @@ class ThresholdTreeBlock(BlockSpec):
     samples: PositiveInt = 2000  # inputs simulated to measure the activation distribution
     activation: Activation = "relu"
 
+    @model_validator(mode="after")
+    def _bounded(self) -> "ThresholdTreeBlock":
+        blocks = sum(self.branching**level for level in range(self.levels))
+        if blocks > MAX_TREE_BLOCKS:
+            raise ValueError(f"branching {self.branching} over {self.levels} levels makes {blocks:,} blocks; "
+                             f"at most {MAX_TREE_BLOCKS:,}")
+        leaves = self.branching ** (self.levels - 1)
+        if self.samples * leaves > MAX_FIRING_SAMPLES:
+            raise ValueError(f"samples x leaf blocks = {self.samples * leaves:,} exceeds {MAX_FIRING_SAMPLES:,}; "
+                             f"use samples <= {max(1, MAX_FIRING_SAMPLES // leaves)}")
+        return self
+
 
 @block_spec("lstm")
 class LSTMBlock(BlockSpec):
     """LSTM layer over the sequence, optionally with an output projection (LSTMP)."""
 
-    hidden: PositiveInt
-    input_size: PositiveInt | None = None  # defaults to the model's hidden size
+    hidden: int_up_to(MAX_WIDTH)
+    input_size: int_up_to(MAX_WIDTH) | None = None  # defaults to the model's hidden size
     # LSTMP (Sak et al. 2014): the cell output is projected to this size, which both feeds the
     # next time step and leaves the layer. None: no projection, the output is `hidden` wide.
-    projection: PositiveInt | None = None
+    projection: int_up_to(MAX_WIDTH) | None = None
 
 
 @block_spec("mlp")
@@ -239,10 +262,10 @@ class MLPBlock(BlockSpec):
 class ConvBlock(BlockSpec):
     """2-D convolution with "same" padding, then batch norm and activation; one token is one image."""
 
-    in_channels: PositiveInt
-    out_channels: PositiveInt
+    in_channels: int_up_to(MAX_WIDTH)
+    out_channels: int_up_to(MAX_WIDTH)
     kernel: PositiveInt
-    input_size: PositiveInt  # spatial height = width of the input feature map
+    input_size: int_up_to(MAX_WIDTH)  # spatial height = width of the input feature map
     stride: PositiveInt = 1
     groups: PositiveInt = 1
 
@@ -257,7 +280,7 @@ class ConvBlock(BlockSpec):
 class EmbeddingBlock(BlockSpec):
     """Token embedding table lookup; rides with the first pipeline stage."""
 
-    vocab: PositiveInt
+    vocab: int_up_to(MAX_WIDTH)
     # Sparse updates (TF IndexedSlices, torch sparse=True): a step syncs only the rows its tokens
     # touched, gathered from every data-parallel replica, instead of all-reducing the whole table.
     sparse_gradients: bool = False
@@ -268,5 +291,5 @@ class EmbeddingBlock(BlockSpec):
 class LMHeadBlock(BlockSpec):
     """Final norm, vocabulary projection and softmax cross-entropy; rides with the last pipeline stage."""
 
-    vocab: PositiveInt
+    vocab: int_up_to(MAX_WIDTH)
     tied: bool = False  # shares the embedding's weights

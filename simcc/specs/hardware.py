@@ -115,7 +115,7 @@ class CollectiveFit(StrictModel):
     `max_bytes`: t = latency + bytes / bandwidth (nccl-tests size; algorithm bandwidth)."""
 
     collective: Collective
-    ranks: int = Field(ge=2)
+    ranks: int = Field(ge=2, le=1 << 20)
     max_bytes: PositiveFloat
     latency_us: NonNegativeFloat
     bandwidth_gb_s: PositiveFloat

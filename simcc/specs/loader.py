@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from simcc.errors import InputError
+from simcc.io import note_input
 from simcc.specs.hardware import PROFILE_KINDS, System, system_from
-from simcc.specs.workload import Workload
+from simcc.specs.workload import MoEFFNBlock, Workload
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,22 +40,73 @@ def read_yaml(path: Path) -> dict[str, Any]:
     for every configuration); callers get their own copy to change."""
     source = str(path)
     if not path.is_file():
-        raise InputError(source, "", "file not found")
+        raise InputError(source, "", "is a folder, not a file" if path.is_dir() else "file not found")
+    note_input(path)
     stat = path.stat()
+    if stat.st_size > MAX_SPEC_BYTES:
+        raise InputError(source, "", f"{stat.st_size:,} bytes; a spec file is at most {MAX_SPEC_BYTES:,}")
     return copy.deepcopy(_parse_yaml(source, stat.st_mtime_ns, stat.st_size))
+
+
+MAX_SPEC_BYTES = 16 << 20  # a workload or profile is a few kB; this bounds parsing time and memory
+MAX_NESTING = 64  # levels of mappings and lists; real specs use fewer than ten
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build objects) that refuses a key given twice in one
+    mapping, which plain YAML loading would silently resolve to the last value, and nesting that
+    would exhaust the recursion limit."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key (a mapping or list used as a key)
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a plain value",
+                                                        key_node.start_mark) from None
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _SpecLoader.construct_mapping)
+
+
+def parse_yaml_text(text: str, source: str) -> Any:
+    """YAML text to Python values, every parse failure as one line naming the file and line."""
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise InputError(source, where, f"not valid YAML ({problem})") from None
+    except RecursionError:
+        raise InputError(source, "YAML", f"nested deeper than {MAX_NESTING} levels") from None
 
 
 @functools.lru_cache(maxsize=256)
 def _parse_yaml(source: str, modified_ns: int, size: int) -> dict[str, Any]:
-    path = Path(source)
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "YAML"
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise InputError(source, where, f"not valid YAML ({problem})") from None
+        text = Path(source).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(source, f"byte {exc.start}", "expected UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(source, "", f"cannot be read ({exc.strerror})") from None
+    data = parse_yaml_text(text, source)
     if not isinstance(data, dict):
         raise InputError(source, "", "expected a YAML mapping at the top level")
     return data
@@ -71,8 +123,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         raise InputError(f"--set {text}", "", "expected key.path=value")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_SpecLoader) if raw.strip() else ""  # noqa: S506
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return path, value
 
@@ -160,7 +212,8 @@ def _explain(error: dict[str, Any], root: type[BaseModel]) -> str:
     if kind not in ("value_error", "assertion_error") and "input" in error:
         shown = error["input"]
         if not isinstance(shown, (dict, list)):
-            message += f", got {shown!r}"
+            text = repr(shown)
+            message += f", got {text if len(text) <= 40 else text[:37] + '...'}"
     return message
 
 
@@ -254,7 +307,7 @@ def load_profile_model(name_or_path: str, overrides: list[str] | None = None):
     source = str(path)
     data = read_yaml(path)
     kind = data.get("kind")
-    if kind not in PROFILE_KINDS:
+    if not isinstance(kind, str) or kind not in PROFILE_KINDS:
         raise InputError(source, "kind", f"expected one of {', '.join(PROFILE_KINDS)}, got {kind!r}")
     roots = [_library_root(path)]
     if shipped_hardware_dir() not in roots:
@@ -301,7 +354,22 @@ def load_workload(name_or_path: str, overrides: list[str] | None = None) -> tupl
     path = resolve_workload_path(name_or_path)
     data = read_yaml(path)
     labels = _apply_all(data, overrides or [])
-    return validate(Workload, data, str(path), labels), str(path)
+    workload = validate(Workload, data, str(path), labels)
+    for referenced in referenced_files(workload.model.blocks):
+        note_input(referenced)
+    return workload, str(path)
+
+
+def referenced_files(items: list[Any]) -> list[str]:
+    """The files a model's blocks name (expert-load histograms, expert placements): inputs the
+    run reads later, which no output of the same run may replace."""
+    found: list[str] = []
+    for item in items:
+        if item.blocks is not None:
+            found += referenced_files(item.blocks)
+        elif isinstance(item.spec, MoEFFNBlock):
+            found += [f for f in (item.spec.load.histogram, item.spec.routing.placement_file) if f]
+    return found
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar
 
 from pydantic import Field, create_model, model_validator
 
-from simcc.specs.base import Fraction, NonNegativeInt, PositiveFloat, PositiveInt, StrictModel
+from simcc.specs.base import (
+    MAX_BATCH,
+    MAX_EXPANDED_BLOCKS,
+    MAX_TOKENS,
+    MAX_WIDTH,
+    Fraction,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    StrictModel,
+    int_up_to,
+)
 from simcc.specs.blocks import (  # noqa: F401 (re-exported: the block specs are part of the workload schema)
     BLOCK_SPECS,
     REPEAT_KEYS,
@@ -98,8 +109,20 @@ else:
 
 class ModelSpec(StrictModel):
     name: str
-    hidden: PositiveInt
+    hidden: int_up_to(MAX_WIDTH)
     blocks: list[BlockItem] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "ModelSpec":
+        count = expanded_blocks(self.blocks)
+        if count > MAX_EXPANDED_BLOCKS:
+            raise ValueError(f"the repeats expand to {count:,} blocks; a model has at most {MAX_EXPANDED_BLOCKS:,}")
+        return self
+
+
+def expanded_blocks(items: list[Any]) -> int:
+    """Blocks after expanding every repeat, counted without expanding them."""
+    return sum(item.repeat * expanded_blocks(item.blocks) if item.repeat is not None else 1 for item in items)
 
 
 class Parallelism(StrictModel):
@@ -156,15 +179,15 @@ class Optimizer(StrictModel):
 
 
 class TrainSpec(StrictModel):
-    seq_len: PositiveInt
-    global_batch: PositiveInt  # sequences per step
+    seq_len: int_up_to(MAX_TOKENS)
+    global_batch: int_up_to(MAX_BATCH)  # sequences per step
     total_tokens: PositiveFloat | None = None
 
 
 class ServeSpec(StrictModel):
-    batch: PositiveInt  # requests decoded together
-    prompt_tokens: PositiveInt
-    output_tokens: PositiveInt
+    batch: int_up_to(MAX_BATCH)  # requests decoded together
+    prompt_tokens: int_up_to(MAX_TOKENS)
+    output_tokens: int_up_to(MAX_TOKENS)
     arrival_rate: PositiveFloat | None = None  # requests/s
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterable
@@ -75,16 +76,30 @@ def _evaluate_batch(configs: list[Config]) -> list[dict[str, Any]]:
     return [evaluate(c) for c in configs]
 
 
+def _ignore_interrupt() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them all at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_local(configs: list[Config], jobs: int | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """In this process when one job is asked for, else a process pool over local cores."""
+    """In this process when one job is asked for, else a process pool over local cores. On Ctrl-C
+    the workers are terminated, not waited for, so an interrupted sweep exits at once."""
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1 or len(configs) == 1:
         return _collect(map(evaluate, configs), progress)
-    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
 
     chunk = max(1, min(32, len(configs) // (4 * jobs)))
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return _collect(pool.map(evaluate, configs, chunksize=chunk), progress)
+    pool = multiprocessing.Pool(jobs, initializer=_ignore_interrupt)
+    try:
+        rows = _collect(pool.imap(evaluate, configs, chunksize=chunk), progress)
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()
+    pool.join()
+    return rows
 
 
 def run_ray(configs: list[Config], address: str | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from simcc.specs.base import StrictModel
 from simcc.specs.loader import read_yaml, validate
+
+
+MAX_CONFIGURATIONS = 100_000  # about ten minutes at a sweep's speed on two cores
 
 
 class SweepSpec(StrictModel):
@@ -29,6 +32,14 @@ class SweepSpec(StrictModel):
             if "=" in path:
                 raise ValueError(f"axis {path}: give the path alone; its values go in the list")
         return axes
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "SweepSpec":
+        if self.size > MAX_CONFIGURATIONS:
+            shape = " x ".join(str(n) for n in [len(self.hardware), *(len(v) for v in self.axes.values())])
+            raise ValueError(f"{shape} = {self.size:,} configurations; a sweep runs at most {MAX_CONFIGURATIONS:,} "
+                             "(split it, or use fewer values per axis)")
+        return self
 
     @property
     def size(self) -> int:
