@@ -49,10 +49,15 @@ def main() -> None:
               help="Write the simulated training timeline as Chrome/Perfetto trace-event JSON.")
 @click.option("--requests", "request_count", type=click.IntRange(1, 10_000_000), default=2000, show_default=True,
               help="Serving: Poisson requests to simulate.")
+@click.option("--layer", "layer", type=click.IntRange(0), default=None,
+              help="Cost one block alone (its index in the expanded model, from 0) for one micro-batch on one device.")
+@click.option("--pass", "passes", type=click.Choice(["forward", "backward", "both"]), default="forward", show_default=True,
+              help="With --layer: the forward pass, the backward (with recomputation), or both.")
 @click.option("--requests-trace", default=None,
               help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
-             trace_path: str | None, request_count: int, requests_trace: str | None) -> None:
+             trace_path: str | None, request_count: int, layer: int | None, passes: str,
+             requests_trace: str | None) -> None:
     """Estimate step time, memory, throughput, cost and energy of WORKLOAD on a hardware profile."""
     from simcc.estimate import SimulationOptions
     from simcc.estimate import estimate as run_estimate
@@ -66,6 +71,11 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
         workload_overrides.append(f"seed={seed}")
     spec, source = load_workload(workload, workload_overrides)
     system = load_hardware(hardware, hardware_overrides)
+    if layer is not None:
+        from simcc.estimate import estimate_layer
+
+        click.echo(RENDERERS[fmt](estimate_layer(spec, system, source, layer, passes)), nl=False)
+        return
     timeline = Timeline(enabled=trace_path is not None)
     requests = read_request_csv(requests_trace) if requests_trace else None
     if trace_path is not None:

@@ -20,12 +20,22 @@ from simcc.model.graph import input_dependent_share, model_forward_flops, model_
 from simcc.model.threshold import request_compute_scales
 from simcc.phases import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.plan.serving import ServingCosts, serving_costs
-from simcc.plan.training import Footprint, TrainingPlan, build_training_plan, chunk_works, footprint, stage_footprints
+from simcc.plan.training import (
+    Cost,
+    Footprint,
+    TrainingPlan,
+    build_training_plan,
+    chunk_works,
+    footprint,
+    layer_costs,
+    stage_footprints,
+)
 from simcc.results import (
     DenseVsMoESection,
     Estimate,
     ExpertCacheSection,
     LatencySection,
+    LayerSection,
     LayoutSection,
     MemorySection,
     ModelSection,
@@ -85,6 +95,35 @@ def _check_precision(workload: Workload, system: System, source: str) -> None:
             supported = [d for d, v in system.device.peak_tflops.model_dump().items() if v]
             raise InputError(source, f"precision.{component}",
                              f"{system.device.name} has no {dtype} peak; it supports {', '.join(supported)}")
+
+
+PASSES = ("forward", "backward", "both")
+
+
+def estimate_layer(workload: Workload, system: System, workload_source: str, index: int,
+                   passes: str = "forward") -> Estimate:
+    """One block of the model, alone: its forward, backward (with recomputation) or both, for one
+    training micro-batch or one serving prefill batch on one device."""
+    _check_precision(workload, system, workload_source)
+    layout = build_layout(workload, system, workload_source)
+    blocks = [block for unit in units_of(workload.model) for block in unit.blocks]
+    if not 0 <= index < len(blocks):
+        raise InputError(workload_source, "--layer", f"expected 0..{len(blocks) - 1} (the model's blocks), got {index}")
+    if workload.train is not None:
+        batch = Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
+    else:
+        assert workload.serve is not None
+        batch = Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
+    forward, backward = layer_costs(workload, system, layout, index, batch)
+    chosen: list[Cost] = {"forward": forward, "backward": backward, "both": forward + backward}[passes]
+    result = Estimate(workload.name, system.name, _layout_section(layout, system), _model_section(workload))
+    result.layer = LayerSection(
+        layer=index, kind=blocks[index].kind, tokens=batch.tokens, passes=passes,
+        seconds=sum(c.seconds for c in chosen), compute_s=sum(c.seconds for c in chosen if c.stream == "compute"),
+        comm_s=sum(c.seconds for c in chosen if c.stream == "comm"),
+        forward_s=sum(c.seconds for c in forward), backward_s=sum(c.seconds for c in backward),
+        gflop=sum(c.flops for c in chosen) / 1e9)
+    return result
 
 
 # ------------------------------------------------------------------------------------------ sections

@@ -230,6 +230,25 @@ class DenseVsMoESection(Section):
 
 
 @dataclass(frozen=True)
+class LayerSection(Section):
+    """One block for one micro-batch (training) or one prefill batch (serving) on one device,
+    costed as the step plan costs it (`estimate --layer N`): to check a calibration against a
+    real layer."""
+
+    title: ClassVar[str] = "One layer (one micro-batch, one device)"
+    layer: int  # position in the expanded model, from 0
+    kind: str
+    tokens: int
+    passes: str  # forward | backward | both
+    seconds: float
+    compute_s: float
+    comm_s: float
+    forward_s: float
+    backward_s: float  # includes recomputation; no gradient sync
+    gflop: float  # executed, forward (and backward) as asked
+
+
+@dataclass(frozen=True)
 class MoELayerRow(Record):
     """One MoE layer per step: load, drops, padding, all-to-all traffic in and out of the node,
     and the wait its imbalance causes."""
@@ -283,6 +302,7 @@ class Estimate:
     run: TrainingRunSection | ServingRunSection | None = None
     schedules: dict[str, ScheduleSection] = field(default_factory=dict)  # by report key
     dense_vs_moe: DenseVsMoESection | None = None
+    layer: LayerSection | None = None
     moe_layers: list[MoELayerRow] = field(default_factory=list)
     phases: list[PhaseRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -293,6 +313,7 @@ class Estimate:
             ("layout", self.layout), ("model", self.model), ("step", self.step), ("latency", self.latency),
             ("throughput", self.throughput), ("memory", self.memory), ("expert_cache", self.expert_cache),
             ("moe", self.moe), ("run", self.run), *self.schedules.items(), ("serving dense vs moe", self.dense_vs_moe),
+            ("layer", self.layer),
         ]
         return [(key, section) for key, section in ordered if section is not None]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -141,3 +142,27 @@ def test_estimate_path_never_imports_torch(root):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_one_layer_alone_by_hand():
+    """`estimate --layer`: a dense FFN block of the 22B model at TP 8 for one micro-batch of 4
+    sequences: forward GEMM FLOPs 2 x tokens x 6144 x 24576/8 for each of the up and down
+    projections; the backward twice that (input and weight gradients), plus the replayed forward
+    under full recomputation; both passes add up."""
+    from simcc.estimate import estimate_layer
+
+    workload, source = load_workload("gpt_22b_dense_train_8xa100")
+    system = load_hardware("dgx_a100_x1")
+    tokens = 4 * 2048
+    gemm = 2 * 2 * tokens * 6144 * 24576 / 8
+    forward = estimate_layer(workload, system, source, 2, "forward").layer
+    backward = estimate_layer(workload, system, source, 2, "backward").layer
+    both = estimate_layer(workload, system, source, 2, "both").layer
+    assert forward.kind == "dense_ffn" and forward.tokens == tokens
+    assert forward.gflop * 1e9 == pytest.approx(gemm, rel=1e-2)
+    assert backward.gflop * 1e9 == pytest.approx(3 * gemm, rel=1e-2)  # 2x backward + 1x recompute
+    assert both.seconds == pytest.approx(forward.seconds + backward.seconds)
+    assert forward.comm_s > 0  # the row-parallel all-reduce at TP 8
+    result = subprocess.run([sys.executable, "-m", "simcc", "estimate", "gpt_22b_dense_train_8xa100", "-H", "dgx_a100_x1",
+                             "--layer", "2", "--pass", "both", "--format", "json"], capture_output=True, text=True)
+    assert json.loads(result.stdout)["layer"]["seconds"] == pytest.approx(both.seconds)

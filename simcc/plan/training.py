@@ -32,6 +32,7 @@ class Cost:
     bucket: int = -1  # stream "bucket": a marker where the unit's gradients are complete
     overlap_chunks: int = 1  # comm only: pipelined in pieces with the compute up to its partner
     latency: float = 0.0  # comm only: the part of `seconds` every piece pays again when chunked
+    flops: float = 0.0  # compute only: the op's executed FLOPs
 
 
 @dataclass
@@ -102,7 +103,7 @@ def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
         return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes, link=link,
                     overlap_chunks=item.overlap_chunks, latency=min(latency, seconds))
     cost = op_cost(system.device, item)
-    return Cost(item.name, "compute", cost.seconds, imbalance=cost.seconds - cost.mean_seconds)
+    return Cost(item.name, "compute", cost.seconds, imbalance=cost.seconds - cost.mean_seconds, flops=item.flops)
 
 
 def _saved(items: list[WorkItem]) -> float:
@@ -174,6 +175,16 @@ def _costed(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cos
         backward += [cost_item(backward_of(i), system, layout) for i in reversed(items)]
         backward.append(Cost(f"grad_bucket{unit}", "bucket", 0.0, bucket=unit))
     return [cost_item(i, system, layout) for i in work.items], backward
+
+
+def layer_costs(workload: Workload, system: System, layout: Layout, index: int, batch: Batch) -> tuple[list[Cost], list[Cost]]:
+    """Forward and backward costs of one block (its position in the expanded model) for one batch
+    on one device, as the step plan costs it: for checking a calibration against one real layer.
+    The backward includes what the recompute policy replays; no gradient sync or optimizer."""
+    blocks = [block for unit in units_of(workload.model) for block in unit.blocks]
+    work = forward_work([Unit((blocks[index],))], workload, layout, batch)
+    forward, backward = _costed(work, system, layout)
+    return forward, [c for c in backward if c.stream != "bucket"]
 
 
 def _subnet_costs(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,
