@@ -55,9 +55,10 @@ def _pool_adjacent_violators(values: list[float], weights: list[float]) -> list[
 
 
 def fit_memory(train: pd.DataFrame, device: Device) -> tuple[float, float]:
-    """t = launch + bytes / (bandwidth * fraction), least squares over the plain copies."""
+    """t = launch + bytes / (bandwidth * fraction), least squares over the plain copies; copies of
+    fewer than two sizes cannot separate launch from bandwidth, so the base profile's stay."""
     rows = train[train["family"] == "memcpy"]
-    if len(rows) < 2:
+    if rows["bytes"].nunique() < 2:
         return device.efficiency.kernel_launch_us * 1e-6, device.efficiency.memory
     slope, intercept = np.polyfit(rows["bytes"].to_numpy(float), rows["median_s"].to_numpy(float), 1)
     launch = max(0.0, float(intercept))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
 from simcc.costs.compute import op_cost
 from simcc.errors import InputError
@@ -12,7 +14,8 @@ from simcc.model.ops import Op, backward_of, elementwise, gemm
 from simcc.profile.comm import COMM_COLLECTIVES, COMM_COLUMNS
 from simcc.profile.kernels import FAMILIES, MEASUREMENT_COLUMNS
 from simcc.specs.hardware import Device
-from simcc.specs.tables import open_csv
+from simcc.specs.tables import MIN_MEASURED_S, MAX_MEASURED_S, MAX_SIZE, MAX_TOKENS, Column, Table, open_csv, read_table
+from simcc.specs.vocab import DTYPES
 from simcc.specs.workload import MoEFFNBlock
 
 PROCESSOR_OF_DEVICE_TYPE = {"cpu": "cpu", "cuda": "gpu"}
@@ -23,40 +26,96 @@ def measurement_kind(path: str) -> str:
     return "collectives" if "collective" in open_csv(path).columns else "kernels"
 
 
-def _read_table(path: str, columns: tuple[str, ...], name_column: str, names: tuple[str, ...],
-                positive: dict[str, float], written_by: str) -> pd.DataFrame:
-    frame = open_csv(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise InputError(path, ", ".join(missing), f"missing column(s) (write the table with {written_by})")
-    unknown = sorted(set(frame[name_column]) - set(names))
-    if unknown:
-        raise InputError(path, name_column, f"unknown op name(s) {', '.join(map(str, unknown))}; expected {', '.join(names)}")
-    for column, floor in positive.items():
-        values = pd.to_numeric(frame[column], errors="coerce")
-        if values.isna().any() or (values <= floor).any():
-            row = int((values.isna() | (values <= floor)).idxmax()) + 2  # line 1 is the header
-            raise InputError(path, f"line {row}: {column}", f"expected a number > {floor:g}")
-    if frame["device_type"].nunique() != 1:
+# What each kernel family's prediction and fit read (row_ops, moe_layer_ops, fit.fit_curve,
+# fit.fit_memory): those counts and sizes must be at least 1 (no division by zero, no FLOPs per
+# byte that overflow); the columns a family does not read may be 0.
+FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
+    "gemm": ("tokens", "hidden", "ffn", "flops", "bytes", "kernel_flops"),
+    "grouped_gemm": ("experts", "flops", "bytes", "kernel_flops"),
+    "gate": ("tokens", "hidden", "experts"),
+    "permute": ("tokens", "hidden", "k"),
+    "combine": ("tokens", "hidden", "k"),
+    "attention": ("flops", "bytes", "kernel_flops"),
+    "moefication": ("flops", "bytes", "kernel_flops"),
+    "memcpy": ("bytes",),
+    "lstm": ("tokens", "hidden", "flops", "bytes", "kernel_flops"),
+    "moe_layer": ("tokens", "hidden", "ffn", "experts", "k"),
+}
+ELEMENTWISE_FAMILIES = ("memcpy", "permute", "combine")  # costed at the vector dtype, whatever they moved
+MAX_RANKS = 1_000_000  # ranks in one measured collective
+_DEVICE = [Column("device_type", "name", names=tuple(PROCESSOR_OF_DEVICE_TYPE), label="device type"),
+           Column("device_name", "text"), Column("torch_version", "text")]
+_TIME = Column("median_s", low=MIN_MEASURED_S, high=MAX_MEASURED_S)
+KERNEL_COLUMNS = [
+    Column("family", "name", names=FAMILIES, label="op name"), Column("case", "text"),
+    Column("dtype", "name", names=tuple(DTYPES), label="dtype"),
+    *(Column(size, high=MAX_SIZE) for size in ("flops", "bytes", "kernel_flops")),
+    *(Column(count, "integer", high=MAX_TOKENS) for count in ("tokens", "hidden", "ffn", "experts", "k")),
+    Column("backward", "flag"), _TIME, *_DEVICE,
+]
+COLLECTIVE_COLUMNS = [
+    Column("collective", "name", names=COMM_COLLECTIVES, label="op name"),
+    Column("bytes", low=0.0, above=True, high=MAX_SIZE), Column("ranks", "integer", 2, MAX_RANKS),
+    Column("ranks_per_node", "integer", 1, MAX_RANKS), _TIME, *_DEVICE,
+]
+
+
+def _read_table(path: str, columns: list[Column], written: tuple[str, ...], written_by: str) -> Table:
+    """Every column the readers use checked, the rest of `written` only required to be there."""
+    checked = {c.name for c in columns}
+    columns = columns + [Column(name, "any") for name in written if name not in checked]
+    table = read_table(path, columns, hint=f"write the table with {written_by}")
+    if table.frame["device_type"].nunique() != 1:
         raise InputError(path, "device_type", "measurements from more than one device type")
-    return frame
+    return table
 
 
 def read_measurements(path: str) -> pd.DataFrame:
-    return _read_table(path, MEASUREMENT_COLUMNS, "family", FAMILIES, {"median_s": 0.0}, "`simcc profile`")
+    """A `simcc profile` table, with each family's sizes checked where its prediction uses them."""
+    table = _read_table(path, KERNEL_COLUMNS, MEASUREMENT_COLUMNS, "`simcc profile`")
+    frame = table.frame
+    for family, needed in FAMILY_NEEDS.items():
+        mine = (frame["family"] == family).to_numpy()
+        for column in needed:
+            table.refuse(mine & (frame[column] < 1).to_numpy(), column, f"at least 1 for a {family} row")
+    layer = (frame["family"] == "moe_layer").to_numpy()
+    table.refuse(layer & (frame["k"] > frame["experts"]).to_numpy(), "k", "at most the row's experts for a moe_layer row")
+    for position in np.flatnonzero(layer):
+        try:  # the layer spec's own rules (k <= experts, size limits) apply to a measured layer too
+            moe_layer_spec(frame.iloc[position])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = SPEC_COLUMNS.get(str(first["loc"][0]) if first["loc"] else "", "experts")
+            reason = str(first["msg"]).removeprefix("Value error, ")
+            table.fail(int(position), field, f"a moe_layer row simcc cannot model: {reason}")
+    return frame
 
 
 def read_collectives(path: str) -> pd.DataFrame:
-    return _read_table(path, COMM_COLUMNS, "collective", COMM_COLLECTIVES, {"median_s": 0.0, "bytes": 0.0, "ranks": 1.0},
-                       "`simcc profile comm`")
+    """A `simcc profile comm` table; a node cannot hold more ranks than the collective has."""
+    table = _read_table(path, COLLECTIVE_COLUMNS, COMM_COLUMNS, "`simcc profile comm`")
+    frame = table.frame
+    table.refuse((frame["ranks_per_node"] > frame["ranks"]).to_numpy(), "ranks_per_node", "at most the row's ranks")
+    return frame
 
 
 def check_device(frame: pd.DataFrame, device: Device, measurements: str, profile: str) -> None:
+    """The measurements come from the kind of processor the profile describes, and every dtype a
+    matrix product was measured in has a peak there."""
+    from simcc.costs.compute import peak_flops
+
     measured = PROCESSOR_OF_DEVICE_TYPE.get(str(frame["device_type"].iloc[0]), "?")
     if measured != device.processor:
         raise InputError(measurements, "device_type",
                          f"measured on a {measured} ({frame['device_name'].iloc[0]}) but {profile} describes a "
                          f"{device.processor} ({device.name})")
+    if "dtype" not in frame.columns:  # collectives
+        return
+    for dtype in sorted(set(frame.loc[~frame["family"].isin(ELEMENTWISE_FAMILIES), "dtype"])):
+        try:
+            peak_flops(device, dtype)
+        except InputError as err:
+            raise InputError(measurements, "dtype", f"{dtype} measurements, but {profile}: {err.message}") from None
 
 
 def row_ops(row: pd.Series) -> list[Op]:
@@ -94,10 +153,19 @@ def _bytes(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
-def moe_layer_ops(row: pd.Series) -> list[Op]:
-    """simcc's own ops for the measured MoE layer: a dropless top-k moe_ffn block on one device."""
-    spec = MoEFFNBlock(experts=int(row["experts"]), k=int(row["k"]), expert_hidden=int(row["ffn"]), activation="relu",
+# A measured MoE layer's spec fields, by the measurement column that gives them.
+SPEC_COLUMNS = {"experts": "experts", "k": "k", "expert_hidden": "ffn"}
+
+
+def moe_layer_spec(row: pd.Series) -> MoEFFNBlock:
+    """The measured MoE layer as simcc's block: a dropless top-k moe_ffn on one device."""
+    return MoEFFNBlock(experts=int(row["experts"]), k=int(row["k"]), expert_hidden=int(row["ffn"]), activation="relu",
                        routing={"dropless": True, "capacity_factor": None, "dropless_block": 1})
+
+
+def moe_layer_ops(row: pd.Series) -> list[Op]:
+    """simcc's own ops for the measured MoE layer."""
+    spec = moe_layer_spec(row)
     work = moe_ffn_work(spec, int(row["hidden"]), Batch(int(row["tokens"]), 1, 1), Shard(dtype=row["dtype"], router_dtype=row["dtype"]))
     forward = [i for i in work.forward if isinstance(i, Op)]
     if bool(row["backward"]):

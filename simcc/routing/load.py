@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.routing.gating import RoutingSample, read_expert_column, route
+from simcc.routing.gating import RoutingSample, route
 from simcc.specs.blocks import MoEFFNBlock, RoutingSpec
 from simcc.specs.vocab import CapacityFormula
 
@@ -84,11 +84,30 @@ def expert_ranks(spec: MoEFFNBlock, ranks: int) -> np.ndarray:
         return np.arange(experts) // local
     if routing.placement == "round_robin":
         return np.arange(experts) % ranks
-    placed = read_expert_column(str(routing.placement_file), "rank", experts, "routing.placement_file").astype(int)
+    # A user's file: a `rank` per expert, one row per expert in order, or in any order with an
+    # `expert` column; ranks are whole numbers below `ranks`, each holding the same number of experts.
+    from simcc.specs.tables import Column, read_table
+
+    path = str(routing.placement_file)
+    table = read_table(path, [Column("rank", "integer", 0, ranks - 1),
+                              Column("expert", "integer", 0, experts - 1, required=False)],
+                       named_by="routing.placement_file", hint=f"a rank from 0 to {ranks - 1} for each of {experts} experts")
+    frame = table.frame
+    if "expert" in frame.columns:
+        seen = frame["expert"].duplicated().to_numpy()
+        table.refuse(seen, "expert", "each expert once; this one appears on an earlier line")
+        absent = sorted(set(range(experts)) - set(frame["expert"].tolist()))
+        if absent:
+            raise InputError(path, "expert", f"expert {absent[0]} has no row; expected one row for each of the {experts} experts")
+        frame = frame.sort_values("expert")
+    elif len(frame) != experts:
+        raise InputError(path, "rank", f"expected {experts} rows (one per expert, expert 0 first), got {len(frame)}")
+    placed = frame["rank"].to_numpy(dtype=int)
     per_rank = np.bincount(placed, minlength=ranks)
-    if placed.max() >= ranks or (per_rank != local).any():
-        raise InputError(str(routing.placement_file), "rank",
-                         f"expected ranks 0..{ranks - 1}, each holding {local} experts")
+    if (per_rank != local).any():
+        uneven = int(np.flatnonzero(per_rank != local)[0])
+        raise InputError(path, "rank", f"expected ranks 0..{ranks - 1}, each holding {local} experts; "
+                         f"rank {uneven} holds {int(per_rank[uneven])}")
     return placed
 
 

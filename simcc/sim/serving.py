@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.specs.tables import read_numeric_csv
 from simcc.specs.workload import ServeSpec
 from simcc.plan.serving import CacheStats, ServingCosts
 
@@ -40,12 +39,14 @@ def poisson_requests(rate: float | None, count: int, serve: ServeSpec, seed: int
 
 
 def read_request_csv(path: str) -> list[Request]:
-    """A CSV with arrival_s, prompt_tokens, output_tokens and optionally compute_scale."""
-    frame = read_numeric_csv(path, {"arrival_s": 0, "prompt_tokens": 1, "output_tokens": 1},
-                             optional={"compute_scale": 1.0}, named_by="--requests-trace")
-    if (frame["compute_scale"] <= 0).any():
-        row = int((frame["compute_scale"] <= 0).idxmax())
-        raise InputError(path, f"line {row + 2}: compute_scale", "expected a number > 0")
+    """A CSV with arrival_s, prompt_tokens, output_tokens and optionally compute_scale. Bounded so
+    that no request can overflow the clock or the KV arithmetic (the bounds are in tables.py)."""
+    from simcc.specs.tables import MAX_ARRIVAL_S, MAX_COMPUTE_SCALE, MAX_TOKENS, Column, read_table
+
+    columns = [Column("arrival_s", high=MAX_ARRIVAL_S), Column("prompt_tokens", "integer", 1, MAX_TOKENS),
+               Column("output_tokens", "integer", 1, MAX_TOKENS),
+               Column("compute_scale", low=0.0, above=True, high=MAX_COMPUTE_SCALE, default=1.0)]
+    frame = read_table(path, columns, named_by="--requests-trace").frame
     frame = frame.sort_values("arrival_s", kind="stable")
     return [Request(float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens), float(r.compute_scale))
             for r in frame.itertuples()]
