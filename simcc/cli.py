@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -131,8 +133,6 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
           jobs: int | None, fmt: str) -> None:
     """Estimate every combination of a sweep file's axes; keep the reason for each one that cannot
     run or fit; print the Pareto front of time vs cost."""
-    import time
-
     import pandas as pd
     from rich.progress import Progress
 
@@ -241,9 +241,13 @@ def _torch_or_exit(command: str):
 @click.option("--out", "out_path", default=None, help="Measurements CSV to write.")
 @click.option("--ffn-shape", "ffn_shapes", multiple=True, metavar="HIDDENxFFNxEXPERTS",
               help="Time the MoEfication clustering (an SSD switch) at your model's FFN, e.g. 768x3072x32. Repeatable.")
+@click.option("--processes", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="CPU: processes that will share this host in the runs you estimate (ranks per node).")
+@click.option("--threads", type=click.IntRange(1, 4096), default=None,
+              help="CPU: threads per process to time with (default: the host's cores / --processes).")
 @click.pass_context
 def profile(ctx: click.Context, device: str, dtype: str | None, quick: bool, out_path: str | None,
-            ffn_shapes: tuple[str, ...]) -> None:
+            ffn_shapes: tuple[str, ...], processes: int, threads: int | None) -> None:
     """Time real torch kernels (GEMMs, grouped expert GEMMs, gate, dispatch/combine, attention, copies,
     LSTM, MoEfication clustering, whole MoE layers) on this machine and write a measurements table.
     `simcc profile comm` measures collectives instead."""
@@ -255,20 +259,41 @@ def profile(ctx: click.Context, device: str, dtype: str | None, quick: bool, out
     shapes = tuple(_ffn_shape(text) for text in ffn_shapes)
     torch = _torch_or_exit("simcc profile")
     _check_cuda(torch, device)
-    from rich.progress import Progress
-
-    from simcc.profile.kernels import run_profile
     from simcc.io import write_atomically
+    from simcc.profile.kernels import run_profile
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("profiling", total=None)
-
-        def advance(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
-
+    if device == "cpu":  # each process of a multi-process run has only its share of the cores
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // processes))
+    with _progress("profiling") as advance:
         table = run_profile(device, dtype or ("bf16" if device == "cuda" else "fp32"), quick, advance, shapes)
     write_atomically(Path(out_path), table.to_csv(index=False), "--out")
     click.echo(f"wrote {len(table)} measurements on {table['device_name'].iloc[0]} to {out_path}")
+
+
+PLAIN_PROGRESS_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def _progress(label: str):
+    """A progress callback (done, total, name): a live bar on a terminal; elsewhere (a log file, CI)
+    a plain line on stderr every half minute, so a long run is never silent."""
+    if sys.stderr.isatty():
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total, name: bar.update(task, completed=done, total=total, description=name)
+        return
+    started = last = time.monotonic()
+
+    def report(done: int, total: int, name: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PLAIN_PROGRESS_EVERY_S or done == total:
+            last = now
+            click.echo(f"{label}: {done}/{total} ({name}), {now - started:.0f} s", err=True)
+
+    yield report
 
 
 def _ffn_shape(text: str) -> tuple[int, int, int]:
@@ -397,10 +422,11 @@ def validate(profile_name: str | None, measurements: tuple[str, ...], suite: str
         click.echo(f"{row['case']:30s} {row['family']:14s} measured {row['measured_s'] * 1e3:10.4f} ms  "
                    f"predicted {row['predicted_s'] * 1e3:10.4f} ms  {row['error'] * 100:+7.1f}%"
                    f"{'  (unseen)' if row['unseen'] else ''}")
-    click.echo(_render_errors(error_summary(errors), "table", "summary, all points"), nl=False)
+    # Held-out first: fitted points flatter (a memory-bound curve has a knot at each of them).
     click.echo(_render_errors(error_summary(errors[errors["unseen"]]), "table",
                               "summary, points a calibration from these tables did not fit (held out, and whole MoE layers)"),
                nl=False)
+    click.echo(_render_errors(error_summary(errors), "table", "summary, all points (fitted ones included)"), nl=False)
 
 
 def _validate_suite(name: str, fmt: str) -> None:

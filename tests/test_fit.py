@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -44,3 +45,62 @@ def test_a_fraction_that_follows_flops_gets_a_flops_curve():
     calibrated = DEVICE.model_copy(update={"efficiency": DEVICE.efficiency.model_copy(update={"curves": {"gemm": curve}})})
     op = gemm("g", 512, 1024, 64, "fp32")
     assert op_cost(calibrated, op).seconds == pytest.approx(op.flops / (PEAK * by_flops(op)), rel=0.1)
+
+
+def test_robust_line_recovers_an_exact_line_and_ignores_a_contended_outlier():
+    from simcc.calibrate.fit import robust_line
+
+    sizes = np.array([1e3, 1e4, 1e5, 1e6, 1e7])
+    exact = 2e-5 + sizes * 1e-9
+    a, b = robust_line(sizes, exact)
+    assert a == pytest.approx(2e-5) and b == pytest.approx(1e-9)
+    noisy = exact.copy()
+    noisy[2] *= 100  # one call hit a scheduler tick
+    assert robust_line(sizes, noisy) == pytest.approx((a, b))
+
+
+def test_robust_line_never_puts_the_fixed_cost_above_the_fastest_call():
+    """Busy-host copies that all land on 8-16 ms ticks, but the smallest took 3.7 us: least squares
+    gives an intercept of milliseconds; the fixed cost may not exceed 3.7 us."""
+    from simcc.calibrate.fit import robust_line
+
+    sizes = np.array([256, 2.5e5, 1e6, 4e6, 1.6e7, 6.4e7])
+    seconds = np.array([3.7e-6, 8e-3, 16e-3, 8e-3, 12e-3, 16e-3])
+    a, b = robust_line(sizes, seconds)
+    assert 0 <= a <= 3.7e-6 and b >= 0
+
+
+def test_flat_small_message_timings_keep_their_latency():
+    """<= 64 KB collectives that take the same time whatever the size are latency: the fit must
+    not run through the origin (which predicted 4 KB 94% too fast)."""
+    from simcc.calibrate.fit import robust_line
+
+    sizes = np.array([4096, 8192, 16384, 32768, 65536])
+    seconds = np.array([60e-6, 59e-6, 61e-6, 60e-6, 58e-6])
+    a, b = robust_line(sizes, seconds)
+    assert a + b * 4096 == pytest.approx(60e-6, rel=0.05)
+
+
+def test_contended_timings_are_left_out_with_a_notice_per_family():
+    """A timing with a wide spread or taken on a host busier than its cores does not enter the fit;
+    a family with no quiet timing keeps the base profile's figures, and says so."""
+    from pathlib import Path
+
+    from simcc.calibrate.fit import calibrate, contended
+    from simcc.calibrate.measurements import read_measurements
+
+    shipped = next((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))
+    frame = read_measurements(str(shipped))
+    frame["p10_s"], frame["p90_s"] = frame["median_s"] * 0.95, frame["median_s"] * 1.05  # quiet timings
+    frame["host_load"] = 0.5
+    assert not contended(frame).any()
+    lstm = frame["family"] == "lstm"
+    frame.loc[lstm, "host_load"] = 3.0  # two busy processes beside the profiler
+    gemm = frame.index[frame["family"] == "gemm"][:2]
+    frame.loc[gemm, "p90_s"] = frame.loc[gemm, "p10_s"] * 3  # scheduler ticks
+    assert contended(frame).sum() == lstm.sum() + 2
+    report = calibrate(frame, DEVICE, "table")
+    notes = " ".join(report.notes)
+    assert "lstm" in notes and "could not be measured" in notes and "lstm" not in report.device.efficiency.curves
+    assert f"gemm: 2 of {int((frame['family'] == 'gemm').sum())} timings were contended" in notes
+    assert "gemm" in report.device.efficiency.curves

@@ -54,15 +54,44 @@ def _pool_adjacent_violators(values: list[float], weights: list[float]) -> list[
     return out
 
 
+def robust_line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
+    """t = a + b * size with the least sum of RELATIVE absolute errors, a in [0, the fastest
+    measured time] and b >= 0.
+
+    Relative, because times span orders of magnitude and an ordinary least-squares line is pulled
+    by the largest; absolute deviations, because a busy host adds scheduler-tick outliers that a
+    median-like fit ignores; the bound on `a`, because a fixed cost cannot exceed the fastest call
+    measured (an intercept fitted through contended copies once came out at 11 ms where the
+    smallest copy took 3.7 us). The optimum of this linear program lies on a line through two
+    points or one point and a bound, so those candidates are searched exhaustively (n is small)."""
+    sizes, seconds = np.asarray(sizes, float), np.asarray(seconds, float)
+    ceiling = float(seconds.min())
+    candidates: list[tuple[float, float]] = [(float(np.median(seconds)), 0.0), (ceiling, 0.0)]
+    for i in range(len(sizes)):
+        if sizes[i] > 0:
+            candidates.append((0.0, seconds[i] / sizes[i]))  # through the origin and point i
+            candidates.append((ceiling, max(0.0, (seconds[i] - ceiling) / sizes[i])))
+        for j in range(i + 1, len(sizes)):
+            if sizes[j] != sizes[i]:
+                b = (seconds[j] - seconds[i]) / (sizes[j] - sizes[i])
+                candidates.append((seconds[i] - b * sizes[i], b))
+
+    def cost(line: tuple[float, float]) -> float:
+        a, b = min(max(line[0], 0.0), ceiling), max(line[1], 0.0)
+        return float(np.sum(np.abs(a + b * sizes - seconds) / seconds))
+
+    a, b = min(candidates, key=cost)
+    return min(max(float(a), 0.0), ceiling), max(float(b), 0.0)
+
+
 def fit_memory(train: pd.DataFrame, device: Device) -> tuple[float, float]:
-    """t = launch + bytes / (bandwidth * fraction), least squares over the plain copies; copies of
+    """t = launch + bytes / (bandwidth * fraction) over the plain copies (a robust line); copies of
     fewer than two sizes cannot separate launch from bandwidth, so the base profile's stay."""
     rows = train[train["family"] == "memcpy"]
     if rows["bytes"].nunique() < 2:
         return device.efficiency.kernel_launch_us * 1e-6, device.efficiency.memory
-    slope, intercept = np.polyfit(rows["bytes"].to_numpy(float), rows["median_s"].to_numpy(float), 1)
-    launch = max(0.0, float(intercept))
-    fraction = 1.0 / (max(float(slope), 1e-30) * device.memory_bandwidth_gb_s * 1e9)
+    launch, slope = robust_line(rows["bytes"].to_numpy(float), rows["median_s"].to_numpy(float))
+    fraction = 1.0 / (max(slope, 1e-30) * device.memory_bandwidth_gb_s * 1e9)
     return launch, float(min(1.0, max(FRACTION_FLOOR, fraction)))
 
 
@@ -134,10 +163,57 @@ def fit_memory_curve(rows: pd.DataFrame, device: Device, launch: float, calibrat
     return EfficiencyCurve(axis="bytes", size=xs, fraction=[statistics.fmean(knots[x]) for x in xs])
 
 
+# Load average per core above which other work competed: the profiler's own threads bring a host
+# to about 1 per core, two competing busy processes on two cores to about 2.
+BUSY_HOST_LOAD = 1.5
+WORST_KEPT_HELD_OUT = 1.0  # a family's curve that misses its held-out points by more (median) is not kept
+
+
+def contended(frame: pd.DataFrame) -> pd.Series:
+    """Timings taken while other work competed: a wide spread between their 10th and 90th
+    percentile, or a host whose load exceeded its cores."""
+    from simcc.profile.kernels import HOST_LOAD_COLUMN, NOISY_SPREAD
+
+    spread = frame["p90_s"] > NOISY_SPREAD * frame["p10_s"]
+    busy = frame[HOST_LOAD_COLUMN] > BUSY_HOST_LOAD if HOST_LOAD_COLUMN in frame.columns else False
+    return spread | busy
+
+
+def _contention_notes(frame: pd.DataFrame, noisy: pd.Series) -> list[str]:
+    notes = []
+    for family, group in frame[noisy].groupby("family"):
+        total = int((frame["family"] == family).sum())
+        outcome = ("it could not be measured: the base profile's figures are kept" if len(group) == total
+                   else "they are left out of the fit")
+        notes.append(f"{family}: {len(group)} of {total} timings were contended (p90 over 1.5x p10, or a host "
+                     f"busier than its cores); {outcome}; profile again on a quiet machine")
+    return notes
+
+
 def calibrate(frame: pd.DataFrame, device: Device, source: str) -> FitReport:
+    """Fit the uncontended training points; report every point's error, held-out ones marked; a
+    family whose fit misses its own held-out points by more than 100% (median) keeps the base
+    profile's figures instead."""
     held = held_out_mask(frame[frame["family"] != "moe_layer"])
     kernels = frame[frame["family"] != "moe_layer"]
-    train = kernels[~held.reindex(kernels.index, fill_value=False)]
+    noisy = contended(kernels)
+    train = kernels[~held.reindex(kernels.index, fill_value=False) & ~noisy]
+    calibrated, notes = _fit_device(train, device, source, frame)
+    errors = prediction_errors(kernels, calibrated)
+    errors["held_out"] = held.reindex(kernels.index, fill_value=False).to_numpy()
+    failed = [family for family, group in errors[errors["held_out"]].groupby("family")
+              if group["error"].abs().median() > WORST_KEPT_HELD_OUT and family in calibrated.efficiency.curves]
+    if failed:
+        curves = {f: c for f, c in calibrated.efficiency.curves.items() if f not in failed}
+        calibrated = calibrated.model_copy(update={"efficiency": calibrated.efficiency.model_copy(update={"curves": curves})})
+        errors = prediction_errors(kernels, calibrated)
+        errors["held_out"] = held.reindex(kernels.index, fill_value=False).to_numpy()
+        notes += [f"{family}: the fitted curve missed its held-out points by more than 100%; the base profile's "
+                  "efficiency is kept" for family in failed]
+    return FitReport(calibrated, errors, _contention_notes(kernels, noisy) + notes)
+
+
+def _fit_device(train: pd.DataFrame, device: Device, source: str, frame: pd.DataFrame) -> tuple[Device, list[str]]:
     launch, memory = fit_memory(train, device)
     curves: dict[str, EfficiencyCurve] = {}
     notes = []
@@ -159,10 +235,7 @@ def calibrate(frame: pd.DataFrame, device: Device, source: str) -> FitReport:
         if curve is not None:
             memory_curves[family] = curve
     efficiency = efficiency.model_copy(update={"memory_curves": memory_curves})
-    calibrated = calibrated.model_copy(update={"efficiency": efficiency})
-    errors = prediction_errors(kernels, calibrated)
-    errors["held_out"] = held.reindex(kernels.index, fill_value=False).to_numpy()
-    return FitReport(calibrated, errors, notes)
+    return calibrated.model_copy(update={"efficiency": efficiency}), notes
 
 
 def prediction_errors(frame: pd.DataFrame, device: Device) -> pd.DataFrame:
@@ -218,16 +291,7 @@ def profile_yaml(profile) -> str:
 # Protocol regimes: NCCL moves from LL to LL128 to Simple as messages grow, so one latency-bandwidth
 # line fits poorly across sizes (NCCL documentation, NCCL_PROTO; nccl-tests small-message figures); a line per range does.
 SIZE_BREAKPOINTS = (64 << 10, 4 << 20)
-
-
-def _line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
-    """Least squares t = a + b*S with a, b >= 0 (a through-origin fit when the intercept goes negative)."""
-    if len(sizes) >= 2 and np.ptp(sizes) > 0:
-        b, a = np.polyfit(sizes, seconds, 1)
-        if a >= 0 and b > 0:
-            return float(a), float(b)
-    b = float(np.dot(sizes, seconds) / np.dot(sizes, sizes))
-    return 0.0, max(b, 1e-18)
+MIN_SECONDS_PER_BYTE = 1e-15  # 1,000,000 GB/s: a fit this fast is a latency-only regime
 
 
 def fit_collectives(train: pd.DataFrame):
@@ -242,7 +306,8 @@ def fit_collectives(train: pd.DataFrame):
             part = rows[(rows["bytes"] > low) & (rows["bytes"] <= high)]
             if part.empty:
                 continue
-            a, b = _line(part["bytes"].to_numpy(float), part["median_s"].to_numpy(float))
+            a, b = robust_line(part["bytes"].to_numpy(float), part["median_s"].to_numpy(float))
+            b = max(b, MIN_SECONDS_PER_BYTE)  # flat small-message timings: latency-bound, bandwidth unbounded
             top = high if np.isfinite(high) else float(rows["bytes"].max()) * 4
             fits.append(CollectiveFit(collective=collective, ranks=int(ranks), max_bytes=top,
                                       latency_us=a * 1e6, bandwidth_gb_s=1.0 / b / 1e9))

@@ -12,7 +12,7 @@ from simcc.model.blocks import Batch, Shard
 from simcc.model.kinds.moe_ffn import work as moe_ffn_work
 from simcc.model.ops import Op, backward_of, elementwise, gemm
 from simcc.profile.comm import COMM_COLLECTIVES, COMM_COLUMNS
-from simcc.profile.kernels import FAMILIES, MEASUREMENT_COLUMNS
+from simcc.profile.kernels import FAMILIES, HOST_LOAD_COLUMN, MEASUREMENT_COLUMNS
 from simcc.specs.hardware import Device
 from simcc.specs.tables import MIN_MEASURED_S, MAX_MEASURED_S, MAX_SIZE, MAX_TOKENS, Column, Table, open_csv, read_table
 from simcc.specs.vocab import DTYPES
@@ -52,6 +52,9 @@ KERNEL_COLUMNS = [
     *(Column(size, high=MAX_SIZE) for size in ("flops", "bytes", "kernel_flops")),
     *(Column(count, "integer", high=MAX_TOKENS) for count in ("tokens", "hidden", "ffn", "experts", "k")),
     Column("backward", "flag"), _TIME, *_DEVICE,
+    # spread and host load: calibrate leaves contended timings out (older tables lack host_load)
+    Column("p10_s", low=MIN_MEASURED_S, high=MAX_MEASURED_S), Column("p90_s", low=MIN_MEASURED_S, high=MAX_MEASURED_S),
+    Column(HOST_LOAD_COLUMN, low=0.0, high=1e6, default=0.0),
 ]
 COLLECTIVE_COLUMNS = [
     Column("collective", "name", names=COMM_COLLECTIVES, label="op name"),
