@@ -26,6 +26,11 @@ class SimccGroup(click.Group):
         except InputError as err:
             click.echo(f"error: {err.one_line()}", err=True)
             sys.exit(2)
+        except OSError as err:  # the file system refused a path the user gave (too long, not permitted)
+            name = str(err.filename or "")
+            shown = name if len(name) <= 120 else name[:117] + "..."
+            click.echo(f"error: {shown}: {err.strerror or err}", err=True)
+            sys.exit(2)
         except click.UsageError as err:  # a bad option value: one line too, not click's usage block
             command = err.ctx.command_path if err.ctx else "simcc"
             click.echo(f"error: {command}: {err.format_message()}".replace("\n", " "), err=True)
@@ -86,6 +91,9 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
     result = run_estimate(spec, system, source, options)
     if trace_path is not None:
         write_timeline(timeline, Path(trace_path), "--trace")
+        if timeline.truncated:
+            click.echo(f"note: the timeline keeps its first {len(timeline.events):,} events; simulate fewer "
+                       "micro-batches or layers to see the whole step", err=True)
     click.echo(RENDERERS[fmt](result), nl=False)
 
 
@@ -148,7 +156,8 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
         if path is not None:
             check_output(path, option)
     configs = sweep_configs(spec)
-    click.echo(f"sweeping {len(configs):,} configurations", err=True)  # said up front, before any is run
+    if fmt == "table":
+        click.echo(f"sweeping {len(configs):,} configurations")  # said up front, before any is run
     started = time.perf_counter()
     with Progress(transient=True, disable=fmt != "table") as bar:
         task = bar.add_task("sweeping", total=len(configs))
@@ -375,7 +384,7 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
     held = pd.concat(held_errors, ignore_index=True)
     click.echo(_render_errors(F.error_summary(held), fmt, f"held-out prediction error ({len(held)} measurements)"), nl=False)
     for note in notes:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {note}", err=fmt != "table")  # json and csv stay parseable
     if fmt == "table":
         click.echo(f"wrote {out_path}")
 
@@ -430,16 +439,14 @@ def validate(profile_name: str | None, measurements: tuple[str, ...], suite: str
 
 
 def _validate_suite(name: str, fmt: str) -> None:
-    import json
-
-    from simcc.report.render import rows_output
+    from simcc.report.render import finite_json, rows_output
     from simcc.validation import load_suite, run_suite, summary
 
     results = run_suite(load_suite(name))
     totals = summary(results)
     rows = [result.as_dict() for result in results]
     if fmt == "json":
-        click.echo(json.dumps({"cases": rows, "summary": totals.as_dict()}, indent=2))
+        click.echo(finite_json({"cases": rows, "summary": totals.as_dict()}))
         return
     if fmt == "csv":
         click.echo(rows_output(rows, "csv", []), nl=False)

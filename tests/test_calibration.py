@@ -45,11 +45,16 @@ def test_calibrate_writes_a_new_profile_and_reports_held_out_error(measured, tmp
     result = simcc("calibrate", str(measured), "--base", "cpu_host_generic", "--out", str(out), "--format", "csv")
     assert result.returncode == 0, result.stderr
     assert measured.read_bytes() == before  # the input is untouched
-    summary = pd.read_csv(pd.io.common.StringIO(result.stdout.split("note:")[0]))
+    summary = pd.read_csv(pd.io.common.StringIO(result.stdout))
     assert {"family", "points", "median_abs_error", "worst_abs_error"} <= set(summary.columns)
     assert summary["median_abs_error"].map(math.isfinite).all()
     system = load_hardware(str(out))  # estimate can use it directly
-    assert system.device.efficiency.curves and system.device.efficiency.memory_curves
+    efficiency = system.device.efficiency
+    # every family has a fitted curve, unless the host was busy and calibrate says it could not measure it
+    notes = result.stderr  # with --format csv the notes go to stderr, the table stays parseable
+    for family in ("gemm", "grouped_gemm", "attention"):
+        assert family in efficiency.curves or f"{family}: " in notes and "contended" in notes
+    assert efficiency.memory_curves or "could not be measured" in notes
     assert "calibrated" in system.device.name
 
 
@@ -126,7 +131,7 @@ def test_collectives_calibrate_into_link_fits_and_validate(comm_measured, measur
     result = simcc("calibrate", str(measured), str(comm_measured), "--base", "cpu_host_local", "--out", str(out),
                    "--format", "csv")
     assert result.returncode == 0, result.stderr
-    summary = pd.read_csv(pd.io.common.StringIO(result.stdout.split("note:")[0]))
+    summary = pd.read_csv(pd.io.common.StringIO(result.stdout))
     assert {"all_reduce", "p2p", "gemm"} <= set(summary["family"])
     system = load_hardware(str(out))
     assert {f.collective for f in system.intra_link.fits} == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from typing import Any
 
 from simcc.results import Estimate, MoELayerRow, PhaseRow, ScheduleSection
@@ -36,8 +37,24 @@ def to_dict(result: Estimate) -> dict[str, Any]:
             "notes": result.notes}
 
 
+def finite_json(data: Any) -> str:
+    """JSON that strict parsers accept: a non-finite number (a figure with no meaning, e.g. a
+    price no real device has) is written as null, never as bare NaN or Infinity."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False)
+
+
 def to_json(result: Estimate) -> str:
-    return json.dumps(to_dict(result), indent=2)
+    return finite_json(to_dict(result))
 
 
 def to_csv(result: Estimate) -> str:
@@ -118,7 +135,7 @@ def rows_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def rows_output(rows: list[dict[str, Any]], fmt: str, table_columns: list[str]) -> str:
     """JSON and CSV carry every column; the table the ones people read."""
     if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
+        return finite_json(rows) + "\n"
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else table_columns, lineterminator="\n")

@@ -9,13 +9,22 @@ from pathlib import Path
 from simcc.io import write_atomically
 
 
+# About 100 MB of trace JSON, more than a trace viewer opens comfortably; a 1T-parameter step on
+# 512 GPUs records ~4 million events. The timeline keeps the first ones and says it stopped.
+MAX_EVENTS = 1_000_000
+
+
 @dataclass
 class Timeline:
     enabled: bool = False
     events: list[tuple[str, str, str, float, float]] = field(default_factory=list)  # track, lane, name, start, dur
+    truncated: bool = False  # more events happened than MAX_EVENTS; the first ones are kept
 
     def add(self, track: str, lane: str, name: str, start: float, duration: float) -> None:
         if self.enabled and duration > 0:
+            if len(self.events) >= MAX_EVENTS:
+                self.truncated = True
+                return
             self.events.append((track, lane, name, start, duration))
 
     def to_chrome(self) -> dict:

@@ -24,8 +24,12 @@ MAX_BATCH = 1 << 20  # sequences per step, requests per serving batch
 MAX_WIDTH = 1 << 24  # a hidden size, vocabulary or channel count
 MAX_PIPELINE_TASKS = 1 << 17  # micro-batches x pipeline chunks simulated per step (about a minute)
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+# No figure simcc reads is near this (a run's total tokens is ~1e13): products of such figures
+# stay finite, so a result is never infinite.
+LARGEST_FLOAT = 1e18
+
+PositiveFloat = Annotated[float, Field(gt=0, le=LARGEST_FLOAT)]
+NonNegativeFloat = Annotated[float, Field(ge=0, le=LARGEST_FLOAT)]
 PositiveInt = Annotated[int, Field(gt=0, le=LARGEST_INTEGER)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=LARGEST_INTEGER)]
 Fraction = Annotated[float, Field(gt=0, le=1)]

@@ -50,6 +50,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 MAX_SPEC_BYTES = 16 << 20  # a workload or profile is a few kB; this bounds parsing time and memory
 MAX_NESTING = 64  # levels of mappings and lists; real specs use fewer than ten
+MAX_VALUES = 1_000_000  # values after expanding YAML aliases (a billion-laughs file expands to 10^9)
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -109,7 +110,45 @@ def _parse_yaml(source: str, modified_ns: int, size: int) -> dict[str, Any]:
     data = parse_yaml_text(text, source)
     if not isinstance(data, dict):
         raise InputError(source, "", "expected a YAML mapping at the top level")
+    expanded = expanded_values(data)
+    if expanded > MAX_VALUES:
+        raise InputError(source, "YAML", f"aliases expand to {expanded:,} values; a spec has at most {MAX_VALUES:,}")
+    refuse_unencodable(data, source)
     return data
+
+
+def refuse_unencodable(data: Any, source: str) -> None:
+    """A string with a lone surrogate ("\\ud800" in YAML) cannot be printed or written as UTF-8."""
+    seen: set[int] = set()
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(source, "YAML", f"text {value[:20]!r} is not valid Unicode (a lone surrogate)") from None
+        elif isinstance(value, (dict, list)) and id(value) not in seen:
+            seen.add(id(value))
+            pending += list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+
+
+def expanded_values(data: Any) -> int:
+    """How many values `data` holds once every alias is expanded, counted without expanding: a
+    mapping or list reached twice through aliases is one object, counted once per reference."""
+    sizes: dict[int, int] = {}
+
+    def size(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        key = id(value)
+        if key not in sizes:
+            sizes[key] = 1  # a cycle (a recursive alias) counts once
+            children = value.values() if isinstance(value, dict) else value
+            sizes[key] = 1 + sum(size(child) for child in children)
+        return sizes[key]
+
+    return size(data)
 
 
 # ---------------------------------------------------------------- overrides (--set key.path=value)
@@ -126,6 +165,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = yaml.load(raw, Loader=_SpecLoader) if raw.strip() else ""  # noqa: S506
     except (yaml.YAMLError, RecursionError):
         value = raw
+    refuse_unencodable(value, f"--set {text}")
     return path, value
 
 
@@ -308,7 +348,8 @@ def load_profile_model(name_or_path: str, overrides: list[str] | None = None):
     data = read_yaml(path)
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in PROFILE_KINDS:
-        raise InputError(source, "kind", f"expected one of {', '.join(PROFILE_KINDS)}, got {kind!r}")
+        shown = repr(kind) if isinstance(kind, str) or kind is None else f"a {type(kind).__name__}"
+        raise InputError(source, "kind", f"expected one of {', '.join(PROFILE_KINDS)}, got {shown[:40]}")
     roots = [_library_root(path)]
     if shipped_hardware_dir() not in roots:
         roots.append(shipped_hardware_dir())

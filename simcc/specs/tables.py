@@ -6,6 +6,7 @@ before any model code sees it."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import math
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # pandas loads only when a table is read
 MAX_TABLE_BYTES = 1 << 30  # a 10-million-request trace is a few hundred MB; this bounds memory
 MAX_TOKENS = 10_000_000  # tokens of one request or one measured kernel (the --requests bound too)
 MAX_ROWS = 10_000_000  # rows of a request trace: as many requests as --requests allows
+MAX_COLUMNS = 1_000  # a table of ours has about twenty; more is not a table simcc wrote
 MAX_ARRIVAL_S = 1e9  # about 31 years: a trace's arrival times, in seconds from its start
 MAX_COMPUTE_SCALE = 1e6  # a request's compute relative to the nominal one
 MIN_MEASURED_S = 1e-9  # one timed kernel or collective: no timer resolves less than a nanosecond
@@ -159,7 +161,10 @@ def _record_lines(path: str, text: str, expected: Sequence[str]) -> tuple[list[s
         if header is None:
             columns = f" with columns {', '.join(expected)}" if expected else ""
             raise InputError(path, "", f"empty file; expected a header line{columns} and rows")
-        twice = sorted({name for name in header if name and header.count(name) > 1})
+        if len(header) > MAX_COLUMNS:
+            raise InputError(path, f"line {header_line}", f"{len(header):,} columns; at most {MAX_COLUMNS:,}")
+        counts = collections.Counter(header)
+        twice = sorted(name for name, count in counts.items() if name and count > 1)
         if twice:
             raise InputError(path, f"line {header_line}: {twice[0]}", "column appears twice in the header")
         for start, record in rows:
@@ -172,6 +177,13 @@ def _record_lines(path: str, text: str, expected: Sequence[str]) -> tuple[list[s
     return header, lines
 
 
+def _as_float(cell: object) -> float:
+    try:
+        return float(str(cell))
+    except ValueError:
+        return math.nan
+
+
 def _check_column(table: Table, column: Column) -> None:
     """Type, finiteness, wholeness and range of one column, in place."""
     import numpy as np
@@ -182,7 +194,12 @@ def _check_column(table: Table, column: Column) -> None:
     if column.kind == "any":
         return
     if column.kind in ("number", "integer"):
-        values = pd.to_numeric(raw, errors="coerce")
+        try:
+            values = pd.to_numeric(raw, errors="coerce")
+        except OverflowError:  # digits past any float: read each cell as a float (inf), refused below
+            values = raw.map(_as_float)
+        if values.dtype == object:  # integers past 64 bits stay Python ints: too large for any column
+            values = values.map(lambda v: v if isinstance(v, float) or abs(v) < 2**63 else float("inf")).astype(float)
         as_float = values.astype(float).to_numpy()
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(as_float) | (as_float > column.high)

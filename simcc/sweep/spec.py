@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ class SweepSpec(StrictModel):
         for path, values in axes.items():
             if not values:
                 raise ValueError(f"axis {path} has no values")
+            for value in values:
+                if not _plain_value(value):
+                    raise ValueError(f"axis {path}: each value must be a number, a string, true/false or null "
+                                     "(finite numbers only)")
             if "=" in path:
                 raise ValueError(f"axis {path}: give the path alone; its values go in the list")
         return axes
@@ -47,6 +52,13 @@ class SweepSpec(StrictModel):
         for values in self.axes.values():
             count *= len(values)
         return count
+
+
+def _plain_value(value: Any) -> bool:
+    """What one `--set` can carry: a scalar; a float must be finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (str, int, bool))
 
 
 def _near(base: Path, name: str) -> str:
