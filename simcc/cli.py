@@ -12,7 +12,7 @@ from typing import Iterable
 import click
 
 from simcc.errors import InputError
-from simcc.io import check_output
+from simcc.io import check_output, note_input
 
 FORMATS = click.Choice(["table", "json", "csv"])
 
@@ -354,10 +354,10 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
     from simcc.specs.hardware import Device, Edge, system_from
     from simcc.specs.loader import load_profile_model
 
-    base_profile, base_source = load_profile_model(base)
-    out = Path(out_path).resolve()
-    if out in {Path(base_source).resolve(), *(Path(m).resolve() for m in measurements)}:
-        raise InputError(out_path, "--out", "would overwrite an input; choose a new file")
+    base_profile, base_source = load_profile_model(base)  # notes the base and the devices it names
+    for path in measurements:
+        note_input(path)
+    out = check_output(out_path, "--out").resolve()  # never an input, before anything is fitted
     device = system_from(base_profile, base_source).device
     held_errors, notes, fits = [], [], None
     kernel_files = [m for m in measurements if measurement_kind(m) == "kernels"]

@@ -1,6 +1,7 @@
-"""Writing what simcc produces (results, timelines, profiles, plots) without ever harming what the
-user owns: no half-written file, no output on top of a file the command reads, the permissions a
-replaced file had (or the user's umask for a new one), and a bad path refused before any work."""
+"""Reading the files a user gives simcc, and writing what simcc produces (results, timelines,
+profiles, plots) without ever harming what the user owns: no half-written file, no output on top
+of a file the command reads, the permissions a replaced file had (or the user's umask for a new
+one), and a bad path refused before any work."""
 
 from __future__ import annotations
 
@@ -24,6 +25,30 @@ def note_input(path: Path | str) -> None:
         pass  # unresolvable paths cannot be written to either
 
 
+def read_user_text(path: Path | str, max_bytes: int, kind: str, named_by: str = "") -> str:
+    """A user's text file: a file (not a folder), present, at most `max_bytes`, UTF-8 (a leading
+    byte-order mark is dropped); recorded as an input of this run. `kind` names what the file is
+    in the size message ("a spec file"), `named_by` the option or field that named it."""
+    where = f" (named by {named_by})" if named_by else ""
+    file, source = Path(path), str(path)
+    if file.is_dir():
+        raise InputError(source, "", f"is a folder, not a file{where}")
+    if not file.is_file():
+        raise InputError(source, "", f"file not found{where}")
+    note_input(file)  # an output of this run may never replace it
+    try:
+        size = file.stat().st_size
+        if size > max_bytes:
+            raise InputError(source, "", f"{size:,} bytes; {kind} is at most {max_bytes:,}")
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InputError(source, "", f"cannot be read ({exc.strerror}){where}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(source, f"byte {exc.start}", "expected UTF-8 text") from None
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -37,7 +62,8 @@ def check_output(path: Path | str, option: str) -> Path:
     target = Path(path)
     resolved = target.resolve()
     if any(_same_file(resolved, read) for read in _INPUTS):
-        raise InputError(option, str(path), "is a file this command reads; write the output elsewhere")
+        raise InputError(option, str(path), "is a file this command reads (it would overwrite an input); "
+                                            "write the output elsewhere")
     if target.is_dir():
         raise InputError(option, str(path), "is a folder; expected a file name")
     parent = resolved.parent

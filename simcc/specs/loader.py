@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from simcc.errors import InputError
-from simcc.io import note_input
+from simcc.io import note_input, read_user_text
 from simcc.specs.hardware import PROFILE_KINDS, System, system_from
 from simcc.specs.workload import MoEFFNBlock, Workload
 
@@ -36,16 +36,10 @@ def shipped_workload_dir() -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """The file's mapping, parsed once per version of the file (a sweep reads the same profiles
-    for every configuration); callers get their own copy to change."""
+    """The file's mapping, parsed once per content (a sweep reads the same profiles for every
+    configuration); callers get their own copy to change."""
     source = str(path)
-    if not path.is_file():
-        raise InputError(source, "", "is a folder, not a file" if path.is_dir() else "file not found")
-    note_input(path)
-    stat = path.stat()
-    if stat.st_size > MAX_SPEC_BYTES:
-        raise InputError(source, "", f"{stat.st_size:,} bytes; a spec file is at most {MAX_SPEC_BYTES:,}")
-    return copy.deepcopy(_parse_yaml(source, stat.st_mtime_ns, stat.st_size))
+    return copy.deepcopy(_parse_yaml(source, read_user_text(path, MAX_SPEC_BYTES, "a spec file")))
 
 
 MAX_SPEC_BYTES = 16 << 20  # a workload or profile is a few kB; this bounds parsing time and memory
@@ -100,55 +94,41 @@ def parse_yaml_text(text: str, source: str) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_yaml(source: str, modified_ns: int, size: int) -> dict[str, Any]:
-    try:
-        text = Path(source).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(source, f"byte {exc.start}", "expected UTF-8 text") from None
-    except OSError as exc:
-        raise InputError(source, "", f"cannot be read ({exc.strerror})") from None
+def _parse_yaml(source: str, text: str) -> dict[str, Any]:
     data = parse_yaml_text(text, source)
     if not isinstance(data, dict):
         raise InputError(source, "", "expected a YAML mapping at the top level")
-    expanded = expanded_values(data)
-    if expanded > MAX_VALUES:
-        raise InputError(source, "YAML", f"aliases expand to {expanded:,} values; a spec has at most {MAX_VALUES:,}")
-    refuse_unencodable(data, source)
+    check_values(data, source)
     return data
 
 
-def refuse_unencodable(data: Any, source: str) -> None:
-    """A string with a lone surrogate ("\\ud800" in YAML) cannot be printed or written as UTF-8."""
-    seen: set[int] = set()
-    pending = [data]
-    while pending:
-        value = pending.pop()
+def check_values(data: Any, source: str) -> None:
+    """Refuse parsed YAML that expands, through its aliases, past MAX_VALUES values (counted
+    without expanding: an object reached twice is counted once per reference, a recursive alias
+    once), or that holds a string no UTF-8 output can carry (a lone surrogate, "\\ud800")."""
+    sizes: dict[int, int] = {}
+
+    def size(value: Any) -> int:
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise InputError(source, "YAML", f"text {value[:20]!r} is not valid Unicode (a lone surrogate)") from None
-        elif isinstance(value, (dict, list)) and id(value) not in seen:
-            seen.add(id(value))
-            pending += list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
-
-
-def expanded_values(data: Any) -> int:
-    """How many values `data` holds once every alias is expanded, counted without expanding: a
-    mapping or list reached twice through aliases is one object, counted once per reference."""
-    sizes: dict[int, int] = {}
-
-    def size(value: Any) -> int:
         if not isinstance(value, (dict, list)):
             return 1
         key = id(value)
         if key not in sizes:
             sizes[key] = 1  # a cycle (a recursive alias) counts once
+            if isinstance(value, dict):
+                for name in value:  # keys are plain values: checked, not counted
+                    size(name)
             children = value.values() if isinstance(value, dict) else value
             sizes[key] = 1 + sum(size(child) for child in children)
         return sizes[key]
 
-    return size(data)
+    expanded = size(data)
+    if expanded > MAX_VALUES:
+        raise InputError(source, "YAML", f"aliases expand to {expanded:,} values; a spec has at most {MAX_VALUES:,}")
 
 
 # ---------------------------------------------------------------- overrides (--set key.path=value)
@@ -165,7 +145,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         value = yaml.load(raw, Loader=_SpecLoader) if raw.strip() else ""  # noqa: S506
     except (yaml.YAMLError, RecursionError):
         value = raw
-    refuse_unencodable(value, f"--set {text}")
+    check_values(value, f"--set {text}")
     return path, value
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, NoReturn, Sequence
 
 from simcc.errors import InputError
-from simcc.io import note_input
+from simcc.io import read_user_text
 
 if TYPE_CHECKING:  # pandas loads only when a table is read
     import numpy
@@ -105,28 +105,6 @@ class Table:
                 text = record[header.index(column)]
                 return repr(text) if text.strip() else "an empty cell"
         return repr(self.frame[column].iloc[position])
-
-
-def _read_text(path: str, named_by: str) -> str:
-    """The file's text: found, a file, of sane size, and UTF-8."""
-    where = f" (named by {named_by})" if named_by else ""
-    file = Path(path)
-    if file.is_dir():
-        raise InputError(path, "", f"is a folder, not a file{where}")
-    if not file.is_file():
-        raise InputError(path, "", f"file not found{where}")
-    note_input(file)  # an output of this run may never replace it
-    try:
-        size = file.stat().st_size
-        if size > MAX_TABLE_BYTES:
-            raise InputError(path, "", f"{size:,} bytes; a table is at most {MAX_TABLE_BYTES:,}")
-        data = file.read_bytes()
-    except OSError as exc:
-        raise InputError(path, "", f"cannot be read ({exc.strerror}){where}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(path, f"byte {exc.start}", "expected UTF-8 text (a CSV file)") from None
 
 
 def _blank(record: list[str]) -> bool:
@@ -231,7 +209,7 @@ def read_table(path: str, columns: Sequence[Column], named_by: str = "", hint: s
     import numpy as np
     import pandas as pd
 
-    text = _read_text(path, named_by)
+    text = read_user_text(path, MAX_TABLE_BYTES, "a table", named_by)
     required = [c.name for c in columns if not c.optional]
     extra = [c.name for c in columns if c.optional]
     header, lines = _record_lines(path, text, required + ([f"(optional: {', '.join(extra)})"] if extra else []))
