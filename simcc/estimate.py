@@ -15,9 +15,9 @@ from simcc.costs.money import SECONDS_PER_DAY, run_totals
 from simcc.errors import InputError
 from simcc.layout import Layout, build_layout
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
-from simcc.model.blocks import Batch, MoEStats
+from simcc.model.blocks import Batch, MoEStats, Params
 from simcc.model.graph import input_dependent_share, model_forward_flops, model_params, units_forward_flops, units_of
-from simcc.model.threshold import request_compute_scales
+from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.plan.serving import ServingCosts, serving_costs
 from simcc.plan.training import (
@@ -72,13 +72,21 @@ class _Run:
     layout: Layout
     source: str  # the workload file, for error messages
     options: SimulationOptions
+    params: Params  # the whole model's
+    activation: tuple[float, FiringSample | None]  # input-dependent FLOP share and firing (threshold trees)
+
+
+def _run(workload: Workload, system: System, source: str, options: SimulationOptions) -> _Run:
+    """The layout and the model-wide figures every section reads, each computed once."""
+    return _Run(workload, system, build_layout(workload, system, source), source, options, model_params(workload.model),
+                input_dependent_share(workload.model, workload.model.hidden))
 
 
 def estimate(workload: Workload, system: System, workload_source: str,
              options: SimulationOptions = SimulationOptions()) -> Estimate:
     _check_precision(workload, system, workload_source)
-    run = _Run(workload, system, build_layout(workload, system, workload_source), workload_source, options)
-    result = Estimate(workload.name, system.name, _layout_section(run.layout, system), _model_section(workload))
+    run = _run(workload, system, workload_source, options)
+    result = Estimate(workload.name, system.name, _layout_section(run.layout, system), _model_section(run))
     if workload.mode == "train":
         _estimate_training(run, result)
     else:
@@ -105,7 +113,8 @@ def estimate_layer(workload: Workload, system: System, workload_source: str, ind
     """One block of the model, alone: its forward, backward (with recomputation) or both, for one
     training micro-batch or one serving prefill batch on one device."""
     _check_precision(workload, system, workload_source)
-    layout = build_layout(workload, system, workload_source)
+    run = _run(workload, system, workload_source, SimulationOptions())
+    layout = run.layout
     blocks = [block for unit in units_of(workload.model) for block in unit.blocks]
     if not 0 <= index < len(blocks):
         raise InputError(workload_source, "--layer", f"expected 0..{len(blocks) - 1} (the model's blocks), got {index}")
@@ -116,7 +125,7 @@ def estimate_layer(workload: Workload, system: System, workload_source: str, ind
         batch = Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
     forward, backward = layer_costs(workload, system, layout, index, batch)
     chosen: list[Cost] = {"forward": forward, "backward": backward, "both": forward + backward}[passes]
-    result = Estimate(workload.name, system.name, _layout_section(layout, system), _model_section(workload))
+    result = Estimate(workload.name, system.name, _layout_section(layout, system), _model_section(run))
     result.layer = LayerSection(
         layer=index, kind=blocks[index].kind, tokens=batch.tokens, passes=passes,
         seconds=sum(c.seconds for c in chosen), compute_s=sum(c.seconds for c in chosen if c.stream == "compute"),
@@ -133,9 +142,9 @@ def _layout_section(layout: Layout, system: System) -> LayoutSection:
                          layout.expert_tp, layout.expert_dp, layout.microbatches)
 
 
-def _model_section(workload: Workload) -> ModelSection:
-    params = model_params(workload.model)
-    share, firing = input_dependent_share(workload.model, workload.model.hidden)
+def _model_section(run: _Run) -> ModelSection:
+    params = run.params
+    share, firing = run.activation
     if firing is None:
         return ModelSection(params.total / 1e9, params.active / 1e9)
     return ModelSection(params.total / 1e9, params.active / 1e9, input_dependent_flop_share=share,
@@ -254,7 +263,7 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
     per_sequence = _trained_forward_flops(run.workload, Batch(1, train.seq_len, train.seq_len))
     model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
     tokens_step = train.global_batch * train.seq_len
-    total_params = model_params(run.workload.model).total
+    total_params = run.params.total
     result.model = replace(result.model, forward_gflop_per_token=per_sequence / train.seq_len / 1e9,
                            params_per_token_flop=total_params / (per_sequence / train.seq_len))
     result.step = StepSection(
@@ -331,7 +340,7 @@ def _requests(run: _Run) -> list[Request]:
     serve, options = run.workload.serve, run.options
     assert serve is not None
     requests = options.requests or poisson_requests(serve.arrival_rate, options.request_count, serve, run.workload.seed)
-    share, firing = input_dependent_share(run.workload.model, run.workload.model.hidden)
+    share, firing = run.activation
     if firing is not None and not options.requests:
         scales = request_compute_scales(share, firing, len(requests), run.workload.seed)
         requests = [Request(r.arrival, r.prompt, r.output, float(s)) for r, s in zip(requests, scales)]
