@@ -351,14 +351,14 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
     from simcc.calibrate import fit as F
     from simcc.calibrate.measurements import check_device, measurement_kind, read_collectives, read_measurements
     from simcc.io import write_atomically
-    from simcc.specs.hardware import Device, Edge, system_from
+    from simcc.specs.hardware import Device, Edge, device_of, system_from
     from simcc.specs.loader import load_profile_model
 
     base_profile, base_source = load_profile_model(base)  # notes the base and the devices it names
     for path in measurements:
         note_input(path)
     out = check_output(out_path, "--out").resolve()  # never an input, before anything is fitted
-    device = system_from(base_profile, base_source).device
+    device = device_of(base_profile)  # as written: the measurements' own threads are recorded below
     held_errors, notes, fits = [], [], None
     kernel_files = [m for m in measurements if measurement_kind(m) == "kernels"]
     comm_files = [m for m in measurements if m not in kernel_files]
@@ -406,15 +406,17 @@ def validate(profile_name: str | None, measurements: tuple[str, ...], suite: str
 
     from simcc.calibrate.fit import collective_errors, comm_held_out, error_summary, held_out_mask, prediction_errors
     from simcc.calibrate.measurements import check_device, measurement_kind, read_collectives, read_measurements
-    from simcc.specs.loader import load_hardware
+    from simcc.specs.hardware import device_of, system_from
+    from simcc.specs.loader import load_profile_model
 
-    system = load_hardware(profile_name)
+    profile, source = load_profile_model(profile_name)
+    system, measured_device = system_from(profile, source), device_of(profile)  # kernels: as the profiler ran
     tables = []
     for path in measurements:
         if measurement_kind(path) == "kernels":
             frame = read_measurements(path)
-            check_device(frame, system.device, path, system.source_file)
-            errors = prediction_errors(frame, system.device)
+            check_device(frame, measured_device, path, system.source_file)
+            errors = prediction_errors(frame, measured_device)
             # Whole MoE layers are never fitted; kernels follow calibrate's hold-out rule.
             errors["unseen"] = (held_out_mask(frame) | (frame["family"] == "moe_layer")).to_numpy()
         else:

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simcc.calibrate.fit import _pool_adjacent_violators, held_out_mask  # noqa: E402
-from simcc.profile.kernels import FAMILIES, HOST_LOAD_COLUMN, MEASUREMENT_COLUMNS  # noqa: E402
+from simcc.profile.kernels import FAMILIES, HOST_CORES_COLUMN, HOST_LOAD_COLUMN, MEASUREMENT_COLUMNS  # noqa: E402
 from simcc.specs.loader import load_hardware  # noqa: E402
 
 
@@ -32,7 +32,8 @@ def measured(tmp_path_factory) -> Path:
 
 def test_profile_writes_a_tidy_table(measured):
     frame = pd.read_csv(measured)
-    assert list(frame.columns) == [*MEASUREMENT_COLUMNS, HOST_LOAD_COLUMN]
+    assert list(frame.columns) == [*MEASUREMENT_COLUMNS, HOST_LOAD_COLUMN, HOST_CORES_COLUMN]
+    assert (frame[HOST_CORES_COLUMN] >= frame["threads"]).all()  # a process's share of its host
     assert (frame[HOST_LOAD_COLUMN] >= 0).all()  # the profiler watched its host
     assert set(frame["family"]) == set(FAMILIES)
     assert (frame["median_s"] > 0).all() and (frame["p10_s"] <= frame["p90_s"]).all()

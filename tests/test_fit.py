@@ -104,3 +104,34 @@ def test_contended_timings_are_left_out_with_a_notice_per_family():
     assert "lstm" in notes and "could not be measured" in notes and "lstm" not in report.device.efficiency.curves
     assert f"gemm: 2 of {int((frame['family'] == 'gemm').sum())} timings were contended" in notes
     assert "gemm" in report.device.efficiency.curves
+
+
+def test_a_gemm_that_slows_once_it_spills_the_cache_gets_a_curve_that_falls():
+    import math
+
+    # efficiency rises with size up to ~1 GFLOP, then drops by a third (operands leave the cache)
+    def rises_then_falls(op):
+        x = math.log10(op.flops)
+        return 0.3 + 0.05 * min(x, 9) - (0.2 if x > 9.5 else 0.0)
+
+    curve, _ = fit_curve(_rows(rises_then_falls), DEVICE, 0.0)
+    assert curve is not None and curve.fraction[-1] < max(curve.fraction) * 0.8  # the fall is kept
+    calibrated = DEVICE.model_copy(update={"efficiency": DEVICE.efficiency.model_copy(update={"curves": {"gemm": curve}})})
+    big = gemm("g", 4096, 1024, 2816, "fp32")
+    assert op_cost(calibrated, big).seconds == pytest.approx(big.flops / (PEAK * rises_then_falls(big)), rel=0.1)
+
+
+def test_a_backward_gemm_is_two_forward_sized_kernels_with_its_own_family():
+    from simcc.model.ops import backward_of
+
+    forward = gemm("g", 256, 1024, 2816, "fp32")
+    backward = backward_of(forward)
+    assert backward.family == "gemm_backward" and backward.flops == 2 * forward.flops
+    assert backward.kernel_flops == forward.flops and backward.launches == 2
+    # without a curve of its own it runs on the forward's; with one, on that
+    forward_curve = {"gemm": fit_curve(_rows(lambda op: 0.5), DEVICE, 0.0)[0]}
+    calibrated = DEVICE.model_copy(update={"efficiency": DEVICE.efficiency.model_copy(update={"curves": forward_curve})})
+    assert efficiency(calibrated, "gemm_backward", forward.flops, 1.0) == pytest.approx(0.5, rel=1e-6)
+    both = {**forward_curve, "gemm_backward": fit_curve(_rows(lambda op: 0.25), DEVICE, 0.0)[0]}
+    calibrated = DEVICE.model_copy(update={"efficiency": DEVICE.efficiency.model_copy(update={"curves": both})})
+    assert efficiency(calibrated, "gemm_backward", forward.flops, 1.0) == pytest.approx(0.25, rel=1e-6)

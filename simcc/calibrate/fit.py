@@ -1,7 +1,8 @@
 """Fit kernel measurements into a calibrated device: launch overhead and memory fraction from
-plain copies; per compute family an efficiency curve against kernel FLOPs, monotone
-non-decreasing (a bigger GEMM never runs less efficiently); per memory-bound family a bandwidth
-curve against bytes moved (not monotone: caches). Checked on held-out points."""
+plain copies; per compute family an efficiency curve against kernel FLOPs or intensity, monotone
+non-decreasing unless leaving points out says the measurements are not (a CPU GEMM that spills
+its cache); per memory-bound family a bandwidth curve against bytes moved (not monotone: caches).
+Checked on held-out points."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from simcc.calibrate.measurements import predict
 from simcc.costs.compute import peak_flops
 from simcc.specs.hardware import Device, EfficiencyCurve
 
-CURVE_FAMILIES = ("gemm", "grouped_gemm", "attention", "lstm", "moefication")
-MEMORY_FAMILIES = ("memcpy", "permute", "combine", "gate")
+CURVE_FAMILIES = ("gemm", "gemm_backward", "grouped_gemm", "grouped_gemm_backward", "attention", "lstm", "moefication")
+MEMORY_FAMILIES = ("memcpy", "permute", "combine", "gate", "optimizer", "optimizer_unfused")
 FRACTION_FLOOR = 1e-4
 
 
@@ -95,18 +96,19 @@ def fit_memory(train: pd.DataFrame, device: Device) -> tuple[float, float]:
     return launch, float(min(1.0, max(FRACTION_FLOOR, fraction)))
 
 
-def _monotone_curve(points: list[tuple[float, float]], axis: str) -> EfficiencyCurve:
-    """Isotonic fit of (size, fraction) points; points at one size share a knot."""
+def _curve(points: list[tuple[float, float]], axis: str, monotone: bool = True) -> EfficiencyCurve:
+    """(size, fraction) points as a curve: an isotonic (non-decreasing) fit, or the points as they
+    are (averaged where several share a size)."""
     points = sorted(points)
-    fitted = _pool_adjacent_violators([p[1] for p in points], [1.0] * len(points))
-    knots: dict[float, float] = {}
+    fitted = _pool_adjacent_violators([p[1] for p in points], [1.0] * len(points)) if monotone else [p[1] for p in points]
+    knots: dict[float, list[float]] = {}
     for (x, _), y in zip(points, fitted):
-        knots[x] = min(1.0, max(FRACTION_FLOOR, y))
+        knots.setdefault(x, []).append(min(1.0, max(FRACTION_FLOOR, y)))
     xs = sorted(knots)
-    return EfficiencyCurve(axis=axis, size=xs, fraction=[knots[x] for x in xs])
+    return EfficiencyCurve(axis=axis, size=xs, fraction=[statistics.fmean(knots[x]) for x in xs])
 
 
-def _leave_one_out_error(points: list[tuple[float, float]], axis: str) -> float:
+def _leave_one_out_error(points: list[tuple[float, float]], axis: str, monotone: bool) -> float:
     """Median relative time error predicting each training point from a curve fitted without it."""
     from simcc.costs.compute import on_curve
 
@@ -114,28 +116,32 @@ def _leave_one_out_error(points: list[tuple[float, float]], axis: str) -> float:
     for index, (x, fraction) in enumerate(points):
         rest = points[:index] + points[index + 1:]
         if rest:
-            errors.append(abs(fraction / on_curve(_monotone_curve(rest, axis), x) - 1.0))
+            errors.append(abs(fraction / on_curve(_curve(rest, axis, monotone), x) - 1.0))
     return statistics.median(errors) if errors else 0.0
 
 
 def fit_curve(rows: pd.DataFrame, device: Device, launch: float) -> tuple[EfficiencyCurve | None, bool]:
-    """Achieved fraction of peak per point, then a monotone curve over whichever size axis (one
-    kernel's FLOPs, or FLOPs per byte) predicts the training points better when each is left out:
-    large GEMMs on a GPU are limited by how many tiles fill the chip (FLOPs), skinny ones on a CPU by
-    streaming their weights (intensity)."""
+    """Achieved fraction of peak per point, then a curve over whichever size axis (one kernel's
+    FLOPs, or FLOPs per byte) and shape (monotone, or following the points) predicts the training
+    points better when each is left out: large GEMMs on a GPU are limited by how many tiles fill
+    the chip (FLOPs, rising), skinny ones on a CPU by streaming their weights (intensity), and a
+    CPU GEMM whose operands leave the cache runs slower than a smaller one (not monotone)."""
     if rows.empty:
         return None, False
     fractions, by_axis = [], {"kernel_flops": [], "intensity": []}
     for _, row in rows.iterrows():
         peak = peak_flops(device, row["dtype"])
-        launches = int(row["experts"]) if row["family"] == "grouped_gemm" else 1
+        launches = {"grouped_gemm": int(row["experts"]), "grouped_gemm_backward": 2 * int(row["experts"]),
+                    "gemm_backward": 2}.get(row["family"], 1)
         busy = max(float(row["median_s"]) - launch * launches, 0.05 * float(row["median_s"]))
         fraction = float(row["flops"]) / busy / peak
         fractions.append(fraction)
         by_axis["kernel_flops"].append((float(row["kernel_flops"]), fraction))
         by_axis["intensity"].append((float(row["flops"]) / float(row["bytes"]), fraction))
-    axis = min(by_axis, key=lambda name: (_leave_one_out_error(by_axis[name], name), name != "kernel_flops"))
-    return _monotone_curve(by_axis[axis], axis), max(fractions) > 1.0
+    # Ties go to the simpler story: FLOPs before intensity, monotone before free.
+    choices = [(axis, monotone) for axis in by_axis for monotone in (True, False)]
+    axis, monotone = min(choices, key=lambda c: (_leave_one_out_error(by_axis[c[0]], *c), c[0] != "kernel_flops", not c[1]))
+    return _curve(by_axis[axis], axis, monotone), max(fractions) > 1.0
 
 
 def fit_memory_curve(rows: pd.DataFrame, device: Device, launch: float, calibrated: Device) -> EfficiencyCurve | None:
@@ -152,15 +158,12 @@ def fit_memory_curve(rows: pd.DataFrame, device: Device, launch: float, calibrat
         ops = row_ops(row)
         matmul = sum(op_cost(calibrated, op).seconds for op in ops if op.is_matmul)
         moved = sum(op.bytes for op in ops if not op.is_matmul)
-        busy = max(float(row["median_s"]) - matmul - launch, 0.05 * float(row["median_s"]))
+        launches = sum(op.launches for op in ops if not op.is_matmul)  # an unfused optimizer: one per pass per tensor
+        busy = max(float(row["median_s"]) - matmul - launch * launches, 0.05 * float(row["median_s"]))
         points.append((moved, moved / busy / bandwidth))
     # No monotone constraint here: buffers that fit in cache move faster per byte than ones that
     # spill, so bandwidth efficiency may fall with size. Points at equal size are averaged.
-    knots: dict[float, list[float]] = {}
-    for x, y in points:
-        knots.setdefault(x, []).append(min(1.0, max(FRACTION_FLOOR, y)))
-    xs = sorted(knots)
-    return EfficiencyCurve(axis="bytes", size=xs, fraction=[statistics.fmean(knots[x]) for x in xs])
+    return _curve(points, "bytes", monotone=False)
 
 
 # Load average per core above which other work competed: the profiler's own threads bring a host
@@ -228,7 +231,8 @@ def _fit_device(train: pd.DataFrame, device: Device, source: str, frame: pd.Data
         "memory": memory, "kernel_launch_us": launch * 1e6, "curves": curves,
         "source": f"calibrated from {source} ({frame['device_name'].iloc[0]}, torch {frame['torch_version'].iloc[0]})",
     })
-    calibrated = device.model_copy(update={"efficiency": efficiency, "name": f"{device.name} (calibrated)"})
+    calibrated = device.model_copy(update={"efficiency": efficiency, "name": f"{device.name} (calibrated)",
+                                           **measured_threads(frame)})
     memory_curves = {}
     for family in MEMORY_FAMILIES:
         curve = fit_memory_curve(train[train["family"] == family], device, launch, calibrated)
@@ -236,6 +240,18 @@ def _fit_device(train: pd.DataFrame, device: Device, source: str, frame: pd.Data
             memory_curves[family] = curve
     efficiency = efficiency.model_copy(update={"memory_curves": memory_curves})
     return calibrated.model_copy(update={"efficiency": efficiency}), notes
+
+
+def measured_threads(frame: pd.DataFrame) -> dict[str, int]:
+    """A CPU profile's threads per process and host cores, so that an estimate of several processes
+    on the host scales each one's share (specs.hardware.threads_share); nothing for a GPU."""
+    from simcc.profile.kernels import HOST_CORES_COLUMN
+
+    if str(frame["device_type"].iloc[0]) != "cpu" or "threads" not in frame.columns:
+        return {}
+    threads = int(frame["threads"].max())
+    cores = int(frame[HOST_CORES_COLUMN].max()) if HOST_CORES_COLUMN in frame.columns else 0
+    return {"threads": threads, "cores": max(cores, threads)} if threads >= 1 else {}
 
 
 def prediction_errors(frame: pd.DataFrame, device: Device) -> pd.DataFrame:

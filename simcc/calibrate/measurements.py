@@ -11,12 +11,15 @@ from simcc.errors import InputError
 from simcc.model.blocks import Batch, Shard
 from simcc.model.kinds.moe_ffn import work as moe_ffn_work
 from simcc.model.ops import Op, backward_of, elementwise, gemm
+from simcc.model.optimizer import optimizer_step
 from simcc.profile.comm import COMM_COLLECTIVES, COMM_COLUMNS
-from simcc.profile.kernels import FAMILIES, HOST_LOAD_COLUMN, MEASUREMENT_COLUMNS
+from simcc.profile.kernels import FAMILIES, HOST_CORES_COLUMN, HOST_LOAD_COLUMN, MEASUREMENT_COLUMNS
 from simcc.specs.hardware import Device
 from simcc.specs.tables import MIN_MEASURED_S, MAX_MEASURED_S, MAX_SIZE, MAX_TOKENS, Column, Table, open_csv, read_table
 from simcc.specs.vocab import DTYPES
-from simcc.specs.workload import MoEFFNBlock
+from simcc.specs.workload import MoEFFNBlock, Optimizer, Precision
+
+_FP32 = Precision(weights="fp32", compute="fp32", gradients="fp32", communication="fp32")  # the profiler's optimizer steps
 
 PROCESSOR_OF_DEVICE_TYPE = {"cpu": "cpu", "cuda": "gpu"}
 
@@ -32,17 +35,22 @@ def measurement_kind(path: str) -> str:
 FAMILY_NEEDS: dict[str, tuple[str, ...]] = {
     "gemm": ("tokens", "hidden", "ffn", "flops", "bytes", "kernel_flops"),
     "grouped_gemm": ("experts", "flops", "bytes", "kernel_flops"),
+    "gemm_backward": ("tokens", "hidden", "ffn", "flops", "bytes", "kernel_flops"),
+    "grouped_gemm_backward": ("experts", "flops", "bytes", "kernel_flops"),
     "gate": ("tokens", "hidden", "experts"),
     "permute": ("tokens", "hidden", "k"),
     "combine": ("tokens", "hidden", "k"),
     "attention": ("flops", "bytes", "kernel_flops"),
     "moefication": ("flops", "bytes", "kernel_flops"),
     "memcpy": ("bytes",),
+    "optimizer": ("tokens", "experts", "bytes"),  # parameters, tensors
+    "optimizer_unfused": ("tokens", "experts", "bytes"),
     "lstm": ("tokens", "hidden", "flops", "bytes", "kernel_flops"),
     "moe_layer": ("tokens", "hidden", "ffn", "experts", "k"),
 }
-ELEMENTWISE_FAMILIES = ("memcpy", "permute", "combine")  # costed at the vector dtype, whatever they moved
+ELEMENTWISE_FAMILIES = ("memcpy", "permute", "combine", "optimizer", "optimizer_unfused")  # costed at the vector dtype, whatever they moved
 MAX_RANKS = 1_000_000  # ranks in one measured collective
+MAX_THREADS = 1_000_000  # threads of one measuring process, cores of its host
 _DEVICE = [Column("device_type", "name", names=tuple(PROCESSOR_OF_DEVICE_TYPE), label="device type"),
            Column("device_name", "text"), Column("torch_version", "text")]
 _TIME = Column("median_s", low=MIN_MEASURED_S, high=MAX_MEASURED_S)
@@ -55,6 +63,8 @@ KERNEL_COLUMNS = [
     # spread and host load: calibrate leaves contended timings out (older tables lack host_load)
     Column("p10_s", low=MIN_MEASURED_S, high=MAX_MEASURED_S), Column("p90_s", low=MIN_MEASURED_S, high=MAX_MEASURED_S),
     Column(HOST_LOAD_COLUMN, low=0.0, high=1e6, default=0.0),
+    Column("threads", "integer", 1, MAX_THREADS),
+    Column(HOST_CORES_COLUMN, "integer", 0, MAX_THREADS, default=0),  # 0: not recorded (older tables)
 ]
 COLLECTIVE_COLUMNS = [
     Column("collective", "name", names=COMM_COLLECTIVES, label="op name"),
@@ -127,10 +137,12 @@ def row_ops(row: pd.Series) -> list[Op]:
     tokens, hidden, ffn, k = int(row["tokens"]), int(row["hidden"]), int(row["ffn"]), int(row["k"])
     if family == "gemm":
         return [gemm(row["case"], tokens, hidden, ffn, dtype)]
-    if family == "grouped_gemm":
-        experts = int(row["experts"])
-        return [Op(row["case"], "grouped_gemm", row["flops"], row["bytes"], dtype,
-                   kernel_flops=row["kernel_flops"], launches=experts)]
+    if family == "gemm_backward":
+        return [backward_of(gemm(row["case"], tokens, hidden, ffn, dtype))]  # type: ignore[list-item]
+    if family in ("grouped_gemm", "grouped_gemm_backward"):
+        experts = int(row["experts"]) * (2 if family == "grouped_gemm_backward" else 1)  # kernels launched
+        return [Op(row["case"], family, row["flops"], row["bytes"], dtype, kernel_flops=row["kernel_flops"],
+                   launches=experts)]
     if family == "gate":
         experts = int(row["experts"])
         return [gemm("router", tokens, hidden, experts, dtype),
@@ -143,6 +155,10 @@ def row_ops(row: pd.Series) -> list[Op]:
         return [Op(row["case"], family, row["flops"], row["bytes"], dtype)]
     if family == "memcpy":
         return [elementwise(row["case"], row["bytes"] / 2 / _bytes(dtype), 1, 1, dtype, family="memcpy")]
+    if family in ("optimizer", "optimizer_unfused"):  # the profiler recorded the update's bytes
+        optimizer = Optimizer(type="adam", implementation="fused" if family == "optimizer" else "unfused")
+        return [optimizer_step(float(row["tokens"]), float(row["experts"]), optimizer, _FP32,
+                               float(row["bytes"]) / float(row["tokens"]))]
     if family == "lstm":
         step = gemm("lstm", tokens, 2 * hidden, 4 * hidden, dtype)
         return [Op("lstm", "lstm", step.flops, step.bytes, dtype),

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.model.ops import MATMUL_FAMILIES, GemmBlock, Op
+from simcc.model.ops import FORWARD_FAMILY, MATMUL_FAMILIES, GemmBlock, Op
 from simcc.specs.hardware import Device, EfficiencyCurve
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
@@ -36,11 +36,17 @@ def on_curve(curve: EfficiencyCurve, x: float) -> float:
     return float(np.interp(math.log10(max(x, 1e-9)), np.log10(curve.size), curve.fraction))
 
 
+def measured_curve(device: Device, family: str) -> EfficiencyCurve | None:
+    """The family's calibrated curve; a backward GEMM without one of its own takes its forward's."""
+    curves = device.efficiency.curves
+    return curves.get(family) or curves.get(FORWARD_FAMILY.get(family, ""))  # type: ignore[call-overload]
+
+
 def efficiency(device: Device, family: str, kernel_flops: float, intensity: float) -> float:
     """Achieved fraction of peak: the calibrated curve for the family when the profile has one
     (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default."""
     eff = device.efficiency
-    curve = eff.curves.get(family)  # type: ignore[call-overload]
+    curve = measured_curve(device, family)
     if curve is not None:
         return on_curve(curve, intensity if curve.axis == "intensity" else max(kernel_flops, 1.0))
     return eff.attention if family == "attention" else eff.matmul
@@ -91,7 +97,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
         intensity = flops / moved if moved > 0 else math.inf
         fraction = efficiency(device, op.family, kernel, intensity)
-        if op.family not in device.efficiency.curves:  # a measured curve already holds its shapes' quantization
+        if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
             fraction *= quantization(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)
     else:

@@ -15,7 +15,12 @@ from simcc.specs.vocab import DTYPE_BYTES, Collective  # noqa: F401 (DTYPE_BYTES
 # Families whose FLOPs run on matrix units, at the matmul efficiency (attention has its own).
 # Families costed against peak FLOPs at a matmul efficiency (moefication: the clustering of a
 # dense->sparse switch, dominated by its distance products).
-MATMUL_FAMILIES = ("gemm", "grouped_gemm", "conv", "lstm", "moefication")
+MATMUL_FAMILIES = ("gemm", "grouped_gemm", "conv", "lstm", "moefication", "gemm_backward", "grouped_gemm_backward")
+# A GEMM's backward runs other shapes and operand layouts (dX = dY W: NN; dW = dY^T X: a reduction
+# over tokens), which a CPU or GPU library does not run at the forward's efficiency: its own family,
+# with its own calibrated curve, falling back to the forward's when a profile has none.
+BACKWARD_FAMILY = {"gemm": "gemm_backward", "grouped_gemm": "grouped_gemm_backward"}
+FORWARD_FAMILY = {backward: forward for forward, backward in BACKWARD_FAMILY.items()}
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,9 @@ GemmBlock = tuple[float, float, float, int]
 BACKWARD_FLOPS_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.5}
 BACKWARD_BYTES_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.0}
 ELEMENTWISE_BACKWARD_RATIO = 1.5
+# Families whose backward is a data-gradient and a weight-gradient product (cuBLAS/oneDNN run them
+# as separate GEMMs); fused attention's backward is one kernel (FlashAttention-2).
+TWO_KERNEL_BACKWARD = ("gemm", "grouped_gemm", "conv", "lstm")
 
 
 @lru_cache(maxsize=65536)  # items are immutable; a plan asks for the same layer's backward many times
@@ -76,16 +84,25 @@ def backward_of(item: WorkItem) -> WorkItem:
     f_ratio = BACKWARD_FLOPS_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
     b_ratio = BACKWARD_BYTES_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
     scale = lambda v: None if v is None else v * f_ratio  # noqa: E731
+    if item.family in TWO_KERNEL_BACKWARD:
+        # Two kernels, each the forward's size: they sit where the forward sits on an efficiency
+        # curve (not at twice its FLOPs), and each is launched.
+        single = item.kernel_flops if item.kernel_flops is not None else item.flops
+        kernel_flops, launches = single, item.launches * 2
+    else:
+        kernel_flops, launches = scale(item.kernel_flops), item.launches
     # dX[m,k] = dY[m,n] W^T and dW[k,n] = X^T dY: two kernels as large as the forward one.
     kernels = tuple(kernel for forward in item.kernels
                     for kernel in (tuple((m, n, k, c) for m, k, n, c in forward), tuple((k, m, n, c) for m, k, n, c in forward)))
     return replace(
         item,
         name=item.name + ".bwd",
+        family=BACKWARD_FAMILY.get(item.family, item.family),
         flops=item.flops * f_ratio,
         bytes=item.bytes * b_ratio,
         saved_bytes=0.0,
-        kernel_flops=scale(item.kernel_flops),
+        kernel_flops=kernel_flops,
+        launches=launches,
         mean_flops=scale(item.mean_flops),
         mean_bytes=None if item.mean_bytes is None else item.mean_bytes * b_ratio,
         kernels=kernels,

@@ -15,6 +15,7 @@ from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, backward_of
+from simcc.model.optimizer import optimizer_step
 from simcc.routing.load import LOAD_DRAWS
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
@@ -258,32 +259,12 @@ def _param_gather(params: Params, workload: Workload, system: System, layout: La
             for group, count in _sharded_groups(params, layout)]
 
 
-def optimizer_bytes_per_param(workload: Workload) -> float:
-    """Bytes the optimizer step reads and writes per parameter: memory-bound elementwise passes.
-    The update: Adam reads grad, master weight, two moments and writes master, moments and the
-    low-precision copy; Adafactor touches no first moment; SGD only the weights. Around it (as
-    Megatron-LM's step runs): fp16 dynamic loss scaling unscales every gradient and checks it for
-    inf/NaN (read + write; Micikevicius et al. 2018), clipping reads every gradient for the global
-    norm, and the contiguous gradient buffer is zeroed for the next step's accumulation."""
-    prec, opt = workload.precision, workload.optimizer
-    weight, grad = DTYPE_BYTES[prec.weights], DTYPE_BYTES[prec.gradients]
-    has_master = opt.master_weights and prec.weights != "fp32"
-    main = 4 if has_master else weight  # the copy the update is applied to
-    low_precision_copy = weight if has_master else 0
-    states = {"adam": 8, "adafactor": 0, "sgd": 0}[opt.type]
-    update = grad + 2 * (main + states) + low_precision_copy
-    unscale = 2 * grad if prec.compute == "fp16" else 0
-    clip = grad if opt.clip_grad_norm else 0
-    return update + unscale + clip + grad  # the last: zeroing the gradient buffer
-
-
 def _optimizer(params: Params, workload: Workload, system: System, layout: Layout) -> Cost:
     dense, expert = layout.local_params(params)
     if workload.parallelism.zero_stage >= 1:
         dense, expert = dense / layout.dp, expert / layout.expert_dp
-    moved = (dense + expert) * optimizer_bytes_per_param(workload)
-    op = Op("optimizer.step", "elementwise", (dense + expert) * 10, moved, "fp32")
-    return cost_item(op, system, layout)
+    tensors = params.tensors + params.expert_tensors / layout.ep  # a TP or ZeRO shard of each is still one tensor
+    return cost_item(optimizer_step(dense + expert, tensors, workload.optimizer, workload.precision), system, layout)
 
 
 def _micro_batch(workload: Workload) -> Batch:

@@ -16,13 +16,14 @@ from typing import Callable
 
 from simcc.model.ops import DTYPE_BYTES
 
-FAMILIES = ("gemm", "grouped_gemm", "gate", "permute", "combine", "attention", "memcpy", "lstm", "moefication",
-            "moe_layer")
+FAMILIES = ("gemm", "gemm_backward", "grouped_gemm", "grouped_gemm_backward", "gate", "permute", "combine", "attention", "memcpy", "lstm", "moefication",
+            "optimizer", "optimizer_unfused", "moe_layer")
 MEASUREMENT_COLUMNS = ("family", "case", "dtype", "flops", "bytes", "kernel_flops", "tokens", "hidden", "ffn",
                        "experts", "k", "backward", "median_s", "p10_s", "p90_s", "repeats",
                        "device_type", "device_name", "torch_version", "threads")
 # Written since the profiler watches its host; tables from before lack it.
 HOST_LOAD_COLUMN = "host_load"  # the 1-minute load average per core while the case was timed
+HOST_CORES_COLUMN = "host_cores"  # the host's cores: with `threads`, a process's share of the host
 
 
 @dataclass(frozen=True)
@@ -113,25 +114,36 @@ def build_cases(device: str, dtype: str, quick: bool, ffn_shapes: tuple[tuple[in
     cases: list[Case] = []
 
     # Expert up- and down-projection and router shapes: equal FLOPs at different aspect ratios, so
-    # calibration can tell whether efficiency follows FLOPs or arithmetic intensity.
+    # calibration can tell whether efficiency follows FLOPs or arithmetic intensity. Each runs as a
+    # model's linear layer does (torch.nn.functional.linear: the weight stored out x in, used
+    # transposed), and its backward as autograd runs it: dX = dY W and dW = dY^T X, two GEMMs.
+    linear = torch.nn.functional.linear
     for tokens in token_counts:
         for rows, cols in ((hidden, ffn), (ffn, hidden), (hidden, 64)):  # 64: a router's width
-            a, w = tensor(tokens, rows), tensor(rows, cols)
-            cases.append(Case("gemm", f"gemm_{tokens}x{rows}x{cols}", 2.0 * tokens * rows * cols,
-                              (tokens * rows + rows * cols + tokens * cols) * b, 2.0 * tokens * rows * cols,
-                              lambda a=a, w=w: a @ w, tokens=tokens, hidden=rows, ffn=cols))
+            a, w, dy = tensor(tokens, rows), tensor(cols, rows), tensor(tokens, cols)
+            flops, moved = 2.0 * tokens * rows * cols, (tokens * rows + rows * cols + tokens * cols) * b
+            shape = dict(tokens=tokens, hidden=rows, ffn=cols)
+            cases.append(Case("gemm", f"gemm_{tokens}x{rows}x{cols}", flops, moved, flops,
+                              lambda a=a, w=w: linear(a, w), **shape))
+            cases.append(Case("gemm_backward", f"gemm_backward_{tokens}x{rows}x{cols}", 2 * flops, 2 * moved, flops,
+                              lambda a=a, w=w, dy=dy: (dy @ w, dy.t() @ a), backward=True, **shape))
 
     experts = 8
     for total in token_counts[2:]:
         weights = torch.linspace(0.4, 1.6, experts)
         loads = [max(1, int(total * experts * w / weights.sum())) for w in weights.tolist()]  # uneven
         inputs = [tensor(n, hidden) for n in loads]
-        ws = [tensor(hidden, ffn) for _ in loads]
+        grads = [tensor(n, ffn) for n in loads]
+        ws = [tensor(ffn, hidden) for _ in loads]
         flops = sum(2.0 * n * hidden * ffn for n in loads)
         moved = sum((n * hidden + hidden * ffn + n * ffn) * b for n in loads)
+        shape = dict(tokens=sum(loads), hidden=hidden, ffn=ffn, experts=experts)
         cases.append(Case("grouped_gemm", f"grouped_{experts}x{total}", flops, moved, flops / experts,
-                          lambda inputs=inputs, ws=ws: [x @ w for x, w in zip(inputs, ws)],
-                          tokens=sum(loads), hidden=hidden, ffn=ffn, experts=experts))
+                          lambda inputs=inputs, ws=ws: [linear(x, w) for x, w in zip(inputs, ws)], **shape))
+        cases.append(Case("grouped_gemm_backward", f"grouped_backward_{experts}x{total}", 2 * flops, 2 * moved,
+                          flops / experts,
+                          lambda inputs=inputs, ws=ws, grads=grads: [(g @ w, g.t() @ x) for x, w, g in zip(inputs, ws, grads)],
+                          backward=True, **shape))
 
     # Memory-bound families every 2x in size (a full run): their bandwidth changes in steps as
     # buffers leave each cache level, and a held-out point should sit close to measured ones.
@@ -171,8 +183,42 @@ def build_cases(device: str, dtype: str, quick: bool, ffn_shapes: tuple[tuple[in
         cases.append(Case("lstm", f"lstm_cell_{batch}", flops, (batch * 2 * hidden + 8 * hidden * hidden) * b, flops,
                           lambda x=x, h=h, c=c, cell=cell: cell(x, (h, c)), tokens=batch, hidden=hidden))
 
+    cases += optimizer_cases(device, quick)
     cases += moefication_cases(device, quick, ffn_shapes)
     cases += moe_layer_cases(device, dtype, quick)
+    return cases
+
+
+# (tensors, parameters per tensor): many small tensors (launch-bound when unfused) to a few large
+# ones (bandwidth-bound), so calibration sees both what an unfused loop pays per tensor and per byte.
+# The largest stays under the measurement reader's 10M limit on the `tokens` column (parameters here).
+OPTIMIZER_SHAPES = ((1, 4096), (8, 4096), (64, 4096), (4, 1 << 16), (32, 1 << 16), (2, 1 << 20), (8, 1 << 20),
+                    (2, 1 << 22))
+OPTIMIZER_QUICK_SHAPES = ((1, 4096), (16, 4096), (4, 1 << 16), (8, 1 << 18))
+
+
+def optimizer_cases(device: str, quick: bool) -> list[Case]:
+    """torch.optim.Adam steps over fp32 parameters (mixed-precision training keeps its master copy
+    and moments in fp32), fused (one kernel per step) and unfused (torch's per-tensor loop), with the
+    bytes and kernels simcc/model/optimizer.py assigns the same step."""
+    import torch
+
+    from simcc.model.optimizer import optimizer_step, update_bytes_per_param
+    from simcc.specs.workload import Optimizer, Precision
+
+    fp32 = Precision(weights="fp32", compute="fp32", gradients="fp32", communication="fp32")
+    cases = []
+    for implementation in ("fused", "unfused"):
+        spec = Optimizer(type="adam", implementation=implementation)
+        for tensors, each in OPTIMIZER_QUICK_SHAPES if quick else OPTIMIZER_SHAPES:
+            params = [torch.nn.Parameter(torch.randn(each, device=device)) for _ in range(tensors)]
+            for param in params:
+                param.grad = torch.randn_like(param)
+            step = torch.optim.Adam(params, lr=1e-4, fused=implementation == "fused",
+                                    foreach=False if implementation == "unfused" else None)
+            op = optimizer_step(tensors * each, tensors, spec, fp32, update_bytes_per_param(spec, fp32))
+            cases.append(Case(op.family, f"adam_{implementation}_{tensors}x{each}", op.flops, op.bytes, 0.0,
+                              step.step, tokens=tensors * each, experts=tensors, dtype="fp32"))
     return cases
 
 
@@ -266,8 +312,8 @@ def run_profile(device: str, dtype: str, quick: bool, progress: Callable[[int, i
                      "backward": case.backward, "median_s": median, "p10_s": p10, "p90_s": p90, "repeats": taken,
                      "device_type": device_type, "device_name": device_name, "torch_version": torch.__version__,
                      "threads": torch.get_num_threads() if device == "cpu" else os.cpu_count(),
-                     HOST_LOAD_COLUMN: min(load)})
-    return pd.DataFrame(rows, columns=[*MEASUREMENT_COLUMNS, HOST_LOAD_COLUMN])
+                     HOST_LOAD_COLUMN: min(load), HOST_CORES_COLUMN: os.cpu_count() or 1})
+    return pd.DataFrame(rows, columns=[*MEASUREMENT_COLUMNS, HOST_LOAD_COLUMN, HOST_CORES_COLUMN])
 
 
 def host_load() -> float:

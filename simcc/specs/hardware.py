@@ -53,9 +53,11 @@ class Efficiency(StrictModel):
     attention: Fraction = 0.50
     memory: Fraction = 0.80
     kernel_launch_us: NonNegativeFloat = 5.0
-    curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm", "moefication"], EfficiencyCurve] = {}
+    curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm", "moefication", "gemm_backward",
+                         "grouped_gemm_backward"], EfficiencyCurve] = {}
     # Fraction of memory bandwidth against bytes moved, per memory-bound family.
-    memory_curves: dict[Literal["memcpy", "permute", "combine", "gate", "elementwise", "embedding"], EfficiencyCurve] = {}
+    memory_curves: dict[Literal["memcpy", "permute", "combine", "gate", "elementwise", "embedding", "optimizer",
+                                "optimizer_unfused"], EfficiencyCurve] = {}
     source: str = "simcc defaults"
 
     @model_validator(mode="after")
@@ -102,6 +104,12 @@ class Device(StrictModel):
     sm_count: PositiveInt | None = None
     # CUDA context, allocator fragmentation and framework workspaces; not usable for tensors.
     reserve_gb: NonNegativeFloat = 2.0
+    # CPU: the threads one process used when the efficiency figures were measured (`simcc calibrate`
+    # records the profile's) and the host's cores. With both, a run of several processes on the
+    # host gets each process's share (specs.hardware.threads_share). None: the figures describe the
+    # whole processor.
+    threads: PositiveInt | None = None
+    cores: PositiveInt | None = None
 
 
 def _require_when_several(count: int, value: object, field: str, count_field: str) -> None:
@@ -146,6 +154,8 @@ class Node(StrictModel):
     devices_per_node: PositiveInt
     intra_link: Link | None = None
     host_link: Link
+    # CPU hosts: threads each process (device) runs with; default the host's cores shared evenly.
+    threads_per_device: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _intra_link_when_several(self) -> "Node":
@@ -222,18 +232,56 @@ class System:
         return node_total / self.devices_per_node / net.oversubscription * net.efficiency
 
 
+def threads_share(device: Device, processes: int, threads_per_process: int | None = None) -> float:
+    """How much of its measured speed each of `processes` busy processes on one CPU host keeps: the
+    threads it gets over the threads it was measured with. Compute scales with threads (each core
+    its own vector units); so does the memory bandwidth a process gets, because the ranks of one
+    run are busy at the same time and share the host's channels in proportion to their threads.
+    1 for a GPU, or a CPU profile that does not say what it was measured with."""
+    if device.processor != "cpu" or device.threads is None:
+        return 1.0
+    cores = device.cores or device.threads
+    have = threads_per_process or max(1, cores // processes)
+    return min(have, cores) / device.threads
+
+
+def _per_process(device: Device, processes: int, threads_per_process: int | None) -> Device:
+    """The device as one of `processes` processes on its host sees it (threads_share)."""
+    share = threads_share(device, processes, threads_per_process)
+    if share == 1.0:
+        return device
+    return device.model_copy(update={
+        "peak_tflops": device.peak_tflops.model_copy(update={
+            dtype: value * share for dtype, value in device.peak_tflops.model_dump(exclude_none=True).items()}),
+        "memory_bandwidth_gb_s": device.memory_bandwidth_gb_s * share,
+        "threads": max(1, round(device.threads * share)) if device.threads else None})
+
+
 def system_from(profile: Device | Node | Cluster | Edge, source_file: str) -> System:
     if isinstance(profile, Device):
-        return System(profile.name, "device", profile, 1, 1, None, None, None, profile.price, source_file)
+        return System(profile.name, "device", _per_process(profile, 1, None), 1, 1, None, None, None, profile.price,
+                      source_file)
     if isinstance(profile, Node):
-        return System(profile.name, "node", profile.device, profile.devices_per_node, 1,
+        device = _per_process(profile.device, profile.devices_per_node, profile.threads_per_device)
+        return System(profile.name, "node", device, profile.devices_per_node, 1,
                       profile.intra_link, None, None, profile.device.price, source_file)
     if isinstance(profile, Cluster):
         node = profile.node
-        return System(profile.name, "cluster", node.device, node.devices_per_node, profile.nodes,
+        device = _per_process(node.device, node.devices_per_node, node.threads_per_device)
+        return System(profile.name, "cluster", device, node.devices_per_node, profile.nodes,
                       node.intra_link, profile.network, None, profile.price or node.device.price, source_file)
-    return System(profile.name, "edge", profile.device, 1, 1, None, None, profile.storage,
+    return System(profile.name, "edge", _per_process(profile.device, 1, None), 1, 1, None, None, profile.storage,
                   profile.price or profile.device.price, source_file)
+
+
+def device_of(profile: Device | Node | Cluster | Edge) -> Device:
+    """The profile's device as written (as measured), before any per-process share: what
+    calibration starts from and what kernel measurements are compared with."""
+    if isinstance(profile, Device):
+        return profile
+    if isinstance(profile, Cluster):
+        return profile.node.device
+    return profile.device
 
 
 PROFILE_KINDS: dict[str, type[StrictModel]] = {"device": Device, "node": Node, "cluster": Cluster, "edge": Edge}

@@ -176,6 +176,11 @@ class Optimizer(StrictModel):
     # Global gradient-norm clipping (Megatron-LM's default, clip-grad 1.0): the step reads every
     # gradient once more for the norm.
     clip_grad_norm: bool = True
+    # fused: one kernel reads each parameter's state once and writes it once (Megatron-LM's and
+    # apex/Transformer Engine's FusedAdam; torch.optim.Adam(fused=True)). unfused: torch's default
+    # per-tensor loop (torch.optim.Adam on CPU), one elementwise pass per arithmetic step, each pass
+    # a kernel per parameter tensor, with temporaries written and read back (simcc/model/optimizer.py).
+    implementation: Literal["fused", "unfused"] = "fused"
 
 
 class TrainSpec(StrictModel):

@@ -15,6 +15,9 @@ from simcc.specs.vocab import Dtype
 
 # One weight vector per norm (RMSNorm); a LayerNorm bias would add another, < 0.01% of a layer.
 NORM_PARAMS = 1
+NORM_TENSORS = 1
+# An FFN's up projection (a gated one fused, as Megatron-LM's linear_fc1 holds both halves) and down.
+FFN_WEIGHT_TENSORS = 2
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class Params:
     dense_rows_cols: float = 0.0
     expert_rows_cols: float = 0.0
     sparse_grad: float = 0.0  # of `dense`: embedding rows whose gradients sync as touched rows only
+    # Parameter tensors (weights, norm vectors, biases): an unfused optimizer launches its passes
+    # once per tensor. A TP rank holds a shard of every dense tensor, an EP rank its experts' tensors.
+    tensors: float = 0.0
+    expert_tensors: float = 0.0  # all experts'
 
     def add(self, other: "Params") -> "Params":
         return Params(*(a + b for a, b in zip(self.astuple(), other.astuple())))
@@ -73,7 +80,7 @@ class Params:
 
     def astuple(self) -> tuple[float, ...]:
         return (self.dense, self.replicated, self.expert, self.active_expert, self.dense_rows_cols, self.expert_rows_cols,
-                self.sparse_grad)
+                self.sparse_grad, self.tensors, self.expert_tensors)
 
     @property
     def total(self) -> float:
@@ -160,4 +167,5 @@ def ffn_params(width: int, hidden: int, gated: bool) -> Params:
     """An FFN of inner width `hidden` on a `width`-wide model (dense FFNs and each MoE expert)."""
     up = width * gated_width(hidden, gated)
     down = hidden * width
-    return Params(dense=up + down, replicated=NORM_PARAMS * width, dense_rows_cols=(width + gated_width(hidden, gated)) + (hidden + width))
+    return Params(dense=up + down, replicated=NORM_PARAMS * width, dense_rows_cols=(width + gated_width(hidden, gated)) + (hidden + width),
+                  tensors=FFN_WEIGHT_TENSORS + NORM_TENSORS)

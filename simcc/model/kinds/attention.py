@@ -37,7 +37,8 @@ def params(spec: AttentionBlock, hidden: int) -> Params:
     qkv = hidden * (heads + 2 * kv_heads) * head_dim
     out = heads * head_dim * hidden
     rows_cols = (hidden + (heads + 2 * kv_heads) * head_dim) + (heads * head_dim + hidden)
-    return Params(dense=qkv + out, replicated=NORM_PARAMS * hidden, dense_rows_cols=rows_cols)
+    # fused QKV, output projection, norm
+    return Params(dense=qkv + out, replicated=NORM_PARAMS * hidden, dense_rows_cols=rows_cols, tensors=3)
 
 
 @block_costing(AttentionBlock, params)

@@ -21,7 +21,8 @@ def params(spec: BitPatternBlock, hidden: int) -> Params:
     d_in, d_out = spec.input or hidden, spec.output or hidden
     used = spec.bits + 1 if spec.tree else 1
     return Params(replicated=spec.bits * d_in + d_out, expert=matrices(spec) * d_in * d_out,
-                  active_expert=used * d_in * d_out, expert_rows_cols=matrices(spec) * (d_in + d_out))
+                  active_expert=used * d_in * d_out, expert_rows_cols=matrices(spec) * (d_in + d_out),
+                  tensors=2, expert_tensors=matrices(spec))  # the gater's weight and bias; each matrix
 
 
 @block_costing(BitPatternBlock, params, per_layer_seed=True)

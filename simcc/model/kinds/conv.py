@@ -19,7 +19,8 @@ def params(spec: ConvBlock, hidden: int) -> Params:
     """The channels are the layer's own: the model's hidden size does not enter."""
     weights = spec.out_channels * (spec.in_channels // spec.groups) * spec.kernel**2
     return Params(dense=weights, replicated=2 * spec.out_channels,
-                  dense_rows_cols=spec.out_channels + (spec.in_channels // spec.groups) * spec.kernel**2)
+                  dense_rows_cols=spec.out_channels + (spec.in_channels // spec.groups) * spec.kernel**2,
+                  tensors=3)  # the kernel, and the normalization's scale and shift
 
 
 @block_costing(ConvBlock, params)

@@ -14,7 +14,7 @@ from simcc.specs.blocks import EmbeddingBlock
 
 def params(spec: EmbeddingBlock, hidden: int) -> Params:
     table = spec.vocab * hidden
-    return Params(dense=table, sparse_grad=table if spec.sparse_gradients else 0.0)
+    return Params(dense=table, sparse_grad=table if spec.sparse_gradients else 0.0, tensors=1)
 
 
 @lru_cache(maxsize=1024)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from simcc.model.kinds._registry import block_costing
-from simcc.model.kinds._shared import NORM_PARAMS, Batch, BlockWork, Params, Shard, norm, tp_entry
+from simcc.model.kinds._shared import NORM_PARAMS, NORM_TENSORS, Batch, BlockWork, Params, Shard, norm, tp_entry
 from simcc.model.ops import elementwise, gemm
 from simcc.specs.blocks import LMHeadBlock
 
 
 def params(spec: LMHeadBlock, hidden: int) -> Params:
-    return Params(dense=0 if spec.tied else spec.vocab * hidden, replicated=NORM_PARAMS * hidden)
+    return Params(dense=0 if spec.tied else spec.vocab * hidden, replicated=NORM_PARAMS * hidden,
+                  tensors=(0 if spec.tied else 1) + NORM_TENSORS)
 
 
 @block_costing(LMHeadBlock, params, attached=True)

@@ -13,7 +13,9 @@ def params(spec: LSTMBlock, hidden: int) -> Params:
     # gates: 4h x (inputs + recurrent); LSTMP adds the h x r projection (Sak et al. 2014)
     weights = 4 * spec.hidden * (inputs + recurrent) + (spec.hidden * recurrent if spec.projection else 0)
     rows_cols = (inputs + recurrent) + 4 * spec.hidden + ((spec.hidden + recurrent) if spec.projection else 0)
-    return Params(dense=weights, replicated=4 * spec.hidden, dense_rows_cols=rows_cols)
+    # input and recurrent weights, the projection, one bias vector
+    return Params(dense=weights, replicated=4 * spec.hidden, dense_rows_cols=rows_cols,
+                  tensors=3 + (1 if spec.projection else 0))
 
 
 @block_costing(LSTMBlock, params)

@@ -12,7 +12,7 @@ def params(spec: MLPBlock, hidden: int) -> Params:
     """The widths are the stack's own: the model's hidden size does not enter."""
     pairs = list(zip(spec.widths, spec.widths[1:]))
     return Params(dense=sum(a * b for a, b in pairs), replicated=sum(b for _, b in pairs),
-                  dense_rows_cols=sum(a + b for a, b in pairs))
+                  dense_rows_cols=sum(a + b for a, b in pairs), tensors=2 * len(pairs))  # weight and bias each
 
 
 @block_costing(MLPBlock, params)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from simcc.model.kinds._registry import block_costing
 from simcc.model.kinds._shared import (
+    FFN_WEIGHT_TENSORS,
     NORM_PARAMS,
+    NORM_TENSORS,
     Batch,
     BlockWork,
     MoEStats,
@@ -36,6 +38,8 @@ def params(spec: MoEFFNBlock, hidden: int) -> Params:
         active_expert=per_expert * spec.k,
         dense_rows_cols=shared.dense_rows_cols,
         expert_rows_cols=one_expert.dense_rows_cols * spec.experts,
+        tensors=FFN_WEIGHT_TENSORS * spec.shared_experts + _router_tensors(spec) + NORM_TENSORS,
+        expert_tensors=FFN_WEIGHT_TENSORS * spec.experts,
     )
 
 
@@ -48,6 +52,16 @@ def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
     if policy == "hierarchical":
         return (hidden * (spec.gating.groups or 0) + hidden * spec.experts) * (2 if spec.gating.noisy else 1)
     return hidden * spec.experts * (2 if policy == "noisy_topk" else 1)
+
+
+def _router_tensors(spec: MoEFFNBlock) -> int:
+    """The gate matrices of `_router_params`, counted as tensors."""
+    policy = spec.gating.policy
+    if policy == "hash":
+        return 0
+    if policy == "hierarchical":
+        return (1 + (spec.gating.groups or 0)) * (2 if spec.gating.noisy else 1)
+    return 2 if policy == "noisy_topk" else 1
 
 
 def _copies_per_assignment(spec: MoEFFNBlock, ep: int) -> float:

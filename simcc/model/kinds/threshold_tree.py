@@ -19,7 +19,8 @@ def params(spec: ThresholdTreeBlock, hidden: int) -> Params:
     blocks = profile.blocks
     return Params(replicated=sum(b for _, b in pairs) * blocks, expert=per_block * blocks,
                   active_expert=per_block * blocks * profile.mean_fraction,
-                  expert_rows_cols=sum(a + b for a, b in pairs) * blocks)
+                  expert_rows_cols=sum(a + b for a, b in pairs) * blocks,
+                  expert_tensors=2 * len(pairs) * blocks)  # each block's weights and biases
 
 
 @block_costing(ThresholdTreeBlock, params, per_layer_seed=True)
