@@ -69,6 +69,7 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
         "tp": _group(par.tp, 1, dpn),
         "dp": _group(dp, par.tp, dpn),
         "ep": _group(par.ep, etp, dpn),
+        "etp": _group(etp, 1, dpn),  # expert tensor parallelism: consecutive ranks, like TP
         "edp": _group(expert_dp, par.ep * etp, dpn),
         "pp": _group(par.pp, par.tp * dp, dpn),
     }

@@ -37,7 +37,8 @@ def test_all_to_all_across_nodes_is_bound_by_the_nic_share(dgx4):
     nic = 400 / 8 * 1e9 * 0.8  # one 400 Gbit/s NIC per GPU, protocol efficiency
     inter = (n - local) / n * size / nic
     intra = (local - 1) / n * size / (450e9 * 0.8)
-    expected = (n - 1) * 5e-6 + max(inter, intra)
+    # 24 remote peers in 3 rounds of 8 concurrent exchanges; 7 local peers in one round
+    expected = max(3 * 5e-6 + inter, 1 * 2e-6 + intra)
     assert collective_time("all_to_all", size, CommGroup(32, 8), dgx4) == pytest.approx(expected)
     # busbw = algbw * (n-1)/n (nccl-tests): ~50 GB/s for DGX H100 (published measurement: 48)
     busbw = bus_bandwidth("all_to_all", size, expected, n) / 1e9
@@ -104,22 +105,22 @@ def test_tree_all_reduce_formula_and_auto_choice(dgx4):
 
 def test_hierarchical_all_to_all_formula(dgx4):
     size, n, local = 64e6, 32, 8
-    regroup = 7 * 2e-6 + 7 / 8 * size / (450e9 * 0.71)  # an intra-node all-to-all, at the link's all-to-all fraction
-    across = 3 * 5e-6 + 3 / 4 * size / (50e9 * 0.8)
+    regroup = 1 * 2e-6 + 7 / 8 * size / (450e9 * 0.71)  # an intra-node all-to-all, at the link's all-to-all fraction
+    across = 1 * 5e-6 + 3 / 4 * size / (50e9 * 0.8)  # 3 peer nodes: one round
     assert collective_time("all_to_all", size, CommGroup(n, local), dgx4, "hierarchical") == pytest.approx(regroup + across)
 
 
 def test_all_to_all_in_a_node_runs_at_the_links_all_to_all_fraction(dgx4):
     size = 2.0**30
     seconds = collective_time("all_to_all", size, CommGroup(8, 8), dgx4)
-    assert seconds == pytest.approx(7 * 2e-6 + 7 / 8 * size / (450e9 * 0.71))
+    assert seconds == pytest.approx(1 * 2e-6 + 7 / 8 * size / (450e9 * 0.71))
     assert bus_bandwidth("all_to_all", size, seconds, 8) / 1e9 == pytest.approx(450 * 0.71, rel=0.01)
     # the ring reductions keep the link's own fraction
     ring = collective_time("all_reduce", size, CommGroup(8, 8), dgx4)
     assert bus_bandwidth("all_reduce", size, ring, 8) / 1e9 == pytest.approx(450 * 0.8, rel=0.01)
     # a link without the field uses its efficiency for every collective
     plain = dataclasses.replace(dgx4, intra_link=dgx4.intra_link.model_copy(update={"all_to_all_efficiency": None}))
-    assert collective_time("all_to_all", size, CommGroup(8, 8), plain) == pytest.approx(7 * 2e-6 + 7 / 8 * size / (450e9 * 0.8))
+    assert collective_time("all_to_all", size, CommGroup(8, 8), plain) == pytest.approx(1 * 2e-6 + 7 / 8 * size / (450e9 * 0.8))
 
 
 def test_hierarchical_all_to_all_wins_on_small_messages_over_many_nodes():
@@ -131,3 +132,17 @@ def test_hierarchical_all_to_all_wins_on_small_messages_over_many_nodes():
     one = load_hardware("dgx_h100_x1")
     assert collective_time("all_to_all", small, CommGroup(8, 8), one, "hierarchical") == pytest.approx(
         collective_time("all_to_all", small, CommGroup(8, 8), one, "flat"))
+
+
+def test_all_to_all_latency_is_paid_per_round_of_concurrent_peers():
+    """NCCL posts an all-to-all's sends together, 8 peers per batch: at EP 256 over 32 nodes a
+    one-byte exchange waits ceil(248 / 8) = 31 network latencies, not 255."""
+    from simcc.costs.collectives import peer_rounds
+
+    assert [peer_rounds(p) for p in (0, 1, 7, 8, 9, 255)] == [0, 1, 1, 1, 2, 32]
+    big = load_hardware("dgx_h100_x128")
+    latency = big.network.latency_us * 1e-6
+    tiny = collective_time("all_to_all", 1.0, CommGroup(256, 8), big, "flat")
+    assert tiny == pytest.approx(31 * latency, rel=1e-3)
+    # doubling the peers across nodes doubles the latency rounds
+    assert collective_time("all_to_all", 1.0, CommGroup(512, 8), big, "flat") == pytest.approx(63 * latency, rel=1e-3)

@@ -122,3 +122,42 @@ def test_lstm_projection_shrinks_the_recurrent_product_and_adds_its_own():
     ops = {op.name: op for op in lstm.work(projected, 1024, Batch(8, 20, 20), Shard(dtype="fp32")).forward}
     assert ops["lstm.recurrent"].flops == 2 * 8 * 1024 * 4 * 4096 * 20 and ops["lstm.recurrent"].launches == 20
     assert ops["lstm.projection"].flops == 2 * 8 * 4096 * 1024 * 20 and ops["lstm.projection"].launches == 20
+
+
+def _moe_items(tp: int, sp: bool, ep: int, etp: int, shared: int = 0) -> dict:
+    from simcc.model.kinds import moe_ffn
+    from simcc.specs.blocks import MoEFFNBlock
+
+    spec = MoEFFNBlock(experts=8, k=2, expert_hidden=1024, shared_experts=shared,
+                       routing={"dropless": True, "capacity_factor": None, "dropless_block": 1})
+    work = moe_ffn.work(spec, 512, Batch(1, 4096, 4096),
+                        Shard(tp=tp, sequence_parallel=sp, ep=ep, expert_tp=etp, executed=False))
+    return {item.name: item for item in work.forward}
+
+
+def test_sequence_parallel_ranks_route_only_their_shard():
+    """Megatron-Core: under SP each TP rank routes its s/tp tokens; at TP2/ETP1 the experts see
+    half the tokens a TP1 rank's do, and the all-to-all carries half the bytes."""
+    whole, split = _moe_items(1, False, 4, 1), _moe_items(2, True, 4, 1)
+    assert split["moe.dispatch"].bytes == pytest.approx(whole["moe.dispatch"].bytes / 2)
+    assert split["moe.dispatch"].bytes == pytest.approx(4096 / 2 * 2 * 512 * 2)  # T/tp tokens x k copies x hidden x bf16
+    assert split["moe.expert_up"].flops == pytest.approx(whole["moe.expert_up"].flops / 2)
+    assert split["moe.router"].flops == pytest.approx(whole["moe.router"].flops / 2)
+    assert "moe.tp_gather" not in split and "moe.tp_reduce" not in split  # no TP collective without a shared expert
+
+
+def test_expert_tp_gathers_what_its_ranks_received():
+    items = _moe_items(2, True, 4, 2)
+    routed = 4096 / 2 * 2 * 4 / 4  # each rank's T/tp tokens x k, spread evenly over 4 EP ranks
+    gathered = routed * 2  # the ETP pair's shards
+    assert items["moe.expert_tp_gather"].collective == "all_gather" and items["moe.expert_tp_gather"].group == "etp"
+    assert items["moe.expert_tp_gather"].bytes == pytest.approx(gathered * 512 * 2)
+    assert items["moe.expert_tp_reduce"].collective == "reduce_scatter"
+    assert items["moe.expert_up"].flops == pytest.approx(2 * gathered * 512 * 1024 / 2)  # each ETP rank half the width
+
+
+def test_a_shared_expert_keeps_its_tensor_parallel_collectives_under_sp():
+    items = _moe_items(2, True, 4, 1, shared=1)
+    assert items["moe.shared_tp_gather"].bytes == pytest.approx(4096 * 512 * 2)
+    assert items["moe.tp_reduce"].collective == "reduce_scatter"
+    assert items["moe.shared_up"].flops == pytest.approx(2 * 4096 * 512 * 1024 / 2)

@@ -14,7 +14,7 @@ from simcc.layout import CommGroup
 from simcc.specs.hardware import System
 from simcc.specs.vocab import Collective
 
-ALGORITHMS = ("auto", "ring", "tree", "flat", "hierarchical")
+ALGORITHMS = ("auto", "ring", "tree", "flat", "hierarchical", "deduplicated", "low_latency")
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,50 @@ def _reduction(factor: float, n: int, size: float, level: LinkLevel, algorithm: 
     return tree if algorithm == "tree" else min(ring, tree)  # auto: NCCL's tuner picks the faster
 
 
+# Peers an all-to-all exchanges with at once: NCCL runs the grouped sends and receives of an
+# all-to-all as point-to-point work batched up to NCCL_MAX_DEV_WORK_P2P_PER_BATCH = 8 peers per
+# batch (NVIDIA/nccl src/enqueue.cc, src/include/device.h), so a rank waits one link latency per
+# round of 8 peers, not one per peer.
+PEERS_PER_ROUND = 8
+
+
+def peer_rounds(peers: int) -> int:
+    """Rounds of concurrent point-to-point exchanges needed to reach `peers` peers."""
+    return math.ceil(peers / PEERS_PER_ROUND) if peers > 0 else 0
+
+
 def _all_to_all(size: float, n: int, local: int, nodes: int, intra: LinkLevel, inter: LinkLevel,
                 algorithm: str, remote_share: float | None) -> float:
     # Topology-aware gating (FasterMoE) keeps a chosen share in the node; else it follows the ranks.
     remote = (n - local) / n if remote_share is None or nodes == 1 else min(remote_share, (n - 1) / n)
     local_share = max(0.0, (n - 1) / n - remote)
     intra_t = local_share * size / intra.bandwidth if local > 1 else 0.0
+    if algorithm == "low_latency":
+        # GPU-initiated RDMA: every copy leaves through the NIC, all peers posted at once, so one
+        # network latency whatever the peers (DeepEP low-latency kernels, pure RDMA).
+        level = inter if nodes > 1 else intra
+        return level.latency + (n - 1) / n * size / level.bandwidth
     if nodes == 1:
-        return (n - 1) * intra.latency + intra_t
+        return peer_rounds(n - 1) * intra.latency + intra_t
+    if algorithm == "deduplicated":
+        # One RDMA send per destination node to the GPU of the same local index there (`remote`:
+        # the share of this rank's token copies that are distinct remote nodes), then NVLink
+        # forwarding to the GPUs that hold the experts; the two stages pipeline (DeepSeek-V3 sec.
+        # 3.2.2: the IB and NVLink transfers overlap).
+        across = peer_rounds(nodes - 1) * inter.latency + remote * size / inter.bandwidth
+        forward = peer_rounds(local - 1) * intra.latency + (local - 1) / local * size / intra.bandwidth
+        return max(across, forward)
     if algorithm == "hierarchical":
         # Two-level (Tutel 2DH, Hwang et al. 2023): an intra-node all-to-all regroups the data by
         # destination node, then ranks with the same local index exchange (N-1) larger messages.
-        regroup = (local - 1) * intra.latency + (local - 1) / local * size / intra.bandwidth
-        across = (nodes - 1) * inter.latency + remote * size / inter.bandwidth
+        regroup = peer_rounds(local - 1) * intra.latency + (local - 1) / local * size / intra.bandwidth
+        across = peer_rounds(nodes - 1) * inter.latency + remote * size / inter.bandwidth
         return regroup + across
     # Flat: each rank posts all n-1 sends at once; the share bound for other nodes leaves through
-    # this rank's NIC share while the rest crosses the intra-node fabric.
-    inter_t = remote * size / inter.bandwidth
-    return (n - 1) * inter.latency + max(intra_t, inter_t)
+    # this rank's NIC share while the rest crosses the intra-node fabric, side by side.
+    inside = peer_rounds(local - 1) * intra.latency + intra_t
+    across = peer_rounds(n - local) * inter.latency + remote * size / inter.bandwidth
+    return max(inside, across)
 
 
 def collective_time(collective: Collective, size: float, group: CommGroup, system: System, algorithm: str = "auto",

@@ -92,7 +92,8 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
     return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
                  comm_dtype=prec.communication, seed=seed, sample_seed=workload.seed, load_draws=draws,
-                 microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients)
+                 microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients,
+                 ep_nodes=layout.groups["ep"].nodes)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:

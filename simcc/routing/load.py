@@ -175,3 +175,21 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
                      dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction,
                      capacity)
+
+
+def distinct_remote_nodes(experts: int, k: int, nodes: int, max_nodes: int | None = None) -> float:
+    """Expected number of other nodes a token's k experts live on, experts spread evenly over
+    `nodes` nodes and chosen uniformly (a balanced router); with node-limited routing the k lie
+    within `max_nodes` nodes (DeepSeek-V3 sec. 2.1.2). A deduplicating dispatcher sends the token
+    once to each of them. Each node of the ones it uses is the token's own with probability 1/nodes."""
+    if nodes <= 1:
+        return 0.0
+    per_node = experts / nodes
+    span = nodes if max_nodes is None else min(nodes, max_nodes)
+
+    def none_on_a_node(pool: float) -> float:  # P(a given node of the span holds none of the k)
+        others = pool - per_node
+        return math.prod((others - i) / (pool - i) for i in range(k)) if others >= k else 0.0
+
+    used = span * (1.0 - none_on_a_node(per_node * span))
+    return used * (nodes - 1) / nodes

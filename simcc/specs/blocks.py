@@ -27,7 +27,7 @@ from simcc.specs.base import (
     StrictModel,
     int_up_to,
 )
-from simcc.specs.vocab import CapacityFormula, GatingPolicy
+from simcc.specs.vocab import CapacityFormula, Dtype, GatingPolicy
 
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "tanh", "sigmoid"]
 
@@ -148,11 +148,29 @@ class RoutingSpec(StrictModel):
     placement_file: str | None = None  # CSV with a `rank` column, one row per expert
     replicate_hot: NonNegativeInt = 0  # hottest experts copied to every EP rank (FasterMoE shadowing)
     keep_in_node: Fraction | None = None  # topology-aware gating: share of routed tokens kept in the node
+    # How routed tokens reach their experts' ranks (simcc/model/kinds/moe_ffn.py):
+    #   alltoall: one copy per token and chosen expert, over one all-to-all (Megatron-Core's
+    #     alltoall dispatcher);
+    #   allgather: every EP rank gathers every rank's tokens and keeps its experts' rows; the
+    #     combine reduce-scatters (Megatron-Core's allgather dispatcher);
+    #   deduplicated: a token crosses the network once per destination node, then is forwarded
+    #     over NVLink to the GPUs holding its experts (DeepSeek-V3 report sec. 3.2.2; DeepEP's
+    #     normal kernels);
+    #   low_latency: GPU-initiated RDMA sends of each token copy straight to its expert's GPU, all
+    #     peers at once, for small decode batches (DeepEP's low-latency kernels).
+    dispatcher: Literal["alltoall", "allgather", "deduplicated", "low_latency"] = "alltoall"
+    # Node-limited routing: a token's experts lie on at most this many nodes (DeepSeek-V3: 4).
+    max_nodes_per_token: PositiveInt | None = None
+    # The dtype tokens are sent in to the experts (fp8: DeepSeek-V3 quantizes before dispatch and
+    # combines in bf16); default the workload's communication dtype.
+    dispatch_dtype: Dtype | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoutingSpec":
         if self.placement == "file" and not self.placement_file:
             raise ValueError("placement file needs `placement_file: FILE.csv`")
+        if self.dispatcher in ("allgather", "deduplicated", "low_latency") and self.all_to_all != "flat":
+            raise ValueError(f"all_to_all: {self.all_to_all} is a way of running the alltoall dispatcher, not {self.dispatcher}")
         return self
 
 

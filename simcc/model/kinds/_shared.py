@@ -52,6 +52,7 @@ class Shard:
     load_draws: int = LOAD_DRAWS  # expert-load draws averaged (1: a single step's draw)
     microbatches: int = 1  # per replica per step: how many tokens a step's gradients cover
     dp: int = 1  # data-parallel replicas whose sparse gradient rows are gathered
+    ep_nodes: int = 1  # nodes an expert-parallel group spans (a deduplicating dispatcher's fan-out)
     grad_dtype: Dtype = "fp32"
 
 

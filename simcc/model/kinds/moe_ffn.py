@@ -23,7 +23,7 @@ from simcc.model.kinds._shared import (
 )
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, elementwise, gemm, grouped_gemm
 from simcc.routing.gating import router_products
-from simcc.routing.load import rank_loads
+from simcc.routing.load import distinct_remote_nodes, rank_loads
 from simcc.specs.blocks import MoEFFNBlock
 
 
@@ -75,6 +75,26 @@ def _copies_per_assignment(spec: MoEFFNBlock, ep: int) -> float:
     return gating.k_primary / spec.k if whole_groups else 1.0
 
 
+def _dispatch_and_combine(spec: MoEFFNBlock, shard: Shard, local_elements: float, dispatch: float, combine: float,
+                          remote: float | None) -> tuple[Comm, Comm]:
+    """The dispatcher's two collectives over the EP group. `local_elements`: the rank's own tokens x
+    hidden; `dispatch`/`combine`: bytes of the routed copies it sends each way (all_to_all size)."""
+    routing = spec.routing
+    if routing.dispatcher == "allgather":
+        # Every rank gathers the whole EP group's tokens, keeps its experts' rows, and the outputs
+        # are reduce-scattered back: traffic independent of k, a win when k x the remote share > 1.
+        gathered = local_elements * shard.ep * DTYPE_BYTES[routing.dispatch_dtype or shard.comm_dtype]
+        returned = local_elements * shard.ep * DTYPE_BYTES[shard.comm_dtype]
+        return (Comm("moe.dispatch", "all_gather", gathered, "ep"), Comm("moe.combine", "reduce_scatter", returned, "ep"))
+    algorithm = routing.all_to_all
+    if routing.dispatcher in ("deduplicated", "low_latency"):
+        algorithm = routing.dispatcher
+    if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:
+        remote = distinct_remote_nodes(spec.experts, spec.k, shard.ep_nodes, routing.max_nodes_per_token) / spec.k
+    return (Comm("moe.dispatch", "all_to_all", dispatch, "ep", algorithm, routing.overlap_degree, remote),
+            Comm("moe.combine", "all_to_all", combine, "ep", algorithm, routing.overlap_degree, remote))
+
+
 @block_costing(MoEFFNBlock, params, per_layer_seed=True)
 def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     T, dt = batch.tokens, shard.dtype
@@ -83,17 +103,26 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     result = BlockWork()
     fwd = result.forward
     fwd.append(norm("moe.norm", T, hidden, shard))
-    fwd += tp_entry("moe.tp_gather", T, hidden, shard)
+    # With sequence parallelism each TP rank routes and dispatches only its own sequence shard
+    # (Megatron-Core's MoE layer: the router and token dispatcher take the [s/tp, b, h] input; an
+    # expert-TP group all-gathers what its ranks received, so its experts see etp shards). Without
+    # it, every TP rank holds the whole micro-batch and routes it all.
+    sharded = shard.sequence_parallel and shard.tp > 1
+    routed_tokens = T / shard.tp if sharded else T
+    if not sharded:
+        fwd += tp_entry("moe.tp_gather", T, hidden, shard)
     # Gate products per the policy (noisy top-k adds a d x E noise product; hierarchical gates
     # primary d x G then d x E/G per chosen group; hash routing looks the expert up).
     for name, multiplier, width in router_products(spec, ep):
-        fwd.append(gemm(name, T * multiplier, hidden, width, shard.router_dtype))
+        fwd.append(gemm(name, routed_tokens * multiplier, hidden, width, shard.router_dtype))
     if spec.gating.policy != "hash":
-        fwd.append(elementwise("moe.topk", T * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6, family="gate"))
+        fwd.append(elementwise("moe.topk", routed_tokens * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6,
+                               family="gate"))
     # Permute tokens into expert order: gather k copies of each token, read once and written once.
-    fwd.append(elementwise("moe.permute", T * spec.k * hidden, 1, 1, dt, family="permute"))
+    fwd.append(elementwise("moe.permute", routed_tokens * spec.k * hidden, 1, 1, dt, family="permute"))
 
-    loads = rank_loads(spec, T, ep, shard.seed, shard.sample_seed, balanced=not shard.executed, draws=shard.load_draws)
+    loads = rank_loads(spec, routed_tokens, ep, shard.seed, shard.sample_seed, balanced=not shard.executed,
+                       draws=shard.load_draws)
     # Dropless: each rank sends its routed token copies. Capacity: the zero-padded experts x
     # capacity x hidden dispatch buffer moves whole, in the dispatch and again in the combine
     # (Tutel's GatingEncoder fills such a buffer: microsoft/tutel, tutel/impls/fast_dispatch.py;
@@ -103,12 +132,22 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     else:
         sent_per_rank = loads.capacity * spec.experts / ep
     sent_per_rank *= _copies_per_assignment(spec, ep)
-    dispatch = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     routing = spec.routing
+    dispatch_dtype = routing.dispatch_dtype or shard.comm_dtype
+    dispatch = sent_per_rank * hidden * DTYPE_BYTES[dispatch_dtype] if ep > 1 else 0.0
+    combine = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     remote = None if routing.keep_in_node is None else 1.0 - routing.keep_in_node
+    if ep > 1 and DTYPE_BYTES[dispatch_dtype] < b:  # quantized before sending: read, write narrower + scales
+        fwd.append(elementwise("moe.dispatch_quantize", routed_tokens * hidden, 1, DTYPE_BYTES[dispatch_dtype] / b, dt,
+                               flops_per_element=4))
+    dispatch_item, combine_item = _dispatch_and_combine(spec, shard, routed_tokens * hidden, dispatch, combine, remote)
     if ep > 1:
-        fwd.append(Comm("moe.dispatch", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
-    busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
+        fwd.append(dispatch_item)
+    gathered = etp if sharded else 1  # expert-TP ranks each received their own shard's tokens
+    busiest, mean = [n * gathered for n in loads.busiest_rank], [n * gathered for n in loads.mean_rank]
+    comm_bytes = DTYPE_BYTES[shard.comm_dtype]
+    if sharded and etp > 1:
+        fwd.append(Comm("moe.expert_tp_gather", "all_gather", sum(busiest) * hidden * comm_bytes, "etp"))
     up_width = gated_width(spec.expert_hidden, spec.gated) / etp
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
     reads = 2 if spec.gated else 1
@@ -118,20 +157,24 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
                   mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
     fwd.append(grouped_gemm("moe.expert_down", busiest, mean, int(spec.expert_hidden / etp), hidden, dt))
-    if etp > 1:
-        fwd.append(Comm("moe.expert_tp_reduce", "all_reduce", sum(busiest) * hidden * DTYPE_BYTES[shard.comm_dtype], "tp"))
+    if etp > 1:  # partial sums of the row-parallel down projection
+        fwd.append(Comm("moe.expert_tp_reduce", "reduce_scatter" if sharded else "all_reduce",
+                        sum(busiest) * hidden * comm_bytes, "etp"))
     if ep > 1:
-        fwd.append(Comm("moe.combine", "all_to_all", dispatch, "ep", routing.all_to_all, routing.overlap_degree, remote))
+        fwd.append(combine_item)
     # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
-    fwd.append(elementwise("moe.unpermute", T * spec.k * hidden, 1, 1.0 / spec.k, dt, family="combine",
-                           saved_elements=T * spec.k * hidden))
-    if spec.shared_experts:
+    fwd.append(elementwise("moe.unpermute", routed_tokens * spec.k * hidden, 1, 1.0 / spec.k, dt, family="combine",
+                           saved_elements=routed_tokens * spec.k * hidden))
+    if spec.shared_experts:  # a tensor-parallel MLP over the whole micro-batch (gathered under SP)
+        if sharded:
+            fwd += tp_entry("moe.shared_tp_gather", T, hidden, shard)
         shared_hidden = (spec.shared_expert_hidden or spec.expert_hidden) * spec.shared_experts
         fwd.append(gemm("moe.shared_up", T, hidden, gated_width(shared_hidden, spec.gated) / shard.tp, dt))
         fwd.append(elementwise("moe.shared_act", T * shared_hidden / shard.tp, reads, 1, dt, flops_per_element=8,
                                saved_elements=act_saved(spec.activation, spec.gated, T * shared_hidden / shard.tp)))
         fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt))
-    fwd += tp_exit("moe.tp_reduce", T, hidden, shard)
+    if not sharded or spec.shared_experts:
+        fwd += tp_exit("moe.tp_reduce", T, hidden, shard)
     fwd.append(residual("moe.residual", T, hidden, shard))
     if routing.replicate_hot and ep > 1:
         # Shadowing (He et al. 2022, FasterMoE): hot experts' weights go to every rank each step,
@@ -139,6 +182,6 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         shadow = routing.replicate_hot * gated_width(spec.expert_hidden, spec.gated) * hidden * 1.5 / etp
         result.per_step.append(Comm("moe.shadow_broadcast", "all_gather", shadow * DTYPE_BYTES[shard.dtype], "ep"))
         result.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
-    kept_per_token = (loads.routed - loads.dropped) / (T * ep) if T else 0.0
-    result.moe = MoEStats(loads, dispatch, kept_per_token, remote, spec.experts)
+    kept_per_token = (loads.routed - loads.dropped) / (routed_tokens * ep) if T else 0.0
+    result.moe = MoEStats(loads, dispatch, kept_per_token, dispatch_item.remote_share, spec.experts)
     return result

@@ -1,0 +1,78 @@
+"""Token dispatchers: bytes each one moves, node de-duplication, FP8 dispatch, and their time on a
+two-level topology, against hand-derived values."""
+
+from __future__ import annotations
+
+import pytest
+
+from simcc.costs.collectives import collective_time
+from simcc.layout import CommGroup
+from simcc.model.blocks import Batch, Shard
+from simcc.model.kinds import moe_ffn
+from simcc.routing.load import distinct_remote_nodes
+from simcc.specs.blocks import MoEFFNBlock
+from simcc.specs.loader import load_hardware
+
+T, HIDDEN = 4096, 1024
+
+
+def _items(ep: int, ep_nodes: int = 1, experts: int = 64, k: int = 8, **routing) -> dict:
+    spec = MoEFFNBlock(experts=experts, k=k, expert_hidden=512,
+                       routing={"dropless": True, "capacity_factor": None, "dropless_block": 1, **routing})
+    work = moe_ffn.work(spec, HIDDEN, Batch(1, T, T), Shard(ep=ep, ep_nodes=ep_nodes, executed=False))
+    return {item.name: item for item in work.forward}
+
+
+def test_distinct_remote_nodes_by_hand():
+    # 8 experts on 2 nodes, top-2: P(a node holds neither) = C(4,2)/C(8,2) = 6/28
+    used = 2 * (1 - 6 / 28)
+    assert distinct_remote_nodes(8, 2, 2) == pytest.approx(used / 2)
+    assert distinct_remote_nodes(8, 2, 1) == 0.0
+    # node-limited to one node: always one node, remote with probability 7/8 on 8 nodes
+    assert distinct_remote_nodes(256, 8, 8, max_nodes=1) == pytest.approx(7 / 8)
+    # DeepSeek-V3's shape: 256 experts on 8 nodes, top-8, at most 4 nodes: fewer than 4 sends
+    limited, free = distinct_remote_nodes(256, 8, 8, 4), distinct_remote_nodes(256, 8, 8)
+    assert limited < 4 * 7 / 8 < free < 8 * 7 / 8
+
+
+def test_alltoall_sends_k_copies_and_allgather_sends_every_token():
+    a2a = _items(8, dispatcher="alltoall")
+    assert a2a["moe.dispatch"].bytes == pytest.approx(T * 8 * HIDDEN * 2)  # T tokens x k copies x bf16
+    gather = _items(8, dispatcher="allgather")
+    assert gather["moe.dispatch"].collective == "all_gather"
+    assert gather["moe.dispatch"].bytes == pytest.approx(T * 8 * HIDDEN * 2)  # all 8 ranks' T tokens, once each
+    assert gather["moe.combine"].collective == "reduce_scatter"
+
+
+def test_deduplicated_dispatch_sends_one_copy_per_remote_node():
+    dedup = _items(64, ep_nodes=8, experts=256, dispatcher="deduplicated", max_nodes_per_token=4)
+    assert dedup["moe.dispatch"].algorithm == "deduplicated"
+    assert dedup["moe.dispatch"].remote_share == pytest.approx(distinct_remote_nodes(256, 8, 8, 4) / 8)
+    assert dedup["moe.dispatch"].bytes == pytest.approx(_items(64, ep_nodes=8, experts=256)["moe.dispatch"].bytes)
+
+
+def test_fp8_dispatch_halves_one_direction_and_pays_its_quantization():
+    bf16, fp8 = _items(8), _items(8, dispatch_dtype="fp8")
+    assert fp8["moe.dispatch"].bytes == pytest.approx(bf16["moe.dispatch"].bytes / 2)
+    assert fp8["moe.combine"].bytes == pytest.approx(bf16["moe.combine"].bytes)
+    assert "moe.dispatch_quantize" in fp8 and "moe.dispatch_quantize" not in bf16
+    assert fp8["moe.dispatch_quantize"].bytes == pytest.approx(T * HIDDEN * (2 + 1))  # read bf16, write fp8
+
+
+def test_deduplicated_time_is_the_slower_of_network_and_nvlink_stages():
+    dgx4 = load_hardware("dgx_h100_x4")
+    size, share = 64e6, 0.4
+    nic = 400 / 8 * 1e9 * 0.8
+    across = 1 * 5e-6 + share * size / nic  # 3 peer nodes: one round
+    forward = 1 * 2e-6 + 7 / 8 * size / (450e9 * 0.71)
+    seconds = collective_time("all_to_all", size, CommGroup(32, 8), dgx4, "deduplicated", share)
+    assert seconds == pytest.approx(max(across, forward))
+    flat = collective_time("all_to_all", size, CommGroup(32, 8), dgx4, "flat")
+    assert seconds < flat  # 0.4 of the bytes on the NIC instead of 24/32
+
+
+def test_low_latency_pays_one_network_latency_for_any_number_of_peers():
+    big = load_hardware("dgx_h100_x128")
+    latency = big.network.latency_us * 1e-6
+    for n in (16, 256):
+        assert collective_time("all_to_all", 1.0, CommGroup(n, 8), big, "low_latency") == pytest.approx(latency, rel=1e-3)
