@@ -21,7 +21,7 @@ widths, token counts, expert counts and head sizes, and varies k from 1 to 4.
 Each CSV row carries every setting needed to write the matching simcc workload. It measures
 only: no simcc import.
 
-Usage: .venv/bin/python benchmarks/real_runs.py --out runs.csv [--quick] [--threads N] [--repeats N]
+Usage: .venv/bin/python benchmarks/real_runs.py --out runs.csv [--quick] [--threads N] [--repeats N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -438,6 +438,19 @@ def measure_train(shape: TrainShape, dtype: str, warmup: int, repeats: int) -> d
 
 # ----------------------------------------------------------------------------- output and CLI
 
+def pooled(per_round: list[dict]) -> dict:
+    """One case's rounds as one row: the median of each median, the widest percentiles, the
+    repeats summed, the largest load seen."""
+    row = dict(per_round[0])
+    for column in ("measured_median_s", "forward_s", "backward_s", "allreduce_s", "optimizer_s", "other_rank_median_s"):
+        if row.get(column) is not None:
+            row[column] = statistics.median(r[column] for r in per_round)
+    row.update(p10_s=min(r["p10_s"] for r in per_round), p90_s=max(r["p90_s"] for r in per_round),
+               repeats=sum(r["repeats"] for r in per_round), load_before=max(r["load_before"] for r in per_round),
+               load_after=max(r["load_after"] for r in per_round))
+    return row
+
+
 def write_csv(rows: list[dict], out: Path) -> None:
     """Write next to `out`, then rename over it: a reader never sees half a table."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -462,6 +475,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3; quick 1)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--only", choices=("layer", "train"), default=None, help="run one part only")
+    parser.add_argument("--rounds", type=int, default=3, help="times every case is measured, round-robin (default 3)")
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -473,20 +487,26 @@ def main() -> None:
               "timings will include waiting for other processes", file=sys.stderr)
     common = dict(torch_version=torch.__version__, cpu=cpu_name())
     rows: list[dict] = []
-    if args.only != "train":
-        for shape in LAYER_SHAPES_QUICK if args.quick else LAYER_SHAPES:
-            for row in measure_layer(shape, args.dtype, args.threads, warmup, repeats):
-                rows.append(dict(row, **common))
-                print(f"{row['run_id']:<60} {row['measured_median_s'] * 1e3:9.2f} ms  "
-                      f"p10 {row['p10_s'] * 1e3:.2f}  p90 {row['p90_s'] * 1e3:.2f}  load {row['load_before']}",
-                      flush=True)
-    if args.only != "layer":
-        for shape in TRAIN_SHAPES_QUICK if args.quick else TRAIN_SHAPES:
-            row = dict(measure_train(shape, args.dtype, warmup, repeats), **common)
-            rows.append(row)
-            print(f"{row['run_id']:<60} {row['measured_median_s'] * 1e3:9.2f} ms  fwd {row['forward_s'] * 1e3:.2f}  "
-                  f"bwd {row['backward_s'] * 1e3:.2f}  allreduce {row['allreduce_s'] * 1e3:.2f}  "
-                  f"adam {row['optimizer_s'] * 1e3:.2f}", flush=True)
+    # Every case is measured once per round, round after round, and its rounds' medians are pooled:
+    # a shared host whose speed drifts over minutes then shifts every case alike, instead of
+    # landing on whichever cases ran during a slow spell.
+    rounds: list[list[dict]] = []
+    for _ in range(args.rounds):
+        measured: list[dict] = []
+        if args.only != "train":
+            for shape in LAYER_SHAPES_QUICK if args.quick else LAYER_SHAPES:
+                measured += measure_layer(shape, args.dtype, args.threads, warmup, repeats)
+        if args.only != "layer":
+            for shape in TRAIN_SHAPES_QUICK if args.quick else TRAIN_SHAPES:
+                measured.append(measure_train(shape, args.dtype, warmup, repeats))
+        rounds.append(measured)
+    for per_round in zip(*rounds):
+        row = dict(pooled(list(per_round)), **common)
+        rows.append(row)
+        phases = (f"fwd {row['forward_s'] * 1e3:.2f}  bwd {row['backward_s'] * 1e3:.2f}  allreduce "
+                  f"{row['allreduce_s'] * 1e3:.2f}  adam {row['optimizer_s'] * 1e3:.2f}" if row["kind"] == "ep2_train_step"
+                  else f"p10 {row['p10_s'] * 1e3:.2f}  p90 {row['p90_s'] * 1e3:.2f}  load {row['load_before']}")
+        print(f"{row['run_id']:<60} {row['measured_median_s'] * 1e3:9.2f} ms  {phases}", flush=True)
     write_csv(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
 

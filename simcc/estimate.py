@@ -13,7 +13,7 @@ from simcc.costs.compute import mfu, peak_flops
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.costs.money import SECONDS_PER_DAY, run_totals
 from simcc.errors import InputError
-from simcc.layout import Layout, build_layout
+from simcc.layout import DIMENSION_OF_GROUP, DIMENSIONS, Layout, build_layout
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.blocks import Batch, MoEStats, Params
 from simcc.model.graph import input_dependent_share, model_forward_flops, model_params, units_forward_flops, units_of
@@ -31,6 +31,7 @@ from simcc.plan.training import (
     stage_footprints,
 )
 from simcc.results import (
+    CommSection,
     DenseVsMoESection,
     Estimate,
     ExpertCacheSection,
@@ -38,9 +39,9 @@ from simcc.results import (
     LayerSection,
     LayoutSection,
     MemorySection,
-    ModelSection,
     MoELayerRow,
     MoESection,
+    ModelSection,
     ServingRunSection,
     ServingThroughput,
     StepSection,
@@ -179,6 +180,26 @@ def _moe_section(stats: list[MoEStats]) -> MoESection | None:
     )
 
 
+def _comm_section(plan: TrainingPlan, sim: TrainingSimulation) -> CommSection:
+    """Link time per step by parallel dimension on the stage with the most (every micro-batch's
+    forward and backward collectives, its gradient reductions, parameter gathers and pipeline
+    sends), next to what the simulated critical stage waited for."""
+    per_stage = []
+    for stage in plan.stages:
+        link = dict.fromkeys(DIMENSIONS, 0.0)
+        for chunk in stage.chunks:
+            once = [c for bucket in chunk.grad_buckets for c in bucket] + chunk.param_sync
+            for cost, times in [(c, plan.microbatches) for c in chunk.forward + chunk.backward] + [(c, 1) for c in once]:
+                if cost.stream == "comm":
+                    link[DIMENSION_OF_GROUP.get(cost.group, "tp")] += cost.seconds * times
+        if plan.pp > 1:  # an activation out and a gradient back per micro-batch and chunk
+            link["pp"] += 2 * stage.p2p.seconds * plan.microbatches * len(stage.chunks)
+        per_stage.append(link)
+    busiest = max(per_stage, key=lambda link: sum(link.values()))
+    return CommSection(**{f"{d}_{kind}_s": busiest[d] if kind == "link" else sim.mean_exposed(d)
+                          for d in DIMENSIONS for kind in ("link", "exposed")})
+
+
 def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[MoELayerRow]:
     """Per MoE layer, in model order: load, drops, padding, traffic and the wait it causes per step."""
     group = layout.groups["ep"]
@@ -251,6 +272,7 @@ def _estimate_training(run: _Run, result: Estimate) -> None:
         result.notes.append(_unfit_note(worst, run.system))
     result.moe = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
     result.moe_layers = _moe_layer_rows(plan, run.layout)
+    result.comm = _comm_section(plan, sim)
     if workload.named_schedules:
         _estimate_schedules(run, result)
 

@@ -18,6 +18,11 @@ from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MoEFFNB
 from simcc.specs.workload import Workload
 
 
+# The parallel dimension each communication group belongs to (reports split communication by it).
+DIMENSION_OF_GROUP = {"tp": "tp", "etp": "tp", "ep": "ep", "dp": "dp", "edp": "dp", "pp": "pp"}
+DIMENSIONS = ("tp", "ep", "dp", "pp")
+
+
 @dataclass(frozen=True)
 class CommGroup:
     """`size` ranks, `per_node` of them in each node (the rest on other nodes)."""

@@ -167,6 +167,22 @@ class MoESection(Section):
 
 
 @dataclass(frozen=True)
+class CommSection(Section):
+    """Communication per step on the stage with the most of it, by parallel dimension: the time its
+    transfers take on the links (link) and the part of the step spent waiting for them (exposed)."""
+
+    title: ClassVar[str] = "Communication per step by parallel dimension"
+    tp_link_s: float
+    tp_exposed_s: float
+    ep_link_s: float
+    ep_exposed_s: float
+    dp_link_s: float
+    dp_exposed_s: float
+    pp_link_s: float
+    pp_exposed_s: float
+
+
+@dataclass(frozen=True)
 class ExpertCacheSection(Section):
     title: ClassVar[str] = "Expert cache (edge)"
     resident_experts: int
@@ -299,6 +315,7 @@ class Estimate:
     throughput: TrainingThroughput | ServingThroughput | None = None
     expert_cache: ExpertCacheSection | None = None
     moe: MoESection | None = None
+    comm: CommSection | None = None
     run: TrainingRunSection | ServingRunSection | None = None
     schedules: dict[str, ScheduleSection] = field(default_factory=dict)  # by report key
     dense_vs_moe: DenseVsMoESection | None = None
@@ -312,7 +329,7 @@ class Estimate:
         ordered: list[tuple[str, Section | None]] = [
             ("layout", self.layout), ("model", self.model), ("step", self.step), ("latency", self.latency),
             ("throughput", self.throughput), ("memory", self.memory), ("expert_cache", self.expert_cache),
-            ("moe", self.moe), ("run", self.run), *self.schedules.items(), ("serving dense vs moe", self.dense_vs_moe),
+            ("moe", self.moe), ("comm", self.comm), ("run", self.run), *self.schedules.items(), ("serving dense vs moe", self.dense_vs_moe),
             ("layer", self.layer),
         ]
         return [(key, section) for key, section in ordered if section is not None]

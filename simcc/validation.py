@@ -17,7 +17,7 @@ from simcc.results import Estimate, Record
 from simcc.specs.base import StrictModel
 from simcc.specs.vocab import Collective
 
-SUITES = {"published": "published_suite.yaml"}
+SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml"}
 RATIO_METRICS = ("throughput_ratio", "activation_memory_ratio")
 
 

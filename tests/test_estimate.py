@@ -166,3 +166,25 @@ def test_one_layer_alone_by_hand():
     result = subprocess.run([sys.executable, "-m", "simcc", "estimate", "gpt_22b_dense_train_8xa100", "-H", "dgx_a100_x1",
                              "--layer", "2", "--pass", "both", "--format", "json"], capture_output=True, text=True)
     assert json.loads(result.stdout)["layer"]["seconds"] == pytest.approx(both.seconds)
+
+
+def test_communication_is_split_by_parallel_dimension_and_adds_up():
+    result = _run("mixtral_8x7b_train_64xh100", "dgx_h100_x8")
+    comm, step = result.comm, result.step
+    exposed = comm.tp_exposed_s + comm.ep_exposed_s + comm.dp_exposed_s + comm.pp_exposed_s
+    assert exposed == pytest.approx(step.exposed_comm_s, rel=1e-9)  # every exposed second has its dimension
+    assert comm.ep_link_s > 0 and comm.pp_link_s > 0 and comm.dp_link_s > 0
+    assert comm.tp_link_s == 0  # TP 1
+    assert comm.ep_exposed_s <= comm.ep_link_s * 1.0001
+
+
+def test_overlapping_expert_communication_hides_it_and_shortens_the_step():
+    plain = _run("qwen3_30b_a3b_train_16xh100", "dgx_h100_x4", h_over=["nodes=2"])
+    overlapped = _run("qwen3_30b_a3b_train_16xh100", "dgx_h100_x4", ["parallelism.overlap_moe_comm=true"], ["nodes=2"])
+    assert overlapped.comm.ep_exposed_s < 0.5 * plain.comm.ep_exposed_s
+    assert overlapped.step.step_s < plain.step.step_s
+    assert overlapped.comm.ep_link_s == pytest.approx(plain.comm.ep_link_s)  # the same bytes, hidden
+    # the dispatcher's SMs slow the overlapped compute: the step lengthens with them
+    sms = _run("qwen3_30b_a3b_train_16xh100", "dgx_h100_x4",
+               ["parallelism.overlap_moe_comm=true", "parallelism.moe_comm_sms=32"], ["nodes=2"])
+    assert sms.step.step_s > overlapped.step.step_s

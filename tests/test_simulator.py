@@ -268,3 +268,43 @@ def test_pipeline_sends_scatter_over_tensor_ranks_and_gather_in_the_node(sequenc
     gather = 7 * 2e-6 + 7 / 8 * activation / 240e9
     expected = send if sequence_parallel else send + gather  # sequence-parallel shards are already 1/8
     assert plan.stages[0].p2p.seconds == pytest.approx(expected)
+
+
+def _moe_plan(p: int, m: int, v: int, schedule: str, share: float = 0.0) -> TrainingPlan:
+    """Forward: 1 s compute, a 0.4 s EP all-to-all, 1 s compute; backward twice each."""
+    def segments(scale: float) -> list[Cost]:
+        return [Cost("c1", "compute", scale / v), Cost("a2a", "comm", 0.4 * scale / v, group="ep", link="intra"),
+                Cost("c2", "compute", scale / v)]
+
+    chunk = ChunkPlan([], forward=segments(1.0), backward=segments(2.0))
+    stage = StagePlan([chunk] * v, Cost("p2p", "comm", 0.0, link="inter"), Cost("opt", "compute", 0.0))
+    return TrainingPlan([stage] * p, m, p, v, schedule, True, True, True, share)
+
+
+def test_ep_overlap_hides_each_all_to_all_behind_the_other_micro_batchs_compute():
+    from simcc.sim.training import merged_order
+
+    # one stage, three micro-batches: F0 alone (2.4), (F1, B0) and (F2, B1) merged: compute 2 + 4,
+    # all-to-alls 0.4 + 0.8 hidden (6 each), B2 alone (4.8)
+    assert merged_order(task_order("1f1b", 1, 1, 3, 0, extra_warmup=1)) == [
+        (("F", 0, 0),), (("F", 1, 0), ("B", 0, 0)), (("F", 2, 0), ("B", 1, 0)), (("B", 2, 0),)]
+    assert simulate_training(_moe_plan(1, 3, 1, "1f1b"), steps=1).steps[0].seconds == pytest.approx(2.4 + 6 + 6 + 4.8)
+    plain = _moe_plan(1, 3, 1, "1f1b")
+    plain.overlap_moe_comm = False
+    assert simulate_training(plain, steps=1).steps[0].seconds == pytest.approx(3 * 2.4 + 3 * 4.8)
+    # the dispatcher holding 20% of the SMs slows the merged compute to 6 / 0.8 = 7.5
+    assert simulate_training(_moe_plan(1, 3, 1, "1f1b", 0.2), steps=1).steps[0].seconds == pytest.approx(2.4 + 7.5 + 7.5 + 4.8)
+
+
+@pytest.mark.parametrize("p,v,m,schedule", [(2, 1, 4, "1f1b"), (4, 1, 8, "1f1b"), (8, 1, 16, "1f1b"), (2, 2, 4, "interleaved"),
+                                            (4, 2, 8, "interleaved"), (4, 4, 16, "interleaved")])
+def test_ep_overlap_runs_every_pipeline_without_deadlock_and_is_never_slower(p, v, m, schedule):
+    overlapped = simulate_training(_moe_plan(p, m, v, schedule), steps=1).steps[0].seconds
+    plain = _moe_plan(p, m, v, schedule)
+    plain.overlap_moe_comm = False
+    serial = simulate_training(plain, steps=1).steps[0].seconds
+    assert overlapped < serial
+    assert overlapped >= 6.0 * m  # never below one stage's compute: (1 + 1) forward + (2 + 2) backward per micro-batch
+    for stage in range(p):
+        order = task_order(schedule, p, v, m, stage, extra_warmup=1)
+        assert sorted(order) == sorted([(k, mb, c) for k in "FB" for mb in range(m) for c in range(v)])

@@ -16,7 +16,7 @@ from simcc.costs.collectives import bus_bandwidth, collective_time
 from simcc.layout import CommGroup
 from simcc.model.blocks import distinct_rows
 from simcc.specs.loader import load_hardware, load_workload
-from simcc.validation import load_suite, run_suite, summary
+from simcc.validation import SUITES, load_suite, run_suite, summary
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def rows():
     return run_suite(load_suite("published"))
 
 
-GOLDEN = Path(__file__).parent / "golden" / "published_suite.csv"
+GOLDEN = Path(__file__).parent / "golden"
 ERROR_TOLERANCE_POINTS = 1.0  # percentage points a case may move before the golden table must change
 MEMORY_TOLERANCE = 0.01  # relative
 
@@ -41,11 +41,17 @@ def test_every_published_case_estimates(rows):
     assert 0 <= totals.median_abs_error <= totals.worst_abs_error
 
 
-def test_no_case_moves_without_the_golden_table(rows):
-    """Every accuracy change is visible in review: a change that moves a case by more than a point
-    (or its predicted memory by more than 1%) fails here until `tests/golden/update.py` rewrites
-    the table in the same commit."""
-    with GOLDEN.open(encoding="utf-8") as handle:
+@pytest.fixture(scope="module", params=list(SUITES))
+def suite_rows(request, rows):
+    return request.param, rows if request.param == "published" else run_suite(load_suite(request.param))
+
+
+def test_no_case_moves_without_the_golden_table(suite_rows):
+    """Every accuracy change is visible in review: a change that moves a case of any suite by more
+    than a point (or its predicted memory by more than 1%) fails here until `tests/golden/update.py`
+    rewrites the table in the same commit."""
+    name, rows = suite_rows
+    with (GOLDEN / f"{name}_suite.csv").open(encoding="utf-8") as handle:
         golden = {line["case"]: line for line in csv.DictReader(handle)}
     assert sorted(golden) == sorted(r.case for r in rows), "cases added or removed: run tests/golden/update.py"
     moved = []

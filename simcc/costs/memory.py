@@ -70,9 +70,12 @@ def in_flight_microbatches(workload: Workload, layout: Layout) -> float:
     schedule = workload.parallelism.schedule
     if schedule == "gpipe":
         return float(m)
+    # EP-communication overlap warms up one more micro-batch (chunk) so that a forward can pair
+    # with an earlier backward (sim/training.py, task_order).
+    extra = (1 / v if schedule == "interleaved" else 1) if workload.parallelism.overlap_moe_comm else 0
     if schedule == "interleaved":
-        return min(float(m), p + (p - 1) / v)
-    return float(min(m, p))
+        return min(float(m), p + (p - 1) / v + extra)
+    return float(min(m, p + extra))
 
 
 def training_memory(workload: Workload, system: System, layout: Layout, stage_params: Params,

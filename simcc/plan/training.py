@@ -83,6 +83,8 @@ class TrainingPlan:
     schedule: str
     overlap_grad_reduce: bool
     overlap_p2p: bool = True  # false: a stage waits for its pipeline sends
+    overlap_moe_comm: bool = False  # steady-state forward/backward pairs hide each other's EP all-to-alls
+    comm_sm_share: float = 0.0  # of the SMs, held by overlapped dispatch/combine kernels
 
 
 def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Shard:
@@ -337,4 +339,12 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
             params = params.add(c.params)
         stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
     return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce,
-                        par.overlap_p2p)
+                        par.overlap_p2p, par.overlap_moe_comm, _comm_sm_share(par.moe_comm_sms, system))
+
+
+def _comm_sm_share(comm_sms: int | None, system: System) -> float:
+    """Share of the device's SMs an overlapped dispatcher holds (0 when either count is unknown)."""
+    sm_count = system.device.sm_count
+    if comm_sms is None or sm_count is None:
+        return 0.0
+    return min(comm_sms, sm_count - 1) / sm_count

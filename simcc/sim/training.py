@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import simpy
 
+from simcc.layout import DIMENSION_OF_GROUP, DIMENSIONS
 from simcc.sim.links import FairShareLink
 from simcc.sim.timeline import Timeline
 from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
@@ -25,12 +26,15 @@ from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
 Task = tuple[str, int, int]  # ("F" | "B", micro-batch, chunk)
 
 
-def task_order(schedule: str, p: int, v: int, m: int, stage: int) -> list[Task]:
+def task_order(schedule: str, p: int, v: int, m: int, stage: int, extra_warmup: int = 0) -> list[Task]:
     """The order in which one stage runs its forward and backward tasks.
 
     GPipe: all forwards, then all backwards. 1F1B: p - s - 1 warm-up forwards, then alternate
     (Narayanan et al. 2019, PipeDream-Flush). Interleaved 1F1B: 2(p - s - 1) + (v - 1)p warm-up
-    chunk-forwards, micro-batches taken p at a time through each chunk (Narayanan et al. 2021)."""
+    chunk-forwards, micro-batches taken p at a time through each chunk (Narayanan et al. 2021).
+    `extra_warmup` more forwards first: with EP-communication overlap every steady-state forward
+    then pairs with the backward of an earlier micro-batch, so no merged pair waits on another
+    stage's pair that waits on it."""
     if schedule == "gpipe":
         return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
     total = m * v
@@ -42,7 +46,7 @@ def task_order(schedule: str, p: int, v: int, m: int, stage: int) -> list[Task]:
         return ("B", (k // (p * v)) * p + k % p, v - 1 - (k // p) % v)
 
     warmup = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
-    warmup = min(warmup, total)
+    warmup = min(warmup + extra_warmup, total)
     order = [forward(k) for k in range(warmup)]
     for i in range(total - warmup):
         order += [forward(warmup + i), backward(i)]
@@ -59,6 +63,17 @@ class StageAccount:
     blocking_comm: float = 0.0
     sync_wait: float = 0.0  # waiting for gradient buckets / parameter gathers
     optimizer: float = 0.0
+    exposed: dict[str, float] = field(default_factory=lambda: dict.fromkeys(DIMENSIONS, 0.0))  # by dimension
+
+    def comm(self, group: str, seconds: float) -> None:
+        """Communication this stage waited for, over `group`."""
+        self.blocking_comm += seconds
+        self.exposed[DIMENSION_OF_GROUP.get(group, "tp")] += seconds
+
+    def wait(self, seconds: float) -> None:
+        """Waiting for gradient reductions or parameter gathers: data-parallel traffic."""
+        self.sync_wait += seconds
+        self.exposed["dp"] += seconds
 
     @property
     def busy(self) -> float:
@@ -94,6 +109,10 @@ class TrainingSimulation:
             return statistics.fmean(s.bubble for s in self.steps)
         return statistics.fmean(getattr(s.critical, part) for s in self.steps)
 
+    def mean_exposed(self, dimension: str) -> float:
+        """Communication over one parallel dimension the critical stage waited for, per step."""
+        return statistics.fmean(s.critical.exposed[dimension] for s in self.steps)
+
 
 class Segment(NamedTuple):
     stream: str
@@ -104,6 +123,7 @@ class Segment(NamedTuple):
     chunks: int  # >1: pipelined with the compute up to its partner collective
     latency: float  # paid again by every piece when chunked
     bucket: int  # stream "bucket": the unit whose gradients are complete here
+    group: str  # comm: the parallel group it runs over (tp, ep, dp, ...)
 
 
 def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
@@ -116,7 +136,8 @@ def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
             out[-1] = last._replace(seconds=last.seconds + c.seconds, imbalance=last.imbalance + c.imbalance,
                                     name="compute")
         else:
-            out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency, c.bucket))
+            out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency, c.bucket,
+                               c.group))
     return out
 
 
@@ -128,12 +149,13 @@ def _partner(segments: list[Segment], first: int) -> int | None:
     return None
 
 
-def _solo_run(segments: list[Segment], first: int, launches_buckets: bool) -> tuple[int, float, float, float]:
+def _solo_run(segments: list[Segment], first: int, launches_buckets: bool) -> tuple[int, float, float, dict[str, float]]:
     """The segments from `first` that can play as one timeout on quiet links: compute, and blocking
     transfers that will each have their link to themselves, up to a gradient bucket that starts a
     background reduction or a transfer pipelined with compute. Returns (end, compute seconds,
-    their imbalance, transfer seconds)."""
-    compute = imbalance = comm = 0.0
+    their imbalance, transfer seconds by group)."""
+    compute = imbalance = 0.0
+    comm: dict[str, float] = {}
     index = first
     while index < len(segments):
         segment = segments[index]
@@ -141,11 +163,52 @@ def _solo_run(segments: list[Segment], first: int, launches_buckets: bool) -> tu
             compute += segment.seconds
             imbalance += segment.imbalance
         elif segment.stream == "comm" and (segment.chunks == 1 or _partner(segments, index) is None):
-            comm += segment.seconds
+            comm[segment.group] = comm.get(segment.group, 0.0) + segment.seconds
         elif segment.stream != "bucket" or launches_buckets:
             break
         index += 1
     return index, compute, imbalance, comm
+
+
+def merged_order(order: list[Task]) -> list[tuple[Task, ...]]:
+    """The tasks paired for expert-parallel communication overlap: each forward next to a backward
+    of another micro-batch or chunk (the steady state of 1F1B, in either order) forms a pair whose
+    all-to-alls hide behind each other's compute (`_behind`); the rest stay alone. Neither half
+    of a pair needs the other: a backward's forward ran earlier, and a forward never waits on a
+    backward."""
+    items: list[tuple[Task, ...]] = []
+    index = 0
+    while index < len(order):
+        task = order[index]
+        following = order[index + 1] if index + 1 < len(order) else None
+        if following is not None and {task[0], following[0]} == {"F", "B"} and task[1:] != following[1:]:
+            items.append((task, following) if task[0] == "F" else (following, task))
+            index += 2
+        else:
+            items.append((task,))
+            index += 1
+    return items
+
+
+def _behind(own: list[Segment], partner: list[Segment], sm_share: float) -> list[Segment]:
+    """A task's segments when its expert all-to-alls run behind its partner task's compute
+    (Megatron-Core's EP-communication overlap interleaves the two layer by layer): the all-to-alls
+    keep only the part the partner's compute cannot cover, and compute runs on the SMs the
+    dispatcher leaves. Each task still waits for its own inputs, so the pipeline's dependencies
+    are those of the plain schedule."""
+    slowdown = 1.0 / (1.0 - sm_share)
+    cover = slowdown * sum(s.seconds for s in partner if s.stream == "compute")
+    hidden = sum(s.seconds for s in own if s.stream == "comm" and s.group == "ep")
+    keep = max(0.0, hidden - cover) / hidden if hidden > 0 else 1.0
+    out = []
+    for segment in own:
+        if segment.stream == "compute":
+            out.append(segment._replace(seconds=segment.seconds * slowdown, imbalance=segment.imbalance * slowdown))
+        elif segment.stream == "comm" and segment.group == "ep":
+            out.append(segment._replace(seconds=segment.seconds * keep, latency=segment.latency * keep))
+        else:
+            out.append(segment)
+    return out
 
 
 def _wait(event: simpy.Event):
@@ -185,7 +248,9 @@ class _Simulator:
         self.links = [{"intra": FairShareLink(self.env, f"stage{s}.intra"), "inter": FairShareLink(self.env, f"stage{s}.inter")}
                       for s in range(plan.pp)]
         self.virtual = plan.vpp if plan.schedule == "interleaved" else 1
-        self.orders = [task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, s) for s in range(plan.pp)]
+        extra = 1 if plan.overlap_moe_comm else 0
+        orders = [task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, s, extra) for s in range(plan.pp)]
+        self.orders = [merged_order(o) if plan.overlap_moe_comm else [(t,) for t in o] for o in orders]
         self.events = 0  # timed events scheduled: compute segments and link transfers
         self.background = [0] * plan.pp  # per stage: background transfer chains not yet finished
 
@@ -207,13 +272,14 @@ class _Simulator:
             if self._quiet(stage):
                 end, compute, imbalance, comm = _solo_run(segments, index, launches_buckets=buckets is not None)
                 if end - index > 1:
-                    yield self._timeout(compute + comm)
+                    yield self._timeout(compute + sum(comm.values()))
                     account.compute += compute - imbalance
                     account.imbalance += imbalance
-                    account.blocking_comm += comm
+                    for group, seconds in comm.items():
+                        account.comm(group, seconds)
                     index = end
                     continue
-            stream, seconds, imbalance, link, name, chunks, _, bucket = segments[index]
+            stream, seconds, imbalance, link, name, chunks, _, bucket, group = segments[index]
             if stream == "bucket":
                 if buckets is not None:
                     buckets[1].append(self._launch_chain(stage, buckets[0][bucket], "grad_sync"))
@@ -234,7 +300,7 @@ class _Simulator:
                     self.trace.add(f"stage{stage}", "compute", name, start, seconds)
             else:
                 yield self._transfer(stage, link, seconds)
-                account.blocking_comm += env.now - start
+                account.comm(group, env.now - start)
                 self._record_comm(stage, "comm", link, name, start)
 
     def _overlapped(self, stage: int, opening: Segment, middle: list[Segment], closing: Segment, account: StageAccount):
@@ -265,7 +331,7 @@ class _Simulator:
         elapsed = env.now - start
         account.compute += compute - imbalance
         account.imbalance += imbalance
-        account.blocking_comm += max(0.0, elapsed - compute)
+        account.comm(opening.group, max(0.0, elapsed - compute))
         self._record_comm(stage, "comm", opening.link, f"{opening.name}+{closing.name} (overlap x{chunks})", start)
 
     def _piece(self, stage: int, link: str, seconds: float, after: simpy.Event | None, done: simpy.Event):
@@ -317,38 +383,60 @@ class _Simulator:
         if not plan.overlap_grad_reduce:
             start = env.now
             yield simpy.AllOf(env, gathers)
-            account.sync_wait += env.now - start
+            account.wait(env.now - start)
         backward_left = [plan.microbatches] * len(chunks)
         buckets: list[simpy.Event] = []
-        for kind, microbatch, chunk_index in self.orders[stage]:
+
+        def inputs(kind: str, microbatch: int, chunk_index: int):
+            """Wait for what a task consumes: its chunk's parameters and the activation (forward),
+            or the gradient from the next chunk (backward)."""
             global_chunk = chunk_index * p + stage
-            forward, backward = state.work[stage][chunk_index]
             if kind == "F":
                 if not gathers[chunk_index].triggered:
                     start = env.now
                     yield gathers[chunk_index]
-                    account.sync_wait += env.now - start
+                    account.wait(env.now - start)
                 if global_chunk > 0:
                     yield from _wait(state.event("act", microbatch, global_chunk - 1))
-                yield from self._run_segments(stage, forward, account)
-                if global_chunk < last_global:
-                    yield from self._send(state, stage, "act", microbatch, global_chunk, account)
+            elif global_chunk < last_global:
+                yield from _wait(state.event("grad", microbatch, global_chunk + 1))
+
+        def outputs(kind: str, microbatch: int, chunk_index: int):
+            global_chunk = chunk_index * p + stage
+            if kind == "F" and global_chunk < last_global:
+                yield from self._send(state, stage, "act", microbatch, global_chunk, account)
+            if kind == "B" and global_chunk > 0:
+                yield from self._send(state, stage, "grad", microbatch, global_chunk, account)
+
+        def bucket_launch(chunk_index: int):
+            """The last backward of a chunk launches its gradient reductions (with overlap)."""
+            backward_left[chunk_index] -= 1
+            last = backward_left[chunk_index] == 0 and plan.overlap_grad_reduce
+            return (chunks[chunk_index].grad_buckets, buckets) if last else None
+
+        for item in self.orders[stage]:
+            if len(item) == 2:  # a forward and an earlier micro-batch's backward hide each other's all-to-alls
+                (_, _, fchunk), (_, _, bchunk) = item
+                forward, backward = state.work[stage][fchunk][0], state.work[stage][bchunk][1]
+                share = self.plan.comm_sm_share
+                work = {"F": _behind(forward, backward, share), "B": _behind(backward, forward, share)}
             else:
-                if global_chunk < last_global:
-                    yield from _wait(state.event("grad", microbatch, global_chunk + 1))
-                backward_left[chunk_index] -= 1
-                last = backward_left[chunk_index] == 0 and plan.overlap_grad_reduce
-                launch = (chunks[chunk_index].grad_buckets, buckets) if last else None
-                yield from self._run_segments(stage, backward, account, launch)
-                if global_chunk > 0:
-                    yield from self._send(state, stage, "grad", microbatch, global_chunk, account)
+                work = {}
+            for kind, microbatch, chunk_index in item:
+                yield from inputs(kind, microbatch, chunk_index)
+                forward, backward = state.work[stage][chunk_index]
+                if kind == "F":
+                    yield from self._run_segments(stage, work.get("F", forward), account)
+                else:
+                    yield from self._run_segments(stage, work.get("B", backward), account, bucket_launch(chunk_index))
+                yield from outputs(kind, microbatch, chunk_index)
         start = env.now
         if plan.overlap_grad_reduce:
             yield simpy.AllOf(env, buckets)
         else:
             for chunk in chunks:
                 yield self._launch_chain(stage, [c for bucket in chunk.grad_buckets for c in bucket], "grad_sync")
-        account.sync_wait += env.now - start
+        account.wait(env.now - start)
         start = env.now
         yield self._timeout(stage_plan.optimizer.seconds)
         account.optimizer += stage_plan.optimizer.seconds
@@ -360,7 +448,7 @@ class _Simulator:
         if sent is not None and not self.plan.overlap_p2p:
             start = self.env.now
             yield from _wait(sent)
-            account.blocking_comm += self.env.now - start
+            account.comm("pp", self.env.now - start)
 
     def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> simpy.Event | None:
         """The activation or gradient goes to the next stage; a callback on the send (not a process

@@ -142,9 +142,18 @@ class Parallelism(StrictModel):
     # as Megatron-LM's p2p calls do (Megatron-Core's overlap_p2p_comm defaults off); true: sends
     # complete in the background while the next task computes.
     overlap_p2p: bool = False
+    # Megatron-Core's --overlap-moe-expert-parallel-comm: in a 1F1B schedule's steady state one
+    # micro-batch's forward and another's backward run merged, each one's expert all-to-alls
+    # hidden behind the other's compute (sim/training.py, merged tasks).
+    overlap_moe_comm: bool = False
+    # SMs the dispatch and combine kernels hold while they overlap compute (DeepSeek-V3 report sec.
+    # 3.2.2: 20 of an H800's 132); compute runs on the rest meanwhile. None: not modelled.
+    moe_comm_sms: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _schedule_matches_vpp(self) -> "Parallelism":
+        if self.overlap_moe_comm and self.schedule == "gpipe":
+            raise ValueError("overlap_moe_comm pairs a forward with a backward: it needs schedule 1f1b or interleaved")
         if self.schedule == "interleaved" and self.vpp < 2:
             raise ValueError("schedule interleaved needs vpp >= 2")
         if self.schedule != "interleaved" and self.vpp > 1:
