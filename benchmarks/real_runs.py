@@ -221,6 +221,24 @@ class MoELayer(nn.Module):
         return x + torch.zeros_like(x).index_add(0, r.token_of, out)  # un-permute, weighted; residual
 
 
+# `simcc profile`'s own gemm_1024x1024x2816 (F.linear, 2 x 1024 x 1024 x 2816 FLOPs): timed in every
+# round, it tells how fast the host runs now against when it was profiled (a shared machine drifts).
+REFERENCE_GEMM = (1024, 1024, 2816)
+
+
+def measure_reference(dtype: str, threads: int, warmup: int, repeats: int) -> dict:
+    """The profiler's reference GEMM, timed as the profiler times it."""
+    tokens, hidden, width = REFERENCE_GEMM
+    dt = DTYPES[dtype]
+    x, w = torch.randn(tokens, hidden, dtype=dt), torch.randn(width, hidden, dtype=dt)
+    load_before = load_average()
+    with torch.no_grad():
+        median, p10, p90 = percentiles(time_runs(lambda: F.linear(x, w), warmup, repeats))
+    return dict(run_id=f"reference_gemm_{tokens}x{hidden}x{width}_{dtype}", kind="reference_gemm", tokens=tokens,
+                hidden=hidden, expert_hidden=width, dtype=dtype, threads=threads, processes=1, measured_median_s=median,
+                p10_s=p10, p90_s=p90, repeats=repeats, warmup=warmup, load_before=load_before, load_after=load_average())
+
+
 def measure_layer(shape: LayerShape, dtype: str, threads: int, warmup: int, repeats: int) -> list[dict]:
     """Forward (no_grad) and forward + backward (loss = output.sum()) of one layer."""
     torch.manual_seed(0)
@@ -492,7 +510,7 @@ def main() -> None:
     # landing on whichever cases ran during a slow spell.
     rounds: list[list[dict]] = []
     for _ in range(args.rounds):
-        measured: list[dict] = []
+        measured: list[dict] = [measure_reference(args.dtype, args.threads, warmup, repeats)]
         if args.only != "train":
             for shape in LAYER_SHAPES_QUICK if args.quick else LAYER_SHAPES:
                 measured += measure_layer(shape, args.dtype, args.threads, warmup, repeats)

@@ -367,7 +367,11 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
         check_device(frame, device, kernel_files[0], base_source)
         report = F.calibrate(frame, device, ", ".join(kernel_files))
         device, notes = report.device, report.notes
-        held_errors.append(report.errors[report.errors["held_out"]])
+        errors = report.errors
+        held_errors.append(errors[errors["held_out"] & ~errors["contended"]])  # a contended timing is no reference
+        unscored = int((errors["held_out"] & errors["contended"]).sum())
+        if unscored:
+            notes = [*notes, f"{unscored} held-out timings were contended and are not scored"]
     comm = None
     if comm_files:
         if isinstance(base_profile, (Device, Edge)):

@@ -210,8 +210,11 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[MoELayerRow]:
         for stats, wait in zip(chunk.moe, chunk.moe_imbalance):
             loads = stats.loads
             remote = natural_remote if stats.remote_share is None or group.nodes == 1 else stats.remote_share
-            moved = 4 * stats.dispatch_bytes  # dispatch + combine, forward and backward
+            combine = stats.dispatch_bytes if stats.combine_bytes is None else stats.combine_bytes
+            moved = 2 * (stats.dispatch_bytes + combine)  # dispatch + combine, forward and backward
             inside = max(0.0, (group.size - 1) / group.size - remote) if group.size > 1 else 0.0
+            if stats.intra_share is not None:
+                inside = stats.intra_share
             dropped, padded = _waste_fractions(loads.routed, loads.dropped, loads.padded)
             rows.append(MoELayerRow(
                 layer=len(rows),

@@ -76,3 +76,15 @@ def test_low_latency_pays_one_network_latency_for_any_number_of_peers():
     latency = big.network.latency_us * 1e-6
     for n in (16, 256):
         assert collective_time("all_to_all", 1.0, CommGroup(n, 8), big, "low_latency") == pytest.approx(latency, rel=1e-3)
+
+
+def test_layer_rows_report_what_a_deduplicating_dispatcher_moves_on_each_link():
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_workload
+
+    spec, source = load_workload("qwen3_30b_a3b_train_16xh100", ["train.global_batch=32"])
+    row = estimate(spec, load_hardware("dgx_h100_x4", ["nodes=2"]), source).moe_layers[0]
+    moved = 4 * 4096 * 8 * 2048 * 2 / 1e6 * 2  # tokens x k x hidden x bf16, dispatch + combine, fwd + bwd, 2 micro-batches
+    share = distinct_remote_nodes(128, 8, 2) / 8  # 8 GPUs a node, 2 nodes
+    assert row.a2a_inter_mb == pytest.approx(moved * share, rel=1e-6)
+    assert row.a2a_intra_mb == pytest.approx(moved * 7 / 8, rel=1e-6)

@@ -135,3 +135,24 @@ def test_a_backward_gemm_is_two_forward_sized_kernels_with_its_own_family():
     both = {**forward_curve, "gemm_backward": fit_curve(_rows(lambda op: 0.25), DEVICE, 0.0)[0]}
     calibrated = DEVICE.model_copy(update={"efficiency": DEVICE.efficiency.model_copy(update={"curves": both})})
     assert efficiency(calibrated, "gemm_backward", forward.flops, 1.0) == pytest.approx(0.25, rel=1e-6)
+
+
+def test_a_family_mostly_contended_is_not_fitted_from_its_few_clean_timings():
+    """Under two busy processes nearly every timing is contended: the one that looks clean was taken
+    on the same busy host, so the family keeps the base profile's figures, and contended held-out
+    timings are marked (calibrate does not score against them)."""
+    from pathlib import Path
+
+    from simcc.calibrate.fit import calibrate
+    from simcc.calibrate.measurements import read_measurements
+
+    shipped = next((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))
+    frame = read_measurements(str(shipped))
+    frame["p10_s"], frame["p90_s"], frame["host_load"] = frame["median_s"] * 0.95, frame["median_s"] * 1.05, 0.5
+    gemm = frame.index[frame["family"] == "gemm"]
+    frame.loc[gemm[1:], "host_load"] = 3.0  # all but one GEMM timing contended
+    report = calibrate(frame, DEVICE, "table")
+    assert "gemm" not in report.device.efficiency.curves and "grouped_gemm" in report.device.efficiency.curves
+    assert any(n.startswith("gemm: ") and "could not be measured" in n for n in report.notes)
+    marked = report.errors[report.errors["family"] == "gemm"]
+    assert marked["contended"].sum() == len(gemm) - 1

@@ -24,7 +24,7 @@ FRACTION_FLOOR = 1e-4
 @dataclass(frozen=True)
 class FitReport:
     device: Device
-    errors: pd.DataFrame  # family, case, held_out, measured_s, predicted_s, error
+    errors: pd.DataFrame  # family, case, measured_s, predicted_s, error, held_out, contended
     notes: list[str]
 
 
@@ -182,38 +182,54 @@ def contended(frame: pd.DataFrame) -> pd.Series:
     return spread | busy
 
 
-def _contention_notes(frame: pd.DataFrame, noisy: pd.Series) -> list[str]:
+# A family most of whose training timings were contended could not be measured: the few that
+# look clean were taken on the same busy host, so the base profile's figures are kept.
+MIN_CLEAN_SHARE = 0.5
+
+
+def _contention_notes(frame: pd.DataFrame, noisy: pd.Series, unfitted: set[str]) -> list[str]:
+    """One line per family with contended timings: what was left out, and whether the family
+    could be measured at all (most of its training timings contended: it could not)."""
     notes = []
     for family, group in frame[noisy].groupby("family"):
         total = int((frame["family"] == family).sum())
-        outcome = ("it could not be measured: the base profile's figures are kept" if len(group) == total
-                   else "they are left out of the fit")
+        outcome = ("it could not be measured: the base profile's figures are kept" if family in unfitted
+                   else "they are left out of the fit and of the error summary")
         notes.append(f"{family}: {len(group)} of {total} timings were contended (p90 over 1.5x p10, or a host "
                      f"busier than its cores); {outcome}; profile again on a quiet machine")
     return notes
 
 
 def calibrate(frame: pd.DataFrame, device: Device, source: str) -> FitReport:
-    """Fit the uncontended training points; report every point's error, held-out ones marked; a
-    family whose fit misses its own held-out points by more than 100% (median) keeps the base
-    profile's figures instead."""
-    held = held_out_mask(frame[frame["family"] != "moe_layer"])
+    """Fit the uncontended training points; report every point's error, held-out and contended
+    ones marked; a family most of whose training timings were contended, or whose fit misses its
+    own held-out points by more than 100% (median), keeps the base profile's figures."""
     kernels = frame[frame["family"] != "moe_layer"]
+    held = held_out_mask(kernels)
     noisy = contended(kernels)
-    train = kernels[~held.reindex(kernels.index, fill_value=False) & ~noisy]
+    train = kernels[~held & ~noisy]
+    clean, planned = train["family"].value_counts(), kernels[~held]["family"].value_counts()
+    unfitted = {f for f, n in planned.items() if clean.get(f, 0) < max(1.0, MIN_CLEAN_SHARE * n)}
+    train = train[~train["family"].isin(unfitted - {"memcpy"})]  # copies: fit_memory needs two sizes only
     calibrated, notes = _fit_device(train, device, source, frame)
-    errors = prediction_errors(kernels, calibrated)
-    errors["held_out"] = held.reindex(kernels.index, fill_value=False).to_numpy()
-    failed = [family for family, group in errors[errors["held_out"]].groupby("family")
+
+    def scored(device_now: Device) -> pd.DataFrame:
+        errors = prediction_errors(kernels, device_now)
+        errors["held_out"] = held.to_numpy()
+        errors["contended"] = noisy.to_numpy()
+        return errors
+
+    errors = scored(calibrated)
+    clean_held = errors[errors["held_out"] & ~errors["contended"]]
+    failed = [family for family, group in clean_held.groupby("family")
               if group["error"].abs().median() > WORST_KEPT_HELD_OUT and family in calibrated.efficiency.curves]
     if failed:
         curves = {f: c for f, c in calibrated.efficiency.curves.items() if f not in failed}
         calibrated = calibrated.model_copy(update={"efficiency": calibrated.efficiency.model_copy(update={"curves": curves})})
-        errors = prediction_errors(kernels, calibrated)
-        errors["held_out"] = held.reindex(kernels.index, fill_value=False).to_numpy()
+        errors = scored(calibrated)
         notes += [f"{family}: the fitted curve missed its held-out points by more than 100%; the base profile's "
                   "efficiency is kept" for family in failed]
-    return FitReport(calibrated, errors, _contention_notes(kernels, noisy) + notes)
+    return FitReport(calibrated, errors, _contention_notes(kernels, noisy, unfitted) + notes)
 
 
 def _fit_device(train: pd.DataFrame, device: Device, source: str, frame: pd.DataFrame) -> tuple[Device, list[str]]:

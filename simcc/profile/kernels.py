@@ -60,6 +60,10 @@ def device_description(device: str) -> tuple[str, str]:
 NOISY_SPREAD = 1.5  # p90 / p10 above this: the timing is contended (scheduler ticks, other work)
 RETIMES = 2  # a contended case is timed again up to this many times; the tightest timing is kept
 MIN_REPEATS = 5  # long kernels get fewer repeats than the budget asks, never fewer than this
+# A case whose timing took longer than this is not re-timed: on a busy host the largest grouped
+# GEMMs (tens of seconds a timing) made a full profile three times longer for nothing, since
+# calibrate leaves a contended timing out whatever it is re-timed to.
+LONG_CASE_S = 10.0
 MAX_REPEATS = 2000
 
 
@@ -327,7 +331,10 @@ def host_load() -> float:
 def _settled_timing(case: Case, device: str, budget_s: float, warmup: int) -> tuple[float, float, float, int]:
     """Time a case; a timing whose spread says it was contended is taken again, and the tightest
     kept, so one burst of other work does not land in the table."""
+    started = time.perf_counter()
     best = time_case(case, device, budget_s, warmup)
+    if time.perf_counter() - started > LONG_CASE_S:
+        return best  # its spread is recorded; timing it twice more would triple the longest cases
     for _ in range(RETIMES):
         if best[2] <= NOISY_SPREAD * best[1]:
             break

@@ -110,6 +110,10 @@ class MoEStats:
     experts_per_token: float
     remote_share: float | None = None  # topology-aware gating: share sent out of the node
     experts: int = 1
+    combine_bytes: float | None = None  # when it differs from the dispatch (an fp8 dispatch)
+    # Share of the dispatched bytes that crosses the node's fabric (a deduplicating dispatcher
+    # forwards what arrives from other nodes); None: as the ranks lie.
+    intra_share: float | None = None
 
 
 def norm(name: str, tokens: float, hidden: int, shard: Shard) -> Op:

@@ -183,5 +183,10 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         result.per_step.append(Comm("moe.shadow_broadcast", "all_gather", shadow * DTYPE_BYTES[shard.dtype], "ep"))
         result.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
     kept_per_token = (loads.routed - loads.dropped) / (routed_tokens * ep) if T else 0.0
-    result.moe = MoEStats(loads, dispatch, kept_per_token, dispatch_item.remote_share, spec.experts)
+    intra = None
+    if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:
+        local = max(1, ep // shard.ep_nodes)
+        intra = (local - 1) / local  # every copy reaches its GPU over NVLink, forwarded or not
+    result.moe = MoEStats(loads, dispatch, kept_per_token, dispatch_item.remote_share, spec.experts,
+                          combine_bytes=combine, intra_share=intra)
     return result
