@@ -89,7 +89,7 @@ def test_contended_timings_are_left_out_with_a_notice_per_family():
     from simcc.calibrate.fit import calibrate, contended
     from simcc.calibrate.measurements import read_measurements
 
-    shipped = next((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))
+    shipped = sorted((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))[0]
     frame = read_measurements(str(shipped))
     frame["p10_s"], frame["p90_s"] = frame["median_s"] * 0.95, frame["median_s"] * 1.05  # quiet timings
     frame["host_load"] = 0.5
@@ -146,7 +146,7 @@ def test_a_family_mostly_contended_is_not_fitted_from_its_few_clean_timings():
     from simcc.calibrate.fit import calibrate
     from simcc.calibrate.measurements import read_measurements
 
-    shipped = next((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))
+    shipped = sorted((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))[0]
     frame = read_measurements(str(shipped))
     frame["p10_s"], frame["p90_s"], frame["host_load"] = frame["median_s"] * 0.95, frame["median_s"] * 1.05, 0.5
     gemm = frame.index[frame["family"] == "gemm"]

@@ -143,7 +143,7 @@ def test_calibrate_out_naming_the_base_profiles_device(tmp_path):
     device = ROOT / "hardware_profiles/devices/cpu_host_generic.yaml"
     before = device.read_bytes()
     measured = ROOT / "hardware_profiles/measured"
-    kernels = next(measured.glob("*.kernels.csv"))
+    kernels = sorted(measured.glob("*.kernels.csv"))[0]
     result = simcc("calibrate", str(kernels), "--base", "cpu_host_local", "--out", str(device), cwd=tmp_path)
     assert_one_line_error(result, "--out")
     assert device.read_bytes() == before
