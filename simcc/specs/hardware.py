@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from simcc.specs.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel
+from simcc.specs.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel, int_up_to
 from simcc.specs.vocab import Collective, Dtype  # noqa: F401 (Dtype re-exported)
 
 
@@ -88,6 +88,9 @@ class Price(StrictModel):
     source: str
 
 
+MAX_CPU_THREADS = 1 << 20  # threads or cores of one CPU host: bounds a process's share of it
+
+
 class Device(StrictModel):
     kind: Literal["device"] = "device"
     name: str
@@ -108,8 +111,8 @@ class Device(StrictModel):
     # records the profile's) and the host's cores. With both, a run of several processes on the
     # host gets each process's share (specs.hardware.threads_share). None: the figures describe the
     # whole processor.
-    threads: PositiveInt | None = None
-    cores: PositiveInt | None = None
+    threads: int_up_to(MAX_CPU_THREADS) | None = None
+    cores: int_up_to(MAX_CPU_THREADS) | None = None
 
 
 def _require_when_several(count: int, value: object, field: str, count_field: str) -> None:
@@ -155,7 +158,7 @@ class Node(StrictModel):
     intra_link: Link | None = None
     host_link: Link
     # CPU hosts: threads each process (device) runs with; default the host's cores shared evenly.
-    threads_per_device: PositiveInt | None = None
+    threads_per_device: int_up_to(MAX_CPU_THREADS) | None = None
 
     @model_validator(mode="after")
     def _intra_link_when_several(self) -> "Node":
