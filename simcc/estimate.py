@@ -13,7 +13,7 @@ from simcc.costs.compute import mfu, peak_flops
 from simcc.costs.memory import MemoryBreakdown, training_memory
 from simcc.costs.money import SECONDS_PER_DAY, run_totals
 from simcc.errors import InputError
-from simcc.layout import DIMENSION_OF_GROUP, DIMENSIONS, Layout, build_layout
+from simcc.layout import DIMENSIONS, Layout, build_layout, dimension_of
 from simcc.model.anytime import expected_sandwich, scale_units, served_units
 from simcc.model.blocks import Batch, MoEStats, Params
 from simcc.model.graph import input_dependent_share, model_forward_flops, model_params, units_forward_flops, units_of
@@ -191,7 +191,7 @@ def _comm_section(plan: TrainingPlan, sim: TrainingSimulation) -> CommSection:
             once = [c for bucket in chunk.grad_buckets for c in bucket] + chunk.param_sync
             for cost, times in [(c, plan.microbatches) for c in chunk.forward + chunk.backward] + [(c, 1) for c in once]:
                 if cost.stream == "comm":
-                    link[DIMENSION_OF_GROUP.get(cost.group, "tp")] += cost.seconds * times
+                    link[dimension_of(cost.group)] += cost.seconds * times
         if plan.pp > 1:  # an activation out and a gradient back per micro-batch and chunk
             link["pp"] += 2 * stage.p2p.seconds * plan.microbatches * len(stage.chunks)
         per_stage.append(link)

@@ -23,6 +23,11 @@ DIMENSION_OF_GROUP = {"tp": "tp", "etp": "tp", "ep": "ep", "dp": "dp", "edp": "d
 DIMENSIONS = ("tp", "ep", "dp", "pp")
 
 
+def dimension_of(group: str) -> str:
+    """The parallel dimension a communication group's traffic is reported under."""
+    return DIMENSION_OF_GROUP.get(group, "tp")
+
+
 @dataclass(frozen=True)
 class CommGroup:
     """`size` ranks, `per_node` of them in each node (the rest on other nodes)."""

@@ -22,8 +22,9 @@ def _rows(fraction_of) -> pd.DataFrame:
     for tokens in (1, 4, 16, 64, 256, 1024, 4096):
         for n in (2816, 64):
             op = gemm("g", tokens, 1024, n, "fp32")
-            rows.append({"family": "gemm", "dtype": "fp32", "flops": op.flops, "bytes": op.bytes,
-                         "kernel_flops": op.flops, "experts": 0, "median_s": op.flops / (PEAK * fraction_of(op))})
+            rows.append({"family": "gemm", "case": f"gemm_{tokens}x1024x{n}", "dtype": "fp32", "flops": op.flops,
+                         "bytes": op.bytes, "kernel_flops": op.flops, "tokens": tokens, "hidden": 1024, "ffn": n,
+                         "experts": 0, "k": 0, "median_s": op.flops / (PEAK * fraction_of(op))})
     return pd.DataFrame(rows)
 
 
@@ -156,3 +157,4 @@ def test_a_family_mostly_contended_is_not_fitted_from_its_few_clean_timings():
     assert any(n.startswith("gemm: ") and "could not be measured" in n for n in report.notes)
     marked = report.errors[report.errors["family"] == "gemm"]
     assert marked["contended"].sum() == len(gemm) - 1
+

@@ -203,14 +203,6 @@ KERNEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("case", KERNEL_CASES)
-def test_bad_kernel_measurements(command, case):
-    change, column, fragment = KERNEL_CASES[case]
-    line = rewrite(KERNELS, "k.csv", change)
-    assert_one_line_error(COMMANDS[command]("k.csv"), "k.csv", f"line {line}: {column}:", fragment)
-
-
 COMM_CASES = {
     "bytes_all_zero": (every("bytes", "0"), "bytes", "> 0"),
     "bytes_inf": (first("*", "bytes", "inf"), "bytes", "finite"),
@@ -222,12 +214,18 @@ COMM_CASES = {
 }
 
 
+# Each measurement table: the shipped one it mutates, the name it is written under, its cases.
+MEASUREMENT_TABLES = {"kernels": (KERNELS, "k.csv", KERNEL_CASES), "collectives": (COMM, "c.csv", COMM_CASES)}
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("case", COMM_CASES)
-def test_bad_collective_measurements(command, case):
-    change, column, fragment = COMM_CASES[case]
-    line = rewrite(COMM, "c.csv", change)
-    assert_one_line_error(COMMANDS[command]("c.csv"), "c.csv", f"line {line}: {column}:", fragment)
+@pytest.mark.parametrize("table,case", [(table, case) for table, (_, _, cases) in MEASUREMENT_TABLES.items()
+                                        for case in cases])
+def test_bad_measurements(command, table, case):
+    shipped, name, cases = MEASUREMENT_TABLES[table]
+    change, column, fragment = cases[case]
+    line = rewrite(shipped, name, change)
+    assert_one_line_error(COMMANDS[command](name), name, f"line {line}: {column}:", fragment)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from simcc.calibrate.measurements import predict
+from simcc.calibrate.measurements import predict, row_ops
 from simcc.costs.compute import peak_flops
 from simcc.specs.hardware import Device, EfficiencyCurve
 
@@ -131,8 +131,7 @@ def fit_curve(rows: pd.DataFrame, device: Device, launch: float) -> tuple[Effici
     fractions, by_axis = [], {"kernel_flops": [], "intensity": []}
     for _, row in rows.iterrows():
         peak = peak_flops(device, row["dtype"])
-        launches = {"grouped_gemm": int(row["experts"]), "grouped_gemm_backward": 2 * int(row["experts"]),
-                    "gemm_backward": 2}.get(row["family"], 1)
+        launches = sum(op.launches for op in row_ops(row) if op.is_matmul)  # a grouped GEMM: one per expert
         busy = max(float(row["median_s"]) - launch * launches, 0.05 * float(row["median_s"]))
         fraction = float(row["flops"]) / busy / peak
         fractions.append(fraction)
@@ -147,7 +146,6 @@ def fit_curve(rows: pd.DataFrame, device: Device, launch: float) -> tuple[Effici
 def fit_memory_curve(rows: pd.DataFrame, device: Device, launch: float, calibrated: Device) -> EfficiencyCurve | None:
     """Per memory-bound family: the fraction of bandwidth its elementwise part reached, against
     bytes moved. A gate's router product is costed with the calibrated GEMM curve first."""
-    from simcc.calibrate.measurements import row_ops
     from simcc.costs.compute import op_cost
 
     if rows.empty:
@@ -263,11 +261,11 @@ def measured_threads(frame: pd.DataFrame) -> dict[str, int]:
     on the host scales each one's share (specs.hardware.threads_share); nothing for a GPU."""
     from simcc.profile.kernels import HOST_CORES_COLUMN
 
-    if str(frame["device_type"].iloc[0]) != "cpu" or "threads" not in frame.columns:
+    if str(frame["device_type"].iloc[0]) != "cpu":
         return {}
     threads = int(frame["threads"].max())
     cores = int(frame[HOST_CORES_COLUMN].max()) if HOST_CORES_COLUMN in frame.columns else 0
-    return {"threads": threads, "cores": max(cores, threads)} if threads >= 1 else {}
+    return {"threads": threads, "cores": max(cores, threads)}
 
 
 def prediction_errors(frame: pd.DataFrame, device: Device) -> pd.DataFrame:

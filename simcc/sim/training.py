@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import simpy
 
-from simcc.layout import DIMENSION_OF_GROUP, DIMENSIONS
+from simcc.layout import DIMENSIONS, dimension_of
 from simcc.sim.links import FairShareLink
 from simcc.sim.timeline import Timeline
 from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
@@ -68,7 +68,7 @@ class StageAccount:
     def comm(self, group: str, seconds: float) -> None:
         """Communication this stage waited for, over `group`."""
         self.blocking_comm += seconds
-        self.exposed[DIMENSION_OF_GROUP.get(group, "tp")] += seconds
+        self.exposed[dimension_of(group)] += seconds
 
     def wait(self, seconds: float) -> None:
         """Waiting for gradient reductions or parameter gathers: data-parallel traffic."""
