@@ -158,3 +158,20 @@ def test_a_family_mostly_contended_is_not_fitted_from_its_few_clean_timings():
     marked = report.errors[report.errors["family"] == "gemm"]
     assert marked["contended"].sum() == len(gemm) - 1
 
+
+def test_mostly_contended_copies_keep_the_base_launch_and_bandwidth_as_the_note_says():
+    from pathlib import Path
+
+    from simcc.calibrate.fit import calibrate
+    from simcc.calibrate.measurements import read_measurements
+
+    shipped = sorted((Path(__file__).parents[1] / "hardware_profiles/measured").glob("*.kernels.csv"))[0]
+    frame = read_measurements(str(shipped))
+    frame["p10_s"], frame["p90_s"], frame["host_load"] = frame["median_s"] * 0.95, frame["median_s"] * 1.05, 0.5
+    copies = frame.index[frame["family"] == "memcpy"]
+    frame.loc[copies[2:], "host_load"] = 3.0  # two clean copies of two sizes, the rest contended
+    report = calibrate(frame, DEVICE, "table")
+    assert any(n.startswith("memcpy: ") and "could not be measured" in n for n in report.notes)
+    efficiency = report.device.efficiency
+    assert efficiency.kernel_launch_us == DEVICE.efficiency.kernel_launch_us
+    assert efficiency.memory == DEVICE.efficiency.memory and "memcpy" not in efficiency.memory_curves

@@ -208,7 +208,7 @@ def calibrate(frame: pd.DataFrame, device: Device, source: str) -> FitReport:
     train = kernels[~held & ~noisy]
     clean, planned = train["family"].value_counts(), kernels[~held]["family"].value_counts()
     unfitted = {f for f, n in planned.items() if clean.get(f, 0) < max(1.0, MIN_CLEAN_SHARE * n)}
-    train = train[~train["family"].isin(unfitted - {"memcpy"})]  # copies: fit_memory needs two sizes only
+    train = train[~train["family"].isin(unfitted)]
     calibrated, notes = _fit_device(train, device, source, frame)
 
     def scored(device_now: Device) -> pd.DataFrame:
