@@ -132,3 +132,42 @@ def test_a_request_that_can_never_fit_names_the_workload_file():
                              "--set", "serve.prompt_tokens=2000000", "--requests", "5"], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and "mixtral_8x7b_serve_edge.yaml: serve: one request's KV cache" in result.stderr
+
+
+def _expert_weight_reads(workload, batch: int) -> float:
+    """Bytes of expert weights one decode step at `batch` reads in one MoE layer (up + down)."""
+    from simcc.model.blocks import Batch, Shard
+    from simcc.model.kinds.moe_ffn import work
+
+    spec = next(b.moe_ffn for b in workload.model.blocks[1].blocks if getattr(b, "moe_ffn", None))
+    forward = work(spec, workload.model.hidden, Batch(batch, 1, 128), Shard(seed=3, sample_seed=3))
+    experts = [op for op in forward.forward if op.name in ("moe.expert_up", "moe.expert_down")]
+    rows = sum(op.kernels[0][0][0] * len(op.kernels[0]) for op in experts[:1])  # tokens x k
+    return sum(op.bytes for op in experts), rows
+
+
+@pytest.mark.parametrize("experts,k,batch", [(8, 2, 1), (8, 2, 4), (128, 8, 1), (128, 8, 16), (64, 6, 64)])
+def test_a_decode_step_reads_the_experts_its_tokens_picked(experts, k, batch):
+    """Mixtral at batch 1 reads 2 of its 8 experts, a 128-expert top-8 model 8 of 128; at batch B
+    uniform routing reads E (1 - (1 - k/E)^B) distinct experts (hand-derived), not every expert
+    some sampled step touched."""
+    workload, _ = load_workload("mixtral_8x7b_serve_edge", [
+        f"model.blocks.1.blocks.1.moe_ffn.experts={experts}", f"model.blocks.1.blocks.1.moe_ffn.k={k}"])
+    hidden, ffn = workload.model.hidden, 14336
+    one_expert = 3 * hidden * ffn * 2  # gated: up (2 x ffn) and down, fp16
+    distinct = experts * (1 - (1 - k / experts) ** batch)
+    token_rows = batch * k * (hidden + 2 * ffn) * 2 + batch * k * (ffn + hidden) * 2  # activations in and out
+    moved, _ = _expert_weight_reads(workload, batch)
+    assert moved == pytest.approx(distinct * one_expert + token_rows, rel=1e-6)
+
+
+def test_decode_step_time_grows_with_the_experts_a_batch_reads():
+    """Memory-bound decode of Mixtral on an H100: batch 2 reads 3.5 experts per layer instead of 2,
+    so its step costs more than batch 1 but far less than twice; batch 1's step streams the active
+    parameters (12.9B at fp16) once, about 26 GB, plus a few microseconds per kernel launched (about
+    800 kernels); reading all 8 experts (93 GB) would take over 3x as long."""
+    workload, costs = _costs(["serve.batch=2"], "h200", ["memory_gb=200"])
+    one, two = costs.decode.at(1), costs.decode.at(2)
+    assert 1.2 < two / one < 1.8
+    streamed = 12.9e9 * 2 / 4.8e12  # H200: 4.8 TB/s
+    assert streamed < one < 2 * streamed

@@ -116,21 +116,30 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
               saved_bytes=m * k * b if saved else 0.0, kernels=(((m, k, n, 1),),))
 
 
-def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str) -> Op:
-    """One GEMM per local expert with its own token count; only experts with tokens read weights."""
+def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
+                 active: float | None = None, mean_active: float | None = None) -> Op:
+    """One GEMM per local expert with its own token count; only experts with tokens read weights.
+    `active` / `mean_active`: the expected experts with tokens in one step, when the token counts
+    are expectations over steps (each step reads the weights of the experts it picked, not of every
+    expert some step picked); by default, the experts with a positive count."""
     b = DTYPE_BYTES[dtype]
 
-    def totals(tokens: list[float]) -> tuple[float, float]:
-        flops = sum(2.0 * t * k * n for t in tokens)
-        moved = sum((t * k + k * n + t * n) * b for t in tokens if t > 0)
-        return flops, moved
+    def totals(tokens: list[float], used: float | None) -> tuple[float, float, float]:
+        used = sum(1 for t in tokens if t > 0) if used is None else used
+        rows = sum(tokens)
+        return sum(2.0 * t * k * n for t in tokens), rows * (k + n) * b + used * k * n * b, max(used, 1e-9)
 
-    flops, moved = totals(busiest)
-    mean_flops, mean_moved = totals(mean)
-    active = max(1, sum(1 for t in busiest if t > 0))
+    flops, moved, used = totals(busiest, active)
+    mean_flops, mean_moved, _ = totals(mean, mean_active)
+    # The kernel's blocks as one step runs them: each expert with tokens, or, when a step uses
+    # fewer experts than the expectation spreads tokens over, that many sharing the step's rows.
+    blocks = tuple((t, k, n, 1) for t in busiest if t > 0)
+    launched = max(1, round(used))
+    if launched < len(blocks):
+        blocks = ((sum(busiest) / launched, k, n, 1),) * launched
     return Op(name, "grouped_gemm", flops, moved, dtype, saved_bytes=sum(busiest) * k * b,
-              kernel_flops=flops / active, mean_flops=mean_flops, mean_bytes=mean_moved,
-              kernels=(tuple((t, k, n, 1) for t in busiest if t > 0),))
+              kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
+              kernels=(blocks,))
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,

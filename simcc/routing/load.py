@@ -60,6 +60,11 @@ class RankLoads:
     max_expert_tokens: float  # busiest expert's assignments
     no_expert_fraction: float = 0.0  # tokens that no expert processed by policy (expert choice)
     capacity: float | None = None  # per expert, over the group; None when nothing is padded
+    # Expected slots of the busiest / an average rank that get at least one token in one step: the
+    # expert weights that step reads. The slot vectors above are expectations over draws, in which
+    # every expert any draw touched looks busy; a decode step reads only the experts it picked.
+    busiest_active: float | None = None
+    mean_active: float | None = None
 
 
 @lru_cache(maxsize=4096)
@@ -139,7 +144,9 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     if balanced:
         routed = tokens_per_rank * spec.k * ranks
         per_expert = tuple([routed / experts] * local)
-        return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0, routed / experts)
+        active = local * expert_use_probability(np.full(experts, 1.0 / experts), spec.k, routed / spec.k)[0]
+        return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0, routed / experts,
+                         busiest_active=float(active), mean_active=float(active))
 
     profile = routing_sample(spec, ranks, sample_seed)
     routed = tokens_per_rank * ranks * profile.experts_per_token
@@ -172,9 +179,43 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     max_over_mean = float(np.where(average > 0, counts.max(axis=1) / safe, 1.0).sum())
     max_tokens = float(counts.max(axis=1).sum())
     n = float(draws)
+    busiest_active, mean_active = _active_slots(spec, profile, routed, capacity, placement, hot, ranks)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
                      dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction,
-                     capacity)
+                     capacity, busiest_active, mean_active)
+
+
+def expert_use_probability(share: np.ndarray, k: float, tokens: float) -> np.ndarray:
+    """Chance that each expert gets at least one of `tokens` tokens in one step, when a token
+    takes k distinct experts and expert e holds `share[e]` of all assignments: a token includes
+    e with probability min(1, k * share[e]), independently of the other tokens, so e goes unused
+    with probability (1 - k * share[e]) ** tokens. Uniform routing gives the expected distinct
+    experts E * (1 - (1 - k / E) ** tokens) a decode step at batch `tokens` reads."""
+    include = np.minimum(1.0, k * share)
+    return 1.0 - np.power(1.0 - include, max(tokens, 0.0))
+
+
+def _active_slots(spec: MoEFFNBlock, profile: RoutingSample, routed: float, capacity: float | None,
+                  placement: np.ndarray, hot: np.ndarray, ranks: int) -> tuple[float, float]:
+    """Expected slots with work on the busiest and on an average rank in one step. Buffers padded
+    to capacity run every expert; policies that fix counts (BASE, expert choice) use an expert
+    when its count reaches a token; otherwise each expert is used with `expert_use_probability`.
+    A replicated hot expert's share on a rank counts as that expert's use."""
+    experts = spec.experts
+    local = experts // ranks
+    slots = local + hot.size
+    if capacity is not None:
+        return float(slots), float(slots)
+    tokens = routed / max(profile.experts_per_token, 1e-12)
+    if profile.exact:
+        used = np.minimum(1.0, routed * profile.share)
+    else:
+        used = expert_use_probability(profile.share, profile.experts_per_token, tokens)
+    is_hot = np.zeros(experts, dtype=bool)
+    is_hot[hot] = True
+    own = np.bincount(placement[~is_hot], weights=used[~is_hot], minlength=ranks)
+    per_rank = own + used[hot].sum()
+    return float(per_rank.max()), float(per_rank.mean())
 
 
 def distinct_remote_nodes(experts: int, k: int, nodes: int, max_nodes: int | None = None) -> float:

@@ -149,14 +149,15 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     if sharded and etp > 1:
         fwd.append(Comm("moe.expert_tp_gather", "all_gather", sum(busiest) * hidden * comm_bytes, "etp"))
     up_width = gated_width(spec.expert_hidden, spec.gated) / etp
-    fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt))
+    active = dict(active=loads.busiest_active, mean_active=loads.mean_active)  # weights one step reads
+    fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt, **active))
     reads = 2 if spec.gated else 1
     act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
                       saved_elements=act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp))
     mean_act = sum(mean) * spec.expert_hidden / etp
     fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
                   mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
-    fwd.append(grouped_gemm("moe.expert_down", busiest, mean, int(spec.expert_hidden / etp), hidden, dt))
+    fwd.append(grouped_gemm("moe.expert_down", busiest, mean, int(spec.expert_hidden / etp), hidden, dt, **active))
     if etp > 1:  # partial sums of the row-parallel down projection
         fwd.append(Comm("moe.expert_tp_reduce", "reduce_scatter" if sharded else "all_reduce",
                         sum(busiest) * hidden * comm_bytes, "etp"))
