@@ -171,3 +171,53 @@ def test_decode_step_time_grows_with_the_experts_a_batch_reads():
     assert 1.2 < two / one < 1.8
     streamed = 12.9e9 * 2 / 4.8e12  # H200: 4.8 TB/s
     assert streamed < one < 2 * streamed
+
+
+# Bits per weight from ggml's block layouts (bytes per block x 8 / weights per block), derived here
+# by hand: Q8_0 34 B / 32, Q4_0 18 B / 32, Q4_K 144 B / 256, Q6_K 210 B / 256, Q2_K 84 B / 256.
+@pytest.mark.parametrize("stored,bits", [("q8_0", 34 * 8 / 32), ("q4_0", 18 * 8 / 32), ("q4_k", 144 * 8 / 256),
+                                         ("q6_k", 210 * 8 / 256), ("q2_k", 84 * 8 / 256), ("int4", 4 + 16 / 128),
+                                         (4.85, 4.85), ("fp16", 16), ("fp8", 8)])
+def test_a_decode_step_streams_weights_at_their_stored_bits(stored, bits):
+    """Weight bytes per generated token at batch 1 are the active parameters times the stored bits;
+    the KV cache and activations are the only other reads."""
+    base, _ = load_workload("mixtral_8x7b_serve_edge", SMALL)
+    quantized, _ = load_workload("mixtral_8x7b_serve_edge", SMALL + [f"precision.weights={stored}"])
+    system = load_hardware("h200", ["memory_gb=200"])
+    from simcc.plan.training import forward_work, shard_of  # noqa: F401 (the plan's own ops)
+    from simcc.model.anytime import served_units
+    from simcc.model.blocks import Batch
+
+    def weight_reads(workload) -> float:
+        layout = build_layout(workload, system, "w")
+        work = forward_work(served_units(workload), workload, layout, Batch(1, 1, 16))
+        return sum(op.bytes for op in work.items if getattr(op, "family", "") in ("gemm", "grouped_gemm"))
+
+    # fp16 reads 2 bytes a weight; the difference is the active weights (12.9B) at 2 - bits/8 bytes.
+    active = 12.88e9 - 32000 * 4096  # the input embedding is a lookup, not a GEMM
+    saved = weight_reads(base) - weight_reads(quantized)
+    assert saved == pytest.approx(active * (2 - bits / 8), rel=0.01)
+
+
+def test_experts_stored_narrower_than_the_rest_shrink_memory_and_decode():
+    """2-bit experts beside 4-bit attention (as Eliseev & Mazur 2023 serve Mixtral): expert weights
+    are 45.1B of Mixtral's 46.7B, so memory drops by 45.1B x (4.5 - 2.625) / 8 bytes."""
+    four, _ = load_workload("mixtral_8x7b_serve_edge", SMALL + ["precision.weights=q4_0"])
+    mixed, _ = load_workload("mixtral_8x7b_serve_edge", SMALL + ["precision.weights=q4_0", "precision.expert_weights=q2_k"])
+    system = load_hardware("h200", ["memory_gb=200"])
+    costs = [serving_costs(w, system, build_layout(w, system, "w")) for w in (four, mixed)]
+    expert_params = 32 * 8 * 3 * 4096 * 14336
+    assert costs[0].memory.weights - costs[1].memory.weights == pytest.approx(expert_params * (4.5 - 2.625) / 8, rel=1e-3)
+    assert costs[1].decode.at(1) < costs[0].decode.at(1)
+    assert costs[1].expert_bytes / costs[0].expert_bytes == pytest.approx(2.625 / 4.5)
+
+
+def test_quantized_weights_are_refused_for_training(tmp_path):
+    with pytest.raises(InputError, match="precision.weights: quantized formats are for served weights"):
+        load_workload("mixtral_8x7b_train_64xh100", ["precision.weights=q4_k"])
+
+
+@pytest.mark.parametrize("stored", ["q9", 0.5, 40, True])
+def test_a_stored_weight_format_outside_the_table_names_the_valid_ones(stored):
+    with pytest.raises(InputError, match="expected a dtype or quantized format .*q4_k.* or bits per weight from 1 to 32"):
+        load_workload("mixtral_8x7b_serve_edge", [f"precision.weights={stored}"])

@@ -170,9 +170,10 @@ def test_each_vocabulary_is_one_table():
     from simcc.specs.hardware import PeakTflops
 
     dtypes = list(get_args(vocab.Dtype))
+    assert list(vocab.WEIGHT_FORMATS) == list(vocab.WEIGHT_FORMAT_BITS) and not set(dtypes) & set(vocab.WEIGHT_FORMATS)
     assert dtypes == list(vocab.DTYPES) == list(vocab.DTYPE_BYTES) == list(PeakTflops.model_fields)
     for literal, names in ((vocab.Collective, vocab.COLLECTIVES), (vocab.GatingPolicy, vocab.GATING_POLICIES),
-                           (vocab.CapacityFormula, vocab.CAPACITY_FORMULAS)):
+                           (vocab.CapacityFormula, vocab.CAPACITY_FORMULAS), (vocab.WeightFormat, vocab.WEIGHT_FORMATS)):
         assert list(get_args(literal)) == list(names) and all(names.values())
 
 

@@ -55,6 +55,7 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
 # Output tiles cuBLAS-class kernels use for large GEMMs; each tile runs on one SM, in waves of
 # sm_count tiles (NVIDIA, "Matrix Multiplication Background User's Guide": tile and wave quantization).
 LARGE_TILES = ((256, 128), (128, 256), (128, 128))
+SKINNY_BELOW, SKINNY_TILE_ROWS = 64, 16
 
 
 def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
@@ -67,8 +68,14 @@ def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
         return 1.0  # nothing to tile (an expert rank that received no tokens)
     best = 0.0
     for rows, cols in LARGE_TILES:
-        tiles = sum(math.ceil(m / rows) * math.ceil(n / cols) * copies for m, _, n, copies in blocks)
-        occupied = tiles * rows * cols
+        tiles = occupied = 0.0
+        for m, _, n, copies in blocks:
+            # A skinny GEMM (a decode step's few tokens) runs a tile of as few rows as the tensor-core
+            # instruction takes, 16 (PTX ISA: mma.sync.m16n8k16), not a 128-row tile of padding.
+            tile_rows = min(rows, SKINNY_TILE_ROWS * math.ceil(m / SKINNY_TILE_ROWS)) if m < SKINNY_BELOW else rows
+            count = math.ceil(m / tile_rows) * math.ceil(n / cols) * copies
+            tiles += count
+            occupied += count * tile_rows * cols
         slots = math.ceil(tiles / sms) * sms if tiles >= sms else tiles
         best = max(best, useful / occupied * tiles / slots)
     return best

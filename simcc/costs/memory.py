@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from simcc.layout import Layout
 from simcc.model.blocks import Params
 from simcc.model.ops import DTYPE_BYTES
+from simcc.specs.vocab import bytes_per_weight
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
 
@@ -83,7 +84,8 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
     prec = workload.precision
     zero = workload.parallelism.zero_stage
     dense, expert = layout.local_params(stage_params)
-    weights = (dense / (layout.dp if zero >= 3 else 1) + expert / (layout.expert_dp if zero >= 3 else 1)) * DTYPE_BYTES[prec.weights]
+    weights = (dense / (layout.dp if zero >= 3 else 1) * bytes_per_weight(prec.weights)
+               + expert / (layout.expert_dp if zero >= 3 else 1) * bytes_per_weight(prec.expert_weights or prec.weights))
     # Sparse embedding gradients are their touched rows, a transient buffer (embedding_work).
     dense_grads = dense - stage_params.sparse_grad / layout.tp
     grads = (dense_grads / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]

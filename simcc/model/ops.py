@@ -109,25 +109,40 @@ def backward_of(item: WorkItem) -> WorkItem:
     )
 
 
-def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True) -> Op:
-    """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once."""
+@dataclass(frozen=True)
+class StoredWeights:
+    """Weights kept narrower than the compute dtype (fp8, a quantized format): the GEMM streams
+    them at their stored size and dequantizes each one in the kernel."""
+
+    bytes: float  # per weight, scales included
+    dequant_flops: float = 0.0  # per weight
+
+
+def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True,
+         stored: StoredWeights | None = None) -> Op:
+    """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once; B (the weight)
+    at its stored size when `stored` says so."""
     b = DTYPE_BYTES[dtype]
-    return Op(name, "gemm", 2.0 * m * k * n, (m * k + k * n + m * n) * b, dtype,
+    weight_bytes, dequant = (stored.bytes, stored.dequant_flops) if stored else (b, 0.0)
+    return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, (m * k + m * n) * b + k * n * weight_bytes, dtype,
               saved_bytes=m * k * b if saved else 0.0, kernels=(((m, k, n, 1),),))
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
-                 active: float | None = None, mean_active: float | None = None) -> Op:
+                 active: float | None = None, mean_active: float | None = None,
+                 stored: StoredWeights | None = None) -> Op:
     """One GEMM per local expert with its own token count; only experts with tokens read weights.
     `active` / `mean_active`: the expected experts with tokens in one step, when the token counts
     are expectations over steps (each step reads the weights of the experts it picked, not of every
     expert some step picked); by default, the experts with a positive count."""
     b = DTYPE_BYTES[dtype]
+    weight_bytes, dequant = (stored.bytes, stored.dequant_flops) if stored else (b, 0.0)
 
     def totals(tokens: list[float], used: float | None) -> tuple[float, float, float]:
         used = sum(1 for t in tokens if t > 0) if used is None else used
-        rows = sum(tokens)
-        return sum(2.0 * t * k * n for t in tokens), rows * (k + n) * b + used * k * n * b, max(used, 1e-9)
+        rows, weights = sum(tokens), used * k * n
+        return (sum(2.0 * t * k * n for t in tokens) + weights * dequant, rows * (k + n) * b + weights * weight_bytes,
+                max(used, 1e-9))
 
     flops, moved, used = totals(busiest, active)
     mean_flops, mean_moved, _ = totals(mean, mean_active)

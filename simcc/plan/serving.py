@@ -22,6 +22,7 @@ from simcc.model.graph import Block, Unit, stage_units
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
+from simcc.specs.vocab import bytes_per_weight
 from simcc.specs.workload import AttentionBlock, MoEFFNBlock, ServeSpec, Workload
 from simcc.plan.training import Cost, ForwardWork, cost_item, footprint, forward_work
 
@@ -69,9 +70,9 @@ def _step_seconds(costs: list[Cost]) -> float:
     return sum(c.seconds for c in costs if c.stream == "compute") + sum(c.seconds for c in costs if c.stream == "comm")
 
 
-def _expert_bytes(spec: MoEFFNBlock, hidden: int, dtype: str) -> float:
+def _expert_bytes(spec: MoEFFNBlock, hidden: int, stored: str | float) -> float:
     width = spec.expert_hidden * (3 if spec.gated else 2)
-    return float(width * hidden * DTYPE_BYTES[dtype])
+    return float(width * hidden * bytes_per_weight(stored))
 
 
 def _kv_bytes(block: Block, hidden: int, workload: Workload, layout: Layout) -> float:
@@ -95,7 +96,8 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     memory = serving_memory(system, layout, stage.weight_bytes + stage.expert_bytes, stage.expert_bytes, kv_total,
                             stage.activation_peak)
     moe_layers = tuple(b.spec for u in units for b in u.blocks if isinstance(b.spec, MoEFFNBlock))
-    expert_bytes = (_expert_bytes(moe_layers[0], workload.model.hidden, workload.precision.weights) / layout.expert_tp
+    expert_format = workload.precision.expert_weights or workload.precision.weights
+    expert_bytes = (_expert_bytes(moe_layers[0], workload.model.hidden, expert_format) / layout.expert_tp
                     if moe_layers else 0.0)
     resident = sum(spec.experts // layout.ep for spec in moe_layers)
     if expert_bytes and memory.offloaded_weights > 0:  # experts that do not fit stay on the storage tier
@@ -159,7 +161,9 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
                     full_batch: list[ForwardWork]) -> _StageMemory:
     """The pipeline stage whose weights weigh most: its parameters as the training plan counts them
     (plan.training.footprint), its KV cache per token, and its activation peak."""
-    wbytes = DTYPE_BYTES[workload.precision.weights]
+    precision = workload.precision
+    wbytes = bytes_per_weight(precision.weights)
+    expert_wbytes = bytes_per_weight(precision.expert_weights or precision.weights)
     hidden = workload.model.hidden
     heaviest = _StageMemory(0.0, 0.0, 0.0, 0.0)
     for stage in range(layout.pp):
@@ -169,8 +173,8 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
         kv = sum(_kv_bytes(b, hidden, workload, layout) for i in indices for u in chunks[i] for b in u.blocks)
         peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),
                    default=0.0)
-        if dense * wbytes + expert * wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
-            heaviest = _StageMemory(dense * wbytes, expert * wbytes, kv, peak)
+        if dense * wbytes + expert * expert_wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
+            heaviest = _StageMemory(dense * wbytes, expert * expert_wbytes, kv, peak)
     return heaviest
 
 

@@ -14,10 +14,11 @@ from simcc.layout import Layout
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
-from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, backward_of
+from simcc.model.ops import DTYPE_BYTES, Comm, Op, StoredWeights, WorkItem, backward_of
 from simcc.model.optimizer import optimizer_step
 from simcc.routing.load import LOAD_DRAWS
 from simcc.specs.hardware import System
+from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, bytes_per_weight, is_quantized
 from simcc.specs.workload import Workload
 
 
@@ -95,7 +96,17 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
                  comm_dtype=prec.communication, seed=seed, sample_seed=workload.seed, load_draws=draws,
                  microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients,
-                 ep_nodes=layout.groups["ep"].nodes)
+                 ep_nodes=layout.groups["ep"].nodes, weights=stored_weights(prec.weights, prec.compute),
+                 expert_weights=stored_weights(prec.expert_weights or prec.weights, prec.compute))
+
+
+def stored_weights(stored: str | float, compute: str) -> StoredWeights | None:
+    """How a GEMM reads weights stored as `stored`: narrower than the compute dtype, at their stored
+    size and dequantized in the kernel (a quantized format also applies its block scales); at the
+    compute dtype's size otherwise (training keeps a compute-precision copy of fp32 masters)."""
+    if bytes_per_weight(stored) >= DTYPE_BYTES[compute]:
+        return None
+    return StoredWeights(bytes_per_weight(stored), DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:

@@ -11,13 +11,14 @@ from simcc.errors import InputError
 from simcc.specs.blocks import BLOCK_SPECS, help_line
 from simcc.specs.loader import (PROFILE_FOLDERS, SWEEP_FOLDER, read_yaml, shipped_hardware_dir, shipped_workload_dir,
                                  shipped_workload_files)
-from simcc.specs.vocab import CAPACITY_FORMULAS, COLLECTIVES, DTYPES, GATING_POLICIES
+from simcc.specs.vocab import CAPACITY_FORMULAS, COLLECTIVES, DTYPES, GATING_POLICIES, WEIGHT_FORMATS
 
 # The vocabularies a workload or profile names things from: (kind, group, name -> help).
 VOCABULARIES = (
     ("gating", "policy", GATING_POLICIES),
     ("routing", "capacity", CAPACITY_FORMULAS),
     ("dtype", "precision", DTYPES),
+    ("weights", "precision", WEIGHT_FORMATS),
     ("comm", "collective", COLLECTIVES),
 )
 

@@ -28,6 +28,47 @@ Dtype = literal_of(DTYPES)
 # Storage bytes per element, keyed by Dtype.
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
+# Quantized storage formats for served weights: bits per weight including each block's scales and
+# minimums, from the block layouts of ggml's quantization types (ggml-common.h in
+# github.com/ggml-org/llama.cpp: block_q8_0 is 32 int8 and an fp16 scale, 34 bytes per 32 weights;
+# the k-quants of llama.cpp PR #1684 pack 256 weights per super-block: block_q4_K is two fp16
+# scales, 12 bytes of 6-bit sub-block scales and mins and 128 bytes of nibbles, 144 bytes per 256).
+# `int4` is a GPTQ/AWQ-style 4-bit weight with an fp16 scale per group of 128 (Frantar et al. 2022,
+# arXiv 2210.17323; Lin et al. 2023, arXiv 2306.00978). Dequantized to the compute dtype in the
+# GEMM kernel; a figure of bits per weight (e.g. a GGUF file's size x 8 / parameters) is accepted too.
+WEIGHT_FORMATS = {
+    "int4": "4-bit integers, an fp16 scale per 128 weights (GPTQ/AWQ group size 128): 4.125 bits",
+    "q8_0": "GGUF Q8_0: 32 int8 and an fp16 scale per block: 8.5 bits",
+    "q4_0": "GGUF Q4_0: 32 4-bit weights and an fp16 scale per block: 4.5 bits",
+    "q4_1": "GGUF Q4_1: Q4_0 plus an fp16 minimum per block: 5 bits",
+    "q5_0": "GGUF Q5_0: 32 5-bit weights and an fp16 scale per block: 5.5 bits",
+    "q2_k": "GGUF Q2_K: 256-weight super-blocks of 2-bit weights, 4-bit scales and mins: 2.625 bits",
+    "q3_k": "GGUF Q3_K: 256-weight super-blocks of 3-bit weights, 6-bit scales: 3.4375 bits",
+    "q4_k": "GGUF Q4_K: 256-weight super-blocks of 4-bit weights, 6-bit scales and mins: 4.5 bits",
+    "q5_k": "GGUF Q5_K: 256-weight super-blocks of 5-bit weights, 6-bit scales and mins: 5.5 bits",
+    "q6_k": "GGUF Q6_K: 256-weight super-blocks of 6-bit weights, 8-bit scales: 6.5625 bits",
+}
+WeightFormat = literal_of(WEIGHT_FORMATS)
+WEIGHT_FORMAT_BITS: dict[str, float] = {"int4": 4.125, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5,
+                                        "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
+# Per weight, dequantizing in the kernel: scale (and minimum) applied, one multiply and one add.
+DEQUANT_FLOPS_PER_WEIGHT = 2.0
+
+
+def bytes_per_weight(stored: "str | float") -> float:
+    """Bytes one stored weight takes: a dtype's, a quantized format's (scales included), or a
+    user's bits per weight."""
+    if isinstance(stored, (int, float)):
+        return float(stored) / 8.0
+    if stored in WEIGHT_FORMAT_BITS:
+        return WEIGHT_FORMAT_BITS[stored] / 8.0
+    return float(DTYPE_BYTES[stored])
+
+
+def is_quantized(stored: "str | float") -> bool:
+    """Stored narrower than any compute dtype, dequantized in the kernel."""
+    return not isinstance(stored, str) or stored in WEIGHT_FORMAT_BITS
+
 # Bus-bandwidth factors follow nccl-tests' PERFORMANCE.md.
 COLLECTIVES = {
     "all_reduce": "every rank ends with the sum of all buffers (bus bandwidth = algbw x 2(n-1)/n)",

@@ -7,9 +7,9 @@ keeps a 94-layer model to a few lines.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import Field, create_model, model_validator
+from pydantic import BeforeValidator, Field, create_model, model_validator
 
 from simcc.specs.base import (
     MAX_BATCH,
@@ -42,7 +42,9 @@ from simcc.specs.blocks import (  # noqa: F401 (re-exported: the block specs are
     RoutingSpec,
     ThresholdTreeBlock,
 )
-from simcc.specs.vocab import GATING_POLICIES, Dtype  # noqa: F401 (re-exported)
+from simcc.specs.vocab import DTYPES, GATING_POLICIES, WEIGHT_FORMATS, Dtype, is_quantized  # noqa: F401 (re-exported)
+
+STORED_WEIGHT_NAMES = (*DTYPES, *WEIGHT_FORMATS)
 
 ItemT = TypeVar("ItemT", bound="_BlockItemBase")
 
@@ -169,8 +171,25 @@ class Parallelism(StrictModel):
         return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
 
 
+def _stored_weights(value: Any) -> Any:
+    """A dtype, a quantized format, or bits per weight from 1 to 32; one message for all three."""
+    if isinstance(value, str) and value in STORED_WEIGHT_NAMES:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 1 <= value <= 32:
+        return float(value)
+    raise ValueError(f"expected a dtype or quantized format ({', '.join(STORED_WEIGHT_NAMES)}) or bits per weight "
+                     f"from 1 to 32, got {value!r}")
+
+
+StoredWeights = Annotated[Any, BeforeValidator(_stored_weights)]
+
+
 class Precision(StrictModel):
-    weights: Dtype = "bf16"
+    # Stored weights: a dtype, a quantized format (served weights), or bits per weight.
+    weights: StoredWeights = "bf16"
+    # Routed experts stored differently from the rest (e.g. 2-bit experts, 4-bit attention, as
+    # Eliseev & Mazur 2023 serve Mixtral); unset: as `weights`.
+    expert_weights: StoredWeights | None = None
     compute: Dtype = "bf16"
     gradients: Dtype = "bf16"
     communication: Dtype = "bf16"
@@ -307,6 +326,10 @@ class Workload(StrictModel):
             raise ValueError("give either schedule or schedules (named), not both")
         if (self.schedule or self.schedules) and self.mode != "train":
             raise ValueError("a dense/sparse schedule belongs to a training workload (mode: train)")
+        stored = [self.precision.weights, self.precision.expert_weights]
+        if self.mode == "train" and any(w is not None and is_quantized(w) for w in stored):
+            raise ValueError("precision.weights: quantized formats are for served weights (mode: serve); "
+                             "expected a dtype (fp32, bf16, fp16, fp8) for training")
         return self
 
     @property

@@ -81,7 +81,7 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
         ]
         fwd += core
         result.selective_recompute = list(core)
-    fwd.append(gemm("attn.out", T, local_heads * head_dim, hidden, dt))
+    fwd.append(gemm("attn.out", T, local_heads * head_dim, hidden, dt, stored=shard.weights))
     fwd += tp_exit("attn.tp_reduce", T, hidden, shard)
     fwd.append(residual("attn.residual", T, hidden, shard))
     return result

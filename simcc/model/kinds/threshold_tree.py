@@ -32,8 +32,12 @@ def work(spec: ThresholdTreeBlock, hidden: int, batch: Batch, shard: Shard) -> B
     for level, active in enumerate(profile.active_per_level):
         blocks = spec.branching**level
         tokens = [T * active / blocks] * blocks
+        # A block of the level fires for an input with probability active / blocks; a batch reads
+        # the weights of the union of its inputs' fired blocks, not of every block.
+        fired = blocks * (1.0 - (1.0 - min(active / blocks, 1.0)) ** T)
         for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
-            result.forward.append(grouped_gemm(f"tree.level{level}.fc{i}", tokens, tokens, a, b, dt))
+            result.forward.append(grouped_gemm(f"tree.level{level}.fc{i}", tokens, tokens, a, b, dt, active=fired,
+                                               mean_active=fired, stored=shard.weights))
             result.forward.append(elementwise(f"tree.level{level}.act{i}", T * active * b, 1, 1, dt,
                                               saved_elements=T * active * b))
     # the router of each fired block: softmax over its children
