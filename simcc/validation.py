@@ -13,12 +13,16 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, model_validator
 
 from simcc.errors import InputError
+from simcc.costs.memory import GB, MemoryBreakdown
 from simcc.results import Estimate, Record
 from simcc.specs.base import StrictModel
 from simcc.specs.vocab import Collective
 
-SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml"}
+SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving": "serving_suite.yaml"}
 RATIO_METRICS = ("throughput_ratio", "activation_memory_ratio")
+# Serving cases: tokens/s of the workload's serve.batch requests generating together (decode, as
+# llama-bench's tg and llama-batched-bench's S_TG count them), or of their prompts (prefill: pp).
+SERVING_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s")
 
 
 class Case(StrictModel):
@@ -27,7 +31,7 @@ class Case(StrictModel):
     # throughput_ratio: tokens/s of `set` over `reference_set`; activation_memory_ratio: activation
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
     metric: Literal["step_s", "tflops_per_device", "throughput_ratio", "activation_memory_ratio", "busbw_gb_s",
-                    "latency_us"]
+                    "latency_us", "decode_tokens_per_s", "prefill_tokens_per_s"]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases
@@ -125,11 +129,42 @@ def _tokens_per_s(result: Estimate) -> float:
     return result.tokens_per_s
 
 
+def _serving(case: Case) -> tuple[float, str, MemoryBreakdown]:
+    """Tokens/s of one serving step at the workload's batch, from the step tables the serving
+    simulator schedules (no queueing: a benchmark runs its batch alone), with the expert cache's
+    loads; the dominant part is what the step streams or computes."""
+    from simcc.layout import build_layout
+    from simcc.plan.serving import serving_costs
+    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+
+    assert case.workload is not None
+    workload_sets, hardware_sets = split_overrides(case.set)
+    workload, source = load_workload(case.workload, workload_sets)
+    if workload.serve is None:
+        raise InputError(source, "mode", f"a {case.metric} case needs a serving workload (mode: serve)")
+    system = load_hardware(case.hardware, hardware_sets)
+    costs = serving_costs(workload, system, build_layout(workload, system, source))
+    batch, serve = workload.serve.batch, workload.serve
+    assert costs.cache is not None
+    if case.metric == "decode_tokens_per_s":
+        loads = costs.cache.decode_load_seconds[costs.decode.batch_sizes.index(batch)]
+        seconds, tokens = costs.decode.at(batch) + loads, batch
+    else:
+        loads = costs.cache.prefill_load_seconds * batch
+        seconds, tokens = costs.prefill.at(batch) + loads, batch * serve.prompt_tokens
+    dominant = f"expert loads {loads / seconds:.0%}" if loads > 0.5 * seconds else f"weights {costs.memory.weights / 1e9:.1f} GB"
+    return tokens / seconds, dominant, costs.memory
+
+
 def run_case(case: Case, steps: int = 1) -> CaseResult:
     """Predicted value, signed error and the dominant part for one case."""
     memory, memory_gb = "", None  # a run that was measured fitted: the memory model should agree
     if case.metric in ("busbw_gb_s", "latency_us"):
         predicted, dominant = _collective(case)
+    elif case.metric in SERVING_METRICS:
+        predicted, dominant, served = _serving(case)
+        memory_gb = served.total / GB
+        memory = f"{memory_gb:.1f}/{served.capacity / GB:.0f} GB" + ("" if served.fits else " OVER")
     else:
         assert case.workload is not None
         result = _estimate(case.workload, case.hardware, case.set, steps)

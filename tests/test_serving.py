@@ -221,3 +221,34 @@ def test_quantized_weights_are_refused_for_training(tmp_path):
 def test_a_stored_weight_format_outside_the_table_names_the_valid_ones(stored):
     with pytest.raises(InputError, match="expected a dtype or quantized format .*q4_k.* or bits per weight from 1 to 32"):
         load_workload("mixtral_8x7b_serve_edge", [f"precision.weights={stored}"])
+
+
+def test_an_engines_step_overhead_is_paid_once_per_serving_step():
+    """`efficiency.serving_step_us` adds its time to every prefill and decode step, whatever the batch."""
+    _, plain = _costs(["serve.batch=4"], "h200", ["memory_gb=200"])
+    _, engine = _costs(["serve.batch=4"], "h200", ["memory_gb=200", "efficiency.serving_step_us=4200"])
+    for table in ("decode", "prefill"):
+        before, after = getattr(plain, table), getattr(engine, table)
+        assert [b - a for a, b in zip(before.seconds, after.seconds)] == pytest.approx([4.2e-3] * len(before.seconds))
+
+
+def test_a_threshold_tree_reads_only_the_blocks_that_fire():
+    """Gallicchio & Nuti 2025: a higher threshold fires fewer blocks, so serving gets faster; at
+    batch 1 a level reads the weights of its fired blocks only (hand-derived from the firing profile)."""
+    from simcc.model.blocks import Batch, Shard
+    from simcc.model.kinds.threshold_tree import work
+
+    latencies = []
+    for threshold in (0.001, 0.1, 0.5, 0.99):
+        workload, src = load_workload("ray_tracing_mlp_serve_rpi5", [f"model.blocks.1.threshold_tree.threshold={threshold}"])
+        system = load_hardware("raspberry_pi_5")
+        costs = serving_costs(workload, system, build_layout(workload, system, src))
+        latencies.append(costs.prefill.at(1))
+        spec = workload.model.blocks[1].threshold_tree
+        forward = work(spec, 256, Batch(1, 1, 1), Shard())
+        for level in range(spec.levels):
+            op = next(o for o in forward.forward if o.name == f"tree.level{level}.fc0")
+            fired = op.flops / (2 * 256 * 1024)  # one input: the blocks that fired at this level
+            assert 0 < fired <= 2**level
+            assert op.bytes == pytest.approx((fired * 256 * 1024 + fired * (256 + 1024)) * 2)  # their weights only (bf16)
+    assert latencies == sorted(latencies, reverse=True) and latencies[0] > 5 * latencies[-1]

@@ -145,7 +145,7 @@ def _step_tables(workload: Workload, system: System, layout: Layout, chunks: lis
             # each stage hands its output activations to the next
             hop = cost_item(Comm("pp.send", "p2p", batch.tokens * act_bytes, "pp"), system, layout)
             costs.append(Cost(hop.name, "comm", hop.seconds * (layout.pp - 1), link=hop.link))
-            rows.append(_step_seconds(costs))
+            rows.append(_step_seconds(costs) + system.device.efficiency.serving_step_us * 1e-6)
     return _StepTables(StepTable(grid, tuple(prefill_rows)), StepTable(grid, tuple(decode_rows)), moe_stats, full_batch)
 
 

@@ -53,6 +53,9 @@ class Efficiency(StrictModel):
     attention: Fraction = 0.50
     memory: Fraction = 0.80
     kernel_launch_us: NonNegativeFloat = 5.0
+    # Host work an inference engine does once per serving step (building and encoding the step's
+    # graph, sampling), beyond each kernel's launch; measured for an engine, 0 where unknown.
+    serving_step_us: NonNegativeFloat = 0.0
     curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm", "moefication", "gemm_backward",
                          "grouped_gemm_backward"], EfficiencyCurve] = {}
     # Fraction of memory bandwidth against bytes moved, per memory-bound family.
