@@ -14,6 +14,7 @@ from simcc.specs.hardware import Device, EfficiencyCurve
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
 VECTOR_DTYPE = "fp32"
+GROUPED_FAMILIES = ("grouped_gemm", "grouped_gemm_backward")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,11 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     curve = measured_curve(device, family)
     if curve is not None:
         return on_curve(curve, intensity if curve.axis == "intensity" else max(kernel_flops, 1.0))
-    return eff.attention if family == "attention" else eff.matmul
+    if family == "attention":
+        return eff.attention
+    if family in GROUPED_FAMILIES and eff.grouped_matmul is not None:
+        return eff.grouped_matmul
+    return eff.matmul
 
 
 # Output tiles cuBLAS-class kernels use for large GEMMs; each tile runs on one SM, in waves of
@@ -81,6 +86,17 @@ def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
     return best
 
 
+def inner_loop_share(device: Device, op: Op) -> float:
+    """Share of the best shape left after each output tile's K-loop pipeline fill and drain,
+    K / (K + overhead), FLOP-weighted over the op's GEMM blocks (time adds, so harmonic)."""
+    overhead = device.efficiency.gemm_k_overhead
+    blocks = [block for kernel in op.kernels for block in kernel]
+    flops = sum(m * k * n * copies for m, k, n, copies in blocks)
+    if overhead <= 0 or flops <= 0:
+        return 1.0
+    return flops / sum(m * k * n * copies * (k + overhead) / k for m, k, n, copies in blocks)
+
+
 def quantization(device: Device, op: Op) -> float:
     """Achieved share of the best-shape efficiency for this op's GEMM kernels (equal FLOPs each, so
     the time-weighted mean is harmonic); 1 when the device or the shape is not known."""
@@ -105,7 +121,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
         intensity = flops / moved if moved > 0 else math.inf
         fraction = efficiency(device, op.family, kernel, intensity)
         if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
-            fraction *= quantization(device, op)
+            fraction *= quantization(device, op) * inner_loop_share(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)
     else:
         compute = flops / peak_flops(device, VECTOR_DTYPE)

@@ -53,6 +53,12 @@ class Efficiency(StrictModel):
     attention: Fraction = 0.50
     memory: Fraction = 0.80
     kernel_launch_us: NonNegativeFloat = 5.0
+    # Best-shape fraction of a grouped GEMM (one kernel over many experts' ragged row blocks);
+    # unset: `matmul`. Its per-expert scheduling keeps it below a dense GEMM's best shape.
+    grouped_matmul: Fraction | None = None
+    # Each output tile's K loop fills and drains a software pipeline: a GEMM with inner dimension K
+    # runs at K / (K + gemm_k_overhead) of its best shape (0: not modelled for this device).
+    gemm_k_overhead: NonNegativeFloat = 0.0
     # Host work an inference engine does once per serving step (building and encoding the step's
     # graph, sampling), beyond each kernel's launch; measured for an engine, 0 where unknown.
     serving_step_us: NonNegativeFloat = 0.0
