@@ -224,3 +224,28 @@ def test_hierarchical_moe_sends_a_token_once_per_picked_group(groups, ranks_hold
     traffic = estimate(workload, load_hardware("k40_x16"), src).moe.all_to_all_mb_per_layer
     copies = 2 if ranks_hold_whole_groups else 4
     assert traffic == pytest.approx(20480 * copies * 512 * 4 / 1e6, rel=1e-6)
+
+
+def _share_cv(spec: MoEFFNBlock) -> float:
+    share = route(spec, 8, seed=3).share
+    return float(share.std() / share.mean())
+
+
+@pytest.mark.parametrize("load", [{"distribution": "zipf", "alpha": 1.0}, {"distribution": "cv", "cv": 1.0}])
+def test_gate_noise_spreads_a_skewed_router_as_shazeer_et_al_say(load):
+    """Noisy top-k (Shazeer et al. 2017, eq. 4, gates initialised at zero) adds the same noise
+    scale to every expert, so it moves tokens off popular experts: the share is more even than
+    plain top-k's, and more so as the noise grows."""
+    plain = _share_cv(moe(load=load))
+    noisy = [_share_cv(moe(load=load, gating={"policy": "noisy_topk", "noise_std": std})) for std in (1.0, 4.0)]
+    assert noisy[1] < noisy[0] < plain
+
+
+def test_gate_noise_does_not_unbalance_a_flat_router():
+    """With flat popularity the noise must not favour some experts: noisy top-k's share varies only
+    by the sample's own multinomial noise, CV about sqrt(E / (T k)) (before, a random noise
+    projection made it five times plain top-k's)."""
+    flat, tokens = {"distribution": "cv", "cv": 0.0}, 65536
+    sampling = math.sqrt(64 / (tokens * 2))
+    for gating in ({"sample_tokens": tokens}, {"sample_tokens": tokens, "policy": "noisy_topk"}):
+        assert _share_cv(moe(load=flat, gating=gating)) < 1.5 * sampling

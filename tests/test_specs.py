@@ -181,3 +181,22 @@ def test_a_name_outside_a_vocabulary_lists_the_valid_ones(tmp_path):
     path = write(tmp_path, "w.yaml", WORKLOAD + "precision: {compute: bf17}\n")
     err = _error(load_workload, str(path))
     assert err.field == "precision.compute" and "'bf16'" in err.message and "'bf17'" in err.message
+
+
+def test_a_set_on_an_aliased_block_changes_that_block_only(tmp_path):
+    """Blocks that share a YAML anchor are independent copies once read: a change to one (as
+    `--set` makes) leaves the others that came from the same alias alone."""
+    from simcc.specs.loader import read_yaml
+
+    path = write(tmp_path, "w.yaml", "shared: &moe {experts: 8, routing: {capacity_factor: 1.0}}\n"
+                                     "blocks: [{moe_ffn: *moe}, {moe_ffn: *moe}]\n")
+    loaded = read_yaml(path)
+    loaded["blocks"][1]["moe_ffn"]["routing"]["capacity_factor"] = 0.5
+    assert [b["moe_ffn"]["routing"]["capacity_factor"] for b in loaded["blocks"]] == [1.0, 0.5]
+    assert loaded["shared"]["routing"]["capacity_factor"] == 1.0
+
+
+def test_switch_decoder_capacity_override_leaves_the_encoder_alone():
+    workload, _ = load_workload("switch_base_128_train", ["model.blocks.2.blocks.5.moe_ffn.routing.capacity_factor=0.5"])
+    encoder, decoder = workload.model.blocks[1].blocks[3], workload.model.blocks[2].blocks[5]
+    assert (encoder.moe_ffn.routing.capacity_factor, decoder.moe_ffn.routing.capacity_factor) == (1.0, 0.5)

@@ -21,7 +21,6 @@ from simcc.errors import InputError
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.blocks import MoEFFNBlock
 
-FEATURE_DIM = 16  # width of the synthetic token features behind noisy top-k's noise scale
 
 # The policies and what each parameter does: specs/vocab.py GATING_POLICIES (`simcc list`).
 
@@ -75,17 +74,12 @@ def _logits(popular: np.ndarray, tokens: int, temperature: float, rng: np.random
     return np.log(popular) + temperature * rng.gumbel(size=(tokens, popular.size))
 
 
-def _softplus_noise_scale(tokens: int, experts: int, rng: np.random.Generator) -> np.ndarray:
-    """softplus(x Wnoise) for random token features x and a random noise projection."""
-    features = rng.standard_normal((tokens, FEATURE_DIM))
-    projection = rng.standard_normal((FEATURE_DIM, experts)) / math.sqrt(FEATURE_DIM)
-    return np.log1p(np.exp(features @ projection))
-
-
 def _add_gate_noise(logits: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-    """Shazeer 2017: H(x) = x Wg + N(0,1) * softplus(x Wnoise)."""
-    tokens, width = logits.shape
-    return logits + noise_std * rng.standard_normal(logits.shape) * _softplus_noise_scale(tokens, width, rng)
+    """Shazeer et al. 2017, eq. 4: H(x) = x Wg + N(0,1) * softplus(x Wnoise). Both gates start at
+    zero (appendix A, to start with roughly equal expert loads: "we initialize the matrices Wg and
+    Wnoise to all zeros, which yields no signal and some noise"), so every expert's noise scale is softplus(0) = ln 2: the noise spreads tokens, it does
+    not favour the experts a random projection would."""
+    return logits + noise_std * math.log(2.0) * rng.standard_normal(logits.shape)
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:

@@ -3,7 +3,6 @@ validation failure into one line that names the file, the field and what was exp
 
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
 import os
@@ -39,7 +38,18 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """The file's mapping, parsed once per content (a sweep reads the same profiles for every
     configuration); callers get their own copy to change."""
     source = str(path)
-    return copy.deepcopy(_parse_yaml(source, read_user_text(path, MAX_SPEC_BYTES, "a spec file")))
+    return _unshared(_parse_yaml(source, read_user_text(path, MAX_SPEC_BYTES, "a spec file")))
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which every YAML alias is its own object: `--set` on one block must not change
+    the blocks that share its anchor (copy.deepcopy keeps aliases shared). Bounded: parsing already
+    refused more than MAX_VALUES values after alias expansion and more than MAX_NESTING levels."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return value
 
 
 MAX_SPEC_BYTES = 16 << 20  # a workload or profile is a few kB; this bounds parsing time and memory
