@@ -38,18 +38,22 @@ def read_yaml(path: Path) -> dict[str, Any]:
     """The file's mapping, parsed once per content (a sweep reads the same profiles for every
     configuration); callers get their own copy to change."""
     source = str(path)
-    return _unshared(_parse_yaml(source, read_user_text(path, MAX_SPEC_BYTES, "a spec file")))
+    return _unshared(_parse_yaml(source, read_user_text(path, MAX_SPEC_BYTES, "a spec file")), source, frozenset())
 
 
-def _unshared(value: Any) -> Any:
+def _unshared(value: Any, source: str, ancestors: frozenset[int]) -> Any:
     """A copy in which every YAML alias is its own object: `--set` on one block must not change
     the blocks that share its anchor (copy.deepcopy keeps aliases shared). Bounded: parsing already
-    refused more than MAX_VALUES values after alias expansion and more than MAX_NESTING levels."""
+    refused more than MAX_VALUES values after alias expansion and more than MAX_NESTING levels; an
+    alias inside its own anchor (a cycle) is refused here."""
+    if not isinstance(value, (dict, list)):
+        return value
+    if id(value) in ancestors:
+        raise InputError(source, "YAML", "an alias refers to the mapping or list that contains it; expected a tree")
+    inner = ancestors | {id(value)}
     if isinstance(value, dict):
-        return {key: _unshared(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_unshared(item) for item in value]
-    return value
+        return {key: _unshared(item, source, inner) for key, item in value.items()}
+    return [_unshared(item, source, inner) for item in value]
 
 
 MAX_SPEC_BYTES = 16 << 20  # a workload or profile is a few kB; this bounds parsing time and memory
