@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from simcc.errors import InputError
 from simcc.specs.base import MAX_PIPELINE_TASKS
 from simcc.model.blocks import Params
-from simcc.model.graph import units_of
+from simcc.model.graph import Unit, stage_units, units_of
 from simcc.specs.hardware import System
 from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MoEFFNBlock
 from simcc.specs.workload import Workload
@@ -70,7 +70,7 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
     par = workload.parallelism
     dp = _check_device_split(workload, system, source)
     units = units_of(workload.model)
-    _check_model_split(workload, [block.spec for unit in units for block in unit.blocks], len(units), source)
+    _check_model_split(workload, units, source)
     microbatches = _microbatches(workload, dp, source)
     etp = par.effective_expert_tp
     dpn = system.devices_per_node
@@ -100,15 +100,28 @@ def _check_device_split(workload: Workload, system: System, source: str) -> int:
     return dp
 
 
-def _check_model_split(workload: Workload, specs: list[BlockSpec], units: int, source: str) -> None:
-    """Every degree must cut the model's layers, heads and widths evenly."""
+def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -> None:
+    """Every degree must cut the model's heads and widths evenly, and the pipeline its layers."""
+    specs = [block.spec for unit in unit_list for block in unit.blocks]
+    units = len(unit_list)
     par = workload.parallelism
     tp, pp, vpp, ep, etp = par.tp, par.pp, par.vpp, par.ep, par.effective_expert_tp
 
     def fail(field: str, message: str) -> InputError:
         return InputError(source, field, message)
 
-    if units < pp * vpp:
+    layout = par.pipeline_layout
+    if layout is not None:
+        if len(layout) != pp * vpp:
+            raise fail("parallelism.pipeline_layout", f"expected pp x vpp = {pp * vpp} entries (layers per model chunk), "
+                       f"got {len(layout)}")
+        if sum(layout) != units:
+            raise fail("parallelism.pipeline_layout", f"the entries add up to {sum(layout)} layers; the model has {units}")
+        empty = [i for i, chunk in enumerate(stage_units(unit_list, pp * vpp, layout)) if not chunk]
+        if empty:
+            raise fail("parallelism.pipeline_layout", f"chunk {empty[0]} would hold nothing: only the first chunk "
+                       "(with the embedding) and the last (with the LM head) may have 0 layers")
+    elif units < pp * vpp:
         raise fail("parallelism.pp", f"pp x vpp = {pp * vpp} exceeds the model's {units} pipeline units (layers)")
     for spec in specs:
         if isinstance(spec, AttentionBlock):

@@ -72,6 +72,53 @@ def test_pipeline_split_is_even_with_embedding_and_head_attached(root):
     assert [len(c) for c in stage_units(units, 5)] == [7, 7, 6, 6, 6]
 
 
+def test_a_pipeline_layout_gives_each_chunk_its_layers_and_the_embedding_and_head_their_slots(root):
+    """Megatron-style layout: 32 layers as [0, 11, 11, 10]: the first chunk holds only the
+    embedding, the last its 10 layers and the LM head; blocks are neither lost nor repeated."""
+    workload, _ = load_workload(str(root / "workloads/mixtral_8x7b_train_64xh100.yaml"))
+    units = units_of(workload.model)
+    chunks = stage_units(units, 4, [0, 11, 11, 10])
+    assert [[b.kind for u in c for b in u.blocks].count("attention") for c in chunks] == [0, 11, 11, 10]
+    assert [b.kind for u in chunks[0] for b in u.blocks] == ["embedding"]
+    assert [b.kind for u in chunks[-1] for b in u.blocks][-1] == "lm_head"
+    flat = [b.index for c in chunks for u in c for b in u.blocks]
+    assert flat == [b.index for u in units for b in u.blocks]
+    # a layout with a layer in every chunk keeps the embedding and head with the first and last layers
+    assert [b.kind for u in stage_units(units, 2, [16, 16])[0] for b in u.blocks][:2] == ["embedding", "attention"]
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("[8,8,8]", "expected pp x vpp = 4 entries"),
+    ("[8,8,8,9]", "add up to 33 layers; the model has 32"),
+    ("[16,0,0,16]", "chunk 1 would hold nothing"),
+])
+def test_a_pipeline_layout_that_does_not_fit_the_model_is_one_line(layout, message):
+    from simcc.errors import InputError
+    from simcc.layout import build_layout
+    from simcc.specs.loader import load_hardware
+
+    workload, src = load_workload("mixtral_8x7b_train_64xh100", ["parallelism.pp=4", "parallelism.vpp=1", "parallelism.schedule=1f1b",
+                                                                  f"parallelism.pipeline_layout={layout}"])
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        build_layout(workload, load_hardware("dgx_h100_x8"), src)
+
+
+def test_an_uneven_layout_moves_the_step_and_memory_to_the_heavier_stage():
+    """Qwen3-235B's 94 layers on 4 stages: [23, 24, 24, 23] is the even split; [0, 31, 32, 31]
+    leaves the first rank the embedding alone, so the busiest stage runs 32 layers instead of 24
+    and holds about 32/24 of the layers' weights (hand-derived proportions)."""
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_hardware
+
+    results = {}
+    for layout in ("[23,24,24,23]", "[0,31,32,31]"):
+        workload, src = load_workload("qwen3_235b_a22b_train_256xh100", ["parallelism.pp=4", f"parallelism.pipeline_layout={layout}"])
+        results[layout] = estimate(workload, load_hardware("dgx_h100_x128", ["nodes=32"]), src)
+    even, skewed = results["[23,24,24,23]"], results["[0,31,32,31]"]
+    assert skewed.memory.weights_gb / even.memory.weights_gb == pytest.approx(32 / 24, rel=0.03)
+    assert skewed.step.step_s > even.step.step_s * 1.15
+
+
 def test_bitpattern_tree_stores_2_to_the_k_plus_1_minus_1_matrices():
     from simcc.specs.workload import BitPatternBlock
 

@@ -77,9 +77,13 @@ def units_of(model: ModelSpec) -> list[Unit]:
     return [Unit(tuple(u)) for u in body]
 
 
-def stage_units(units: list[Unit], chunks: int) -> list[list[Unit]]:
-    """Split units into `chunks` contiguous pipeline chunks as evenly as possible (earlier chunks
-    take the remainder)."""
+def stage_units(units: list[Unit], chunks: int, layout: list[int] | None = None) -> list[list[Unit]]:
+    """Split units into `chunks` contiguous pipeline chunks: `layout[i]` units each when given (the
+    embedding and LM head, attached to the first and last unit, become units of their own there,
+    so that a first or last chunk of 0 layers holds them), else as evenly as possible (earlier
+    chunks take the remainder)."""
+    if layout is not None:
+        return _laid_out(units, layout)
     base, extra = divmod(len(units), chunks)
     result, start = [], 0
     for c in range(chunks):
@@ -87,6 +91,33 @@ def stage_units(units: list[Unit], chunks: int) -> list[list[Unit]]:
         result.append(units[start : start + size])
         start += size
     return result
+
+
+def _laid_out(units: list[Unit], layout: list[int]) -> list[list[Unit]]:
+    body = [list(unit.blocks) for unit in units]
+    lead = _attached_prefix(body[0])
+    leading, body[0] = body[0][:lead], body[0][lead:]
+    trail = _attached_prefix(body[-1][::-1])
+    keep = len(body[-1]) - trail
+    trailing, body[-1] = body[-1][keep:], body[-1][:keep]
+    result: list[list[Unit]] = []
+    start = 0
+    for size in layout:
+        result.append([Unit(tuple(blocks)) for blocks in body[start : start + size]])
+        start += size
+    if leading:
+        result[0].insert(0, Unit(tuple(leading)))
+    if trailing:
+        result[-1].append(Unit(tuple(trailing)))
+    return result
+
+
+def _attached_prefix(blocks: list[Block]) -> int:
+    """How many blocks at the start are attached ones (embedding, LM head), leaving at least one."""
+    count = 0
+    while count < len(blocks) - 1 and costing_of(blocks[count].spec).attached:
+        count += 1
+    return count
 
 
 def block_params(block: Block, hidden: int) -> B.Params:

@@ -89,7 +89,7 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     assert workload.serve is not None
     serve = workload.serve
     units = served_units(workload)
-    chunks = stage_units(units, layout.pp * layout.vpp)
+    chunks = stage_units(units, layout.pp * layout.vpp, workload.parallelism.pipeline_layout)
     tables = _step_tables(workload, system, layout, chunks)
     stage = _heaviest_stage(workload, layout, chunks, tables.full_batch)
     kv_total = stage.kv_bytes_per_token * serve.batch * (serve.prompt_tokens + serve.output_tokens)

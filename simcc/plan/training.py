@@ -291,7 +291,7 @@ def chunk_works(workload: Workload, layout: Layout) -> list[ForwardWork]:
     reads and the plan then costs, built once for both."""
     batch = _micro_batch(workload)
     return [forward_work(units, workload, layout, batch)
-            for units in stage_units(units_of(workload.model), layout.pp * layout.vpp)]
+            for units in stage_units(units_of(workload.model), layout.pp * layout.vpp, workload.parallelism.pipeline_layout)]
 
 
 Footprint = tuple[Params, float, float]  # parameters, saved activation bytes, largest transient buffer
@@ -335,7 +335,7 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
     assert workload.train is not None
     par = workload.parallelism
     batch = _micro_batch(workload)
-    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp)
+    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp, par.pipeline_layout)
     p2p = _pipeline_send(workload, system, layout, batch) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)
     stages: list[StagePlan] = []
     for stage in range(layout.pp):

@@ -132,6 +132,11 @@ class Parallelism(StrictModel):
     tp: PositiveInt = 1
     pp: PositiveInt = 1
     vpp: PositiveInt = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    # Layers per model chunk, pp x vpp entries in model order (chunk i runs on pipeline rank i % pp
+    # as its virtual stage i // pp). The embedding stays with the first chunk and the LM head with
+    # the last, so those two may hold 0 layers, as Megatron-Core's --pipeline-model-parallel-layout
+    # gives them their own slots; unset: as even as possible, earlier chunks taking the remainder.
+    pipeline_layout: list[Annotated[int, Field(ge=0, le=MAX_EXPANDED_BLOCKS)]] | None = Field(default=None, max_length=MAX_EXPANDED_BLOCKS)
     ep: PositiveInt = 1
     expert_tp: PositiveInt | None = None  # defaults to tp
     micro_batch: PositiveInt = 1
