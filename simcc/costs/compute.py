@@ -15,6 +15,7 @@ from simcc.specs.hardware import Device, EfficiencyCurve
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
 VECTOR_DTYPE = "fp32"
 GROUPED_FAMILIES = ("grouped_gemm", "grouped_gemm_backward")
+TENSOR_CORE_DTYPES = ("bf16", "fp16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def measured_curve(device: Device, family: str) -> EfficiencyCurve | None:
     return curves.get(family) or curves.get(FORWARD_FAMILY.get(family, ""))  # type: ignore[call-overload]
 
 
-def efficiency(device: Device, family: str, kernel_flops: float, intensity: float) -> float:
+def efficiency(device: Device, family: str, kernel_flops: float, intensity: float, dtype: str = "") -> float:
     """Achieved fraction of peak: the calibrated curve for the family when the profile has one
     (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default."""
     eff = device.efficiency
@@ -52,7 +53,10 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
         return on_curve(curve, intensity if curve.axis == "intensity" else max(kernel_flops, 1.0))
     if family == "attention":
         return eff.attention
-    if family in GROUPED_FAMILIES and eff.grouped_matmul is not None:
+    grouped = family in GROUPED_FAMILIES
+    if dtype == "fp8" and (eff.fp8_grouped_matmul if grouped else eff.fp8_matmul) is not None:
+        return eff.fp8_grouped_matmul if grouped else eff.fp8_matmul  # type: ignore[return-value]
+    if grouped and eff.grouped_matmul is not None:
         return eff.grouped_matmul
     return eff.matmul
 
@@ -88,11 +92,12 @@ def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
 
 def inner_loop_share(device: Device, op: Op) -> float:
     """Share of the best shape left after each output tile's K-loop pipeline fill and drain,
-    K / (K + overhead), FLOP-weighted over the op's GEMM blocks (time adds, so harmonic)."""
+    K / (K + overhead), FLOP-weighted over the op's GEMM blocks (time adds, so harmonic). The
+    overhead is fitted on tensor-core GEMMs; an fp32 GEMM (a router) runs on the vector units."""
     overhead = device.efficiency.gemm_k_overhead
     blocks = [block for kernel in op.kernels for block in kernel]
     flops = sum(m * k * n * copies for m, k, n, copies in blocks)
-    if overhead <= 0 or flops <= 0:
+    if overhead <= 0 or flops <= 0 or op.dtype not in TENSOR_CORE_DTYPES:
         return 1.0
     return flops / sum(m * k * n * copies * (k + overhead) / k for m, k, n, copies in blocks)
 
@@ -119,7 +124,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     if op.family in MATMUL_FAMILIES or op.family == "attention":
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
         intensity = flops / moved if moved > 0 else math.inf
-        fraction = efficiency(device, op.family, kernel, intensity)
+        fraction = efficiency(device, op.family, kernel, intensity, op.dtype)
         if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
             fraction *= quantization(device, op) * inner_loop_share(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)

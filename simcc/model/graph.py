@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import simcc.model.blocks as B
 from simcc.model.kinds import COSTINGS, costing_of
-from simcc.model.ops import Op
+from simcc.model.ops import DTYPE_BYTES, Op, WorkItem, elementwise
 from simcc.model.threshold import FiringSample, firing_sample
 from simcc.specs.blocks import BlockSpec
 from simcc.specs.workload import BlockItem, ModelSpec, ThresholdTreeBlock
@@ -129,7 +129,26 @@ def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.B
     if costing.per_layer_seed:  # each layer its own draws, reproducibly
         shard = replace(shard, seed=shard.seed * 100_003 + block.index,
                         sample_seed=shard.sample_seed * 100_003 + block.index)
-    return costing.work(block.spec, hidden, batch, shard)
+    return with_input_casts(costing.work(block.spec, hidden, batch, shard), shard)
+
+
+def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
+    """Before each GEMM that takes narrower inputs than the compute dtype (FP8), a pass casts its
+    activation input: read at the compute dtype, written at the narrow one with its scales, an
+    amax and a scale multiply per element (Transformer Engine's cast kernels; its backward casts
+    and transposes the output gradient). Every block kind gets it here, once."""
+    compute = DTYPE_BYTES[shard.dtype]
+    if not any(isinstance(item, Op) and item.is_matmul and DTYPE_BYTES[item.dtype] < compute for item in work.forward):
+        return work
+    forward: list[WorkItem] = []
+    for item in work.forward:
+        if isinstance(item, Op) and item.family in ("gemm", "grouped_gemm") and DTYPE_BYTES[item.dtype] < compute:
+            elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
+            scales = shard.dense_gemm.scale_bytes if shard.dense_gemm else 0.0
+            forward.append(elementwise(f"{item.name}.cast", elements, 1, (DTYPE_BYTES[item.dtype] + scales) / compute,
+                                       shard.dtype, flops_per_element=2))
+        forward.append(item)
+    return replace(work, forward=forward)
 
 
 def units_params(units: list[Unit], hidden: int) -> B.Params:

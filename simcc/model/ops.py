@@ -110,39 +110,54 @@ def backward_of(item: WorkItem) -> WorkItem:
 
 
 @dataclass(frozen=True)
-class StoredWeights:
-    """Weights kept narrower than the compute dtype (fp8, a quantized format): the GEMM streams
-    them at their stored size and dequantizes each one in the kernel."""
+class GemmOperands:
+    """How a GEMM reads its operands when they are narrower than the compute dtype: FP8 inputs
+    (activations and weights cast to fp8, the output at the compute dtype, as Transformer Engine's
+    FP8 GEMMs run), and weights stored narrower still (a quantized format, dequantized in the
+    kernel). The peak the GEMM runs at is the inputs' dtype's."""
 
-    bytes: float  # per weight, scales included
+    inputs: str | None = None  # dtype of the activation and weight operands; None: the compute dtype
+    weight_bytes: float | None = None  # per stored weight, scales included; None: at the inputs' dtype
     dequant_flops: float = 0.0  # per weight
+    scale_bytes: float = 0.0  # per input element (block-scaled FP8: one fp32 scale per 128)
+
+    def read(self, compute: str) -> tuple[str, float, float, float]:
+        """(dtype of the op, bytes per activation element, bytes per weight, dequant FLOPs per weight)."""
+        dtype = self.inputs or compute
+        activation = DTYPE_BYTES[dtype] + self.scale_bytes
+        weight = self.weight_bytes if self.weight_bytes is not None else DTYPE_BYTES[dtype]
+        return dtype, activation, weight, self.dequant_flops
+
+
+PLAIN = GemmOperands()
+BLOCK_SCALE_BYTES = 4 / 128  # block-scaled FP8: an fp32 scale per 1 x 128 activation tile (DeepSeek-V3 sec. 3.3.2)
 
 
 def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True,
-         stored: StoredWeights | None = None) -> Op:
-    """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once; B (the weight)
-    at its stored size when `stored` says so."""
+         operands: GemmOperands | None = None) -> Op:
+    """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once; A and B (the
+    weight) as `operands` says, C at `dtype`."""
     b = DTYPE_BYTES[dtype]
-    weight_bytes, dequant = (stored.bytes, stored.dequant_flops) if stored else (b, 0.0)
-    return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, (m * k + m * n) * b + k * n * weight_bytes, dtype,
-              saved_bytes=m * k * b if saved else 0.0, kernels=(((m, k, n, 1),),))
+    op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
+    return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, m * k * a_bytes + k * n * w_bytes + m * n * b, op_dtype,
+              saved_bytes=m * k * a_bytes if saved else 0.0, kernels=(((m, k, n, 1),),))
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
                  active: float | None = None, mean_active: float | None = None,
-                 stored: StoredWeights | None = None) -> Op:
+                 operands: GemmOperands | None = None) -> Op:
     """One GEMM per local expert with its own token count; only experts with tokens read weights.
     `active` / `mean_active`: the expected experts with tokens in one step, when the token counts
     are expectations over steps (each step reads the weights of the experts it picked, not of every
     expert some step picked); by default, the experts with a positive count."""
     b = DTYPE_BYTES[dtype]
-    weight_bytes, dequant = (stored.bytes, stored.dequant_flops) if stored else (b, 0.0)
+    op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
 
     def totals(tokens: list[float], used: float | None) -> tuple[float, float, float]:
         used = sum(1 for t in tokens if t > 0) if used is None else used
         rows, weights = sum(tokens), used * k * n
-        return (sum(2.0 * t * k * n for t in tokens) + weights * dequant, rows * (k + n) * b + weights * weight_bytes,
-                max(used, 1e-9))
+        return (sum(2.0 * t * k * n for t in tokens) + weights * dequant,
+                rows * (k * a_bytes + n * b) + weights * w_bytes, max(used, 1e-9))
 
     flops, moved, used = totals(busiest, active)
     mean_flops, mean_moved, _ = totals(mean, mean_active)
@@ -152,7 +167,7 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
     launched = max(1, round(used))
     if launched < len(blocks):
         blocks = ((sum(busiest) / launched, k, n, 1),) * launched
-    return Op(name, "grouped_gemm", flops, moved, dtype, saved_bytes=sum(busiest) * k * b,
+    return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
               kernels=(blocks,))
 

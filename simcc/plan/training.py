@@ -14,12 +14,12 @@ from simcc.layout import Layout
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
-from simcc.model.ops import DTYPE_BYTES, Comm, Op, StoredWeights, WorkItem, backward_of
+from simcc.model.ops import BLOCK_SCALE_BYTES, DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, backward_of
 from simcc.model.optimizer import optimizer_step
 from simcc.routing.load import LOAD_DRAWS
 from simcc.specs.hardware import System
 from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, bytes_per_weight, is_quantized
-from simcc.specs.workload import Workload
+from simcc.specs.workload import Precision, Workload
 
 
 @dataclass(frozen=True)
@@ -96,17 +96,26 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
                  ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
                  comm_dtype=prec.communication, seed=seed, sample_seed=workload.seed, load_draws=draws,
                  microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients,
-                 ep_nodes=layout.groups["ep"].nodes, weights=stored_weights(prec.weights, prec.compute),
-                 expert_weights=stored_weights(prec.expert_weights or prec.weights, prec.compute))
+                 ep_nodes=layout.groups["ep"].nodes, dense_gemm=gemm_operands(prec.weights, prec),
+                 expert_gemm=gemm_operands(prec.expert_weights or prec.weights, prec))
 
 
-def stored_weights(stored: str | float, compute: str) -> StoredWeights | None:
-    """How a GEMM reads weights stored as `stored`: narrower than the compute dtype, at their stored
-    size and dequantized in the kernel (a quantized format also applies its block scales); at the
-    compute dtype's size otherwise (training keeps a compute-precision copy of fp32 masters)."""
-    if bytes_per_weight(stored) >= DTYPE_BYTES[compute]:
+def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | None:
+    """How weight GEMMs read their operands: FP8 inputs when `precision.matmul` is narrower than
+    the compute dtype (block scaling adds one fp32 scale per 128 activations, DeepSeek-V3 sec.
+    3.3.2); weights stored narrower than what the kernel reads stay at their stored size and are
+    dequantized in the kernel (training keeps a compute-precision copy of fp32 masters)."""
+    compute = precision.compute
+    narrower = precision.matmul is not None and DTYPE_BYTES[precision.matmul] < DTYPE_BYTES[compute]
+    inputs = precision.matmul if narrower else None
+    read = DTYPE_BYTES[inputs or compute]
+    weight = bytes_per_weight(stored)
+    if inputs is None and weight >= read:
         return None
-    return StoredWeights(bytes_per_weight(stored), DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0)
+    scale = BLOCK_SCALE_BYTES if inputs is not None and precision.fp8_scaling == "block" else 0.0
+    if weight >= read:
+        return GemmOperands(inputs, None, 0.0, scale)
+    return GemmOperands(inputs, weight, DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0, scale)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:

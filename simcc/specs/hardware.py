@@ -56,6 +56,9 @@ class Efficiency(StrictModel):
     # Best-shape fraction of a grouped GEMM (one kernel over many experts' ragged row blocks);
     # unset: `matmul`. Its per-expert scheduling keeps it below a dense GEMM's best shape.
     grouped_matmul: Fraction | None = None
+    # Best-shape fractions of the FP8 peak for FP8 GEMMs (dense, grouped); unset: as bf16's.
+    fp8_matmul: Fraction | None = None
+    fp8_grouped_matmul: Fraction | None = None
     # Each output tile's K loop fills and drains a software pipeline: a GEMM with inner dimension K
     # runs at K / (K + gemm_k_overhead) of its best shape (0: not modelled for this device).
     gemm_k_overhead: NonNegativeFloat = 0.0

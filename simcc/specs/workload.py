@@ -195,6 +195,12 @@ class Precision(StrictModel):
     # Routed experts stored differently from the rest (e.g. 2-bit experts, 4-bit attention, as
     # Eliseev & Mazur 2023 serve Mixtral); unset: as `weights`.
     expert_weights: StoredWeights | None = None
+    # The dtype weight GEMMs take their inputs in when narrower than `compute` (fp8: Transformer
+    # Engine's FP8 GEMMs, with activations, norms and attention at `compute`); unset: `compute`.
+    matmul: Dtype | None = None
+    # FP8 scaling: one scale per tensor (Transformer Engine's delayed scaling) or per 1 x 128
+    # activation tile and 128 x 128 weight block (DeepSeek-V3, sec. 3.3.2).
+    fp8_scaling: Literal["tensor", "block"] = "tensor"
     compute: Dtype = "bf16"
     gradients: Dtype = "bf16"
     communication: Dtype = "bf16"

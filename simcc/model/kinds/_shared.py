@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from simcc.model.ops import DTYPE_BYTES, Comm, Op, StoredWeights, WorkItem, elementwise, gemm
+from simcc.model.ops import DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, elementwise, gemm
 from simcc.routing.load import LOAD_DRAWS, RankLoads
 from simcc.specs.vocab import Dtype
 
@@ -54,9 +54,10 @@ class Shard:
     dp: int = 1  # data-parallel replicas whose sparse gradient rows are gathered
     ep_nodes: int = 1  # nodes an expert-parallel group spans (a deduplicating dispatcher's fan-out)
     grad_dtype: Dtype = "fp32"
-    # Served weights stored narrower than `dtype` (dense layers; routed experts), else None.
-    weights: StoredWeights | None = None
-    expert_weights: StoredWeights | None = None
+    # How weight GEMMs read their operands when narrower than `dtype` (FP8 inputs, quantized
+    # served weights): dense layers and routed experts; None: everything at `dtype`.
+    dense_gemm: GemmOperands | None = None
+    expert_gemm: GemmOperands | None = None
 
 
 @dataclass
@@ -142,7 +143,7 @@ def column_gemm(name: str, tokens: float, hidden: int, width: float, shard: Shar
     for the backward pass and all-gathers it again there (Korthikanti et al. 2022, sec. 4.2.2),
     not the gathered copy. `kept`: bytes of its output the backward needs as well."""
     share = tokens / shard.tp if shard.sequence_parallel else tokens
-    op = gemm(name, tokens, hidden, width, shard.dtype, stored=shard.weights)
+    op = gemm(name, tokens, hidden, width, shard.dtype, operands=shard.dense_gemm)
     return replace(op, saved_bytes=share * hidden * DTYPE_BYTES[shard.dtype] + kept)
 
 

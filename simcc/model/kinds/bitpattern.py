@@ -32,7 +32,7 @@ def work(spec: BitPatternBlock, hidden: int, batch: Batch, shard: Shard) -> Bloc
     d_in, d_out = spec.input or hidden, spec.output or hidden
     T, dt = batch.tokens, shard.dtype
     result = BlockWork()
-    result.forward.append(gemm("bits.gater", T, d_in, spec.bits, dt, stored=shard.weights))
+    result.forward.append(gemm("bits.gater", T, d_in, spec.bits, dt, operands=shard.dense_gemm))
     levels = range(spec.bits + 1) if spec.tree else [spec.bits]
     rng = np.random.default_rng(shard.seed)
     for level in levels:
@@ -41,7 +41,7 @@ def work(spec: BitPatternBlock, hidden: int, batch: Batch, shard: Shard) -> Bloc
             tokens = rng.multinomial(T, np.full(groups, 1.0 / groups)).astype(float).tolist()
         else:
             tokens = [T / groups] * groups
-        result.forward.append(grouped_gemm(f"bits.level{level}", tokens, tokens, d_in, d_out, dt, stored=shard.weights))
+        result.forward.append(grouped_gemm(f"bits.level{level}", tokens, tokens, d_in, d_out, dt, operands=shard.dense_gemm))
     if spec.tree:  # sum the per-level products
         result.forward.append(elementwise("bits.sum", T * d_out, len(levels), 1, dt))
     result.forward.append(elementwise("bits.act", T * d_out, 1, 1, dt, saved_elements=T * d_out))

@@ -36,7 +36,7 @@ def work(spec: DenseFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockW
     reads = 2 if spec.gated else 1
     fwd.append(elementwise("ffn.act", T * spec.hidden / t, reads, 1, dt, flops_per_element=8,
                            saved_elements=act_saved(spec.activation, spec.gated, T * spec.hidden / t)))
-    fwd.append(gemm("ffn.down", T, spec.hidden / t, hidden, dt, stored=shard.weights))
+    fwd.append(gemm("ffn.down", T, spec.hidden / t, hidden, dt, operands=shard.dense_gemm))
     fwd += tp_exit("ffn.tp_reduce", T, hidden, shard)
     fwd.append(residual("ffn.residual", T, hidden, shard))
     return result

@@ -19,7 +19,7 @@ def work(spec: LMHeadBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     result = BlockWork()
     result.forward.append(norm("head.norm", T, hidden, shard))
     result.forward += tp_entry("head.tp_gather", T, hidden, shard)
-    result.forward.append(gemm("head.logits", T, hidden, spec.vocab / shard.tp, dt, stored=shard.weights))
+    result.forward.append(gemm("head.logits", T, hidden, spec.vocab / shard.tp, dt, operands=shard.dense_gemm))
     # Softmax cross-entropy in fp32 over the local vocabulary shard.
     result.forward.append(elementwise("head.loss", T * spec.vocab / shard.tp, 1, 1, "fp32", flops_per_element=5,
                                       saved_elements=0))

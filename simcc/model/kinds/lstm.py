@@ -29,10 +29,10 @@ def work(spec: LSTMBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     b = DTYPE_BYTES[dt]
     steps = batch.q_len
     result = BlockWork()
-    result.forward.append(gemm("lstm.input", T, inputs, gates, dt, stored=shard.weights))
+    result.forward.append(gemm("lstm.input", T, inputs, gates, dt, operands=shard.dense_gemm))
 
     def per_step(name: str, k: float, n: float, saved_width: float) -> Op:
-        step = gemm(name, batch.sequences, k, n, dt, stored=shard.weights)
+        step = gemm(name, batch.sequences, k, n, dt, operands=shard.dense_gemm)
         return Op(name, "lstm", step.flops * steps, step.bytes * steps, dt, saved_bytes=T * saved_width * b,
                   kernel_flops=step.flops, launches=steps, kernels=step.kernels)
 

@@ -20,7 +20,7 @@ def work(spec: MLPBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     result = BlockWork()
     T, dt = batch.tokens, shard.dtype
     for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
-        result.forward.append(gemm(f"mlp.fc{i}", T, a, b / shard.tp, dt, stored=shard.weights))
+        result.forward.append(gemm(f"mlp.fc{i}", T, a, b / shard.tp, dt, operands=shard.dense_gemm))
         result.forward.append(elementwise(f"mlp.act{i}", T * b / shard.tp, 1, 1, dt,
                                           saved_elements=act_saved(spec.activation, False, T * b / shard.tp)))
     return result

@@ -150,7 +150,7 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         fwd.append(Comm("moe.expert_tp_gather", "all_gather", sum(busiest) * hidden * comm_bytes, "etp"))
     up_width = gated_width(spec.expert_hidden, spec.gated) / etp
     # the weights one step reads: its experts with tokens, at their stored size
-    active = dict(active=loads.busiest_active, mean_active=loads.mean_active, stored=shard.expert_weights)
+    active = dict(active=loads.busiest_active, mean_active=loads.mean_active, operands=shard.expert_gemm)
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt, **active))
     reads = 2 if spec.gated else 1
     act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
@@ -172,10 +172,10 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
             fwd += tp_entry("moe.shared_tp_gather", T, hidden, shard)
         shared_hidden = (spec.shared_expert_hidden or spec.expert_hidden) * spec.shared_experts
         fwd.append(gemm("moe.shared_up", T, hidden, gated_width(shared_hidden, spec.gated) / shard.tp, dt,
-                        stored=shard.weights))
+                        operands=shard.dense_gemm))
         fwd.append(elementwise("moe.shared_act", T * shared_hidden / shard.tp, reads, 1, dt, flops_per_element=8,
                                saved_elements=act_saved(spec.activation, spec.gated, T * shared_hidden / shard.tp)))
-        fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt, stored=shard.weights))
+        fwd.append(gemm("moe.shared_down", T, shared_hidden / shard.tp, hidden, dt, operands=shard.dense_gemm))
     if not sharded or spec.shared_experts:
         fwd += tp_exit("moe.tp_reduce", T, hidden, shard)
     fwd.append(residual("moe.residual", T, hidden, shard))

@@ -37,7 +37,7 @@ def work(spec: ThresholdTreeBlock, hidden: int, batch: Batch, shard: Shard) -> B
         fired = blocks * (1.0 - (1.0 - min(active / blocks, 1.0)) ** T)
         for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
             result.forward.append(grouped_gemm(f"tree.level{level}.fc{i}", tokens, tokens, a, b, dt, active=fired,
-                                               mean_active=fired, stored=shard.weights))
+                                               mean_active=fired, operands=shard.dense_gemm))
             result.forward.append(elementwise(f"tree.level{level}.act{i}", T * active * b, 1, 1, dt,
                                               saved_elements=T * active * b))
     # the router of each fired block: softmax over its children
