@@ -14,7 +14,7 @@ from simcc.specs.base import MAX_PIPELINE_TASKS
 from simcc.model.blocks import Params
 from simcc.model.graph import Unit, stage_units, units_of
 from simcc.specs.hardware import System
-from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MoEFFNBlock
+from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MLABlock, MoEFFNBlock
 from simcc.specs.workload import Workload
 
 
@@ -124,6 +124,8 @@ def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -
     elif units < pp * vpp:
         raise fail("parallelism.pp", f"pp x vpp = {pp * vpp} exceeds the model's {units} pipeline units (layers)")
     for spec in specs:
+        if isinstance(spec, MLABlock) and spec.heads % tp:
+            raise fail("parallelism.tp", f"tp={tp} does not divide mla heads={spec.heads}")
         if isinstance(spec, AttentionBlock):
             kv = spec.kv_heads or spec.heads
             if spec.heads % tp:

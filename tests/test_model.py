@@ -208,3 +208,71 @@ def test_a_shared_expert_keeps_its_tensor_parallel_collectives_under_sp():
     assert items["moe.shared_tp_gather"].bytes == pytest.approx(4096 * 512 * 2)
     assert items["moe.tp_reduce"].collective == "reduce_scatter"
     assert items["moe.shared_up"].flops == pytest.approx(2 * 4096 * 512 * 1024 / 2)
+
+
+def _mla(**kw):
+    from simcc.specs.blocks import MLABlock
+
+    base = dict(heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    base.update(kw)
+    return MLABlock(**base)
+
+
+def test_mla_parameters_match_deepseek_v3_by_hand():
+    """DeepSeek-V3's attention (hidden 7168): W_DQ 7168x1536, W_UQ 1536x(128x192), W_DKV 7168x576,
+    W_UKV 512x(128x256), W_O (128x128)x7168, RMSNorm scales 1536 + 512 + 7168: 187.1M per layer; the model
+    has 671B parameters, 37.5B active (report: 671B and 37B)."""
+    from simcc.model.kinds import mla
+
+    p = mla.params(_mla(), 7168)
+    weights = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
+    assert p.dense + p.replicated == weights + 1536 + 512 + 7168  # RMSNorm scales: q, kv and the input norm
+    assert p.replicated == 7168 * 1536 + 7168 * 576 + 1536 + 512 + 7168  # down-projections unsplit by TP
+    workload, _ = load_workload("deepseek_v3_shape_train")
+    params = model_params(workload.model)
+    assert params.dense + params.replicated + params.expert == pytest.approx(671e9, rel=0.005)
+
+
+def test_mla_forward_flops_and_tensor_parallel_split_by_hand():
+    """Prefill of 4096 tokens: projections 2 x tokens x weights; attention scores over 192-wide keys
+    and 128-wide values, 2 x s^2 x heads x (192 + 128), halved for causal; TP 8 splits the per-head
+    work and the output, not the down-projections."""
+    from simcc.model.kinds import mla
+
+    spec, T = _mla(), 4096
+    one = mla.work(spec, 7168, Batch(1, T, T), Shard())
+    flops = {op.name: op.flops for op in one.forward if hasattr(op, "flops")}
+    assert flops["mla.q_down"] == 2 * T * 7168 * 1536
+    assert flops["mla.kv_up"] == 2 * T * 512 * 128 * 256
+    assert flops["mla.core"] == pytest.approx(2 * T * T * 128 * (192 + 128) * 0.5)
+    eight = {op.name: op.flops for op in mla.work(spec, 7168, Batch(1, T, T), Shard(tp=8)).forward if hasattr(op, "flops")}
+    assert eight["mla.q_down"] == flops["mla.q_down"] and eight["mla.kv_down"] == flops["mla.kv_down"]
+    for name in ("mla.q_up", "mla.kv_up", "mla.out", "mla.core"):
+        assert eight[name] == pytest.approx(flops[name] / 8)
+
+
+def test_mla_decode_reads_the_latent_cache_not_every_heads_keys():
+    """A decode step attends over the cached latent (512 + 64 values a token, whichever the heads):
+    at 4096 cached tokens it reads 4096 x 576 x 2 bytes per sequence for the cache, about 1/57 of
+    what 128 heads' 192 + 128 wide keys and values would be; serving keeps 576 values a token per
+    layer on every TP rank."""
+    from simcc.model.kinds import mla
+
+    spec = _mla()
+    core = next(op for op in mla.work(spec, 7168, Batch(1, 1, 4096), Shard()).forward if op.name == "mla.core")
+    q_and_out = 128 * 192 * 2 + 128 * 128 * 2
+    assert core.bytes == pytest.approx(4096 * 576 * 2 + q_and_out)
+    assert core.flops == pytest.approx(2 * 4096 * 128 * (576 + 512))
+    assert mla.latent_cache_on_device(spec, 7168, "bf16", 8) == 576 * 2
+
+
+def test_an_mla_model_serves_with_its_latent_cache():
+    from simcc.layout import build_layout
+    from simcc.plan.serving import serving_costs
+    from simcc.specs.loader import load_hardware
+
+    workload, src = load_workload("mixtral_8x7b_serve_edge", [
+        "model.blocks.1.blocks.0={mla: {heads: 32, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128}}"])
+    system = load_hardware("h200", ["memory_gb=200"])
+    costs = serving_costs(workload, system, build_layout(workload, system, src))
+    assert costs.kv_bytes_per_token == 32 * 576 * 2  # 32 layers of latent + RoPE key, fp16

@@ -16,14 +16,15 @@ import numpy as np
 
 from simcc.costs.memory import MemoryBreakdown, serving_memory
 from simcc.layout import Layout
-from simcc.model.blocks import Batch, MoEStats, kv_cache_bytes_per_token
+from simcc.model.blocks import Batch, MoEStats
 from simcc.model.anytime import served_units
 from simcc.model.graph import Block, Unit, stage_units
+from simcc.model.kinds import costing_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
 from simcc.specs.vocab import bytes_per_weight
-from simcc.specs.workload import AttentionBlock, MoEFFNBlock, ServeSpec, Workload
+from simcc.specs.workload import MoEFFNBlock, ServeSpec, Workload
 from simcc.plan.training import Cost, ForwardWork, cost_item, footprint, forward_work
 
 
@@ -76,12 +77,10 @@ def _expert_bytes(spec: MoEFFNBlock, hidden: int, stored: str | float) -> float:
 
 
 def _kv_bytes(block: Block, hidden: int, workload: Workload, layout: Layout) -> float:
-    """KV cache bytes per token for one attention block on one device (kv heads split by TP,
-    replicated when TP exceeds them)."""
-    if not isinstance(block.spec, AttentionBlock):
-        return 0.0
-    kv_heads = block.spec.kv_heads or block.spec.heads
-    return kv_cache_bytes_per_token(block.spec, hidden, workload.precision.kv_cache) / min(layout.tp, kv_heads)
+    """KV-cache bytes per token for one block on one device, as its kind keeps them (0 for kinds
+    without a cache)."""
+    kv_cache = costing_of(block.spec).kv_cache
+    return kv_cache(block.spec, hidden, workload.precision.kv_cache, layout.tp) if kv_cache else 0.0
 
 
 def serving_costs(workload: Workload, system: System, layout: Layout) -> ServingCosts:

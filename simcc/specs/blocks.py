@@ -84,6 +84,21 @@ class AttentionBlock(BlockSpec):
         return self
 
 
+@block_spec("mla")
+class MLABlock(BlockSpec):
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through a low-rank bottleneck (or one
+    projection), keys and values up-projected per head from a shared kv_lora_rank latent, plus a
+    decoupled RoPE key shared by all heads; a KV cache keeps only the latent and the RoPE key."""
+
+    heads: int_up_to(MAX_WIDTH)
+    q_lora_rank: int_up_to(MAX_WIDTH) | None = None  # None: queries from one hidden x heads projection
+    kv_lora_rank: int_up_to(MAX_WIDTH)
+    qk_nope_head_dim: int_up_to(MAX_WIDTH) = 128
+    qk_rope_head_dim: int_up_to(MAX_WIDTH) = 64
+    v_head_dim: int_up_to(MAX_WIDTH) = 128
+    causal: bool = True
+
+
 @block_spec("dense_ffn")
 class DenseFFNBlock(BlockSpec):
     """Transformer feed-forward layer: up projection to `hidden`, activation, down projection."""

@@ -12,6 +12,8 @@ SpecT = TypeVar("SpecT", bound=BlockSpec)
 
 ParamsOf = Callable[[SpecT, int], Params]  # (spec, model hidden size) -> parameters of the full layer
 WorkOf = Callable[[SpecT, int, Batch, Shard], BlockWork]  # (spec, hidden, batch, shard) -> one device's work
+# (spec, hidden, KV-cache dtype, tp) -> bytes one token leaves in the KV cache on one device
+KVCacheOf = Callable[[SpecT, int, str, int], float]
 
 
 @dataclass(frozen=True)
@@ -27,19 +29,20 @@ class Costing(Generic[SpecT]):
     # A thin block that rides with its neighbouring pipeline unit instead of forming one
     # (embedding and LM head, as in Megatron's pipeline split).
     attached: bool = False
+    kv_cache: KVCacheOf[SpecT] | None = None  # attention kinds: what serving keeps per token
 
 
 COSTINGS: dict[type[BlockSpec], Costing[Any]] = {}
 
 
 def block_costing(spec_type: type[SpecT], params: ParamsOf[SpecT], *, per_layer_seed: bool = False,
-                  attached: bool = False) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
+                  attached: bool = False, kv_cache: KVCacheOf[SpecT] | None = None) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
     """Register a kind's costing: decorates its `work` function and names its `params` function."""
 
     def register(work: WorkOf[SpecT]) -> WorkOf[SpecT]:
         if spec_type in COSTINGS:
             raise ValueError(f"{spec_type.__name__} already has a costing module")
-        COSTINGS[spec_type] = Costing(spec_type, params, work, per_layer_seed, attached)
+        COSTINGS[spec_type] = Costing(spec_type, params, work, per_layer_seed, attached, kv_cache)
         return work
 
     return register

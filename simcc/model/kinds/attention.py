@@ -41,7 +41,13 @@ def params(spec: AttentionBlock, hidden: int) -> Params:
     return Params(dense=qkv + out, replicated=NORM_PARAMS * hidden, dense_rows_cols=rows_cols, tensors=3)
 
 
-@block_costing(AttentionBlock, params)
+def kv_cache_on_device(spec: AttentionBlock, hidden: int, dtype: str, tp: int) -> float:
+    """KV-cache bytes per token on one TP rank: kv heads split by TP, replicated when TP exceeds them."""
+    _, kv_heads, _ = attention_dims(spec, hidden)
+    return kv_cache_bytes_per_token(spec, hidden, dtype) / min(tp, kv_heads)
+
+
+@block_costing(AttentionBlock, params, kv_cache=kv_cache_on_device)
 def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     heads, kv_heads, head_dim = attention_dims(spec, hidden)
     t, T, dt = shard.tp, batch.tokens, shard.dtype
@@ -81,7 +87,7 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
         ]
         fwd += core
         result.selective_recompute = list(core)
-    fwd.append(gemm("attn.out", T, local_heads * head_dim, hidden, dt, stored=shard.weights))
+    fwd.append(gemm("attn.out", T, local_heads * head_dim, hidden, dt, operands=shard.dense_gemm))
     fwd += tp_exit("attn.tp_reduce", T, hidden, shard)
     fwd.append(residual("attn.residual", T, hidden, shard))
     return result
