@@ -71,20 +71,21 @@ def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
     """Useful share of the SM-time one GEMM kernel occupies: partial tiles at the edges of each
     output block, and a last wave that leaves SMs idle. A kernel with fewer tiles than SMs splits
     its K loop across the idle ones (split-K), so only its tile edges are lost. The best tile
-    shape is taken, as the library's heuristics pick one per shape."""
-    useful = sum(m * n * copies for m, _, n, copies in blocks)
+    shape is taken, as the library's heuristics pick one per shape. A skinny GEMM (a decode
+    step's few tokens) runs a tile of as few rows as the tensor-core instruction takes, 16 (PTX
+    ISA: mma.sync.m16n8k16), not a 128-row tile of padding."""
+    shape = np.array([(m, n, copies) for m, _, n, copies in blocks], dtype=float).reshape(-1, 3)
+    rows_out, cols_out, copies = shape[:, 0], shape[:, 1], shape[:, 2]
+    useful = float((rows_out * cols_out * copies).sum())
     if useful <= 0:
         return 1.0  # nothing to tile (an expert rank that received no tokens)
+    skinny = rows_out < SKINNY_BELOW
     best = 0.0
     for rows, cols in LARGE_TILES:
-        tiles = occupied = 0.0
-        for m, _, n, copies in blocks:
-            # A skinny GEMM (a decode step's few tokens) runs a tile of as few rows as the tensor-core
-            # instruction takes, 16 (PTX ISA: mma.sync.m16n8k16), not a 128-row tile of padding.
-            tile_rows = min(rows, SKINNY_TILE_ROWS * math.ceil(m / SKINNY_TILE_ROWS)) if m < SKINNY_BELOW else rows
-            count = math.ceil(m / tile_rows) * math.ceil(n / cols) * copies
-            tiles += count
-            occupied += count * tile_rows * cols
+        skinny_rows = SKINNY_TILE_ROWS * np.maximum(1.0, np.ceil(rows_out / SKINNY_TILE_ROWS))
+        tile_rows = np.where(skinny, np.minimum(rows, skinny_rows), rows)
+        count = np.ceil(rows_out / tile_rows) * np.ceil(cols_out / cols) * copies
+        tiles, occupied = float(count.sum()), float((count * tile_rows * cols).sum())
         slots = math.ceil(tiles / sms) * sms if tiles >= sms else tiles
         best = max(best, useful / occupied * tiles / slots)
     return best

@@ -20,6 +20,7 @@ import numpy as np
 from simcc.errors import InputError
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.blocks import MoEFFNBlock
+from simcc.specs.vocab import K_PER_TOKEN_POLICIES
 
 
 # The policies and what each parameter does: specs/vocab.py GATING_POLICIES (`simcc list`).
@@ -101,8 +102,13 @@ def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
 
     With uniform popularity the experts are exchangeable, so each expert's expected share is
     exactly 1/E: the sample's own noise would otherwise act as a fixed router bias every step."""
+    uniform = spec.load.distribution == "uniform" and spec.gating.policy != "hash"
+    if uniform and spec.gating.policy in K_PER_TOKEN_POLICIES:
+        # Nothing to measure: every token takes k experts and each expert gets 1/E of them. This
+        # skips a tokens x experts logit sample, most of a cold estimate of a 256-expert model.
+        return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), float(spec.k), False, 0.0)
     profile = _route_sample(spec, ranks, seed)
-    if spec.load.distribution == "uniform" and spec.gating.policy != "hash":
+    if uniform:
         return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), profile.experts_per_token,
                               profile.exact, profile.no_expert_fraction)
     return profile

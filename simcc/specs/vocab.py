@@ -91,6 +91,9 @@ GATING_POLICIES = {
     "moefication": "router = the k-means centroids of the FFN's W_in rows: d x E scores, keep the top k (Zhang 2022; SSD 2024)",
 }
 GatingPolicy = literal_of(GATING_POLICIES)
+# Policies under which every token takes exactly k experts: with uniform popularity their expert
+# shares are exactly 1/E, and no routing sample is drawn.
+K_PER_TOKEN_POLICIES = ("topk", "noisy_topk", "switch", "moefication", "hierarchical")
 
 # T tokens in the routing group, E experts, k experts per token, cf the capacity factor.
 CAPACITY_FORMULAS = {
