@@ -22,7 +22,9 @@ SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving
 RATIO_METRICS = ("throughput_ratio", "activation_memory_ratio")
 # Serving cases: tokens/s of the workload's serve.batch requests generating together (decode, as
 # llama-bench's tg and llama-batched-bench's S_TG count them), or of their prompts (prefill: pp).
-SERVING_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s")
+# ttft_s, tpot_s: one prefill, one decode step; request_latency_s: a batch's prefill and then its
+# remaining output tokens' decode steps, as a fixed-batch latency benchmark times it.
+SERVING_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "request_latency_s")
 
 
 class Case(StrictModel):
@@ -31,7 +33,7 @@ class Case(StrictModel):
     # throughput_ratio: tokens/s of `set` over `reference_set`; activation_memory_ratio: activation
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
     metric: Literal["step_s", "tflops_per_device", "throughput_ratio", "activation_memory_ratio", "busbw_gb_s",
-                    "latency_us", "decode_tokens_per_s", "prefill_tokens_per_s"]
+                    "latency_us", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "request_latency_s"]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases
@@ -146,14 +148,22 @@ def _serving(case: Case) -> tuple[float, str, MemoryBreakdown]:
     costs = serving_costs(workload, system, build_layout(workload, system, source))
     batch, serve = workload.serve.batch, workload.serve
     assert costs.cache is not None
-    if case.metric == "decode_tokens_per_s":
-        loads = costs.cache.decode_load_seconds[costs.decode.batch_sizes.index(batch)]
-        seconds, tokens = costs.decode.at(batch) + loads, batch
-    else:
-        loads = costs.cache.prefill_load_seconds * batch
-        seconds, tokens = costs.prefill.at(batch) + loads, batch * serve.prompt_tokens
+    decode_loads = costs.cache.decode_load_seconds[costs.decode.batch_sizes.index(batch)]
+    prefill_loads = costs.cache.prefill_load_seconds * batch
+    decode, prefill = costs.decode.at(batch) + decode_loads, costs.prefill.at(batch) + prefill_loads
+    latency = prefill + (serve.output_tokens - 1) * decode
+    loads = decode_loads if case.metric in ("decode_tokens_per_s", "tpot_s") else prefill_loads
+    predicted, seconds = {
+        "decode_tokens_per_s": (batch / decode, decode),
+        "prefill_tokens_per_s": (batch * serve.prompt_tokens / prefill, prefill),
+        "ttft_s": (prefill, prefill),
+        "tpot_s": (decode, decode),
+        "request_latency_s": (latency, latency),
+    }[case.metric]
+    if case.metric == "request_latency_s":
+        loads = prefill_loads + (serve.output_tokens - 1) * decode_loads
     dominant = f"expert loads {loads / seconds:.0%}" if loads > 0.5 * seconds else f"weights {costs.memory.weights / 1e9:.1f} GB"
-    return tokens / seconds, dominant, costs.memory
+    return predicted, dominant, costs.memory
 
 
 def run_case(case: Case, steps: int = 1) -> CaseResult:
