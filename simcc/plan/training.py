@@ -16,6 +16,7 @@ from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
 from simcc.model.ops import BLOCK_SCALE_BYTES, DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, backward_of
 from simcc.model.optimizer import optimizer_step
+from simcc.plan.recompute import recomputed
 from simcc.routing.load import LOAD_DRAWS
 from simcc.specs.hardware import System
 from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, bytes_per_weight, is_quantized
@@ -155,6 +156,7 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
     hidden = workload.model.hidden
     shard = shard_of(workload, layout, step)
     recompute = workload.parallelism.recompute
+    modules = tuple(workload.parallelism.recompute_modules)
     out = ForwardWork()
     for unit in units:
         unit_items: list[WorkItem] = []
@@ -173,6 +175,10 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
                 out.saved_bytes += _saved(work.forward) - _saved(work.selective_recompute)
             elif recompute == "none":
                 out.saved_bytes += _saved(work.forward)
+            if modules and recompute != "full":
+                replay, freed = recomputed(work.forward, modules)
+                out.replay += replay
+                out.saved_bytes -= freed
             out.per_step += work.per_step
             out.unit_step_grads[-1] += work.per_step_grads
             out.transient_bytes = max(out.transient_bytes, work.transient_bytes)

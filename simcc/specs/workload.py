@@ -143,6 +143,10 @@ class Parallelism(StrictModel):
     sequence_parallel: bool | None = None  # defaults to tp > 1
     zero_stage: Literal[0, 1, 2, 3] = 0
     recompute: Literal["none", "selective", "full"] = "none"
+    # Finer recomputation, as Megatron-Core's --recompute-modules (simcc/plan/recompute.py):
+    # moe_act, expert_hidden (Shazeer et al. 2017's experts), layernorm, mlp, moe, mla_up_proj.
+    recompute_modules: list[Literal["moe_act", "expert_hidden", "layernorm", "mlp", "moe", "mla_up_proj"]] = Field(
+        default_factory=list, max_length=6)
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
     overlap_grad_reduce: bool = True
     # false: a pipeline stage waits for each activation/gradient send to finish before computing on,
@@ -159,6 +163,8 @@ class Parallelism(StrictModel):
 
     @model_validator(mode="after")
     def _schedule_matches_vpp(self) -> "Parallelism":
+        if self.recompute_modules and self.recompute == "full":
+            raise ValueError("recompute_modules refine recompute none or selective; full recomputation replays everything")
         if self.overlap_moe_comm and self.schedule == "gpipe":
             raise ValueError("overlap_moe_comm pairs a forward with a backward: it needs schedule 1f1b or interleaved")
         if self.schedule == "interleaved" and self.vpp < 2:

@@ -14,6 +14,8 @@ which reads kv_lora_rank + rope values per cached token instead of every head's 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from simcc.model.kinds._registry import block_costing
 from simcc.model.kinds._shared import (
     NORM_PARAMS,
@@ -71,6 +73,9 @@ def work(spec: MLABlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     t, T, dt = shard.tp, batch.tokens, shard.dtype
     b = DTYPE_BYTES[dt]
     local = spec.heads / t
+    seqs, q_len, kv_len = batch.sequences, batch.q_len, batch.kv_len
+    causal_share = 0.5 if spec.causal and shard.executed and q_len > 1 else 1.0
+    q_bytes, out_bytes = T * local * qk * b, T * local * v * b
     result = BlockWork()
     fwd = result.forward
     fwd.append(norm("mla.norm", T, hidden, shard))
@@ -80,17 +85,15 @@ def work(spec: MLABlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
         fwd.append(column_gemm("mla.q_down", T, hidden, spec.q_lora_rank, shard))
         fwd.append(elementwise("mla.q_norm", T * spec.q_lora_rank, 1, 1, dt, flops_per_element=4,
                                saved_elements=T * spec.q_lora_rank))
-        fwd.append(gemm("mla.q_up", T, spec.q_lora_rank, local * qk, dt, saved=False, operands=shard.dense_gemm))
+        fwd.append(replace(gemm("mla.q_up", T, spec.q_lora_rank, local * qk, dt, saved=False, operands=shard.dense_gemm),
+                           saved_bytes=q_bytes))  # its output, the queries, kept for the core's backward
     else:
-        fwd.append(column_gemm("mla.q", T, hidden, local * qk, shard))
+        fwd.append(column_gemm("mla.q", T, hidden, local * qk, shard, kept=q_bytes))
     fwd.append(gemm("mla.kv_down", T, hidden, down_kv, dt, saved=not spec.q_lora_rank, operands=shard.dense_gemm))
     fwd.append(elementwise("mla.kv_norm", T * spec.kv_lora_rank, 1, 1, dt, flops_per_element=4,
                            saved_elements=T * spec.kv_lora_rank))
-    fwd.append(gemm("mla.kv_up", T, spec.kv_lora_rank, local * (spec.qk_nope_head_dim + v), dt, saved=False,
-                    operands=shard.dense_gemm))
-    seqs, q_len, kv_len = batch.sequences, batch.q_len, batch.kv_len
-    causal_share = 0.5 if spec.causal and shard.executed and q_len > 1 else 1.0
-    q_bytes, out_bytes = T * local * qk * b, T * local * v * b
+    fwd.append(replace(gemm("mla.kv_up", T, spec.kv_lora_rank, local * (spec.qk_nope_head_dim + v), dt, saved=False,
+                            operands=shard.dense_gemm), saved_bytes=T * local * (qk + v) * b))  # keys and values, kept
     if q_len < kv_len:
         # Decode (or a prefill chunk after cached tokens): attend over the cached latent with the
         # key and value up-projections absorbed; a score reads latent + RoPE key, a value the latent.
@@ -98,12 +101,12 @@ def work(spec: MLABlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
         cache = seqs * kv_len * down_kv * b
         fwd.append(Op("mla.core", "attention", core_flops, q_bytes + cache + out_bytes, dt, saved_bytes=T * local * 4))
     else:
-        # Prefill and training: per-head keys (nope + rope wide) and values, flash-style; Q, K and V
-        # are kept for the backward pass, the output by the out projection, and the log-sum-exp.
+        # Prefill and training: per-head keys (nope + rope wide) and values, flash-style; the up
+        # projections keep Q, K and V for its backward, the out projection keeps its output, and it
+        # keeps its fp32 log-sum-exp.
         core_flops = 2.0 * seqs * q_len * kv_len * local * (qk + v) * causal_share
         kv_bytes = seqs * kv_len * local * (qk + v) * b
-        fwd.append(Op("mla.core", "attention", core_flops, q_bytes + kv_bytes + out_bytes, dt,
-                      saved_bytes=q_bytes + kv_bytes + T * local * 4))
+        fwd.append(Op("mla.core", "attention", core_flops, q_bytes + kv_bytes + out_bytes, dt, saved_bytes=T * local * 4))
     fwd.append(gemm("mla.out", T, local * v, hidden, dt, operands=shard.dense_gemm))
     fwd += tp_exit("mla.tp_reduce", T, hidden, shard)
     fwd.append(residual("mla.residual", T, hidden, shard))
