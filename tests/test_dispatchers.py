@@ -88,3 +88,20 @@ def test_layer_rows_report_what_a_deduplicating_dispatcher_moves_on_each_link():
     share = distinct_remote_nodes(128, 8, 2) / 8  # 8 GPUs a node, 2 nodes
     assert row.a2a_inter_mb == pytest.approx(moved * share, rel=1e-6)
     assert row.a2a_intra_mb == pytest.approx(moved * 7 / 8, rel=1e-6)
+
+
+def test_a_deduplicating_dispatcher_holds_deepeps_default_sms_while_it_overlaps():
+    """Unless the workload says, an overlapped DeepEP-style dispatcher takes Megatron's default 20
+    SMs (of an H100's 132); an NCCL all-to-all's count is not modelled; a workload's own count wins."""
+    from simcc.layout import build_layout
+    from simcc.plan.training import build_training_plan
+    from simcc.specs.loader import load_hardware, load_workload
+
+    def share(sets):
+        workload, src = load_workload("qwen3_30b_a3b_train_16xh100", ["parallelism.overlap_moe_comm=true", *sets])
+        system = load_hardware("dgx_h100_x4", ["nodes=2"])
+        return build_training_plan(workload, system, build_layout(workload, system, src)).comm_sm_share
+
+    assert share([]) == pytest.approx(20 / 132)
+    assert share(["parallelism.moe_comm_sms=32"]) == pytest.approx(32 / 132)
+    assert share(["model.blocks.1.blocks.1.moe_ffn.routing.dispatcher=alltoall"]) == 0.0

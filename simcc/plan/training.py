@@ -20,7 +20,7 @@ from simcc.plan.recompute import recomputed
 from simcc.routing.load import LOAD_DRAWS
 from simcc.specs.hardware import System
 from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, bytes_per_weight, is_quantized
-from simcc.specs.workload import Precision, Workload
+from simcc.specs.workload import MoEFFNBlock, Precision, Workload
 
 
 @dataclass(frozen=True)
@@ -365,7 +365,23 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
             params = params.add(c.params)
         stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
     return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce,
-                        par.overlap_p2p, par.overlap_moe_comm, _comm_sm_share(par.moe_comm_sms, system))
+                        par.overlap_p2p, par.overlap_moe_comm, _comm_sm_share(_comm_sms(workload), system))
+
+
+# SMs a deduplicating (DeepEP-style) dispatcher's kernels take unless told otherwise: Megatron's
+# --moe-deepep-num-sms, "default 20" (Megatron-Bridge docs/training/moe-optimization.md).
+DEDUPLICATED_DISPATCH_SMS = 20
+
+
+def _comm_sms(workload: Workload) -> int | None:
+    """The workload's figure, else the dispatcher's default (known for the deduplicating one; an
+    NCCL all-to-all's channel count depends on the NCCL build and is not modelled)."""
+    par = workload.parallelism
+    if par.moe_comm_sms is not None:
+        return par.moe_comm_sms
+    dispatchers = {block.spec.routing.dispatcher for unit in units_of(workload.model) for block in unit.blocks
+                   if isinstance(block.spec, MoEFFNBlock)}
+    return DEDUPLICATED_DISPATCH_SMS if "deduplicated" in dispatchers else None
 
 
 def _comm_sm_share(comm_sms: int | None, system: System) -> float:
