@@ -276,3 +276,26 @@ def test_an_mla_model_serves_with_its_latent_cache():
     system = load_hardware("h200", ["memory_gb=200"])
     costs = serving_costs(workload, system, build_layout(workload, system, src))
     assert costs.kv_bytes_per_token == 32 * 576 * 2  # 32 layers of latent + RoPE key, fp16
+
+
+MTP_BLOCKS = """    - lm_head: {vocab: 129280}
+    - embedding: {vocab: 129280}
+    - mlp: {widths: [14336, 7168]}
+    - mla: {heads: 128, q_lora_rank: 1536, kv_lora_rank: 512}
+    - moe_ffn: {experts: 256, k: 8, expert_hidden: 2048, shared_experts: 1, gated: true, activation: swiglu}
+    - lm_head: {vocab: 129280}
+"""
+
+
+def test_a_multi_token_prediction_module_is_expressed_with_blocks(root, tmp_path):
+    """DeepSeek-V3's MTP module (report sec. 2.2) as blocks after the main head: the next token's
+    embedding, the 2h -> h projection, one MLA + MoE layer and a head. The parameters come to the
+    685B the model card gives for the checkpoint with MTP (671B main + 14B MTP, which keeps its
+    own embedding and head copies); the module is one more pipeline unit of each kind."""
+    text = (root / "workloads/deepseek_v3_shape_train.yaml").read_text()
+    path = tmp_path / "mtp.yaml"
+    path.write_text(text.replace("    - lm_head: {vocab: 129280}\n", MTP_BLOCKS))
+    workload, _ = load_workload(str(path))
+    params = model_params(workload.model)
+    assert (params.dense + params.replicated + params.expert) / 1e9 == pytest.approx(685, rel=0.002)
+    assert [b.kind for b in units_of(workload.model)[-1].blocks] == ["moe_ffn", "lm_head"]
