@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from simcc.calibrate.fit import _pool_adjacent_violators, held_out_mask  # noqa: E402
+from simcc.calibrate.fit import held_out_mask  # noqa: E402
+from simcc.isotonic import isotonic  # noqa: E402
 from simcc.profile.kernels import FAMILIES, HOST_CORES_COLUMN, HOST_LOAD_COLUMN, MEASUREMENT_COLUMNS  # noqa: E402
 from simcc.specs.loader import load_hardware  # noqa: E402
 
@@ -100,7 +101,7 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_monotone_fit_and_hold_out():
-    assert _pool_adjacent_violators([0.1, 0.3, 0.2, 0.5], [1, 1, 1, 1]) == pytest.approx([0.1, 0.25, 0.25, 0.5])
+    assert isotonic([0.1, 0.3, 0.2, 0.5], [1, 1, 1, 1]) == pytest.approx([0.1, 0.25, 0.25, 0.5])
     frame = pd.DataFrame({"family": ["gemm"] * 6, "kernel_flops": [1, 2, 3, 4, 5, 6], "bytes": [0] * 6})
     held = held_out_mask(frame)
     assert not held.iloc[0] and not held.iloc[-1] and held.sum() == 2  # ends always fitted

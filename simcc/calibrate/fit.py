@@ -14,6 +14,7 @@ import pandas as pd
 
 from simcc.calibrate.measurements import predict, row_ops
 from simcc.costs.compute import peak_flops
+from simcc.isotonic import isotonic
 from simcc.specs.hardware import Device, EfficiencyCurve
 
 CURVE_FAMILIES = ("gemm", "gemm_backward", "grouped_gemm", "grouped_gemm_backward", "attention", "lstm", "moefication")
@@ -36,23 +37,6 @@ def held_out_mask(frame: pd.DataFrame) -> pd.Series:
         for position, index in enumerate(order[1:-1], start=1):
             mask[index] = position % 3 == 1
     return mask
-
-
-def _pool_adjacent_violators(values: list[float], weights: list[float]) -> list[float]:
-    """Least-squares non-decreasing fit (isotonic regression)."""
-    blocks = [[v, w, 1] for v, w in zip(values, weights)]
-    merged: list[list[float]] = []
-    for block in blocks:
-        merged.append(block)
-        while len(merged) > 1 and merged[-2][0] > merged[-1][0]:
-            value2, weight2, count2 = merged.pop()
-            value1, weight1, count1 = merged.pop()
-            total = weight1 + weight2
-            merged.append([(value1 * weight1 + value2 * weight2) / total, total, count1 + count2])
-    out: list[float] = []
-    for value, _, count in merged:
-        out += [value] * int(count)
-    return out
 
 
 def robust_line(sizes: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
@@ -100,7 +84,7 @@ def _curve(points: list[tuple[float, float]], axis: str, monotone: bool = True) 
     """(size, fraction) points as a curve: an isotonic (non-decreasing) fit, or the points as they
     are (averaged where several share a size)."""
     points = sorted(points)
-    fitted = _pool_adjacent_violators([p[1] for p in points], [1.0] * len(points)) if monotone else [p[1] for p in points]
+    fitted = isotonic([p[1] for p in points], [1.0] * len(points)) if monotone else [p[1] for p in points]
     knots: dict[float, list[float]] = {}
     for (x, _), y in zip(points, fitted):
         knots.setdefault(x, []).append(min(1.0, max(FRACTION_FLOOR, y)))

@@ -13,11 +13,12 @@ routing/load.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from simcc.errors import InputError
+from simcc.isotonic import isotonic
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.blocks import MoEFFNBlock
 from simcc.specs.vocab import K_PER_TOKEN_POLICIES
@@ -111,7 +112,26 @@ def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
     if uniform:
         return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), profile.experts_per_token,
                               profile.exact, profile.no_expert_fraction)
+    if spec.gating.policy in POPULARITY_MONOTONE_POLICIES:
+        return replace(profile, share=_smoothed(profile.share, popularity(spec, np.random.default_rng(seed))))
     return profile
+
+
+# Policies under which an expert's expected share only rises with its popularity (each token ranks
+# experts by log popularity plus noise that treats all experts alike).
+POPULARITY_MONOTONE_POLICIES = ("topk", "noisy_topk", "switch", "moefication", "gshard")
+
+
+def _smoothed(share: np.ndarray, popular: np.ndarray) -> np.ndarray:
+    """The sample's shares as the non-decreasing function of popularity closest to them. A sample
+    of T tokens gives each share a noise of about sqrt(share / (T k)); left in, that noise would
+    be one fixed router bias in every simulated step, while the policy itself cannot favour a less
+    popular expert. Experts of equal popularity get equal shares."""
+    levels, group = np.unique(popular, return_inverse=True)  # sorted popularity levels
+    sizes = np.bincount(group, minlength=levels.size).astype(float)
+    means = np.bincount(group, weights=share, minlength=levels.size) / sizes
+    fitted = np.asarray(isotonic(means.tolist(), sizes.tolist()))[group]
+    return fitted / fitted.sum()
 
 
 def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
