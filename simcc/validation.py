@@ -132,9 +132,9 @@ def _tokens_per_s(result: Estimate) -> float:
 
 
 def _serving(case: Case) -> tuple[float, str, MemoryBreakdown]:
-    """Tokens/s of one serving step at the workload's batch, from the step tables the serving
-    simulator schedules (no queueing: a benchmark runs its batch alone), with the expert cache's
-    loads; the dominant part is what the step streams or computes."""
+    """A serving metric at the workload's batch from the step tables the serving simulator
+    schedules (no queueing: a benchmark runs its batch alone), expert-cache loads included; the
+    dominant part is those loads when they are most of the time, else the weights streamed."""
     from simcc.layout import build_layout
     from simcc.plan.serving import serving_costs
     from simcc.specs.loader import load_hardware, load_workload, split_overrides
@@ -151,17 +151,14 @@ def _serving(case: Case) -> tuple[float, str, MemoryBreakdown]:
     decode_loads = costs.cache.decode_load_seconds[costs.decode.batch_sizes.index(batch)]
     prefill_loads = costs.cache.prefill_load_seconds * batch
     decode, prefill = costs.decode.at(batch) + decode_loads, costs.prefill.at(batch) + prefill_loads
-    latency = prefill + (serve.output_tokens - 1) * decode
-    loads = decode_loads if case.metric in ("decode_tokens_per_s", "tpot_s") else prefill_loads
-    predicted, seconds = {
-        "decode_tokens_per_s": (batch / decode, decode),
-        "prefill_tokens_per_s": (batch * serve.prompt_tokens / prefill, prefill),
-        "ttft_s": (prefill, prefill),
-        "tpot_s": (decode, decode),
-        "request_latency_s": (latency, latency),
+    later = serve.output_tokens - 1  # decode steps after the prefill's first token
+    seconds, loads = {
+        "decode_tokens_per_s": (decode, decode_loads), "tpot_s": (decode, decode_loads),
+        "prefill_tokens_per_s": (prefill, prefill_loads), "ttft_s": (prefill, prefill_loads),
+        "request_latency_s": (prefill + later * decode, prefill_loads + later * decode_loads),
     }[case.metric]
-    if case.metric == "request_latency_s":
-        loads = prefill_loads + (serve.output_tokens - 1) * decode_loads
+    rates = {"decode_tokens_per_s": batch / decode, "prefill_tokens_per_s": batch * serve.prompt_tokens / prefill}
+    predicted = rates.get(case.metric, seconds)
     dominant = f"expert loads {loads / seconds:.0%}" if loads > 0.5 * seconds else f"weights {costs.memory.weights / 1e9:.1f} GB"
     return predicted, dominant, costs.memory
 

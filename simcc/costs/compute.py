@@ -80,9 +80,9 @@ def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
     if useful <= 0:
         return 1.0  # nothing to tile (an expert rank that received no tokens)
     skinny = rows_out < SKINNY_BELOW
+    skinny_rows = SKINNY_TILE_ROWS * np.maximum(1.0, np.ceil(rows_out / SKINNY_TILE_ROWS))
     best = 0.0
     for rows, cols in LARGE_TILES:
-        skinny_rows = SKINNY_TILE_ROWS * np.maximum(1.0, np.ceil(rows_out / SKINNY_TILE_ROWS))
         tile_rows = np.where(skinny, np.minimum(rows, skinny_rows), rows)
         count = np.ceil(rows_out / tile_rows) * np.ceil(cols_out / cols) * copies
         tiles, occupied = float(count.sum()), float((count * tile_rows * cols).sum())

@@ -84,12 +84,13 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
     prec = workload.precision
     zero = workload.parallelism.zero_stage
     dense, expert = layout.local_params(stage_params)
-    weights = (dense / (layout.dp if zero >= 3 else 1) * bytes_per_weight(prec.weights)
-               + expert / (layout.expert_dp if zero >= 3 else 1) * bytes_per_weight(prec.expert_weights or prec.weights))
+    dense_held = dense / (layout.dp if zero >= 3 else 1)  # ZeRO-3 shards the weights themselves
+    expert_held = expert / (layout.expert_dp if zero >= 3 else 1)
+    weights = dense_held * bytes_per_weight(prec.weights) + expert_held * bytes_per_weight(prec.expert_weights or prec.weights)
     if prec.matmul is not None and DTYPE_BYTES[prec.matmul] < min(DTYPE_BYTES[prec.compute], bytes_per_weight(prec.weights)):
         # FP8 GEMMs read an FP8 copy of each weight, cast once per step and kept (Transformer
-        # Engine caches it across micro-batches); gathered per layer under ZeRO-3.
-        weights += (dense / (layout.dp if zero >= 3 else 1) + expert / (layout.expert_dp if zero >= 3 else 1)) * DTYPE_BYTES[prec.matmul]
+        # Engine caches it across micro-batches).
+        weights += (dense_held + expert_held) * DTYPE_BYTES[prec.matmul]
     # Sparse embedding gradients are their touched rows, a transient buffer (embedding_work).
     dense_grads = dense - stage_params.sparse_grad / layout.tp
     grads = (dense_grads / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]

@@ -77,10 +77,10 @@ def _logits(popular: np.ndarray, tokens: int, temperature: float, rng: np.random
 
 
 def _add_gate_noise(logits: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-    """Shazeer et al. 2017, eq. 4: H(x) = x Wg + N(0,1) * softplus(x Wnoise). Both gates start at
-    zero (appendix A, to start with roughly equal expert loads: "we initialize the matrices Wg and
-    Wnoise to all zeros, which yields no signal and some noise"), so every expert's noise scale is softplus(0) = ln 2: the noise spreads tokens, it does
-    not favour the experts a random projection would."""
+    """Shazeer et al. 2017, eq. 4: H(x) = x Wg + N(0,1) * softplus(x Wnoise). Both gate matrices
+    start at zero (appendix A, so that expert loads start roughly equal), so every expert's noise
+    scale is softplus(0) = ln 2: the noise spreads tokens and favours no expert, where a random
+    noise projection would."""
     return logits + noise_std * math.log(2.0) * rng.standard_normal(logits.shape)
 
 

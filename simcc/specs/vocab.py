@@ -69,6 +69,7 @@ def is_quantized(stored: "str | float") -> bool:
     """Stored narrower than any compute dtype, dequantized in the kernel."""
     return not isinstance(stored, str) or stored in WEIGHT_FORMAT_BITS
 
+
 # Bus-bandwidth factors follow nccl-tests' PERFORMANCE.md.
 COLLECTIVES = {
     "all_reduce": "every rank ends with the sum of all buffers (bus bandwidth = algbw x 2(n-1)/n)",

@@ -36,7 +36,8 @@ COSTINGS: dict[type[BlockSpec], Costing[Any]] = {}
 
 
 def block_costing(spec_type: type[SpecT], params: ParamsOf[SpecT], *, per_layer_seed: bool = False,
-                  attached: bool = False, kv_cache: KVCacheOf[SpecT] | None = None) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
+                  attached: bool = False,
+                  kv_cache: KVCacheOf[SpecT] | None = None) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
     """Register a kind's costing: decorates its `work` function and names its `params` function."""
 
     def register(work: WorkOf[SpecT]) -> WorkOf[SpecT]:

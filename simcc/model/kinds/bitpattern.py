@@ -41,7 +41,8 @@ def work(spec: BitPatternBlock, hidden: int, batch: Batch, shard: Shard) -> Bloc
             tokens = rng.multinomial(T, np.full(groups, 1.0 / groups)).astype(float).tolist()
         else:
             tokens = [T / groups] * groups
-        result.forward.append(grouped_gemm(f"bits.level{level}", tokens, tokens, d_in, d_out, dt, operands=shard.dense_gemm))
+        result.forward.append(grouped_gemm(f"bits.level{level}", tokens, tokens, d_in, d_out, dt,
+                                           operands=shard.dense_gemm))
     if spec.tree:  # sum the per-level products
         result.forward.append(elementwise("bits.sum", T * d_out, len(levels), 1, dt))
     result.forward.append(elementwise("bits.act", T * d_out, 1, 1, dt, saved_elements=T * d_out))

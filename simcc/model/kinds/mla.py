@@ -56,7 +56,8 @@ def params(spec: MLABlock, hidden: int) -> Params:
     kv_down = hidden * down_kv
     kv_up = spec.kv_lora_rank * heads * (spec.qk_nope_head_dim + v)
     out = heads * v * hidden
-    rows_cols = q_rows_cols + (hidden + down_kv) + (spec.kv_lora_rank + heads * (spec.qk_nope_head_dim + v)) + (heads * v + hidden)
+    kv_up_rows_cols = spec.kv_lora_rank + heads * (spec.qk_nope_head_dim + v)
+    rows_cols = q_rows_cols + (hidden + down_kv) + kv_up_rows_cols + (heads * v + hidden)
     # The down-projections are replicated across TP ranks like norms; the per-head ones are split.
     return Params(dense=q_up + kv_up + out, replicated=q_down + kv_down + norms + NORM_PARAMS * hidden,
                   dense_rows_cols=rows_cols, tensors=(5 + 3) if spec.q_lora_rank else (4 + 2))  # weights + norms
