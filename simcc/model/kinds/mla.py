@@ -17,18 +17,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from simcc.model.kinds._registry import block_costing
-from simcc.model.kinds._shared import (
-    NORM_PARAMS,
-    Batch,
-    BlockWork,
-    Params,
-    Shard,
-    column_gemm,
-    norm,
-    residual,
-    tp_entry,
-    tp_exit,
-)
+from simcc.model.kinds._shared import NORM_PARAMS, Batch, BlockWork, Params, Shard
+from simcc.model.kinds._shared import column_gemm, norm, residual, tp_entry, tp_exit
 from simcc.model.ops import DTYPE_BYTES, Op, elementwise, gemm
 from simcc.specs.blocks import MLABlock
 
