@@ -62,9 +62,13 @@ def main() -> None:
               help="With --layer: the forward pass, the backward (with recomputation), or both.")
 @click.option("--requests-trace", default=None,
               help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
+@click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True, max=1e6), default=None,
+              help="Serving: time-to-first-token objective in seconds; reports goodput (requests meeting every SLO).")
+@click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True, max=1e6), default=None,
+              help="Serving: time-per-output-token objective in seconds; reports goodput.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
              trace_path: str | None, request_count: int, layer: int | None, passes: str,
-             requests_trace: str | None) -> None:
+             requests_trace: str | None, slo_ttft: float | None, slo_tpot: float | None) -> None:
     """Estimate step time, memory, throughput, cost and energy of WORKLOAD on a hardware profile."""
     from simcc.estimate import SimulationOptions
     from simcc.estimate import estimate as run_estimate
@@ -87,7 +91,8 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
     requests = read_request_csv(requests_trace) if requests_trace else None
     if trace_path is not None:
         check_output(trace_path, "--trace")
-    options = SimulationOptions(steps=steps, timeline=timeline, request_count=request_count, requests=requests)
+    options = SimulationOptions(steps=steps, timeline=timeline, request_count=request_count, requests=requests,
+                                slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot)
     result = run_estimate(spec, system, source, options)
     if trace_path is not None:
         write_timeline(timeline, Path(trace_path), "--trace")

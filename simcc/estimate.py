@@ -35,6 +35,7 @@ from simcc.results import (
     DenseVsMoESection,
     Estimate,
     ExpertCacheSection,
+    GoodputSection,
     LatencySection,
     LayerSection,
     LayoutSection,
@@ -62,6 +63,8 @@ class SimulationOptions:
     request_count: int = 2000  # serving: Poisson requests to simulate
     requests: list[Request] | None = None  # serving: a trace instead of Poisson arrivals
     simulate_unfit: bool = True  # False: a training layout that does not fit in memory is not simulated
+    slo_ttft_s: float | None = None  # serving: latency objectives; either one set reports goodput
+    slo_tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,7 @@ def _estimate_serving(run: _Run, result: Estimate) -> None:
     if workload.anytime is not None:
         result.model = replace(result.model, serve_width=workload.anytime.serve_width)
     result.throughput = _serving_throughput(run, sim)
+    result.goodput = _goodput(run, sim)
     memory = costs.memory
     result.memory = _memory_section(memory)
     if not memory.fits:
@@ -418,6 +422,20 @@ def _serving_throughput(run: _Run, sim: ServingResult) -> ServingThroughput:
     per_device = per_token_flops * tokens_per_s / system.devices
     return ServingThroughput(requests_per_s, tokens_per_s, sim.busy / sim.span if sim.span > 0 else 0.0,
                              per_device / 1e12, mfu(per_device, peak_flops(system.device, workload.precision.compute)))
+
+
+def _goodput(run: _Run, sim: ServingResult) -> GoodputSection | None:
+    """Requests whose first token and later tokens each came within their objective, and the
+    rate of requests and output tokens they make up (all replicas)."""
+    ttft_slo, tpot_slo = run.options.slo_ttft_s, run.options.slo_tpot_s
+    if ttft_slo is None and tpot_slo is None:
+        return None
+    met = [(ttft, tpot, tokens) for ttft, tpot, tokens in sim.finished
+           if (ttft_slo is None or ttft <= ttft_slo) and (tpot_slo is None or tpot <= tpot_slo)]
+    replicas = run.layout.dp
+    per_second = replicas / sim.span if sim.span > 0 else 0.0
+    share = len(met) / len(sim.finished) if sim.finished else 0.0
+    return GoodputSection(ttft_slo, tpot_slo, share, len(met) * per_second, sum(t for _, _, t in met) * per_second)
 
 
 def _expert_cache(run: _Run, result: Estimate, costs: ServingCosts, sim: ServingResult) -> None:

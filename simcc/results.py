@@ -191,6 +191,19 @@ class ExpertCacheSection(Section):
 
 
 @dataclass(frozen=True)
+class GoodputSection(Section):
+    """Requests that met every latency objective given (DistServe's goodput, Zhong et al. 2024):
+    their share, and the requests and output tokens per second they account for."""
+
+    title: ClassVar[str] = "Goodput under SLOs"
+    slo_ttft_s: float | None
+    slo_tpot_s: float | None
+    share_meeting_slo: float
+    goodput_requests_per_s: float
+    goodput_tokens_per_s: float
+
+
+@dataclass(frozen=True)
 class TrainingRunSection(Section):
     title: ClassVar[str] = "Whole run"
     total_tokens: float
@@ -314,6 +327,7 @@ class Estimate:
     latency: LatencySection | None = None
     throughput: TrainingThroughput | ServingThroughput | None = None
     expert_cache: ExpertCacheSection | None = None
+    goodput: GoodputSection | None = None
     moe: MoESection | None = None
     comm: CommSection | None = None
     run: TrainingRunSection | ServingRunSection | None = None
@@ -328,7 +342,8 @@ class Estimate:
         """(report key, section) in report order; the keys are the JSON object names."""
         ordered: list[tuple[str, Section | None]] = [
             ("layout", self.layout), ("model", self.model), ("step", self.step), ("latency", self.latency),
-            ("throughput", self.throughput), ("memory", self.memory), ("expert_cache", self.expert_cache),
+            ("throughput", self.throughput), ("goodput", self.goodput), ("memory", self.memory),
+            ("expert_cache", self.expert_cache),
             ("moe", self.moe), ("comm", self.comm), ("run", self.run), *self.schedules.items(), ("serving dense vs moe", self.dense_vs_moe),
             ("layer", self.layer),
         ]

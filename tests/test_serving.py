@@ -252,3 +252,27 @@ def test_a_threshold_tree_reads_only_the_blocks_that_fire():
             assert 0 < fired <= 2**level
             assert op.bytes == pytest.approx((fired * 256 * 1024 + fired * (256 + 1024)) * 2)  # their weights only (bf16)
     assert latencies == sorted(latencies, reverse=True) and latencies[0] > 5 * latencies[-1]
+
+
+def test_goodput_counts_the_requests_that_meet_every_objective():
+    """Two requests alone on the server: each gets the unloaded TTFT (one prefill) and TPOT (one
+    decode step). An objective just above both keeps both, the request and token rates over the
+    run's span; one just below either drops both; none given, no goodput section."""
+    workload, src = load_workload("mixtral_8x7b_serve_edge", SMALL)
+    system = load_hardware("h200", ["memory_gb=200"])
+    costs = serving_costs(workload, system, build_layout(workload, system, src))
+    ttft, tpot = costs.prefill.at(1), costs.decode.at(1)
+    trace = [Request(0.0, 16, 8), Request(100.0, 16, 8)]
+
+    def goodput(slo_ttft, slo_tpot):
+        return estimate(workload, system, src, SimulationOptions(requests=trace, slo_ttft_s=slo_ttft,
+                                                                  slo_tpot_s=slo_tpot)).goodput
+
+    met = goodput(ttft * 1.01, tpot * 1.01)
+    span = 100.0 + ttft + 7 * tpot
+    assert met.share_meeting_slo == 1.0
+    assert met.goodput_requests_per_s == pytest.approx(2 / span)
+    assert met.goodput_tokens_per_s == pytest.approx(16 / span)
+    assert goodput(ttft * 0.99, None).share_meeting_slo == 0.0
+    assert goodput(None, tpot * 0.99).goodput_tokens_per_s == 0.0
+    assert goodput(None, None) is None

@@ -64,6 +64,8 @@ class ServingResult:
     loading: float = 0.0
     events: int = 0
     cache: CacheStats | None = None
+    # per finished request: (time to first token, time per later output token, output tokens)
+    finished: list[tuple[float, float, int]] = field(default_factory=list)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -184,8 +186,10 @@ class _ReplicaServer:
             self.kv_used -= self._kv_need(request)
             self.result.latency.append(self.now - request.arrival)
             self.result.output_tokens += request.output
+            tpot = (self.now - r.first_token_time) / (request.output - 1) if request.output > 1 else 0.0
             if request.output > 1:
-                self.result.tpot.append((self.now - r.first_token_time) / (request.output - 1))
+                self.result.tpot.append(tpot)
+            self.result.finished.append((r.first_token_time - request.arrival, tpot, request.output))
 
 
 def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Request], replicas: int,
