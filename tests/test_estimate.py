@@ -214,7 +214,8 @@ def test_overlapping_expert_communication_hides_it_and_shortens_the_step():
 def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fraction():
     """precision.matmul fp8 (Transformer Engine's FP8 GEMMs): the GEMM reads its input and weight
     at 1 byte, writes bf16, runs against the 1979 TFLOP/s FP8 peak at the profile's fp8 fraction;
-    a cast pass before it reads the bf16 input and writes fp8 (block scaling: + 4/128 bytes)."""
+    a cast pass before it reads the bf16 input and writes fp8 (delayed scaling), after an amax
+    pass (current scaling), with + 4/128 bytes of scales (block scaling)."""
     from simcc.model.blocks import Batch
     from simcc.model.graph import units_of
     from simcc.layout import build_layout
@@ -226,7 +227,8 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
         work = forward_work(units_of(workload.model)[:1], workload, layout, Batch(1, 4096, 4096))
         return {op.name: op for op in work.items if isinstance(op, Op)}
 
-    bf16, fp8 = ops([]), ops(["precision.matmul=fp8"])
+    bf16, fp8 = ops([]), ops(["precision.matmul=fp8", "precision.fp8_scaling=delayed"])
+    current = ops(["precision.matmul=fp8"])  # per-tensor current scaling, the default
     block = ops(["precision.matmul=fp8", "precision.fp8_scaling=block"])
     out = fp8["attn.out"]
     (m, k, n, _), = out.kernels[0]  # tokens x local heads' width -> hidden
@@ -235,6 +237,7 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
     assert out.bytes == pytest.approx(m * k * 1 + k * n * 1 + m * n * 2)
     assert bf16["attn.out"].bytes == pytest.approx((m * k + k * n + m * n) * 2)
     assert fp8["attn.out.cast"].bytes == pytest.approx(m * k * (2 + 1))
+    assert current["attn.out.cast"].bytes == pytest.approx(m * k * (2 + 2 + 1))  # an amax pass, then the cast
     assert block["attn.out.cast"].bytes == pytest.approx(m * k * (2 + 1 + 4 / 128))
     assert "attn.out.cast" not in bf16
     h100 = load_hardware("h100_sxm").device

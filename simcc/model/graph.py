@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import simcc.model.blocks as B
 from simcc.model.kinds import COSTINGS, costing_of
-from simcc.model.ops import DTYPE_BYTES, Op, WorkItem, elementwise
+from simcc.model.ops import DTYPE_BYTES, GemmOperands, Op, WorkItem, elementwise
 from simcc.model.threshold import FiringSample, firing_sample
 from simcc.specs.blocks import BlockSpec
 from simcc.specs.workload import BlockItem, ModelSpec, ThresholdTreeBlock
@@ -134,9 +134,10 @@ def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.B
 
 def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     """Before each GEMM that takes narrower inputs than the compute dtype (FP8), a pass casts its
-    activation input: read at the compute dtype, written at the narrow one with its scales, an
-    amax and a scale multiply per element (Transformer Engine's cast kernels; its backward casts
-    and transposes the output gradient). Every block kind gets it here, once."""
+    activation input: read at the compute dtype (twice under current scaling, whose amax needs
+    the whole tensor first), written at the narrow one with its scales, an amax and a scale
+    multiply per element (Transformer Engine's cast kernels; its backward casts and transposes the
+    output gradient). Every block kind gets it here, once."""
     compute = DTYPE_BYTES[shard.dtype]
     if not any(isinstance(item, Op) and item.is_matmul and DTYPE_BYTES[item.dtype] < compute for item in work.forward):
         return work
@@ -144,9 +145,10 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     for item in work.forward:
         if isinstance(item, Op) and item.family in ("gemm", "grouped_gemm") and DTYPE_BYTES[item.dtype] < compute:
             elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
-            scales = shard.dense_gemm.scale_bytes if shard.dense_gemm else 0.0
-            forward.append(elementwise(f"{item.name}.cast", elements, 1, (DTYPE_BYTES[item.dtype] + scales) / compute,
-                                       shard.dtype, flops_per_element=2))
+            operands = shard.dense_gemm or GemmOperands()
+            forward.append(elementwise(f"{item.name}.cast", elements, operands.cast_reads,
+                                       (DTYPE_BYTES[item.dtype] + operands.scale_bytes) / compute, shard.dtype,
+                                       flops_per_element=2))
         forward.append(item)
     return replace(work, forward=forward)
 

@@ -120,6 +120,7 @@ class GemmOperands:
     weight_bytes: float | None = None  # per stored weight, scales included; None: at the inputs' dtype
     dequant_flops: float = 0.0  # per weight
     scale_bytes: float = 0.0  # per input element (block-scaled FP8: one fp32 scale per 128)
+    cast_reads: float = 1.0  # passes over the input its cast makes (current scaling: an amax pass first)
 
     def read(self, compute: str) -> tuple[str, float, float, float]:
         """(dtype of the op, bytes per activation element, bytes per weight, dequant FLOPs per weight)."""

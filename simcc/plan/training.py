@@ -114,9 +114,10 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     if inputs is None and weight >= read:
         return None
     scale = BLOCK_SCALE_BYTES if inputs is not None and precision.fp8_scaling == "block" else 0.0
+    reads = 2.0 if inputs is not None and precision.fp8_scaling == "tensor" else 1.0
     if weight >= read:
-        return GemmOperands(inputs, None, 0.0, scale)
-    return GemmOperands(inputs, weight, DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0, scale)
+        return GemmOperands(inputs, None, 0.0, scale, reads)
+    return GemmOperands(inputs, weight, DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0, scale, reads)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:

@@ -204,9 +204,11 @@ class Precision(StrictModel):
     # The dtype weight GEMMs take their inputs in when narrower than `compute` (fp8: Transformer
     # Engine's FP8 GEMMs, with activations, norms and attention at `compute`); unset: `compute`.
     matmul: Dtype | None = None
-    # FP8 scaling: one scale per tensor (Transformer Engine's delayed scaling) or per 1 x 128
-    # activation tile and 128 x 128 weight block (DeepSeek-V3, sec. 3.3.2).
-    fp8_scaling: Literal["tensor", "block"] = "tensor"
+    # FP8 scaling: one scale per tensor from the tensor itself (current scaling: an amax pass over
+    # the input before the cast), one per tensor from earlier steps' amax history (Transformer
+    # Engine's delayed scaling: the cast records the amax as it goes), or one per 1 x 128
+    # activation tile and 128 x 128 weight block (DeepSeek-V3, sec. 3.3.2: computed on chip).
+    fp8_scaling: Literal["tensor", "delayed", "block"] = "tensor"
     compute: Dtype = "bf16"
     gradients: Dtype = "bf16"
     communication: Dtype = "bf16"
