@@ -267,8 +267,9 @@ def test_switch_shares_follow_popularity_closer_than_one_sample_does():
     from simcc.routing.gating import _route_sample, popularity
 
     spec = moe(k=1, gating={"policy": "switch"}, load={"distribution": "cv", "cv": 0.5})
-    p = popularity(spec, np.random.default_rng(11))
-    raw, smooth = _route_sample(spec, 8, 11).share, route(spec, 8, seed=11).share
+    rng = np.random.default_rng(11)
+    p = popularity(spec, rng)
+    raw, smooth = _route_sample(spec, 8, rng, p).share, route(spec, 8, seed=11).share
     order = np.argsort(p)
     assert np.all(np.diff(smooth[order]) >= -1e-15)
     rms = lambda share: float(np.sqrt(np.mean((share / p - 1) ** 2)))  # noqa: E731

@@ -139,18 +139,16 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     multiply per element (Transformer Engine's cast kernels; its backward casts and transposes the
     output gradient). Every block kind gets it here, once."""
     compute = DTYPE_BYTES[shard.dtype]
-    if not any(isinstance(item, Op) and item.is_matmul and DTYPE_BYTES[item.dtype] < compute for item in work.forward):
-        return work
+    operands = shard.dense_gemm or GemmOperands()
     forward: list[WorkItem] = []
     for item in work.forward:
         if isinstance(item, Op) and item.family in ("gemm", "grouped_gemm") and DTYPE_BYTES[item.dtype] < compute:
             elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
-            operands = shard.dense_gemm or GemmOperands()
             forward.append(elementwise(f"{item.name}.cast", elements, operands.cast_reads,
                                        (DTYPE_BYTES[item.dtype] + operands.scale_bytes) / compute, shard.dtype,
                                        flops_per_element=2))
         forward.append(item)
-    return replace(work, forward=forward)
+    return replace(work, forward=forward) if len(forward) > len(work.forward) else work
 
 
 def units_params(units: list[Unit], hidden: int) -> B.Params:

@@ -351,7 +351,8 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
     assert workload.train is not None
     par = workload.parallelism
     batch = _micro_batch(workload)
-    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp, par.pipeline_layout)
+    units = units_of(workload.model)
+    chunks = stage_units(units, layout.pp * layout.vpp, par.pipeline_layout)
     p2p = _pipeline_send(workload, system, layout, batch) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)
     stages: list[StagePlan] = []
     for stage in range(layout.pp):
@@ -366,7 +367,7 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
             params = params.add(c.params)
         stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
     return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce,
-                        par.overlap_p2p, par.overlap_moe_comm, _comm_sm_share(_comm_sms(workload), system))
+                        par.overlap_p2p, par.overlap_moe_comm, _comm_sm_share(_comm_sms(workload, units), system))
 
 
 # SMs a deduplicating (DeepEP-style) dispatcher's kernels take unless told otherwise: Megatron's
@@ -374,13 +375,13 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
 DEDUPLICATED_DISPATCH_SMS = 20
 
 
-def _comm_sms(workload: Workload) -> int | None:
+def _comm_sms(workload: Workload, units: list[Unit]) -> int | None:
     """The workload's figure, else the dispatcher's default (known for the deduplicating one; an
     NCCL all-to-all's channel count depends on the NCCL build and is not modelled)."""
     par = workload.parallelism
     if par.moe_comm_sms is not None:
         return par.moe_comm_sms
-    dispatchers = {block.spec.routing.dispatcher for unit in units_of(workload.model) for block in unit.blocks
+    dispatchers = {block.spec.routing.dispatcher for unit in units for block in unit.blocks
                    if isinstance(block.spec, MoEFFNBlock)}
     return DEDUPLICATED_DISPATCH_SMS if "deduplicated" in dispatchers else None
 

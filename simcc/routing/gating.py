@@ -108,12 +108,14 @@ def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
         # Nothing to measure: every token takes k experts and each expert gets 1/E of them. This
         # skips a tokens x experts logit sample, most of a cold estimate of a 256-expert model.
         return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), float(spec.k), False, 0.0)
-    profile = _route_sample(spec, ranks, seed)
+    rng = np.random.default_rng(seed)
+    popular = popularity(spec, rng)  # read once: a histogram comes from the user's file
+    profile = _route_sample(spec, ranks, rng, popular)
     if uniform:
         return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), profile.experts_per_token,
                               profile.exact, profile.no_expert_fraction)
     if spec.gating.policy in POPULARITY_MONOTONE_POLICIES:
-        return replace(profile, share=_smoothed(profile.share, popularity(spec, np.random.default_rng(seed))))
+        return replace(profile, share=_smoothed(profile.share, popular))
     return profile
 
 
@@ -134,11 +136,10 @@ def _smoothed(share: np.ndarray, popular: np.ndarray) -> np.ndarray:
     return fitted / fitted.sum()
 
 
-def _route_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
-    rng = np.random.default_rng(seed)
+def _route_sample(spec: MoEFFNBlock, ranks: int, rng: np.random.Generator, popular: np.ndarray) -> RoutingSample:
+    """The policy run on `gating.sample_tokens` tokens whose router prefers experts by `popular`."""
     gating, experts, k = spec.gating, spec.experts, spec.k
     tokens = gating.sample_tokens
-    popular = popularity(spec, rng)
     policy = gating.policy
     if policy == "hash":
         # Token ids follow Zipf(token_zipf) over the vocabulary; a fixed multiplicative hash picks the expert.
