@@ -17,6 +17,22 @@ from simcc.io import check_output, note_input
 FORMATS = click.Choice(["table", "json", "csv"])
 
 
+class Seconds(click.FloatRange):
+    """A positive finite number of seconds, at most a million: click's range compares, and 'nan'
+    compares false with every bound, so it is refused here by name."""
+
+    name = "seconds"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True, max=1e6)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number of seconds; expected 0 < x <= 1000000", param, ctx)
+        return number
+
+
 class SimccGroup(click.Group):
     """Turns InputError into one line on stderr and exit code 2 (click's code for bad usage)."""
 
@@ -62,9 +78,9 @@ def main() -> None:
               help="With --layer: the forward pass, the backward (with recomputation), or both.")
 @click.option("--requests-trace", default=None,
               help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
-@click.option("--slo-ttft", type=click.FloatRange(min=0, min_open=True, max=1e6), default=None,
+@click.option("--slo-ttft", type=Seconds(), default=None,
               help="Serving: time-to-first-token objective in seconds; reports goodput (requests meeting every SLO).")
-@click.option("--slo-tpot", type=click.FloatRange(min=0, min_open=True, max=1e6), default=None,
+@click.option("--slo-tpot", type=Seconds(), default=None,
               help="Serving: time-per-output-token objective in seconds; reports goodput.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
              trace_path: str | None, request_count: int, layer: int | None, passes: str,

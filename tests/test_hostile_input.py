@@ -85,6 +85,12 @@ def test_infinite_or_nan_floats_are_refused(override):
     assert_one_line_error(estimate(override), override.split("=")[0].removeprefix("hardware."), "finite")
 
 
+@pytest.mark.parametrize("option, value", [("--slo-ttft", "nan"), ("--slo-tpot", "inf"), ("--slo-ttft", "0")])
+def test_a_latency_objective_that_is_not_a_positive_finite_time_is_refused(option, value):
+    serve = str(ROOT / "workloads" / "mixtral_8x7b_serve_edge.yaml")
+    assert_one_line_error(simcc("estimate", serve, "-H", "h200", "--requests", "10", option, value), option)
+
+
 @pytest.mark.parametrize("override, limit", [
     ("seed=" + "9" * 320, "9007199254740992"),
     ("model.blocks.1.repeat=99999999999999999999", "9007199254740992"),
