@@ -18,6 +18,9 @@ CASES = [
     ("deepseek-v3 as trained: 2,048 GPUs, PP16 EP64, 120 micro-batches", "deepseek_v3_shape_train", "dgx_h100_x128",
      ["hardware.nodes=256", "parallelism.pp=16", "parallelism.ep=64", "train.global_batch=15360",
       "parallelism.recompute=none"], []),
+    ("deepseek-v3 at 4,096 GPUs, PP16 EP64, 120 micro-batches", "deepseek_v3_shape_train", "dgx_h100_x128",
+     ["hardware.nodes=512", "parallelism.pp=16", "parallelism.ep=64", "train.global_batch=30720",
+      "parallelism.recompute=none"], []),
     ("deepseek-v3 at 16,384 GPUs, PP16 EP64, 120 micro-batches", "deepseek_v3_shape_train", "dgx_h100_x128",
      ["hardware.nodes=2048", "parallelism.pp=16", "parallelism.ep=64", "train.global_batch=122880",
       "parallelism.recompute=none"], []),
@@ -42,6 +45,42 @@ def run_once(workload: str, hardware: str, sets: list[str], extra: list[str]) ->
     return elapsed
 
 
+# A 1,000-configuration sweep as `simcc sweep` runs it, from a fresh process: Mixtral 8x7B training
+# on 64 H100 over layout, batch, recomputation, ZeRO and overlap axes (5 * 5 * 5 * 2 * 2 * 2).
+SWEEP = {
+    "workload": "mixtral_8x7b_train_64xh100",
+    "hardware": ["dgx_h100_x8"],
+    "axes": {
+        "parallelism.ep": [1, 2, 4, 8, 16],
+        "parallelism.pp": [1, 2, 4, 8, 16],
+        "train.global_batch": [128, 256, 512, 1024, 2048],
+        "parallelism.recompute": ["selective", "full"],
+        "parallelism.zero_stage": [1, 2],
+        "parallelism.overlap_grad_reduce": [True, False],
+    },
+    "steps": 1,
+}
+
+
+def sweep_once(jobs: int) -> tuple[float, int]:
+    """Seconds for the whole `simcc sweep` process, and the configurations it ran."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as folder:
+        spec = Path(folder) / "sweep.yaml"
+        spec.write_text(yaml.safe_dump(SWEEP))
+        command = [sys.executable, "-m", "simcc", "sweep", str(spec), "--format", "csv", "--jobs", str(jobs)]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"sweep: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+    return elapsed, len(done.stdout.strip().splitlines()) - 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -53,6 +92,12 @@ def main() -> None:
             continue
         times = [run_once(workload, hardware, sets, extra) for _ in range(args.repeats)]
         print(f"{name:66s} {statistics.median(times):9.2f} {min(times):7.2f} {max(times):7.2f}", flush=True)
+    name = "sweep of 1,000 mixtral configurations, 2 processes"
+    if not args.only or args.only in name:
+        runs = [sweep_once(2) for _ in range(args.repeats)]
+        times = [seconds for seconds, _ in runs]
+        wall = statistics.median(times)
+        print(f"{name:66s} {wall:9.2f} {min(times):7.2f} {max(times):7.2f}  ({runs[0][1] / wall:.0f} configs/s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,8 @@ def main() -> None:
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a workload field (or hardware.FIELD for the profile); validated like the file.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True,
-              help="Training steps to simulate, each with a fresh expert-load draw.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Training steps to simulate: 1 plays the expected expert loads; more each draw fresh loads (for step_p95_s).")
 @click.option("--seed", type=click.IntRange(0), default=None, help="Seed for load draws (default: the workload's).")
 @click.option("--trace", "trace_path", default=None,
               help="Write the simulated training timeline as Chrome/Perfetto trace-event JSON.")
@@ -127,7 +127,8 @@ COMPARE_COLUMNS = ["workload", "hardware", "devices", "step_s", "tokens_per_s", 
 @click.option("--hardware", "-H", "profiles", multiple=True, required=True,
               help="Hardware profiles to compare (repeat, or several after one flag with the shell's help).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override applied to every configuration.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="As for estimate: 1 plays the expected expert loads.")
 @click.option("--jobs", type=click.IntRange(1, 1024), default=None, help="Local processes (default: one per core).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def compare(workloads: tuple[str, ...], profiles: tuple[str, ...], overrides: tuple[str, ...], steps: int,

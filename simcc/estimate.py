@@ -10,7 +10,7 @@ import statistics
 from dataclasses import dataclass, replace
 
 from simcc.costs.compute import mfu, peak_flops
-from simcc.costs.memory import MemoryBreakdown, training_memory
+from simcc.costs.memory import MemoryBreakdown, worst_stage_memory
 from simcc.costs.money import SECONDS_PER_DAY, run_totals
 from simcc.errors import InputError
 from simcc.layout import DIMENSIONS, Layout, build_layout, dimension_of
@@ -58,7 +58,7 @@ from simcc.specs.workload import Workload
 
 @dataclass(frozen=True)
 class SimulationOptions:
-    steps: int = 4  # simulated training steps, each with a fresh expert-load draw
+    steps: int = 1  # simulated training steps: 1 plays the expected loads, more draw fresh loads per step
     timeline: Timeline | None = None  # filled with the simulated timeline when enabled
     request_count: int = 2000  # serving: Poisson requests to simulate
     requests: list[Request] | None = None  # serving: a trace instead of Poisson arrivals
@@ -87,12 +87,14 @@ def _run(workload: Workload, system: System, source: str, options: SimulationOpt
 
 
 def estimate(workload: Workload, system: System, workload_source: str,
-             options: SimulationOptions = SimulationOptions()) -> Estimate:
+             options: SimulationOptions = SimulationOptions(), plan: TrainingPlan | None = None) -> Estimate:
+    """`plan`: this training workload's plan on this system, when the caller already built it (a
+    search costs every candidate's plan to bound it, then simulates the promising ones)."""
     _check_precision(workload, system, workload_source)
     run = _run(workload, system, workload_source, options)
     result = Estimate(workload.name, system.name, _layout_section(run.layout, system), _model_section(run))
     if workload.mode == "train":
-        _estimate_training(run, result)
+        _estimate_training(run, result, plan)
     else:
         _estimate_serving(run, result)
     if system.price is None:
@@ -248,28 +250,28 @@ def _trained_forward_flops(workload: Workload, batch: Batch) -> float:
 
 
 def _worst_stage_memory(run: _Run, footprints: list[Footprint]) -> MemoryBreakdown:
-    """The stage that holds the most: weights by its parameters, activations by what one
-    micro-batch leaves through its chunks, buffers by its largest transient."""
-    memories = [training_memory(run.workload, run.system, run.layout, params, saved, buffers)
-                for params, saved, buffers in footprints]
-    return max(memories, key=lambda memory: memory.total)
+    return worst_stage_memory(run.workload, run.system, run.layout, footprints)
 
 
 def _unfit_note(memory: MemoryBreakdown, system: System) -> str:
     return f"does not fit: needs {memory.total / 1e9:.1f} GB per device, {system.device.name} has {memory.capacity / 1e9:.1f} GB"
 
 
-def _estimate_training(run: _Run, result: Estimate) -> None:
+def _estimate_training(run: _Run, result: Estimate, plan: TrainingPlan | None = None) -> None:
     workload, options = run.workload, run.options
     works = None
-    if not options.simulate_unfit and workload.anytime is None:  # fit first, before costing anything
+    if plan is None and not options.simulate_unfit and workload.anytime is None:  # fit first, before costing anything
         works = chunk_works(workload, run.layout)
         worst = _worst_stage_memory(run, stage_footprints(workload, run.layout, works))
         if not worst.fits:
             result.memory = _memory_section(worst)
             result.notes.append(_unfit_note(worst, run.system))
             return
-    plan = build_training_plan(workload, run.system, run.layout, sampled_steps=options.steps, works=works)
+    # One step plays the expected expert loads (averaged over draws: the mean without one draw's
+    # noise); more steps each draw their own loads, for the spread between steps.
+    if plan is None:
+        sampled = options.steps if options.steps > 1 else 0
+        plan = build_training_plan(workload, run.system, run.layout, sampled_steps=sampled, works=works)
     worst = _worst_stage_memory(run, [footprint(stage.chunks) for stage in plan.stages])
     sim = simulate_training(plan, options.steps, options.timeline)
     _training_sections(run, result, sim)
@@ -298,7 +300,7 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
         step_s=step_s, step_p95_s=sim.p95_step, compute_s=sim.mean("compute"),
         exposed_comm_s=sim.mean("blocking_comm") + sim.mean("sync_wait"), imbalance_s=sim.mean("imbalance"),
         bubble_s=sim.mean("bubble"), optimizer_s=sim.mean("optimizer"),
-        simulated_steps=run.options.steps, simulated_events=sim.events,
+        simulated_steps=len(sim.steps), simulated_events=sim.events,
     )
     per_device = model_flops_step / step_s / system.devices
     result.throughput = TrainingThroughput(tokens_step / step_s, per_device / 1e12,

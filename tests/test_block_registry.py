@@ -9,7 +9,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from simcc.model.blocks import Batch, BlockWork, Params, Shard
-from simcc.model.graph import ATTACHED_KINDS, model_params, units_forward_flops, units_of
+from simcc.model.graph import ATTACHED_KINDS, block_work, model_params, units_forward_flops, units_of
 from simcc.model.kinds import COSTINGS, block_costing
 from simcc.model.ops import gemm
 from simcc.report.catalog import catalog
@@ -74,7 +74,12 @@ def test_a_new_kind_is_read_from_yaml_and_costed(tiny_kind):
     model = ModelSpec.model_construct(name="tiny", hidden=8, blocks=items.validate_python(blocks))
     assert model_params(model).total == 100 * 8 + 3 * 8
     assert units_forward_flops(units_of(model), 8, Batch(1, 4, 4)) == 3 * 2 * 4 * 8
-    assert len(set(SEEDS_SEEN)) == 3  # per_layer_seed: each layer its own draws
+    assert len(set(SEEDS_SEEN)) == 1  # an expectation: alike layers share it
+    SEEDS_SEEN.clear()
+    tiny = [block for unit in units_of(model) for block in unit.blocks if block.kind == "tiny_scale"]
+    for block in tiny:  # one simulated step's draw: each layer its own (per_layer_seed)
+        block_work(block, 8, Batch(1, 4, 4), Shard(load_draws=1))
+    assert len(set(SEEDS_SEEN)) == 3
     with pytest.raises(ValidationError, match="tiny_scale"):  # the valid kinds name it
         items.validate_python([{}])
 

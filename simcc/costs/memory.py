@@ -101,6 +101,14 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
                            device.reserve_gb * GB, device.memory_gb * GB)
 
 
+def worst_stage_memory(workload: Workload, system: System, layout: Layout,
+                       footprints: list[tuple[Params, float, float]]) -> MemoryBreakdown:
+    """The pipeline stage that holds the most, from each stage's (parameters, activation bytes
+    one micro-batch leaves, largest transient buffer): the one a layout must fit."""
+    memories = [training_memory(workload, system, layout, params, saved, buffers) for params, saved, buffers in footprints]
+    return max(memories, key=lambda memory: memory.total)
+
+
 def serving_memory(system: System, layout: Layout, weight_bytes: float, expert_weight_bytes: float,
                    kv_bytes: float, activation_bytes: float) -> MemoryBreakdown:
     """On an edge device, expert weights that do not fit stay on the storage tier and stream in."""

@@ -51,8 +51,23 @@ def _flatten(items: list[BlockItem]) -> list[BlockItem]:
     return flat
 
 
+# Expanded models by model object (kept in the entry, so an id is not reused while it lives):
+# a plan, its layout checks and its memory model each ask, and a search asks per candidate.
+_UNITS: dict[int, tuple[ModelSpec, list[Unit]]] = {}
+
+
 def units_of(model: ModelSpec) -> list[Unit]:
-    """Pipeline units, with attached blocks (embedding, LM head) merged into their neighbours."""
+    """Pipeline units, with attached blocks (embedding, LM head) merged into their neighbours.
+    Callers read the list, never change it."""
+    entry = _UNITS.get(id(model))
+    if entry is None or entry[0] is not model:
+        if len(_UNITS) >= 64:
+            _UNITS.clear()
+        entry = _UNITS[id(model)] = (model, _units(model))
+    return entry[1]
+
+
+def _units(model: ModelSpec) -> list[Unit]:
     raw = _expand(model.blocks)
     index = 0
     body: list[list[Block]] = []
@@ -120,16 +135,61 @@ def _attached_prefix(blocks: list[Block]) -> int:
     return count
 
 
+_PARAMS: dict[tuple[int, int], tuple[BlockSpec, B.Params]] = {}
+
+
 def block_params(block: Block, hidden: int) -> B.Params:
-    return costing_of(block.spec).params(block.spec, hidden)
+    """By spec object (kept in the entry, so its id is not reused): a model repeats its layers."""
+    key = (id(block.spec), hidden)
+    entry = _PARAMS.get(key)
+    if entry is None or entry[0] is not block.spec:
+        if len(_PARAMS) >= 10_000:
+            _PARAMS.clear()
+        entry = _PARAMS[key] = (block.spec, costing_of(block.spec).params(block.spec, hidden))
+    return entry[1]
+
+
+def drawn_per_layer(shard: B.Shard) -> bool:
+    """Whether layers draw their own random figures: one simulated step's draw does (layers do not
+    repeat one draw); an expectation over draws (expected expert loads, a firing profile) depends
+    on the layer's spec and batch, not its position, so alike layers share it (and its costs)."""
+    return shard.load_draws == 1
+
+
+# Works memoised by what they depend on: a model repeats its layers, and a search or sweep asks
+# for the same layer under many layouts. Specs are frozen, so a key never goes stale; callers
+# read a work, never change it.
+_WORKS: dict[tuple, tuple[BlockSpec, B.BlockWork]] = {}
+_WORKS_LIMIT = 50_000
 
 
 def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
     costing = costing_of(block.spec)
-    if costing.per_layer_seed:  # each layer its own draws, reproducibly
+    if costing.per_layer_seed and drawn_per_layer(shard):  # each layer its own draws, reproducibly
         shard = replace(shard, seed=shard.seed * 100_003 + block.index,
                         sample_seed=shard.sample_seed * 100_003 + block.index)
-    return with_input_casts(costing.work(block.spec, hidden, batch, shard), shard)
+    # By spec object (kept in the entry, so its id is not reused; some specs hold lists and do not
+    # hash); dp and micro-batches are left out of the key where the work does not read them.
+    key = (id(block.spec), hidden, batch, shard if costing.reads_data_parallel else without_data_parallel(shard))
+    entry = _WORKS.get(key)
+    if entry is None or entry[0] is not block.spec:
+        if len(_WORKS) >= _WORKS_LIMIT:
+            _WORKS.clear()
+        entry = _WORKS[key] = (block.spec, with_input_casts(costing.work(block.spec, hidden, batch, shard), shard))
+    return entry[1]
+
+
+_NO_DP: dict[B.Shard, B.Shard] = {}
+
+
+def without_data_parallel(shard: B.Shard) -> B.Shard:
+    """The shard as every kind but `reads_data_parallel` ones sees it: a shared key for its work."""
+    found = _NO_DP.get(shard)
+    if found is None:
+        if len(_NO_DP) >= 10_000:
+            _NO_DP.clear()
+        found = _NO_DP[shard] = replace(shard, dp=1, microbatches=1)
+    return found
 
 
 def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:

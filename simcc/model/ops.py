@@ -7,7 +7,7 @@ without re-deriving any cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
 from simcc.specs.vocab import DTYPE_BYTES, Collective  # noqa: F401 (DTYPE_BYTES re-exported)
@@ -21,6 +21,16 @@ MATMUL_FAMILIES = ("gemm", "grouped_gemm", "conv", "lstm", "moefication", "gemm_
 # with its own calibrated curve, falling back to the forward's when a profile has none.
 BACKWARD_FAMILY = {"gemm": "gemm_backward", "grouped_gemm": "grouped_gemm_backward"}
 FORWARD_FAMILY = {backward: forward for forward, backward in BACKWARD_FAMILY.items()}
+
+
+def _cached_hash(item: "Op") -> int:
+    """An op's hash over all its fields (as its equality compares them), worked out once: plans and
+    searches look the same ops up many times, and a grouped GEMM's fields hold every expert's tiles."""
+    cached = item.__dict__.get("_hash")
+    if cached is None:
+        cached = hash(tuple(getattr(item, f.name) for f in fields(item)))
+        object.__setattr__(item, "_hash", cached)
+    return cached
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,13 @@ class Op:
     # tiles all its experts in one kernel, a batched one all its copies); the kernels do equal
     # FLOPs. Empty: shape unknown.
     kernels: tuple[tuple["GemmBlock", ...], ...] = ()
+
+    def __hash__(self) -> int:
+        return _cached_hash(self)
+
+    def __getstate__(self) -> dict:
+        """Pickled without the cached hash: another process hashes strings differently."""
+        return {key: value for key, value in self.__dict__.items() if key != "_hash"}
 
     @property
     def is_matmul(self) -> bool:

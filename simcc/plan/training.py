@@ -6,6 +6,7 @@ reads `Cost.seconds` and never re-derives it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 from simcc.costs.collectives import collective_time, latency_floor
@@ -13,7 +14,9 @@ from simcc.costs.compute import op_cost
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
-from simcc.model.graph import Unit, block_params, block_work, stage_units, units_of
+from simcc.model.graph import (Unit, block_params, block_work, drawn_per_layer, stage_units, units_of, units_params,
+                               without_data_parallel)
+from simcc.model.kinds import costing_of
 from simcc.model.ops import BLOCK_SCALE_BYTES, DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, backward_of
 from simcc.model.optimizer import optimizer_step
 from simcc.plan.recompute import recomputed
@@ -120,7 +123,24 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     return GemmOperands(inputs, weight, DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0, scale, reads)
 
 
+# Costs by item and system object (kept in the entry, so its id is not reused while the entry
+# lives), and for a collective by the group it runs over: a model repeats its layers' items, every
+# micro-batch shape and recompute replay asks again, and a search costs many layouts on one system.
+_ITEM_COSTS: dict[tuple, tuple[System, "Cost"]] = {}
+_ITEM_COSTS_LIMIT = 200_000
+
+
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
+    key = (item, id(system), layout.groups[item.group]) if isinstance(item, Comm) else (item, id(system))
+    entry = _ITEM_COSTS.get(key)
+    if entry is None or entry[0] is not system:
+        if len(_ITEM_COSTS) >= _ITEM_COSTS_LIMIT:
+            _ITEM_COSTS.clear()
+        entry = _ITEM_COSTS[key] = (system, _cost_item(item, system, layout))
+    return entry[1]
+
+
+def _cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
     if isinstance(item, Comm):
         group = layout.groups[item.group]
         seconds = collective_time(item.collective, item.bytes, group, system, item.algorithm, item.remote_share)
@@ -151,61 +171,179 @@ class ForwardWork:
     unit_step_grads: list[list[WorkItem]] = field(default_factory=list)  # once per step, with each unit's gradients
 
 
+@dataclass(frozen=True)
+class _UnitWork:
+    """One pipeline unit's share of a ForwardWork (MoE ranges relative to the unit's first item)."""
+
+    items: tuple[WorkItem, ...]
+    replay: tuple[WorkItem, ...]
+    params: Params
+    saved_bytes: float
+    transient_bytes: float
+    moe: tuple[MoEStats, ...]
+    moe_ranges: tuple[tuple[int, int], ...]
+    per_step: tuple[WorkItem, ...]
+    step_grads: tuple[WorkItem, ...]
+
+
+# Unit works by what they depend on: a model repeats its layers (a dense model's units are all
+# alike), and a search builds many plans from the same layers.
+_UNIT_WORKS: dict[tuple, _UnitWork] = {}
+_UNIT_WORKS_LIMIT = 20_000
+
+
 def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch,
                  step: int | None = None) -> ForwardWork:
     """The forward items of some pipeline units, with what the recompute policy keeps and replays."""
     hidden = workload.model.hidden
     shard = shard_of(workload, layout, step)
-    recompute = workload.parallelism.recompute
-    modules = tuple(workload.parallelism.recompute_modules)
+    policy = (workload.parallelism.recompute, tuple(workload.parallelism.recompute_modules))
+    per_layer = drawn_per_layer(shard)
+    tokens = tuple(_alike(unit, per_layer) for unit in units)
+    if not any(_READS_DATA_PARALLEL[token] for token in tokens):
+        shard = without_data_parallel(shard)  # the same work for any dp and micro-batch count
+    whole = (tokens, hidden, batch, shard, policy)
+    found = _FORWARD_WORKS.get(whole)
+    if found is None:
+        if len(_FORWARD_WORKS) >= _FORWARD_WORKS_LIMIT:
+            _FORWARD_WORKS.clear()
+        found = _FORWARD_WORKS[whole] = _assembled(units, hidden, batch, shard, policy, layout.tp)
+    return found
+
+
+# Whole chunks' works, for plans that meet the same chunk again (a search's layouts that differ
+# only in options the work does not read). Callers read a work, never change it.
+_FORWARD_WORKS: dict[tuple, ForwardWork] = {}
+_FORWARD_WORKS_LIMIT = 2_000
+
+
+def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, policy: tuple[str, tuple[str, ...]],
+               tp: int) -> ForwardWork:
     out = ForwardWork()
+    per_layer = drawn_per_layer(shard)
     for unit in units:
-        unit_items: list[WorkItem] = []
-        out.unit_starts.append(len(out.items))
-        out.unit_params.append(Params())
-        out.unit_step_grads.append([])
-        for block in unit.blocks:
-            first = len(out.items) + len(unit_items)
-            work: BlockWork = block_work(block, hidden, batch, shard)
-            params = block_params(block, hidden)
-            out.params = out.params.add(params)
-            out.unit_params[-1] = out.unit_params[-1].add(params)
-            unit_items += work.forward
-            if recompute == "selective":
-                out.replay += work.selective_recompute
-                out.saved_bytes += _saved(work.forward) - _saved(work.selective_recompute)
-            elif recompute == "none":
-                out.saved_bytes += _saved(work.forward)
-            if modules and recompute != "full":
-                replay, freed = recomputed(work.forward, modules)
-                out.replay += replay
-                out.saved_bytes -= freed
-            out.per_step += work.per_step
-            out.unit_step_grads[-1] += work.per_step_grads
-            out.transient_bytes = max(out.transient_bytes, work.transient_bytes)
-            if work.moe is not None:
-                out.moe.append(work.moe)
-                out.moe_ranges.append((first, first + len(work.forward)))
-                out.transient_bytes = max(out.transient_bytes, 2 * work.moe.dispatch_bytes)
-        out.items += unit_items
-        if recompute == "full":
-            # Full recomputation keeps only each unit's input (Korthikanti et al. 2022, sec. 4).
-            share = batch.tokens / layout.tp if shard.sequence_parallel else batch.tokens
-            out.saved_bytes += share * hidden * DTYPE_BYTES[shard.dtype]
-            out.replay += unit_items
+        key = (_alike(unit, per_layer), hidden, batch, shard, policy)
+        work = _UNIT_WORKS.get(key)
+        if work is None:
+            if len(_UNIT_WORKS) >= _UNIT_WORKS_LIMIT:
+                _UNIT_WORKS.clear()
+            work = _UNIT_WORKS[key] = _unit_work(unit, hidden, batch, shard, *policy, tp)
+        first = len(out.items)
+        out.unit_starts.append(first)
+        out.unit_params.append(work.params)
+        out.unit_step_grads.append(list(work.step_grads))
+        out.items += work.items
+        out.replay += work.replay
+        out.params = out.params.add(work.params)
+        out.saved_bytes += work.saved_bytes
+        out.transient_bytes = max(out.transient_bytes, work.transient_bytes)
+        out.moe += work.moe
+        out.moe_ranges += [(first + start, first + end) for start, end in work.moe_ranges]
+        out.per_step += work.per_step
     return out
+
+
+_ALIKE: dict[tuple[int, bool], tuple[Unit, int]] = {}
+_ALIKE_TOKENS: dict[tuple, tuple[int, tuple]] = {}  # (token, the specs it stands for)
+_NEXT_TOKEN = itertools.count()  # never reused, so a cleared table cannot make two kinds of unit alike
+_READS_DATA_PARALLEL: dict[int, bool] = {}  # by token: a block's work reads dp or the micro-batch count
+
+
+def _alike(unit: Unit, per_layer: bool) -> int:
+    """A token for what a unit's work depends on (its blocks' specs, and their positions where
+    `per_layer` draws are per layer and the work draws): alike units share it. Kept by unit object
+    (pinned in the entry, so an id is not reused); a number hashes faster than the specs."""
+    entry = _ALIKE.get((id(unit), per_layer))
+    if entry is None or entry[0] is not unit:
+        if len(_ALIKE) >= 100_000:
+            _ALIKE.clear()
+            _ALIKE_TOKENS.clear()
+        # By spec object (some specs hold lists and do not hash); the entry keeps the specs, so
+        # their ids are not reused while it lives.
+        key = tuple((id(block.spec), block.index if per_layer and costing_of(block.spec).per_layer_seed else -1)
+                    for block in unit.blocks)
+        found = _ALIKE_TOKENS.get(key)
+        if found is None:
+            found = _ALIKE_TOKENS[key] = (next(_NEXT_TOKEN), tuple(block.spec for block in unit.blocks))
+            _READS_DATA_PARALLEL[found[0]] = any(costing_of(block.spec).reads_data_parallel for block in unit.blocks)
+        entry = _ALIKE[(id(unit), per_layer)] = (unit, found[0])
+    return entry[1]
+
+
+def _unit_work(unit: Unit, hidden: int, batch: Batch, shard: Shard, recompute: str, modules: tuple[str, ...],
+               tp: int) -> _UnitWork:
+    items: list[WorkItem] = []
+    replay: list[WorkItem] = []
+    params = Params()
+    saved = transient = 0.0
+    moe: list[MoEStats] = []
+    ranges: list[tuple[int, int]] = []
+    per_step: list[WorkItem] = []
+    grads: list[WorkItem] = []
+    for block in unit.blocks:
+        work: BlockWork = block_work(block, hidden, batch, shard)
+        params = params.add(block_params(block, hidden))
+        first = len(items)
+        items += work.forward
+        if recompute == "selective":
+            replay += work.selective_recompute
+            saved += _saved(work.forward) - _saved(work.selective_recompute)
+        elif recompute == "none":
+            saved += _saved(work.forward)
+        if modules and recompute != "full":
+            replayed, freed = recomputed(work.forward, modules)
+            replay += replayed
+            saved -= freed
+        per_step += work.per_step
+        grads += work.per_step_grads
+        transient = max(transient, work.transient_bytes)
+        if work.moe is not None:
+            moe.append(work.moe)
+            ranges.append((first, first + len(work.forward)))
+            transient = max(transient, 2 * work.moe.dispatch_bytes)
+    if recompute == "full":
+        # Full recomputation keeps only each unit's input (Korthikanti et al. 2022, sec. 4).
+        share = batch.tokens / tp if shard.sequence_parallel else batch.tokens
+        saved += share * hidden * DTYPE_BYTES[shard.dtype]
+        replay += items
+    return _UnitWork(tuple(items), tuple(replay), params, saved, transient, tuple(moe), tuple(ranges), tuple(per_step),
+                     tuple(grads))
 
 
 def _costed(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost]]:
     """Forward and backward costs; the backward carries a bucket marker where each unit's
     gradients are complete (units run backward in reverse order)."""
+    forward, backward, _ = _costed_by_item(work, system, layout)
+    return forward, backward
+
+
+# Costed works by work object, system object and the groups collectives run over (the objects
+# kept in the entry, so their ids are not reused while it lives): a search meets the same chunk
+# under layouts that differ only in options its costs do not read.
+_COSTED: dict[tuple, tuple[ForwardWork, System, tuple[list[Cost], list[Cost], list[Cost]]]] = {}
+
+
+def _costed_by_item(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
+    """`_costed`, and each forward item's backward cost in item order (for per-layer figures).
+    Callers read the lists, never change them."""
+    key = (id(work), id(system), tuple(sorted(layout.groups.items())))
+    entry = _COSTED.get(key)
+    if entry is None or entry[0] is not work or entry[1] is not system:
+        if len(_COSTED) >= 2_000:
+            _COSTED.clear()
+        entry = _COSTED[key] = (work, system, _cost_work(work, system, layout))
+    return entry[2]
+
+
+def _cost_work(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
+    forward = [cost_item(i, system, layout) for i in work.items]
+    per_item = [cost_item(backward_of(i), system, layout) for i in work.items]
     backward = [cost_item(i, system, layout) for i in work.replay]
     ends = work.unit_starts[1:] + [len(work.items)]
     for unit in reversed(range(len(work.unit_starts))):
-        items = work.items[work.unit_starts[unit] : ends[unit]]
-        backward += [cost_item(backward_of(i), system, layout) for i in reversed(items)]
+        backward += per_item[work.unit_starts[unit] : ends[unit]][::-1]
         backward.append(Cost(f"grad_bucket{unit}", "bucket", 0.0, bucket=unit))
-    return [cost_item(i, system, layout) for i in work.items], backward
+    return forward, backward, per_item
 
 
 def layer_costs(workload: Workload, system: System, layout: Layout, index: int, batch: Batch) -> tuple[list[Cost], list[Cost]]:
@@ -243,21 +381,26 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
         work = forward_work(units, workload, layout, batch)
     chunk = ChunkPlan(units, params=work.params, saved_bytes=work.saved_bytes, transient_bytes=work.transient_bytes,
                       moe=work.moe)
+    expected_forward, expected_backward, backward_by_item = _costed_by_item(work, system, layout)
     for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
-        chunk.moe_imbalance.append(sum(cost_item(work.items[i], system, layout).imbalance
-                                       + cost_item(backward_of(work.items[i]), system, layout).imbalance
+        chunk.moe_imbalance.append(sum(expected_forward[i].imbalance + backward_by_item[i].imbalance
                                        for i in range(start, end)))
     if workload.anytime is not None:
         chunk.forward, chunk.backward, chunk.saved_bytes = _subnet_costs(units, workload, system, layout, batch, None)
         chunk.sampled = [_subnet_costs(units, workload, system, layout, batch, step)[:2] for step in range(sampled_steps)]
-    elif work.moe and sampled_steps > 0:  # expert loads change from step to step; everything else does not
+    elif sampled_steps > 0 and any(stats.loads.drawn for stats in work.moe):
+        # Drawn expert loads change from step to step; everything else, exact loads included, does not.
         chunk.sampled = [_costed(forward_work(units, workload, layout, batch, step), system, layout)
                          for step in range(sampled_steps)]
         chunk.forward, chunk.backward = chunk.sampled[0]  # the expected-load costs would never be played
     else:
-        chunk.forward, chunk.backward = _costed(work, system, layout)
-    chunk.grad_buckets = [_grad_sync(p, workload, system, layout) + [cost_item(i, system, layout) for i in extra]
-                          for p, extra in zip(work.unit_params, work.unit_step_grads)]
+        chunk.forward, chunk.backward = expected_forward, expected_backward
+    synced: dict[tuple[float, ...], list[Cost]] = {}  # alike layers reduce alike gradients
+    for params, extra in zip(work.unit_params, work.unit_step_grads):
+        key = params.astuple()
+        if key not in synced:
+            synced[key] = _grad_sync(params, workload, system, layout)
+        chunk.grad_buckets.append(synced[key] + [cost_item(i, system, layout) for i in extra])
     chunk.param_sync = (_param_gather(work.params, workload, system, layout)
                         + [cost_item(i, system, layout) for i in work.per_step])
     return chunk
@@ -320,6 +463,35 @@ def footprint(chunks: list[ForwardWork] | list[ChunkPlan]) -> Footprint:
     for chunk in chunks:
         params = params.add(chunk.params)
     return params, sum(c.saved_bytes for c in chunks), max((c.transient_bytes for c in chunks), default=0.0)
+
+
+def stage_params(workload: Workload, layout: Layout) -> list[Params]:
+    """Each pipeline stage's parameters (all its chunks'), before any work is built: what weights,
+    gradients and optimizer state need whatever the activations."""
+    chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp, workload.parallelism.pipeline_layout)
+    hidden = workload.model.hidden
+    per_chunk = [_chunk_params(units, hidden) for units in chunks]
+    totals = []
+    for stage in range(layout.pp):
+        total = Params()
+        for virtual in range(layout.vpp):
+            total = total.add(per_chunk[virtual * layout.pp + stage])
+        totals.append(total)
+    return totals
+
+
+_CHUNK_PARAMS: dict[tuple[tuple[int, ...], int], Params] = {}
+
+
+def _chunk_params(units: list[Unit], hidden: int) -> Params:
+    """A chunk's parameters, by what its units are (alike chunks of a search's layouts share them)."""
+    key = (tuple(_alike(unit, False) for unit in units), hidden)
+    found = _CHUNK_PARAMS.get(key)
+    if found is None:
+        if len(_CHUNK_PARAMS) >= 10_000:
+            _CHUNK_PARAMS.clear()
+        found = _CHUNK_PARAMS[key] = units_params(units, hidden)
+    return found
 
 
 def stage_footprints(workload: Workload, layout: Layout, works: list[ForwardWork]) -> list[Footprint]:

@@ -41,7 +41,7 @@ CAPACITY_RULES: dict[CapacityFormula, Callable[[float, int, float, RoutingSpec],
     # top_k * int(cf * ceil(T / E)), padded up to a multiple of the alignment.
     "tutel": lambda cf, k, per_expert, routing: _round_up(k * int(cf * math.ceil(per_expert)), routing.capacity_alignment),
 }
-LOAD_DRAWS = 16  # draws averaged to estimate the expected busiest rank
+LOAD_DRAWS = 64  # draws averaged to estimate the expected busiest rank (once per layer kind and batch)
 NO_CAPACITY_POLICIES = ("base", "expert_choice")  # balanced by construction: nothing to drop
 
 
@@ -65,6 +65,9 @@ class RankLoads:
     # every expert any draw touched looks busy; a decode step reads only the experts it picked.
     busiest_active: float | None = None
     mean_active: float | None = None
+    # The counts were drawn at random, so another step's draw differs; False when the policy or
+    # the convention fixes them (exact shares, `balanced`): every step then has these loads.
+    drawn: bool = True
 
 
 @lru_cache(maxsize=4096)
@@ -146,7 +149,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
         per_expert = tuple([routed / experts] * local)
         active = local * expert_use_probability(np.full(experts, 1.0 / experts), spec.k, routed / spec.k)[0]
         return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0, routed / experts,
-                         busiest_active=float(active), mean_active=float(active))
+                         busiest_active=float(active), mean_active=float(active), drawn=False)
 
     profile = routing_sample(spec, ranks, sample_seed)
     routed = tokens_per_rank * ranks * profile.experts_per_token
@@ -182,7 +185,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     busiest_active, mean_active = _active_slots(spec, profile, routed, capacity, placement, hot, ranks)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
                      dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction,
-                     capacity, busiest_active, mean_active)
+                     capacity, busiest_active, mean_active, drawn=not profile.exact)
 
 
 def expert_use_probability(share: np.ndarray, k: float, tokens: float) -> np.ndarray:

@@ -130,14 +130,22 @@ def _segments(costs: list[Cost], merge: bool) -> list[Segment]:
     """Cost items as scheduled segments; consecutive compute items merge when no trace is kept
     (same durations, fewer events)."""
     out: list[Segment] = []
+    run_seconds = run_imbalance = 0.0
+    in_run = False
     for c in costs:
-        if merge and out and c.stream == "compute" and out[-1].stream == "compute":
-            last = out[-1]
-            out[-1] = last._replace(seconds=last.seconds + c.seconds, imbalance=last.imbalance + c.imbalance,
-                                    name="compute")
-        else:
-            out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency, c.bucket,
-                               c.group))
+        if merge and c.stream == "compute":
+            run_seconds += c.seconds
+            run_imbalance += c.imbalance
+            in_run = True
+            continue
+        if in_run:
+            out.append(Segment("compute", run_seconds, run_imbalance, "", "compute", 1, 0.0, -1, ""))
+            run_seconds = run_imbalance = 0.0
+            in_run = False
+        out.append(Segment(c.stream, c.seconds, c.imbalance, c.link, c.name, c.overlap_chunks, c.latency, c.bucket,
+                           c.group))
+    if in_run:
+        out.append(Segment("compute", run_seconds, run_imbalance, "", "compute", 1, 0.0, -1, ""))
     return out
 
 
@@ -253,6 +261,11 @@ class _Simulator:
         self.orders = [merged_order(o) if plan.overlap_moe_comm else [(t,) for t in o] for o in orders]
         self.events = 0  # timed events scheduled: compute segments and link transfers
         self.background = [0] * plan.pp  # per stage: background transfer chains not yet finished
+        # Per step, keyed by a segment list's id (the list is kept in the entry, so its id is not
+        # reused while the entry lives): every micro-batch plays the same lists, so their solo
+        # runs and overlapped forms are worked out once.
+        self._solo_runs: dict[tuple[int, int, bool], tuple[list[Segment], tuple[int, float, float, dict[str, float]]]] = {}
+        self._behind: dict[tuple[int, int], tuple[list[Segment], list[Segment], dict[str, list[Segment]]]] = {}
 
     def _timeout(self, seconds: float) -> simpy.Event:
         self.events += 1
@@ -270,7 +283,7 @@ class _Simulator:
         index = 0
         while index < len(segments):
             if self._quiet(stage):
-                end, compute, imbalance, comm = _solo_run(segments, index, launches_buckets=buckets is not None)
+                end, compute, imbalance, comm = self._solo_run(segments, index, buckets is not None)
                 if end - index > 1:
                     yield self._timeout(compute + sum(comm.values()))
                     account.compute += compute - imbalance
@@ -302,6 +315,23 @@ class _Simulator:
                 yield self._transfer(stage, link, seconds)
                 account.comm(group, env.now - start)
                 self._record_comm(stage, "comm", link, name, start)
+
+    def _solo_run(self, segments: list[Segment], first: int, launches_buckets: bool) -> tuple[int, float, float, dict[str, float]]:
+        key = (id(segments), first, launches_buckets)
+        entry = self._solo_runs.get(key)
+        if entry is None:
+            entry = self._solo_runs[key] = (segments, _solo_run(segments, first, launches_buckets))
+        return entry[1]
+
+    def _paired_work(self, forward: list[Segment], backward: list[Segment]) -> dict[str, list[Segment]]:
+        """A merged forward/backward pair's segments, each behind the other's compute."""
+        key = (id(forward), id(backward))
+        entry = self._behind.get(key)
+        if entry is None:
+            share = self.plan.comm_sm_share
+            entry = self._behind[key] = (forward, backward, {"F": _behind(forward, backward, share),
+                                                             "B": _behind(backward, forward, share)})
+        return entry[2]
 
     def _overlapped(self, stage: int, opening: Segment, middle: list[Segment], closing: Segment, account: StageAccount):
         """Dispatch piece i+1 and combine piece i-1 share the link while piece i computes
@@ -417,9 +447,7 @@ class _Simulator:
         for item in self.orders[stage]:
             if len(item) == 2:  # a forward and an earlier micro-batch's backward hide each other's all-to-alls
                 (_, _, fchunk), (_, _, bchunk) = item
-                forward, backward = state.work[stage][fchunk][0], state.work[stage][bchunk][1]
-                share = self.plan.comm_sm_share
-                work = {"F": _behind(forward, backward, share), "B": _behind(backward, forward, share)}
+                work = self._paired_work(state.work[stage][fchunk][0], state.work[stage][bchunk][1])
             else:
                 work = {}
             for kind, microbatch, chunk_index in item:
@@ -464,11 +492,18 @@ class _Simulator:
             self._record_comm(stage, "p2p", send.link, send.name, start)
             event.succeed()
 
-        sent = self._transfer(stage, send.link, send.seconds)
+        if not self.plan.overlap_p2p and self._quiet(stage):
+            # The stage waits for this send and nothing else can start on its link meanwhile:
+            # alone on the link, the transfer takes its cost, one timeout.
+            sent = self._timeout(send.seconds)
+        else:
+            sent = self._transfer(stage, send.link, send.seconds)
         sent.callbacks.append(arrived)
         return sent
 
     def run_step(self, step: int) -> StepResult:
+        self._solo_runs.clear()
+        self._behind.clear()
         state = _Step(self, step)
         start = self.env.now
         accounts = [StageAccount() for _ in range(self.plan.pp)]
@@ -479,10 +514,14 @@ class _Simulator:
 
 
 def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = None) -> TrainingSimulation:
-    """Simulate `steps` consecutive steps, each with its own expert-load draw."""
+    """Simulate `steps` consecutive steps, each with its own expert-load draw (one step when no
+    load is drawn)."""
     simulator = _Simulator(plan, trace or Timeline())
     result = TrainingSimulation()
-    for step in range(steps):
+    # Steps differ only by their expert-load draws; with none drawn every step plays the same
+    # costs through the same schedule, so one simulated step is every step.
+    varies = any(chunk.sampled for stage in plan.stages for chunk in stage.chunks)
+    for step in range(steps if varies else min(steps, 1)):
         result.steps.append(simulator.run_step(step))
     result.events = simulator.events
     return result

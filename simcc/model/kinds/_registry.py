@@ -30,20 +30,23 @@ class Costing(Generic[SpecT]):
     # (embedding and LM head, as in Megatron's pipeline split).
     attached: bool = False
     kv_cache: KVCacheOf[SpecT] | None = None  # attention kinds: what serving keeps per token
+    # The work reads the data-parallel degree and the micro-batches per step (sparse embedding
+    # gradients gathered over replicas); other kinds' work is the same for any of those.
+    reads_data_parallel: bool = False
 
 
 COSTINGS: dict[type[BlockSpec], Costing[Any]] = {}
 
 
 def block_costing(spec_type: type[SpecT], params: ParamsOf[SpecT], *, per_layer_seed: bool = False,
-                  attached: bool = False,
-                  kv_cache: KVCacheOf[SpecT] | None = None) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
+                  attached: bool = False, kv_cache: KVCacheOf[SpecT] | None = None,
+                  reads_data_parallel: bool = False) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
     """Register a kind's costing: decorates its `work` function and names its `params` function."""
 
     def register(work: WorkOf[SpecT]) -> WorkOf[SpecT]:
         if spec_type in COSTINGS:
             raise ValueError(f"{spec_type.__name__} already has a costing module")
-        COSTINGS[spec_type] = Costing(spec_type, params, work, per_layer_seed, attached, kv_cache)
+        COSTINGS[spec_type] = Costing(spec_type, params, work, per_layer_seed, attached, kv_cache, reads_data_parallel)
         return work
 
     return register

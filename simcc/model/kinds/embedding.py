@@ -27,7 +27,7 @@ def distinct_rows(vocab: int, draws: float, zipf: float) -> float:
     return float(np.sum(-np.expm1(draws * np.log1p(-p))))
 
 
-@block_costing(EmbeddingBlock, params, attached=True)
+@block_costing(EmbeddingBlock, params, attached=True, reads_data_parallel=True)
 def work(spec: EmbeddingBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
     result = BlockWork()
     T = batch.tokens
