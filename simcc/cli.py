@@ -214,6 +214,78 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
         click.echo(f"wrote {path}")
 
 
+class PositiveAmount(click.FloatRange):
+    """A positive finite number (days, dollars): 'nan' passes click's range checks, so it is
+    refused here by name."""
+
+    name = "amount"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True, max=1e15)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number; expected 0 < x <= 1e15", param, ctx)
+        return number
+
+
+@main.command()
+@click.argument("workload")
+@click.option("--hardware", "-H", required=True, help="Hardware profile: its device, node and network, and its price.")
+@click.option("--devices", default=None, metavar="N|A..B",
+              help="Device counts to search: N, or A..B (A, 2A, 4A, ... and B; whole nodes). Default: the profile's.")
+@click.option("--max-days", type=PositiveAmount(), default=None, help="Keep layouts whose whole run takes at most this many days.")
+@click.option("--max-usd", type=PositiveAmount(), default=None, help="Keep layouts whose whole run costs at most this many $.")
+@click.option("--top", type=click.IntRange(1, 100), default=5, show_default=True, help="How many of the fastest layouts to print.")
+@click.option("--space", "axes", multiple=True, metavar="AXIS=V1,V2",
+              help="Values of one axis (tp, pp, vpp, ep, expert_tp, micro_batch, recompute, zero_stage, "
+                   "sequence_parallel, dispatcher, overlap_moe_comm); repeat for several.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a workload or hardware. field first.")
+@click.option("--plot", "plot_path", default=None, help="PNG of every simulated layout by time and cost, with the Pareto front.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--jobs", type=click.IntRange(1, 1024), default=None,
+              help="Local processes, each searching every n-th layout (default: one per core).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True,
+              help="table: the top layouts, why the winner wins, the front; json/csv: every simulated layout.")
+def search(workload: str, hardware: str, devices: str | None, max_days: float | None, max_usd: float | None, top: int,
+           axes: tuple[str, ...], overrides: tuple[str, ...], plot_path: str | None, executor: str,
+           address: str | None, jobs: int | None, fmt: str) -> None:
+    """Find the fastest layouts of a training WORKLOAD that fit: every valid parallel layout on the
+    device counts asked for, pruned by memory and by a lower bound on the step, the rest simulated."""
+    from dataclasses import replace
+
+    from simcc.search.render import render
+    from simcc.search.run import Budget, SearchRequest, run_search
+    from simcc.search.space import SearchSpace, parse_axis
+    from simcc.specs.loader import split_overrides
+
+    space = SearchSpace()
+    for text in axes:
+        name, values = parse_axis(text)
+        space = replace(space, **{name: values})
+    if plot_path is not None:
+        check_output(plot_path, "--plot")
+    workload_sets, hardware_sets = split_overrides(list(overrides))
+    request = SearchRequest(workload, tuple(workload_sets), hardware, tuple(hardware_sets), devices, space, top,
+                            Budget(max_days, max_usd))
+    result = run_search(request, executor, jobs, address)
+    if plot_path is not None and result.simulated:
+        import pandas as pd
+
+        from simcc.search.render import result_rows
+        from simcc.sweep.pareto import time_and_cost_columns
+        from simcc.sweep.plot import plot_sweep
+
+        table = pd.DataFrame(result_rows(result)).assign(hardware=hardware)
+        x, y = time_and_cost_columns(table)
+        plot_sweep(table, table[table["on_front"]], x, y, ["layout"], Path(plot_path))
+    click.echo(render(result, fmt), nl=False)
+    if plot_path is not None and fmt == "table":
+        click.echo(f"wrote {plot_path}")
+
+
 def _check_loadable(workloads: Iterable[str], profiles: Iterable[str], overrides: Iterable[str]) -> None:
     """Before any configuration runs: a missing file or a bad shared override is the user's error
     (exit 2), not a table of identical invalid rows."""

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("simcc.sim",),
     ("simcc.estimate",),
     ("simcc.report",),
-    ("simcc.profile", "simcc.calibrate", "simcc.validation", "simcc.sweep"),
+    ("simcc.profile", "simcc.calibrate", "simcc.validation", "simcc.sweep", "simcc.search"),
     ("simcc.cli", "simcc.__main__"),
 ]
 

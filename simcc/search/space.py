@@ -1,0 +1,208 @@
+"""The layouts a search tries: every combination of parallel degrees and options that the model
+and the device count allow, checked by integer arithmetic before anything is costed.
+
+Recomputation is not an axis of its own: it only ever adds work, so of the policies that fit in
+memory the lightest is at least as fast (none, then selective, then full). A candidate carries
+its ladder of policies and the search keeps the first that fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+from simcc.errors import InputError
+from simcc.model.graph import units_of
+from simcc.specs.blocks import AttentionBlock, DenseFFNBlock, MLABlock, MoEFFNBlock
+from simcc.specs.workload import Workload
+
+RECOMPUTE_LADDER = ("none", "selective", "full")  # each replays more and keeps less
+DISPATCHERS = ("alltoall", "allgather", "deduplicated")
+MAX_CANDIDATES = 200_000  # a search beyond this is a sweep of its own: narrow an axis with --space
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The values each axis may take; None: every value the model and devices allow (powers of two
+    up to the limits, see `axis_values`)."""
+
+    tp: tuple[int, ...] | None = None
+    pp: tuple[int, ...] | None = None
+    vpp: tuple[int, ...] = (1, 2)
+    ep: tuple[int, ...] | None = None
+    expert_tp: tuple[int, ...] = (1,)
+    micro_batch: tuple[int, ...] = (1, 2, 4)
+    recompute: tuple[str, ...] = RECOMPUTE_LADDER
+    zero_stage: tuple[int, ...] = (0, 1)
+    sequence_parallel: tuple[bool, ...] = (True,)
+    dispatcher: tuple[str, ...] | None = None  # None: the workload's own
+    overlap_moe_comm: tuple[bool, ...] = (False, True)
+
+
+SPACE_AXES = tuple(f.name for f in fields(SearchSpace))
+
+
+def parse_axis(text: str) -> tuple[str, tuple]:
+    """`AXIS=V1,V2` from the command line into typed values, one line on a bad one."""
+    name, _, values = text.partition("=")
+    name = name.strip()
+    if name not in SPACE_AXES or not values.strip():
+        raise InputError("--space", name or text, f"expected AXIS=V1,V2 with AXIS one of {', '.join(SPACE_AXES)}")
+    items = [v.strip() for v in values.split(",")]
+    try:
+        if name in ("recompute", "dispatcher"):
+            allowed = RECOMPUTE_LADDER if name == "recompute" else DISPATCHERS
+            bad = [v for v in items if v not in allowed]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not one of {', '.join(allowed)}")
+            return name, tuple(sorted(set(items), key=allowed.index))
+        if name in ("sequence_parallel", "overlap_moe_comm"):
+            truth = {"true": True, "false": False}
+            if any(v.lower() not in truth for v in items):
+                raise ValueError("expected true or false")
+            return name, tuple(sorted({truth[v.lower()] for v in items}))
+        numbers = sorted({int(v) for v in items})
+        low = 0 if name == "zero_stage" else 1
+        high = 3 if name == "zero_stage" else 1 << 20
+        if any(not low <= n <= high for n in numbers):
+            raise ValueError(f"expected whole numbers from {low} to {high}")
+        return name, tuple(numbers)
+    except ValueError as error:
+        raise InputError("--space", name, str(error).replace("invalid literal for int() with base 10", "not a whole number")) from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout on one device count; `recompute` lists the policies to try, lightest first."""
+
+    devices: int
+    tp: int
+    pp: int
+    vpp: int
+    ep: int
+    expert_tp: int
+    micro_batch: int
+    zero_stage: int
+    sequence_parallel: bool
+    dispatcher: str | None
+    overlap_moe_comm: bool
+    recompute: tuple[str, ...]
+
+    @property
+    def dp(self) -> int:
+        return self.devices // (self.tp * self.pp)
+
+    def parallelism(self, recompute: str) -> dict:
+        """The workload's `parallelism` fields for this layout under one recompute policy."""
+        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "expert_tp": self.expert_tp,
+                "micro_batch": self.micro_batch, "zero_stage": self.zero_stage, "recompute": recompute,
+                "sequence_parallel": self.sequence_parallel, "overlap_moe_comm": self.overlap_moe_comm,
+                "schedule": "interleaved" if self.vpp > 1 else "1f1b", "dp": None, "pipeline_layout": None}
+
+    def label(self, recompute: str) -> str:
+        parts = [f"{self.devices} dev", f"tp{self.tp}", f"pp{self.pp}"]
+        parts += [f"vpp{self.vpp}"] if self.vpp > 1 else []
+        parts += [f"dp{self.dp}"]
+        parts += [f"ep{self.ep}"] if self.ep > 1 else []
+        parts += [f"etp{self.expert_tp}"] if self.ep > 1 and self.expert_tp > 1 else []
+        parts += [f"mb{self.micro_batch}", f"zero{self.zero_stage}", f"recompute {recompute}"]
+        parts += ["no sp"] if self.tp > 1 and not self.sequence_parallel else []
+        if self.ep > 1:
+            parts += [self.dispatcher or "alltoall"] + (["overlap"] if self.overlap_moe_comm else [])
+        return " ".join(parts)
+
+
+def _powers_of_two(limit: int) -> tuple[int, ...]:
+    return tuple(1 << i for i in range(int(math.log2(limit)) + 1)) if limit >= 1 else ()
+
+
+def axis_values(workload: Workload, devices_per_node: int, space: SearchSpace) -> dict[str, tuple]:
+    """Each axis's values before device counts are applied: tensor parallelism within a node and
+    dividing every head count and width; pipeline depths that are powers of two or divide the
+    layers; expert parallelism dividing every MoE layer's experts."""
+    units = units_of(workload.model)
+    specs = [block.spec for unit in units for block in unit.blocks]
+    moe = [s for s in specs if isinstance(s, MoEFFNBlock)]
+    widths = [s.heads for s in specs if isinstance(s, (AttentionBlock, MLABlock))]
+    widths += [s.hidden for s in specs if isinstance(s, DenseFFNBlock)]
+    tp = space.tp or tuple(t for t in _powers_of_two(devices_per_node) if all(w % t == 0 for w in widths))
+    layers = len(units)
+    pp = space.pp or tuple(p for p in range(1, layers + 1) if p & (p - 1) == 0 or layers % p == 0)
+    experts = math.gcd(*[s.experts for s in moe]) if moe else 1
+    ep = space.ep or tuple(e for e in _powers_of_two(experts) if experts % e == 0)
+    dispatcher = space.dispatcher or ((moe[0].routing.dispatcher,) if moe else (None,))
+    return {"tp": tp, "pp": pp, "ep": ep if moe else (1,), "dispatcher": dispatcher, "moe": bool(moe),
+            "overlap_moe_comm": space.overlap_moe_comm if moe else (False,), "layers": layers}
+
+
+def candidates(workload: Workload, device_counts: list[int], devices_per_node: int,
+               space: SearchSpace) -> Iterator[Candidate]:
+    """Every layout whose degrees divide the devices, the batch and the model (the checks
+    `simcc.layout` makes, in integers, so that no candidate is built only to be refused)."""
+    assert workload.train is not None
+    values = axis_values(workload, devices_per_node, space)
+    global_batch, layers = workload.train.global_batch, values["layers"]
+    ladder = tuple(r for r in RECOMPUTE_LADDER if r in space.recompute)
+    for devices in device_counts:
+        for tp in values["tp"]:
+            if devices % tp or tp > devices_per_node:
+                continue
+            for pp in values["pp"]:
+                if devices % (tp * pp) or pp > layers:
+                    continue
+                dp = devices // (tp * pp)
+                for vpp in space.vpp:
+                    if vpp > 1 and (pp == 1 or pp * vpp > layers):
+                        continue
+                    for mb in space.micro_batch:
+                        if global_batch % (mb * dp):
+                            continue
+                        microbatches = global_batch // (mb * dp)
+                        if vpp > 1 and microbatches % pp:
+                            continue
+                        yield from _expert_choices(devices, tp, pp, vpp, mb, dp, values, space, ladder)
+
+
+def _expert_choices(devices: int, tp: int, pp: int, vpp: int, mb: int, dp: int, values: dict, space: SearchSpace,
+                    ladder: tuple[str, ...]) -> Iterator[Candidate]:
+    for ep in values["ep"]:
+        for etp in (space.expert_tp if ep > 1 else (1,)):
+            if (dp * tp) % (ep * etp):
+                continue
+            # ZeRO shards over data-parallel replicas: with none, every stage is the same layout.
+            sharded = dp > 1 or (values["moe"] and (dp * tp) // (ep * etp) > 1)
+            for zero in (space.zero_stage if sharded else space.zero_stage[:1]):
+                for sp in (space.sequence_parallel if tp > 1 else (False,)):
+                    for dispatcher in (values["dispatcher"] if ep > 1 else values["dispatcher"][:1]):
+                        for overlap in (values["overlap_moe_comm"] if ep > 1 else (False,)):
+                            yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap, ladder)
+
+
+def device_counts(text: str | None, devices_per_node: int, profile_devices: int, whole_nodes_only: bool) -> list[int]:
+    """`N`, or `A..B`: A, 2A, 4A, ... up to B, and B itself; whole nodes of the profile (a single
+    node's profile can only be searched at its own device count). None: the profile's own."""
+    if text is None:
+        return [profile_devices]
+    low_text, dots, high_text = text.partition("..")
+    try:
+        low = int(low_text)
+        high = int(high_text) if dots else low
+    except ValueError:
+        raise InputError("--devices", text, "expected a device count N or a range A..B of whole numbers") from None
+    if not 1 <= low <= high <= 1 << 24:
+        raise InputError("--devices", text, f"expected 1 <= A <= B <= {1 << 24:,}")
+    counts = []
+    count = low
+    while count <= high:
+        counts.append(count)
+        count *= 2
+    if counts[-1] != high:
+        counts.append(high)
+    for count in counts:
+        if count % devices_per_node:
+            raise InputError("--devices", text, f"{count} is not a whole number of {devices_per_node}-device nodes")
+        if whole_nodes_only and count != profile_devices:
+            raise InputError("--devices", text, f"the profile is one node of {profile_devices} devices; "
+                             "search more devices with a cluster profile")
+    return counts
