@@ -148,21 +148,26 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, rng: np.random.Generator, popul
         chosen = ((ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(experts)
         counts = _counts(chosen.astype(np.int64), experts)
         return RoutingSample(counts / counts.sum(), 1.0, False, 0.0)
+    if policy == "hierarchical":
+        return _hierarchical_sample(spec, ranks, rng, popular)
+    if policy in ("topk", "noisy_topk", "switch", "moefication", "gshard"):
+        # Each token routes alone: the sample runs in blocks of tokens, so its memory is bounded
+        # whatever the expert count (one block, and the same draws, below SAMPLE_ELEMENTS).
+        counts, second_kept = np.zeros(experts), 0.0
+        block = max(1, SAMPLE_ELEMENTS // experts)
+        for start in range(0, tokens, block):
+            logits = _logits(popular, min(block, tokens - start), spec.load.router_temperature, rng)
+            if policy == "noisy_topk":
+                logits = _add_gate_noise(logits, gating.noise_std, rng)
+            if policy == "gshard":
+                block_counts, kept = _gshard_counts(logits, experts, rng)
+                counts += block_counts
+                second_kept += kept
+            else:
+                counts += _counts(_top(logits, k), experts)
+        per_token = 1.0 + second_kept / tokens if policy == "gshard" else float(k)
+        return RoutingSample(counts / counts.sum(), per_token, False, 0.0)
     logits = _logits(popular, tokens, spec.load.router_temperature, rng)
-    if policy == "noisy_topk" or (policy == "hierarchical" and gating.noisy):
-        logits = _add_gate_noise(logits, gating.noise_std, rng)
-    if policy in ("topk", "noisy_topk", "switch", "moefication"):
-        counts = _counts(_top(logits, k), experts)
-        return RoutingSample(counts / counts.sum(), float(k), False, 0.0)
-    if policy == "gshard":
-        top2 = _top(logits, 2)
-        gates = _softmax(np.take_along_axis(logits, top2, axis=1))
-        first = np.where(gates[:, 0] >= gates[:, 1], top2[:, 0], top2[:, 1])
-        second = np.where(gates[:, 0] >= gates[:, 1], top2[:, 1], top2[:, 0])
-        second_gate = gates.min(axis=1)
-        keep = rng.random(tokens) < np.minimum(1.0, 2.0 * second_gate)
-        counts = _counts(first, experts) + _counts(second[keep], experts)
-        return RoutingSample(counts / counts.sum(), 1.0 + keep.mean(), False, 0.0)
     if policy == "expert_choice":
         assert spec.routing.capacity_factor is not None
         capacity = max(1, int(spec.routing.capacity_factor * tokens * k / experts))
@@ -171,24 +176,51 @@ def _route_sample(spec: MoEFFNBlock, ranks: int, rng: np.random.Generator, popul
         per_token = np.bincount(picks.ravel(), minlength=tokens)
         share = np.full(experts, 1.0 / experts)
         return RoutingSample(share, capacity * experts / tokens, True, float((per_token == 0).mean()))
-    if policy == "base":
-        share = _balanced_assignment(logits, rng)
-        return RoutingSample(share, 1.0, True, 0.0)
-    # hierarchical: primary gate over groups, then a secondary gate inside each chosen group.
+    assert policy == "base"
+    share = _balanced_assignment(logits, rng)
+    return RoutingSample(share, 1.0, True, 0.0)
+
+
+SAMPLE_ELEMENTS = 1 << 22  # logits one block of the routing sample holds (32 MB of float64)
+
+
+def _gshard_counts(logits: np.ndarray, experts: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """GShard's top-2 (Lepikhin et al. 2020, Algorithm 1): the first expert always, the second
+    with probability 2 x its gate. Returns the counts and how many second choices were kept."""
+    top2 = _top(logits, 2)
+    gates = _softmax(np.take_along_axis(logits, top2, axis=1))
+    first = np.where(gates[:, 0] >= gates[:, 1], top2[:, 0], top2[:, 1])
+    second = np.where(gates[:, 0] >= gates[:, 1], top2[:, 1], top2[:, 0])
+    keep = rng.random(len(logits)) < np.minimum(1.0, 2.0 * gates.min(axis=1))
+    return _counts(first, experts) + _counts(second[keep], experts), float(keep.sum())
+
+
+def _hierarchical_sample(spec: MoEFFNBlock, ranks: int, rng: np.random.Generator, popular: np.ndarray) -> RoutingSample:
+    """Shazeer et al. 2017, sec. B: a primary gate over groups, then a secondary gate inside each
+    chosen group. Only the chosen groups' secondary logits are drawn (each token's logits are
+    independent draws, so the others would never be read): memory grows with the group size,
+    not the expert count, and blocks of tokens bound it."""
+    gating, experts, k = spec.gating, spec.experts, spec.k
     groups = gating.groups or ranks
     per_group = experts // groups
-    group_popularity = popular.reshape(groups, per_group).sum(axis=1)
-    primary_logits = _logits(group_popularity, tokens, spec.load.router_temperature, rng)
-    if gating.noisy:
-        primary_logits = _add_gate_noise(primary_logits, gating.noise_std, rng)
-    primary = _top(primary_logits, gating.k_primary)
+    within = popular.reshape(groups, per_group)
+    group_popularity = within.sum(axis=1)
     inner_k = k // gating.k_primary
+    temperature = spec.load.router_temperature
     counts = np.zeros(experts)
-    for slot in range(gating.k_primary):
-        group = primary[:, slot]
-        inner = logits.reshape(tokens, groups, per_group)[np.arange(tokens), group]
-        local = _top(inner, inner_k)
-        counts += _counts(group[:, None] * per_group + local, experts)
+    block = max(1, SAMPLE_ELEMENTS // max(groups, per_group))
+    for start in range(0, gating.sample_tokens, block):
+        tokens = min(block, gating.sample_tokens - start)
+        primary_logits = _logits(group_popularity, tokens, temperature, rng)
+        if gating.noisy:
+            primary_logits = _add_gate_noise(primary_logits, gating.noise_std, rng)
+        primary = _top(primary_logits, gating.k_primary)
+        for slot in range(gating.k_primary):
+            group = primary[:, slot]
+            inner = np.log(within[group]) + temperature * rng.gumbel(size=(tokens, per_group))
+            if gating.noisy:
+                inner = _add_gate_noise(inner, gating.noise_std, rng)
+            counts += _counts(group[:, None] * per_group + _top(inner, inner_k), experts)
     return RoutingSample(counts / counts.sum(), float(k), False, 0.0)
 
 

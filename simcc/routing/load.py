@@ -42,6 +42,8 @@ CAPACITY_RULES: dict[CapacityFormula, Callable[[float, int, float, RoutingSpec],
     "tutel": lambda cf, k, per_expert, routing: _round_up(k * int(cf * math.ceil(per_expert)), routing.capacity_alignment),
 }
 LOAD_DRAWS = 64  # draws averaged to estimate the expected busiest rank (once per layer kind and batch)
+DRAW_ELEMENTS = 1 << 21  # at most this many draws x experts, but
+DRAWS_FLOOR = 16  # never fewer draws than this for an expectation
 NO_CAPACITY_POLICIES = ("base", "expert_choice")  # balanced by construction: nothing to drop
 
 
@@ -152,6 +154,9 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
                          busiest_active=float(active), mean_active=float(active), drawn=False)
 
     profile = routing_sample(spec, ranks, sample_seed)
+    # An expectation needs fewer draws the more experts a rank averages over: cap the draws x
+    # experts work (a 131,072-expert layer takes 16 draws, a 256-expert one 64).
+    draws = max(1, min(draws, max(DRAWS_FLOOR, DRAW_ELEMENTS // experts))) if draws > 1 else draws
     routed = tokens_per_rank * ranks * profile.experts_per_token
     placement = expert_ranks(spec, ranks)
     hot = np.argsort(-profile.share, kind="stable")[: spec.routing.replicate_hot]

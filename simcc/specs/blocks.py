@@ -204,15 +204,24 @@ class MoEFFNBlock(BlockSpec):
     routing: RoutingSpec = RoutingSpec()
     load: LoadSpec = LoadSpec()
 
+    def _logits_per_sampled_token(self) -> int:
+        """A hierarchical gate draws its groups' logits and the chosen groups' (routing/gating.py);
+        the others every expert's."""
+        groups = self.gating.groups
+        if self.gating.policy == "hierarchical" and groups and self.experts % groups == 0:
+            return groups + self.gating.k_primary * (self.experts // groups)
+        return self.experts
+
     @model_validator(mode="after")
     def _consistent(self) -> "MoEFFNBlock":
         policy, routing = self.gating.policy, self.routing
         if self.k > self.experts:
             raise ValueError(f"k ({self.k}) must not exceed experts ({self.experts})")
-        routes = self.gating.sample_tokens * self.experts
+        per_token = self._logits_per_sampled_token()
+        routes = self.gating.sample_tokens * per_token
         if routes > MAX_SAMPLED_ROUTES:
-            raise ValueError(f"gating.sample_tokens x experts = {routes:,} exceeds {MAX_SAMPLED_ROUTES:,} (the routing "
-                             f"sample's size); use gating.sample_tokens <= {max(1, MAX_SAMPLED_ROUTES // self.experts)}")
+            raise ValueError(f"the routing sample draws gating.sample_tokens x {per_token:,} = {routes:,} logits, more "
+                             f"than {MAX_SAMPLED_ROUTES:,}; use gating.sample_tokens <= {max(1, MAX_SAMPLED_ROUTES // per_token)}")
         if policy == "switch" and self.k != 1:
             raise ValueError("switch gating is top-1: set k: 1")
         if policy == "gshard" and self.k != 2:
