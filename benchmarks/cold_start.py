@@ -24,25 +24,31 @@ CASES = [
     ("deepseek-v3 at 16,384 GPUs, PP16 EP64, 120 micro-batches", "deepseek_v3_shape_train", "dgx_h100_x128",
      ["hardware.nodes=2048", "parallelism.pp=16", "parallelism.ep=64", "train.global_batch=122880",
       "parallelism.recompute=none"], []),
-    ("shazeer moe-131072 (hierarchical, 131,072 experts)", "shazeer_moe_4096h_lstm_train", "k40_x16",
-     ["model.blocks.2.moe_ffn.experts=131072", "model.blocks.2.moe_ffn.gating.groups=256",
-      "model.blocks.2.moe_ffn.gating.sample_tokens=1024"], []),
+    ("shazeer moe-131072 (hierarchical, 131,072 experts, 4,096 sample tokens)", "shazeer_moe_4096h_lstm_train",
+     "k40_x16", ["model.blocks.2.moe_ffn.experts=131072", "model.blocks.2.moe_ffn.gating.groups=256"], []),
     ("mixtral 8x7b on 64 H100", "mixtral_8x7b_train_64xh100", "dgx_h100_x8", [], []),
     ("mixtral edge serving, 10,000 requests", "mixtral_8x7b_serve_edge", "apple_m2_max", ["precision.weights=q4_0"],
      ["--requests", "10000"]),
 ]
 
 
-def run_once(workload: str, hardware: str, sets: list[str], extra: list[str]) -> float:
+# Runs one command and prints its peak resident memory (KiB on Linux): a process's children's
+# maximum is only its own child's when it has one.
+PEAK_OF_CHILD = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
+
+
+def run_once(workload: str, hardware: str, sets: list[str], extra: list[str]) -> tuple[float, float]:
+    """Wall seconds of one fresh `simcc estimate` process, and its peak memory in MB."""
     command = [sys.executable, "-m", "simcc", "estimate", workload, "--hardware", hardware, *extra]
     for item in sets:
         command += ["--set", item]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *command], capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{workload}: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
-    return elapsed
+    return elapsed, int(done.stdout.strip()) / 1024
 
 
 # A 1,000-configuration sweep as `simcc sweep` runs it, from a fresh process: Mixtral 8x7B training
@@ -86,12 +92,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default=None, help="run the cases whose name contains this")
     args = parser.parse_args()
-    print(f"{'case':66s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
+    print(f"{'case':66s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'peak MB':>8s}")
     for name, workload, hardware, sets, extra in CASES:
         if args.only and args.only not in name:
             continue
-        times = [run_once(workload, hardware, sets, extra) for _ in range(args.repeats)]
-        print(f"{name:66s} {statistics.median(times):9.2f} {min(times):7.2f} {max(times):7.2f}", flush=True)
+        runs = [run_once(workload, hardware, sets, extra) for _ in range(args.repeats)]
+        times = [seconds for seconds, _ in runs]
+        peak = max(megabytes for _, megabytes in runs)
+        print(f"{name:66s} {statistics.median(times):9.2f} {min(times):7.2f} {max(times):7.2f} {peak:8.0f}", flush=True)
     name = "sweep of 1,000 mixtral configurations, 2 processes"
     if not args.only or args.only in name:
         runs = [sweep_once(2) for _ in range(args.repeats)]

@@ -219,13 +219,6 @@ def _behind(own: list[Segment], partner: list[Segment], sm_share: float) -> list
     return out
 
 
-def _wait(event: simpy.Event):
-    """Yield only an event still pending: a process that yields one already processed is resumed
-    through one more scheduled event, for nothing."""
-    if not event.processed:
-        yield event
-
-
 class _Step:
     """The shared state of one simulated step: readiness events between stages."""
 
@@ -280,6 +273,17 @@ class _Simulator:
         """Run a task's segments; with `buckets` (the last micro-batch's backward), launch each
         unit's gradient reduction in the background as soon as its gradients are complete."""
         env = self.env
+        if not segments:
+            return
+        if buckets is None and self._quiet(stage):  # the common case: the whole task at once
+            end, compute, imbalance, comm = self._solo_run(segments, 0, False)
+            if end == len(segments):
+                yield self._timeout(compute + sum(comm.values()))
+                account.compute += compute - imbalance
+                account.imbalance += imbalance
+                for group, seconds in comm.items():
+                    account.comm(group, seconds)
+                return
         index = 0
         while index < len(segments):
             if self._quiet(stage):
@@ -417,26 +421,24 @@ class _Simulator:
         backward_left = [plan.microbatches] * len(chunks)
         buckets: list[simpy.Event] = []
 
-        def inputs(kind: str, microbatch: int, chunk_index: int):
-            """Wait for what a task consumes: its chunk's parameters and the activation (forward),
-            or the gradient from the next chunk (backward)."""
+        def awaited(kind: str, microbatch: int, chunk_index: int) -> simpy.Event | None:
+            """What a task consumes, when it has not arrived: the activation (forward) or the
+            gradient from the next chunk (backward)."""
             global_chunk = chunk_index * p + stage
             if kind == "F":
-                if not gathers[chunk_index].triggered:
-                    start = env.now
-                    yield gathers[chunk_index]
-                    account.wait(env.now - start)
-                if global_chunk > 0:
-                    yield from _wait(state.event("act", microbatch, global_chunk - 1))
-            elif global_chunk < last_global:
-                yield from _wait(state.event("grad", microbatch, global_chunk + 1))
+                event = state.event("act", microbatch, global_chunk - 1) if global_chunk > 0 else None
+            else:
+                event = state.event("grad", microbatch, global_chunk + 1) if global_chunk < last_global else None
+            return None if event is None or event.processed else event
 
-        def outputs(kind: str, microbatch: int, chunk_index: int):
+        def sent(kind: str, microbatch: int, chunk_index: int) -> simpy.Event | None:
+            """Hand the activation (forward) or gradient (backward) on; the send, when one is made."""
             global_chunk = chunk_index * p + stage
             if kind == "F" and global_chunk < last_global:
-                yield from self._send(state, stage, "act", microbatch, global_chunk, account)
+                return self._hand_off(state, stage, "act", microbatch, global_chunk)
             if kind == "B" and global_chunk > 0:
-                yield from self._send(state, stage, "grad", microbatch, global_chunk, account)
+                return self._hand_off(state, stage, "grad", microbatch, global_chunk)
+            return None
 
         def bucket_launch(chunk_index: int):
             """The last backward of a chunk launches its gradient reductions (with overlap)."""
@@ -451,13 +453,24 @@ class _Simulator:
             else:
                 work = {}
             for kind, microbatch, chunk_index in item:
-                yield from inputs(kind, microbatch, chunk_index)
+                if kind == "F" and not gathers[chunk_index].triggered:  # ZeRO: its parameters first
+                    start = env.now
+                    yield gathers[chunk_index]
+                    account.wait(env.now - start)
+                event = awaited(kind, microbatch, chunk_index)
+                if event is not None:
+                    yield event
                 forward, backward = state.work[stage][chunk_index]
                 if kind == "F":
                     yield from self._run_segments(stage, work.get("F", forward), account)
                 else:
                     yield from self._run_segments(stage, work.get("B", backward), account, bucket_launch(chunk_index))
-                yield from outputs(kind, microbatch, chunk_index)
+                event = sent(kind, microbatch, chunk_index)
+                if event is not None and not plan.overlap_p2p:  # the stage waits for its send
+                    start = env.now
+                    if not event.processed:
+                        yield event
+                    account.comm("pp", env.now - start)
         start = env.now
         if plan.overlap_grad_reduce:
             yield simpy.AllOf(env, buckets)
@@ -470,23 +483,21 @@ class _Simulator:
         account.optimizer += stage_plan.optimizer.seconds
         self.trace.add(f"stage{stage}", "compute", "optimizer.step", start, stage_plan.optimizer.seconds)
 
-    def _send(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int, account: StageAccount):
-        """Hand the activation or gradient on; unless sends overlap compute, wait for it to arrive."""
-        sent = self._hand_off(state, stage, kind, microbatch, global_chunk)
-        if sent is not None and not self.plan.overlap_p2p:
-            start = self.env.now
-            yield from _wait(sent)
-            account.comm("pp", self.env.now - start)
-
     def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> simpy.Event | None:
         """The activation or gradient goes to the next stage; a callback on the send (not a process
         per send) marks it ready there. Returns the send, None when no link is crossed."""
-        event = state.event(kind, microbatch, global_chunk)
         if self.plan.pp == 1:
-            event.succeed()  # the next chunk lives on this same device
+            state.event(kind, microbatch, global_chunk).succeed()  # the next chunk lives on this same device
             return None
         send = self.plan.stages[stage].p2p
         start = self.env.now
+        key = (kind, microbatch, global_chunk)
+        if key not in state.ready and not self.plan.overlap_p2p and self._quiet(stage):
+            # Nobody waits for it yet, the stage waits for the send, and nothing else can start on
+            # its link meanwhile: the send's own timeout is the arrival the next stage will wait for.
+            sent = state.ready[key] = self._timeout(send.seconds)
+            return sent
+        event = state.event(kind, microbatch, global_chunk)
 
         def arrived(_sent: simpy.Event) -> None:
             self._record_comm(stage, "p2p", send.link, send.name, start)
