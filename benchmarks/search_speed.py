@@ -24,8 +24,9 @@ PEER_MS_PER_LAYOUT = 219.0 / 6608 * 1000
 CASES = [
     ("megatron 22B on 8 A100 (global batch 512)",
      ["gpt_22b_dense_train_8xa100", "-H", "dgx_a100_x1", "--set", "train.global_batch=512",
-      "--space", "vpp=1,2,3,4,6", "--space", "micro_batch=1,2,4,8", "--space", "zero_stage=0,1,2,3",
-      "--space", "sequence_parallel=true,false"]),
+      "--space", "vpp=1,2,3,4,6,8", "--space", "micro_batch=1,2,4,8,16", "--space", "zero_stage=0,1,2,3",
+      "--space", "sequence_parallel=true,false", "--space", "overlap_grad_reduce=true,false",
+      "--space", "overlap_p2p=true,false"]),
     ("deepseek-v3 shape on 1,024-4,096 H100 (global batch 15,360)",
      ["deepseek_v3_shape_train", "-H", "dgx_h100_x128", "--devices", "1024..4096", "--set", "train.global_batch=15360"]),
 ]

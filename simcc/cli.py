@@ -17,19 +17,19 @@ from simcc.io import check_output, note_input
 FORMATS = click.Choice(["table", "json", "csv"])
 
 
-class Seconds(click.FloatRange):
-    """A positive finite number of seconds, at most a million: click's range compares, and 'nan'
-    compares false with every bound, so it is refused here by name."""
+class FinitePositive(click.FloatRange):
+    """A positive finite number up to `most` (seconds, days, dollars): click's range compares, and
+    'nan' compares false with every bound, so it is refused here by name."""
 
-    name = "seconds"
-
-    def __init__(self) -> None:
-        super().__init__(min=0, min_open=True, max=1e6)
+    def __init__(self, unit: str, most: float) -> None:
+        super().__init__(min=0, min_open=True, max=most)
+        self.name = unit
+        self.unit = unit
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
         number = super().convert(value, param, ctx)
         if number != number:
-            self.fail(f"{value!r} is not a number of seconds; expected 0 < x <= 1000000", param, ctx)
+            self.fail(f"{value!r} is not a number of {self.unit}; expected 0 < x <= {self.max:g}", param, ctx)
         return number
 
 
@@ -78,9 +78,9 @@ def main() -> None:
               help="With --layer: the forward pass, the backward (with recomputation), or both.")
 @click.option("--requests-trace", default=None,
               help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
-@click.option("--slo-ttft", type=Seconds(), default=None,
+@click.option("--slo-ttft", type=FinitePositive("seconds", 1e6), default=None,
               help="Serving: time-to-first-token objective in seconds; reports goodput (requests meeting every SLO).")
-@click.option("--slo-tpot", type=Seconds(), default=None,
+@click.option("--slo-tpot", type=FinitePositive("seconds", 1e6), default=None,
               help="Serving: time-per-output-token objective in seconds; reports goodput.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
              trace_path: str | None, request_count: int, layer: int | None, passes: str,
@@ -214,33 +214,17 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
         click.echo(f"wrote {path}")
 
 
-class PositiveAmount(click.FloatRange):
-    """A positive finite number (days, dollars): 'nan' passes click's range checks, so it is
-    refused here by name."""
-
-    name = "amount"
-
-    def __init__(self) -> None:
-        super().__init__(min=0, min_open=True, max=1e15)
-
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        number = super().convert(value, param, ctx)
-        if number != number:
-            self.fail(f"{value!r} is not a number; expected 0 < x <= 1e15", param, ctx)
-        return number
-
-
 @main.command()
 @click.argument("workload")
 @click.option("--hardware", "-H", required=True, help="Hardware profile: its device, node and network, and its price.")
 @click.option("--devices", default=None, metavar="N|A..B",
               help="Device counts to search: N, or A..B (A, 2A, 4A, ... and B; whole nodes). Default: the profile's.")
-@click.option("--max-days", type=PositiveAmount(), default=None, help="Keep layouts whose whole run takes at most this many days.")
-@click.option("--max-usd", type=PositiveAmount(), default=None, help="Keep layouts whose whole run costs at most this many $.")
+@click.option("--max-days", type=FinitePositive("days", 1e6), default=None, help="Keep layouts whose whole run takes at most this many days.")
+@click.option("--max-usd", type=FinitePositive("dollars", 1e15), default=None, help="Keep layouts whose whole run costs at most this many $.")
 @click.option("--top", type=click.IntRange(1, 100), default=5, show_default=True, help="How many of the fastest layouts to print.")
 @click.option("--space", "axes", multiple=True, metavar="AXIS=V1,V2",
               help="Values of one axis (tp, pp, vpp, ep, expert_tp, micro_batch, recompute, zero_stage, "
-                   "sequence_parallel, dispatcher, overlap_moe_comm); repeat for several.")
+                   "sequence_parallel, dispatcher, overlap_moe_comm, overlap_grad_reduce, overlap_p2p); repeat for several.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a workload or hardware. field first.")
 @click.option("--plot", "plot_path", default=None, help="PNG of every simulated layout by time and cost, with the Pareto front.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)

@@ -195,3 +195,13 @@ def test_cli_refuses_bad_options_in_one_line(args, named):
 def test_cli_refuses_a_serving_workload():
     done = _simcc("search", "mixtral_8x7b_serve_edge", "-H", "apple_m2_max")
     assert done.returncode == 2 and "training" in done.stderr
+
+
+def test_ray_tasks_give_the_same_answer():
+    pytest.importorskip("ray")
+    request = SearchRequest("gpt_22b_dense_train_8xa100", ("train.global_batch=16",), "dgx_a100_x1", (), None,
+                            SearchSpace(tp=(4, 8), pp=(1, 2), micro_batch=(1, 2)), top=3)
+    by_ray = run_search(request, executor="ray")
+    here = run_part(request)
+    assert [e.label for e in by_ray.ranked] == [e.label for e in here.ranked]
+    assert by_ray.counts.candidates == here.counts.candidates

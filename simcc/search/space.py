@@ -38,9 +38,12 @@ class SearchSpace:
     sequence_parallel: tuple[bool, ...] = (True,)
     dispatcher: tuple[str, ...] | None = None  # None: the workload's own
     overlap_moe_comm: tuple[bool, ...] = (False, True)
+    overlap_grad_reduce: tuple[bool, ...] = (True,)
+    overlap_p2p: tuple[bool, ...] = (False,)  # Megatron-Core's default; true: sends overlap compute
 
 
 SPACE_AXES = tuple(f.name for f in fields(SearchSpace))
+BOOLEAN_AXES = ("sequence_parallel", "overlap_moe_comm", "overlap_grad_reduce", "overlap_p2p")
 
 
 def parse_axis(text: str) -> tuple[str, tuple]:
@@ -57,7 +60,7 @@ def parse_axis(text: str) -> tuple[str, tuple]:
             if bad:
                 raise ValueError(f"{bad[0]!r} is not one of {', '.join(allowed)}")
             return name, tuple(sorted(set(items), key=allowed.index))
-        if name in ("sequence_parallel", "overlap_moe_comm"):
+        if name in BOOLEAN_AXES:
             truth = {"true": True, "false": False}
             if any(v.lower() not in truth for v in items):
                 raise ValueError("expected true or false")
@@ -88,6 +91,8 @@ class Candidate:
     dispatcher: str | None
     overlap_moe_comm: bool
     recompute: tuple[str, ...]
+    overlap_grad_reduce: bool = True
+    overlap_p2p: bool = False
 
     @property
     def dp(self) -> int:
@@ -98,6 +103,7 @@ class Candidate:
         return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "expert_tp": self.expert_tp,
                 "micro_batch": self.micro_batch, "zero_stage": self.zero_stage, "recompute": recompute,
                 "sequence_parallel": self.sequence_parallel, "overlap_moe_comm": self.overlap_moe_comm,
+                "overlap_grad_reduce": self.overlap_grad_reduce, "overlap_p2p": self.overlap_p2p,
                 "schedule": "interleaved" if self.vpp > 1 else "1f1b", "dp": None, "pipeline_layout": None}
 
     def label(self, recompute: str) -> str:
@@ -108,6 +114,8 @@ class Candidate:
         parts += [f"etp{self.expert_tp}"] if self.ep > 1 and self.expert_tp > 1 else []
         parts += [f"mb{self.micro_batch}", f"zero{self.zero_stage}", f"recompute {recompute}"]
         parts += ["no sp"] if self.tp > 1 and not self.sequence_parallel else []
+        parts += ["serial grad-reduce"] if not self.overlap_grad_reduce else []
+        parts += ["p2p overlap"] if self.overlap_p2p and self.pp > 1 else []
         if self.ep > 1:
             parts += [self.dispatcher or "alltoall"] + (["overlap"] if self.overlap_moe_comm else [])
         return " ".join(parts)
@@ -176,7 +184,10 @@ def _expert_choices(devices: int, tp: int, pp: int, vpp: int, mb: int, dp: int, 
                 for sp in (space.sequence_parallel if tp > 1 else (False,)):
                     for dispatcher in (values["dispatcher"] if ep > 1 else values["dispatcher"][:1]):
                         for overlap in (values["overlap_moe_comm"] if ep > 1 else (False,)):
-                            yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap, ladder)
+                            for reduce in (space.overlap_grad_reduce if sharded else space.overlap_grad_reduce[:1]):
+                                for p2p in (space.overlap_p2p if pp > 1 else space.overlap_p2p[:1]):
+                                    yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap,
+                                                    ladder, reduce, p2p)
 
 
 def device_counts(text: str | None, devices_per_node: int, profile_devices: int, whole_nodes_only: bool) -> list[int]:
