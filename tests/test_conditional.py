@@ -129,3 +129,67 @@ def test_anytime_spec_is_validated():
 def test_models_without_threshold_trees_have_no_input_dependent_compute():
     workload, _ = load_workload("mixtral_8x7b_train_64xh100")
     assert input_dependent_share(workload.model, workload.model.hidden) == (0.0, None)
+
+
+# Gallicchio & Nuti 2025's remaining mechanisms: rays, progressive thresholds, reuse of block outputs.
+TINY = 1e-9  # a threshold every child with any rate passes
+
+
+@pytest.mark.parametrize("rays", [1, 3])
+def test_each_ray_computes_one_block_per_level_without_reuse(rays):
+    spec = tree(threshold=TINY, rays=rays, reuse=False, samples=500)
+    profile = firing_sample(spec, 0)
+    assert profile.computations_per_level == pytest.approx([rays] * spec.levels)
+    assert profile.fraction == pytest.approx(np.full(500, rays * spec.levels / tree_blocks(spec)))
+    assert all(distinct <= rays for distinct in profile.active_per_level)
+
+
+@pytest.mark.parametrize("rays, distinct", [(1, 1.0), (2, 1.5), (3, 1.75), (6, 2 * (1 - 0.5**6))])
+def test_rays_reach_distinct_blocks_as_draws_with_replacement(rays, distinct):
+    # Hard inputs split evenly: each ray picks either child with probability 1/2, so R rays reach
+    # 2 (1 - (1/2)^R) distinct children of the root; with reuse each is computed once.
+    spec = tree(levels=2, threshold=TINY, rays=rays, hard_fraction=1.0, concentration_hard=1e4, samples=8000)
+    profile = firing_sample(spec, 0)
+    assert profile.active_per_level[1] == pytest.approx(distinct, abs=0.03)
+    assert profile.computations_per_level == profile.active_per_level
+
+
+def test_rays_fire_a_subset_of_all_paths_and_more_rays_more_blocks():
+    all_paths = firing_sample(tree(), 0)
+    by_rays = [firing_sample(tree(rays=r), 0) for r in (1, 2, 8)]
+    for profile in by_rays:  # a ray only enters children that fire
+        assert all(r <= a + 1e-12 for r, a in zip(profile.active_per_level, all_paths.active_per_level))
+    means = [p.mean_fraction for p in by_rays]
+    assert means[0] < means[1] < means[2] <= all_paths.mean_fraction
+
+
+def test_progressive_thresholds_cost_the_last_with_reuse_and_every_one_without():
+    schedule = (0.5, 0.3, 0.1)
+    stages = [firing_sample(tree(threshold=t), 0) for t in schedule]  # the same routing draws
+    reused = firing_sample(tree(progressive=schedule[:-1], threshold=schedule[-1]), 0)
+    again = firing_sample(tree(progressive=schedule[:-1], threshold=schedule[-1], reuse=False), 0)
+    assert reused.mean_fraction == pytest.approx(stages[-1].mean_fraction)  # lower thresholds fire supersets
+    assert again.mean_fraction == pytest.approx(sum(s.mean_fraction for s in stages))
+    assert again.active_per_level == pytest.approx(reused.active_per_level)  # the same blocks' weights
+
+
+def test_progressive_thresholds_must_fall():
+    with pytest.raises(ValueError, match="must fall"):
+        tree(progressive=(0.05,), threshold=0.1)
+    with pytest.raises(ValueError, match="must fall"):
+        tree(progressive=(0.3, 0.5), threshold=0.1)
+
+
+def _latency_ms(*sets: str) -> float:
+    workload, src = load_workload("ray_tracing_mlp_serve_rpi5", list(sets))
+    result = estimate(workload, load_hardware("raspberry_pi_5"), src, SimulationOptions(request_count=100))
+    return result.latency.latency_p50_s * 1e3
+
+
+def test_serving_cost_follows_rays_and_reuse():
+    tree_path = "model.blocks.1.threshold_tree"
+    one, many = _latency_ms(f"{tree_path}.rays=1"), _latency_ms(f"{tree_path}.rays=16")
+    assert one < many  # fewer rays compute fewer blocks
+    kept = _latency_ms(f"{tree_path}.progressive=[0.5, 0.3]")
+    recomputed = _latency_ms(f"{tree_path}.progressive=[0.5, 0.3]", f"{tree_path}.reuse=false")
+    assert kept < recomputed

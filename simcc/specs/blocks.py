@@ -267,17 +267,36 @@ class ThresholdTreeBlock(BlockSpec):
     hard_fraction: float = Field(default=0.3, ge=0.0, le=1.0)  # the difficulty mix
     samples: PositiveInt = 2000  # inputs simulated to measure the activation distribution
     activation: Activation = "relu"
+    # Paths (rays) sampled per input, each descending from the root to a child it may fire,
+    # chosen by the routing shares; None: every child above the threshold fires (all paths).
+    rays: int_up_to(4096) | None = None
+    # Progressive evaluation: thresholds tried first, highest first, each above `threshold`, which
+    # comes last; an anytime answer exists after each.
+    progressive: tuple[Fraction, ...] = Field(default=(), max_length=16)
+    # A block computed for an earlier ray or an earlier threshold is not computed again (its
+    # output is reused); false: every ray and every threshold computes what it visits.
+    reuse: bool = True
 
     @model_validator(mode="after")
     def _bounded(self) -> "ThresholdTreeBlock":
+        schedule = (*self.progressive, self.threshold)
+        if any(a <= b for a, b in zip(schedule, schedule[1:])):
+            raise ValueError(f"progressive thresholds must fall, each above the next and the last above threshold "
+                             f"{self.threshold}; got {list(self.progressive)}")
         blocks = sum(self.branching**level for level in range(self.levels))
         if blocks > MAX_TREE_BLOCKS:
             raise ValueError(f"branching {self.branching} over {self.levels} levels makes {blocks:,} blocks; "
                              f"at most {MAX_TREE_BLOCKS:,}")
         leaves = self.branching ** (self.levels - 1)
-        if self.samples * leaves > MAX_FIRING_SAMPLES:
-            raise ValueError(f"samples x leaf blocks = {self.samples * leaves:,} exceeds {MAX_FIRING_SAMPLES:,}; "
-                             f"use samples <= {max(1, MAX_FIRING_SAMPLES // leaves)}")
+        stages = len(schedule)  # the firing is worked out once per threshold
+        if self.samples * leaves * stages > MAX_FIRING_SAMPLES:
+            raise ValueError(f"samples x leaf blocks x thresholds = {self.samples * leaves * stages:,} exceeds "
+                             f"{MAX_FIRING_SAMPLES:,}; use samples <= {max(1, MAX_FIRING_SAMPLES // (leaves * stages))}")
+        ray_steps = self.samples * (self.rays or 0) * self.branching * self.levels * stages
+        if ray_steps > MAX_FIRING_SAMPLES:
+            raise ValueError(f"samples x rays x branching x levels x thresholds = {ray_steps:,} exceeds "
+                             f"{MAX_FIRING_SAMPLES:,}; use rays <= "
+                             f"{max(1, MAX_FIRING_SAMPLES // (self.samples * self.branching * self.levels * stages))}")
         return self
 
 

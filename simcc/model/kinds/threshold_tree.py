@@ -18,7 +18,7 @@ def params(spec: ThresholdTreeBlock, hidden: int) -> Params:
     profile = firing_sample(spec, 0)
     blocks = profile.blocks
     return Params(replicated=sum(b for _, b in pairs) * blocks, expert=per_block * blocks,
-                  active_expert=per_block * blocks * profile.mean_fraction,
+                  active_expert=per_block * sum(profile.active_per_level),
                   expert_rows_cols=sum(a + b for a, b in pairs) * blocks,
                   expert_tensors=2 * len(pairs) * blocks)  # each block's weights and biases
 
@@ -29,18 +29,18 @@ def work(spec: ThresholdTreeBlock, hidden: int, batch: Batch, shard: Shard) -> B
     profile = firing_sample(spec, shard.sample_seed)
     T, dt = batch.tokens, shard.dtype
     result = BlockWork()
-    for level, active in enumerate(profile.active_per_level):
+    for level, (active, computed) in enumerate(zip(profile.active_per_level, profile.computations_per_level)):
         blocks = spec.branching**level
-        tokens = [T * active / blocks] * blocks
+        tokens = [T * computed / blocks] * blocks  # every computation: once per ray or threshold without reuse
         # A block of the level fires for an input with probability active / blocks; a batch reads
         # the weights of the union of its inputs' fired blocks, not of every block.
         fired = blocks * (1.0 - (1.0 - min(active / blocks, 1.0)) ** T)
         for i, (a, b) in enumerate(zip(spec.widths, spec.widths[1:])):
             result.forward.append(grouped_gemm(f"tree.level{level}.fc{i}", tokens, tokens, a, b, dt, active=fired,
                                                mean_active=fired, operands=shard.dense_gemm))
-            result.forward.append(elementwise(f"tree.level{level}.act{i}", T * active * b, 1, 1, dt,
-                                              saved_elements=T * active * b))
-    # the router of each fired block: softmax over its children
-    result.forward.append(elementwise("tree.route", T * sum(profile.active_per_level) * spec.branching, 1, 1, dt,
-                                      flops_per_element=6, family="gate"))
+            result.forward.append(elementwise(f"tree.level{level}.act{i}", T * computed * b, 1, 1, dt,
+                                              saved_elements=T * computed * b))
+    # the router of each computed block: softmax over its children
+    result.forward.append(elementwise("tree.route", T * sum(profile.computations_per_level) * spec.branching, 1, 1,
+                                      dt, flops_per_element=6, family="gate"))
     return result
