@@ -185,6 +185,7 @@ def test_cli_prints_the_winner_why_and_the_front():
     (["--max-days", "nan"], "--max-days"),
     (["--max-usd", "-5"], "--max-usd"),
     (["--top", "0"], "--top"),
+    (["--space", "tp=1024"], "--space"),  # no layout of the space divides the 8 devices
 ])
 def test_cli_refuses_bad_options_in_one_line(args, named):
     done = _simcc("search", "gpt_22b_dense_train_8xa100", "-H", "dgx_a100_x1", *args)

@@ -91,10 +91,9 @@ def search(workload: Workload, source: str, system_for: Callable[[int], System],
     """The `top` fastest layouts of `workload` on `device_counts` devices that fit and keep to the
     budget, and the Pareto front of step time vs $ per step among those simulated; `part` (i, n):
     only every n-th candidate from the i-th (one worker's share)."""
-    if workload.mode != "train" or workload.train is None:
-        raise InputError(source, "mode", "search plans training layouts; this workload serves")
+    _require_training(workload, source)
     started = time.perf_counter()
-    listed = list(_bounded(candidates(workload, device_counts, devices_per_node, space), source))[part[0]::part[1]]
+    listed = listed_candidates(workload, source, device_counts, devices_per_node, space)[part[0]::part[1]]
     counts = SearchCounts(candidates=len(listed))
     steps_per_run = _steps_per_run(workload)
     _check_budget(budget, steps_per_run, system_for(device_counts[0]), source)
@@ -130,12 +129,19 @@ def search(workload: Workload, source: str, system_for: Callable[[int], System],
     return result
 
 
-def _bounded(listed, source: str):
-    for count, candidate in enumerate(listed, 1):
-        if count > MAX_CANDIDATES:
+def listed_candidates(workload: Workload, source: str, device_counts: list[int], devices_per_node: int,
+                      space: SearchSpace) -> list[Candidate]:
+    """The space's layouts; one line (exit 2) when it holds none or too many to weigh."""
+    listed = []
+    for candidate in candidates(workload, device_counts, devices_per_node, space):
+        listed.append(candidate)
+        if len(listed) > MAX_CANDIDATES:
             raise InputError(source, "--space", f"more than {MAX_CANDIDATES:,} candidate layouts; "
                              "narrow an axis (for example --space micro_batch=1 or --devices N)")
-        yield candidate
+    if not listed:
+        raise InputError(source, "--space", f"no layout of these axes divides {', '.join(map(str, device_counts))} "
+                         "devices and the model (each degree must divide the devices, the batch and the widths)")
+    return listed
 
 
 def _steps_per_run(workload: Workload) -> float | None:
@@ -387,7 +393,7 @@ def run_search(request: SearchRequest, executor: str = "local", jobs: int | None
             import ray
         except ImportError:
             raise InputError("--executor ray", "", "needs ray: pip install 'simcc[ray]'") from None
-        Loaded(request)  # bad input is the user's, before any task starts
+        _check(request)  # bad input is the user's, before any task starts
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         parts = max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(run_part)
@@ -397,7 +403,19 @@ def run_search(request: SearchRequest, executor: str = "local", jobs: int | None
         return run_part(request)
     import multiprocessing
 
-    Loaded(request)
+    _check(request)
     with multiprocessing.Pool(jobs) as pool:
         results = pool.starmap(run_part, [(request, part, jobs) for part in range(jobs)])
     return merge(results, request.top)
+
+
+def _check(request: SearchRequest) -> None:
+    """The request's files, device counts and space, checked here before parts run elsewhere."""
+    loaded = Loaded(request)
+    _require_training(loaded.workload, loaded.source)
+    listed_candidates(loaded.workload, loaded.source, loaded.device_counts, loaded.system.devices_per_node, request.space)
+
+
+def _require_training(workload: Workload, source: str) -> None:
+    if workload.mode != "train" or workload.train is None:
+        raise InputError(source, "mode", "search plans training layouts; this workload serves")

@@ -19,7 +19,7 @@ from simcc.specs.workload import Workload
 
 RECOMPUTE_LADDER = ("none", "selective", "full")  # each replays more and keeps less
 DISPATCHERS = ("alltoall", "allgather", "deduplicated")
-MAX_CANDIDATES = 200_000  # a search beyond this is a sweep of its own: narrow an axis with --space
+MAX_CANDIDATES = 50_000  # a few minutes on two cores; beyond, narrow an axis with --space or --devices
 
 
 @dataclass(frozen=True)
