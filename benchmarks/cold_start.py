@@ -2,12 +2,16 @@
 samples, plan and simulation all included), median wall time over several runs. The in-process,
 warm figures are benchmarks/simulator_speed.py's; they are not comparable with these.
 
+Each process may cache its bytecode, as Python does on a user's machine after the first run
+(this sandbox sets PYTHONDONTWRITEBYTECODE, which would make every run compile simcc anew).
+
 Usage: python benchmarks/cold_start.py [--repeats 5] [--only NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +41,8 @@ CASES = [
 PEAK_OF_CHILD = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
 
+USER_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+
 
 def run_once(workload: str, hardware: str, sets: list[str], extra: list[str]) -> tuple[float, float]:
     """Wall seconds of one fresh `simcc estimate` process, and its peak memory in MB."""
@@ -44,7 +50,7 @@ def run_once(workload: str, hardware: str, sets: list[str], extra: list[str]) ->
     for item in sets:
         command += ["--set", item]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *command], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *command], capture_output=True, text=True, env=USER_ENV)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{workload}: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
@@ -80,7 +86,7 @@ def sweep_once(jobs: int) -> tuple[float, int]:
         spec.write_text(yaml.safe_dump(SWEEP))
         command = [sys.executable, "-m", "simcc", "sweep", str(spec), "--format", "csv", "--jobs", str(jobs)]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=USER_ENV)
         elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"sweep: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")

@@ -6,12 +6,16 @@ layouts of its 22B case (33 ms per layout; the figure recorded in simcc's issue 
 the package index and this machine reaches no network, so it is compared by that figure, not run
 side by side.
 
+Each process may cache its bytecode, as Python does on a user's machine after the first run
+(this sandbox sets PYTHONDONTWRITEBYTECODE, which would make every run compile simcc anew).
+
 Usage: python benchmarks/search_speed.py [--repeats 3] [--only NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -31,11 +35,13 @@ CASES = [
      ["deepseek_v3_shape_train", "-H", "dgx_h100_x128", "--devices", "1024..4096", "--set", "train.global_batch=15360"]),
 ]
 
+USER_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+
 
 def run_once(arguments: list[str], jobs: int) -> tuple[float, dict]:
     command = [sys.executable, "-m", "simcc", "search", *arguments, "--format", "json", "--jobs", str(jobs)]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=USER_ENV)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr.strip().splitlines()[-1] if done.stderr else str(done.returncode))
