@@ -83,8 +83,8 @@ WORKLOAD_PAIRS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "megatron_530b_train": ("dgx_a100_x8", ("hardware.nodes=35",), True),
     "megatron_1t_train": ("dgx_a100_x8", ("hardware.nodes=64",), True),
     "shazeer_4xlstm512_train": ("k40_x16", (), False),
-    "shazeer_moe143m_lstm_train": ("k40_x16", (), False),
-    "shazeer_moe34m_lstm_train": ("k40_x16", (), False),
+    "shazeer_moe143m_lstm_train": ("k40_x32", (), False),
+    "shazeer_moe34m_lstm_train": ("k40_x32", (), False),
 }
 DEFAULT_PAIR: tuple[str, tuple[str, ...], bool] = ("dgx_h100_x8", (), True)  # a workload added later
 # Small workloads that run on every shipped profile: the probes for a mutated profile.
