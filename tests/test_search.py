@@ -145,6 +145,12 @@ def test_budget_drops_what_it_cannot_afford():
                                                                 "devices", "space", "top")],
                                    Budget(max_days=fastest_days * 0.5)))
     assert tight.ranked == [] and tight.counts.over_budget > 0
+    limit = free.ranked[1].row["days"] * 0.9999  # the runner-up and slower layouts break it
+    loose = run_part(SearchRequest(*[getattr(base, f) for f in ("workload", "workload_sets", "hardware", "hardware_sets",
+                                                                "devices", "space", "top")],
+                                   Budget(max_days=limit)))
+    assert [e.label for e in loose.ranked] == [free.ranked[0].label]
+    assert all(e.row["days"] <= limit for e in loose.simulated)
 
 
 def test_axes_and_device_counts_parse_or_refuse_in_one_line():

@@ -30,7 +30,7 @@ def render(result: SearchResult, fmt: str) -> str:
     counts = result.counts
     lines = [f"searched {counts.candidates:,} layouts in {result.seconds:.1f} s: {counts.simulated:,} simulated, "
              f"{counts.pruned:,} skipped by the lower bound, {counts.unfit:,} do not fit under any recompute policy, "
-             f"{counts.over_budget:,} over budget, {counts.refused:,} refused"]
+             f"{counts.over_budget:,} over budget (by their bound or once simulated), {counts.refused:,} refused"]
     if result.first_refusal:
         lines.append(f"  first refused: {result.first_refusal}")
     if not result.ranked:

@@ -68,7 +68,7 @@ class SearchCounts:
     candidates: int = 0  # layouts the space holds (each with its ladder of recompute policies)
     refused: int = 0  # refused by the layout checks the integer filter does not repeat
     unfit: int = 0  # no recompute policy fits in memory
-    over_budget: int = 0  # even the bound breaks --max-days or --max-usd
+    over_budget: int = 0  # the bound, or the simulated step, breaks --max-days or --max-usd
     pruned: int = 0  # the bound proves it neither top N nor on the front
     simulated: int = 0
 
@@ -77,7 +77,7 @@ class SearchCounts:
 class SearchResult:
     ranked: list[Evaluated]  # the top N, fastest first
     front: list[Evaluated]  # time vs cost, fastest first
-    simulated: list[Evaluated]  # every layout simulated (within the budget)
+    simulated: list[Evaluated]  # every layout simulated that keeps to the budget
     counts: SearchCounts
     seconds: float
     steps_per_run: float | None  # training steps in the whole run (total tokens / tokens per step)
@@ -119,12 +119,15 @@ def search(workload: Workload, source: str, system_for: Callable[[int], System],
             counts.pruned += 1
         else:
             result = estimate(candidate_workload, system, source, SimulationOptions(), plan=plan)
-            simulated.append(_with_estimate(evaluated, result, system))
             counts.simulated += 1
-    within = [e for e in simulated if not _over_budget_simulated(e, budget, steps_per_run)]
-    ranked = sorted(within, key=lambda e: e.step_s)[:top]
-    result = SearchResult(ranked, _front(within), within, counts, time.perf_counter() - started, steps_per_run,
-                          first_refusal)
+            done = _with_estimate(evaluated, result, system)
+            if _breaks(done, done.step_s, budget, steps_per_run):
+                counts.over_budget += 1  # and it proves nothing about the others
+            else:
+                simulated.append(done)
+    ranked = sorted(simulated, key=lambda e: e.step_s)[:top]
+    result = SearchResult(ranked, _front(simulated), simulated, counts, time.perf_counter() - started,
+                          steps_per_run, first_refusal)
     result.explanation = explain(ranked)
     return result
 
@@ -161,10 +164,6 @@ def _check_budget(budget: Budget, steps_per_run: float | None, system: System, s
 
 def _over_budget(evaluated: Evaluated, budget: Budget, steps_per_run: float | None) -> bool:
     return _breaks(evaluated, evaluated.lower_bound_s, budget, steps_per_run)
-
-
-def _over_budget_simulated(evaluated: Evaluated, budget: Budget, steps_per_run: float | None) -> bool:
-    return _breaks(evaluated, evaluated.step_s, budget, steps_per_run)
 
 
 def _breaks(evaluated: Evaluated, step_s: float, budget: Budget, steps_per_run: float | None) -> bool:
