@@ -200,7 +200,7 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
     policy = (workload.parallelism.recompute, tuple(workload.parallelism.recompute_modules))
     per_layer = drawn_per_layer(shard)
     tokens = tuple(_alike(unit, per_layer) for unit in units)
-    if not any(_READS_DATA_PARALLEL[token] for token in tokens):
+    if not any(_READS_DATA_PARALLEL.get(token, True) for token in tokens):  # unknown (table just cleared): keep dp
         shard = without_data_parallel(shard)  # the same work for any dp and micro-batch count
     whole = (tokens, hidden, batch, shard, policy)
     found = _FORWARD_WORKS.get(whole)
@@ -258,6 +258,7 @@ def _alike(unit: Unit, per_layer: bool) -> int:
         if len(_ALIKE) >= 100_000:
             _ALIKE.clear()
             _ALIKE_TOKENS.clear()
+            _READS_DATA_PARALLEL.clear()
         # By spec object (some specs hold lists and do not hash); the entry keeps the specs, so
         # their ids are not reused while it lives.
         key = tuple((id(block.spec), block.index if per_layer and costing_of(block.spec).per_layer_seed else -1)
