@@ -382,10 +382,10 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
         work = forward_work(units, workload, layout, batch)
     chunk = ChunkPlan(units, params=work.params, saved_bytes=work.saved_bytes, transient_bytes=work.transient_bytes,
                       moe=work.moe)
-    expected_forward, expected_backward, backward_by_item = _costed_by_item(work, system, layout)
-    for start, end in work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
-        chunk.moe_imbalance.append(sum(expected_forward[i].imbalance + backward_by_item[i].imbalance
-                                       for i in range(start, end)))
+    if work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
+        expected_forward, _, backward_by_item = _costed_by_item(work, system, layout)
+        chunk.moe_imbalance = [sum(expected_forward[i].imbalance + backward_by_item[i].imbalance for i in range(start, end))
+                               for start, end in work.moe_ranges]
     if workload.anytime is not None:
         chunk.forward, chunk.backward, chunk.saved_bytes = _subnet_costs(units, workload, system, layout, batch, None)
         chunk.sampled = [_subnet_costs(units, workload, system, layout, batch, step)[:2] for step in range(sampled_steps)]
@@ -395,7 +395,7 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
                          for step in range(sampled_steps)]
         chunk.forward, chunk.backward = chunk.sampled[0]  # the expected-load costs would never be played
     else:
-        chunk.forward, chunk.backward = expected_forward, expected_backward
+        chunk.forward, chunk.backward = _costed(work, system, layout)  # memoised: the costs above, if any
     synced: dict[tuple[float, ...], list[Cost]] = {}  # alike layers reduce alike gradients
     for params, extra in zip(work.unit_params, work.unit_step_grads):
         key = params.astuple()

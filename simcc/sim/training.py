@@ -273,22 +273,11 @@ class _Simulator:
         """Run a task's segments; with `buckets` (the last micro-batch's backward), launch each
         unit's gradient reduction in the background as soon as its gradients are complete."""
         env = self.env
-        if not segments:
-            return
-        if buckets is None and self._quiet(stage):  # the common case: the whole task at once
-            end, compute, imbalance, comm = self._solo_run(segments, 0, False)
-            if end == len(segments):
-                yield self._timeout(compute + sum(comm.values()))
-                account.compute += compute - imbalance
-                account.imbalance += imbalance
-                for group, seconds in comm.items():
-                    account.comm(group, seconds)
-                return
         index = 0
         while index < len(segments):
-            if self._quiet(stage):
+            if self._quiet(stage):  # commonly the whole task plays as one timeout
                 end, compute, imbalance, comm = self._solo_run(segments, index, buckets is not None)
-                if end - index > 1:
+                if end > index:
                     yield self._timeout(compute + sum(comm.values()))
                     account.compute += compute - imbalance
                     account.imbalance += imbalance
@@ -491,10 +480,11 @@ class _Simulator:
             return None
         send = self.plan.stages[stage].p2p
         start = self.env.now
+        # The stage waits for this send and nothing else can start on its link meanwhile: alone on
+        # the link, the transfer takes its cost, one timeout.
+        alone = not self.plan.overlap_p2p and self._quiet(stage)
         key = (kind, microbatch, global_chunk)
-        if key not in state.ready and not self.plan.overlap_p2p and self._quiet(stage):
-            # Nobody waits for it yet, the stage waits for the send, and nothing else can start on
-            # its link meanwhile: the send's own timeout is the arrival the next stage will wait for.
+        if alone and key not in state.ready:  # nobody waits yet: the timeout is the arrival itself
             sent = state.ready[key] = self._timeout(send.seconds)
             return sent
         event = state.event(kind, microbatch, global_chunk)
@@ -503,12 +493,7 @@ class _Simulator:
             self._record_comm(stage, "p2p", send.link, send.name, start)
             event.succeed()
 
-        if not self.plan.overlap_p2p and self._quiet(stage):
-            # The stage waits for this send and nothing else can start on its link meanwhile:
-            # alone on the link, the transfer takes its cost, one timeout.
-            sent = self._timeout(send.seconds)
-        else:
-            sent = self._transfer(stage, send.link, send.seconds)
+        sent = self._timeout(send.seconds) if alone else self._transfer(stage, send.link, send.seconds)
         sent.callbacks.append(arrived)
         return sent
 
