@@ -15,7 +15,7 @@ PACKAGE = Path(simcc.__file__).parent
 # Lowest first. The model's MoE blocks consume routed expert loads, so routing sits below the
 # model; the typed results are a schema with no dependencies, shared by phases, estimate and report.
 LAYERS: list[tuple[str, ...]] = [
-    ("simcc.errors", "simcc.io", "simcc.results", "simcc.isotonic"),
+    ("simcc.errors", "simcc.io", "simcc.results", "simcc.isotonic", "simcc.memo"),
     ("simcc.specs",),
     ("simcc.routing",),
     ("simcc.model",),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simcc.errors import InputError
+from simcc.memo import Memo
 from simcc.model.ops import FORWARD_FAMILY, MATMUL_FAMILIES, GemmBlock, Op
 from simcc.specs.hardware import Device, EfficiencyCurve
 
@@ -139,24 +140,13 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     return busy + launch, bound
 
 
-# Costs memoised per device object: a plan costs the same op (one layer's GEMM, its backward) once per
-# layer, micro-batch shape and sampled step. The device is kept in the entry, so its id is never
-# reused while the entry lives.
-_COSTS: dict[int, tuple[Device, dict[Op, "OpCost"]]] = {}
-_COSTS_LIMIT = 200_000
+# Costs memoised by op and device object: a plan costs the same op (one layer's GEMM, its
+# backward) once per layer, micro-batch shape and sampled step.
+_COSTS: Memo[OpCost] = Memo(200_000)
 
 
 def op_cost(device: Device, op: Op) -> OpCost:
-    entry = _COSTS.get(id(device))
-    if entry is None or entry[0] is not device:
-        if sum(len(costs) for _, costs in _COSTS.values()) > _COSTS_LIMIT:
-            _COSTS.clear()
-        entry = _COSTS[id(device)] = (device, {})
-    costs = entry[1]
-    cost = costs.get(op)
-    if cost is None:
-        cost = costs[op] = _op_cost(device, op)
-    return cost
+    return _COSTS.get((id(device), op), lambda: _op_cost(device, op), device)
 
 
 def _op_cost(device: Device, op: Op) -> OpCost:

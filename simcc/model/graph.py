@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import simcc.model.blocks as B
+from simcc.memo import Memo
 from simcc.model.kinds import COSTINGS, costing_of
 from simcc.model.ops import DTYPE_BYTES, GemmOperands, Op, WorkItem, elementwise
 from simcc.model.threshold import FiringSample, firing_sample
@@ -51,20 +52,15 @@ def _flatten(items: list[BlockItem]) -> list[BlockItem]:
     return flat
 
 
-# Expanded models by model object (kept in the entry, so an id is not reused while it lives):
-# a plan, its layout checks and its memory model each ask, and a search asks per candidate.
-_UNITS: dict[int, tuple[ModelSpec, list[Unit]]] = {}
+# Expanded models by model object: a plan, its layout checks and its memory model each ask, and
+# a search asks per candidate.
+_UNITS: Memo[list[Unit]] = Memo(64)
 
 
 def units_of(model: ModelSpec) -> list[Unit]:
     """Pipeline units, with attached blocks (embedding, LM head) merged into their neighbours.
     Callers read the list, never change it."""
-    entry = _UNITS.get(id(model))
-    if entry is None or entry[0] is not model:
-        if len(_UNITS) >= 64:
-            _UNITS.clear()
-        entry = _UNITS[id(model)] = (model, _units(model))
-    return entry[1]
+    return _UNITS.get(id(model), lambda: _units(model), model)
 
 
 def _units(model: ModelSpec) -> list[Unit]:
@@ -135,18 +131,13 @@ def _attached_prefix(blocks: list[Block]) -> int:
     return count
 
 
-_PARAMS: dict[tuple[int, int], tuple[BlockSpec, B.Params]] = {}
+_PARAMS: Memo[B.Params] = Memo(10_000)
 
 
 def block_params(block: Block, hidden: int) -> B.Params:
-    """By spec object (kept in the entry, so its id is not reused): a model repeats its layers."""
-    key = (id(block.spec), hidden)
-    entry = _PARAMS.get(key)
-    if entry is None or entry[0] is not block.spec:
-        if len(_PARAMS) >= 10_000:
-            _PARAMS.clear()
-        entry = _PARAMS[key] = (block.spec, costing_of(block.spec).params(block.spec, hidden))
-    return entry[1]
+    """By spec object: a model repeats its layers."""
+    spec = block.spec
+    return _PARAMS.get((id(spec), hidden), lambda: costing_of(spec).params(spec, hidden), spec)
 
 
 def drawn_per_layer(shard: B.Shard) -> bool:
@@ -159,8 +150,7 @@ def drawn_per_layer(shard: B.Shard) -> bool:
 # Works memoised by what they depend on: a model repeats its layers, and a search or sweep asks
 # for the same layer under many layouts. Specs are frozen, so a key never goes stale; callers
 # read a work, never change it.
-_WORKS: dict[tuple, tuple[BlockSpec, B.BlockWork]] = {}
-_WORKS_LIMIT = 50_000
+_WORKS: Memo[B.BlockWork] = Memo(50_000)
 
 
 def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
@@ -168,28 +158,19 @@ def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.B
     if costing.per_layer_seed and drawn_per_layer(shard):  # each layer its own draws, reproducibly
         shard = replace(shard, seed=shard.seed * 100_003 + block.index,
                         sample_seed=shard.sample_seed * 100_003 + block.index)
-    # By spec object (kept in the entry, so its id is not reused; some specs hold lists and do not
-    # hash); dp and micro-batches are left out of the key where the work does not read them.
-    key = (id(block.spec), hidden, batch, shard if costing.reads_data_parallel else without_data_parallel(shard))
-    entry = _WORKS.get(key)
-    if entry is None or entry[0] is not block.spec:
-        if len(_WORKS) >= _WORKS_LIMIT:
-            _WORKS.clear()
-        entry = _WORKS[key] = (block.spec, with_input_casts(costing.work(block.spec, hidden, batch, shard), shard))
-    return entry[1]
+    # By spec object (some specs hold lists and do not hash); dp and micro-batches are left out of
+    # the key where the work does not read them.
+    spec = block.spec
+    key = (id(spec), hidden, batch, shard if costing.reads_data_parallel else without_data_parallel(shard))
+    return _WORKS.get(key, lambda: with_input_casts(costing.work(spec, hidden, batch, shard), shard), spec)
 
 
-_NO_DP: dict[B.Shard, B.Shard] = {}
+_NO_DP: Memo[B.Shard] = Memo(10_000)
 
 
 def without_data_parallel(shard: B.Shard) -> B.Shard:
     """The shard as every kind but `reads_data_parallel` ones sees it: a shared key for its work."""
-    found = _NO_DP.get(shard)
-    if found is None:
-        if len(_NO_DP) >= 10_000:
-            _NO_DP.clear()
-        found = _NO_DP[shard] = replace(shard, dp=1, microbatches=1)
-    return found
+    return _NO_DP.get(shard, lambda: replace(shard, dp=1, microbatches=1))
 
 
 def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from simcc.costs.collectives import collective_time, latency_floor
 from simcc.costs.compute import op_cost
 from simcc.layout import Layout
+from simcc.memo import Memo
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import (Unit, block_params, block_work, drawn_per_layer, stage_units, units_of, units_params,
@@ -123,21 +124,15 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     return GemmOperands(inputs, weight, DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0, scale, reads)
 
 
-# Costs by item and system object (kept in the entry, so its id is not reused while the entry
-# lives), and for a collective by the group it runs over: a model repeats its layers' items, every
-# micro-batch shape and recompute replay asks again, and a search costs many layouts on one system.
-_ITEM_COSTS: dict[tuple, tuple[System, "Cost"]] = {}
-_ITEM_COSTS_LIMIT = 200_000
+# Costs by item and system object, and for a collective by the group it runs over: a model
+# repeats its layers' items, every micro-batch shape and recompute replay asks again, and a search
+# costs many layouts on one system.
+_ITEM_COSTS: Memo[Cost] = Memo(200_000)
 
 
 def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
     key = (item, id(system), layout.groups[item.group]) if isinstance(item, Comm) else (item, id(system))
-    entry = _ITEM_COSTS.get(key)
-    if entry is None or entry[0] is not system:
-        if len(_ITEM_COSTS) >= _ITEM_COSTS_LIMIT:
-            _ITEM_COSTS.clear()
-        entry = _ITEM_COSTS[key] = (system, _cost_item(item, system, layout))
-    return entry[1]
+    return _ITEM_COSTS.get(key, lambda: _cost_item(item, system, layout), system)
 
 
 def _cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
@@ -188,8 +183,7 @@ class _UnitWork:
 
 # Unit works by what they depend on: a model repeats its layers (a dense model's units are all
 # alike), and a search builds many plans from the same layers.
-_UNIT_WORKS: dict[tuple, _UnitWork] = {}
-_UNIT_WORKS_LIMIT = 20_000
+_UNIT_WORKS: Memo[_UnitWork] = Memo(20_000)
 
 
 def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: Batch,
@@ -200,21 +194,15 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
     policy = (workload.parallelism.recompute, tuple(workload.parallelism.recompute_modules))
     per_layer = drawn_per_layer(shard)
     tokens = tuple(_alike(unit, per_layer) for unit in units)
-    if not any(_READS_DATA_PARALLEL.get(token, True) for token in tokens):  # unknown (table just cleared): keep dp
+    if not any(reads_dp for _, reads_dp in tokens):
         shard = without_data_parallel(shard)  # the same work for any dp and micro-batch count
-    whole = (tokens, hidden, batch, shard, policy)
-    found = _FORWARD_WORKS.get(whole)
-    if found is None:
-        if len(_FORWARD_WORKS) >= _FORWARD_WORKS_LIMIT:
-            _FORWARD_WORKS.clear()
-        found = _FORWARD_WORKS[whole] = _assembled(units, hidden, batch, shard, policy, layout.tp)
-    return found
+    return _FORWARD_WORKS.get((tokens, hidden, batch, shard, policy),
+                              lambda: _assembled(units, hidden, batch, shard, policy, layout.tp))
 
 
 # Whole chunks' works, for plans that meet the same chunk again (a search's layouts that differ
 # only in options the work does not read). Callers read a work, never change it.
-_FORWARD_WORKS: dict[tuple, ForwardWork] = {}
-_FORWARD_WORKS_LIMIT = 2_000
+_FORWARD_WORKS: Memo[ForwardWork] = Memo(2_000)
 
 
 def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, policy: tuple[str, tuple[str, ...]],
@@ -222,12 +210,8 @@ def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, polic
     out = ForwardWork()
     per_layer = drawn_per_layer(shard)
     for unit in units:
-        key = (_alike(unit, per_layer), hidden, batch, shard, policy)
-        work = _UNIT_WORKS.get(key)
-        if work is None:
-            if len(_UNIT_WORKS) >= _UNIT_WORKS_LIMIT:
-                _UNIT_WORKS.clear()
-            work = _UNIT_WORKS[key] = _unit_work(unit, hidden, batch, shard, *policy, tp)
+        work = _UNIT_WORKS.get((_alike(unit, per_layer), hidden, batch, shard, policy),
+                               lambda: _unit_work(unit, hidden, batch, shard, *policy, tp))
         first = len(out.items)
         out.unit_starts.append(first)
         out.unit_params.append(work.params)
@@ -243,32 +227,26 @@ def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, polic
     return out
 
 
-_ALIKE: dict[tuple[int, bool], tuple[Unit, int]] = {}
-_ALIKE_TOKENS: dict[tuple, tuple[int, tuple]] = {}  # (token, the specs it stands for)
-_NEXT_TOKEN = itertools.count()  # never reused, so a cleared table cannot make two kinds of unit alike
-_READS_DATA_PARALLEL: dict[int, bool] = {}  # by token: a block's work reads dp or the micro-batch count
+# What a unit's work depends on, as a small token that hashes fast (its blocks' specs, and their
+# positions where `per_layer` draws are per layer and the work draws), with whether that work
+# reads dp or the micro-batch count. By unit object, then by the blocks' spec objects. Tokens
+# come from a counter and are never reused, so either table may start again empty.
+_ALIKE: Memo[tuple[int, bool]] = Memo(100_000)
+_KINDS: Memo[tuple[int, bool]] = Memo(100_000)
+_NEXT_TOKEN = itertools.count()
 
 
-def _alike(unit: Unit, per_layer: bool) -> int:
-    """A token for what a unit's work depends on (its blocks' specs, and their positions where
-    `per_layer` draws are per layer and the work draws): alike units share it. Kept by unit object
-    (pinned in the entry, so an id is not reused); a number hashes faster than the specs."""
-    entry = _ALIKE.get((id(unit), per_layer))
-    if entry is None or entry[0] is not unit:
-        if len(_ALIKE) >= 100_000:
-            _ALIKE.clear()
-            _ALIKE_TOKENS.clear()
-            _READS_DATA_PARALLEL.clear()
-        # By spec object (some specs hold lists and do not hash); the entry keeps the specs, so
-        # their ids are not reused while it lives.
-        key = tuple((id(block.spec), block.index if per_layer and costing_of(block.spec).per_layer_seed else -1)
-                    for block in unit.blocks)
-        found = _ALIKE_TOKENS.get(key)
-        if found is None:
-            found = _ALIKE_TOKENS[key] = (next(_NEXT_TOKEN), tuple(block.spec for block in unit.blocks))
-            _READS_DATA_PARALLEL[found[0]] = any(costing_of(block.spec).reads_data_parallel for block in unit.blocks)
-        entry = _ALIKE[(id(unit), per_layer)] = (unit, found[0])
-    return entry[1]
+def _alike(unit: Unit, per_layer: bool) -> tuple[int, bool]:
+    """(token, whether the unit's work reads dp): alike units share the token."""
+    return _ALIKE.get((id(unit), per_layer), lambda: _kind_of(unit, per_layer), unit)
+
+
+def _kind_of(unit: Unit, per_layer: bool) -> tuple[int, bool]:
+    specs = [block.spec for block in unit.blocks]
+    key = tuple((id(block.spec), block.index if per_layer and costing_of(block.spec).per_layer_seed else -1)
+                for block in unit.blocks)
+    return _KINDS.get(key, lambda: (next(_NEXT_TOKEN), any(costing_of(spec).reads_data_parallel for spec in specs)),
+                      *specs)
 
 
 def _unit_work(unit: Unit, hidden: int, batch: Batch, shard: Shard, recompute: str, modules: tuple[str, ...],
@@ -318,22 +296,16 @@ def _costed(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cos
     return forward, backward
 
 
-# Costed works by work object, system object and the groups collectives run over (the objects
-# kept in the entry, so their ids are not reused while it lives): a search meets the same chunk
-# under layouts that differ only in options its costs do not read.
-_COSTED: dict[tuple, tuple[ForwardWork, System, tuple[list[Cost], list[Cost], list[Cost]]]] = {}
+# Costed works by work object, system object and the groups collectives run over: a search meets
+# the same chunk under layouts that differ only in options its costs do not read.
+_COSTED: Memo[tuple[list[Cost], list[Cost], list[Cost]]] = Memo(2_000)
 
 
 def _costed_by_item(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
     """`_costed`, and each forward item's backward cost in item order (for per-layer figures).
     Callers read the lists, never change them."""
     key = (id(work), id(system), tuple(sorted(layout.groups.items())))
-    entry = _COSTED.get(key)
-    if entry is None or entry[0] is not work or entry[1] is not system:
-        if len(_COSTED) >= 2_000:
-            _COSTED.clear()
-        entry = _COSTED[key] = (work, system, _cost_work(work, system, layout))
-    return entry[2]
+    return _COSTED.get(key, lambda: _cost_work(work, system, layout), work, system)
 
 
 def _cost_work(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
@@ -481,18 +453,12 @@ def stage_params(workload: Workload, layout: Layout) -> list[Params]:
     return totals
 
 
-_CHUNK_PARAMS: dict[tuple[tuple[int, ...], int], Params] = {}
+_CHUNK_PARAMS: Memo[Params] = Memo(10_000)
 
 
 def _chunk_params(units: list[Unit], hidden: int) -> Params:
     """A chunk's parameters, by what its units are (alike chunks of a search's layouts share them)."""
-    key = (tuple(_alike(unit, False) for unit in units), hidden)
-    found = _CHUNK_PARAMS.get(key)
-    if found is None:
-        if len(_CHUNK_PARAMS) >= 10_000:
-            _CHUNK_PARAMS.clear()
-        found = _CHUNK_PARAMS[key] = units_params(units, hidden)
-    return found
+    return _CHUNK_PARAMS.get((tuple(_alike(unit, False) for unit in units), hidden), lambda: units_params(units, hidden))
 
 
 def stage_footprints(workload: Workload, layout: Layout, works: list[ForwardWork]) -> list[Footprint]:

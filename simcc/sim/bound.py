@@ -22,23 +22,22 @@ from __future__ import annotations
 from collections import Counter
 from functools import lru_cache
 
+from simcc.memo import Memo
 from simcc.plan.training import Cost, StagePlan, TrainingPlan
 from simcc.sim.training import Segment, _behind, _segments, merged_order, task_order
 
 
-_HELD: dict[int, tuple[list, float]] = {}
+# By list object: plans share their chunks' cost lists (plan/training.py memoises them).
+_HELD: Memo[float] = Memo(10_000)
+_PAIRS: Memo[float] = Memo(10_000)
+_CARRIED: Memo[dict[str, float]] = Memo(10_000)
 
 
 def _held(segments: list[Segment] | list[Cost]) -> float:
-    """Seconds a task holds its stage's stream at least: compute and the transfers it waits for.
-    By list object (kept in the entry, so an id is not reused): plans share their chunks' costs."""
-    entry = _HELD.get(id(segments))
-    if entry is None or entry[0] is not segments:
-        if len(_HELD) >= 10_000:
-            _HELD.clear()
-        held = sum(s.seconds for s in segments if s.stream == "compute" or (s.stream == "comm" and _chunks(s) == 1))
-        entry = _HELD[id(segments)] = (segments, held)
-    return entry[1]
+    """Seconds a task holds its stage's stream at least: compute and the transfers it waits for."""
+    return _HELD.get(id(segments), lambda: sum(s.seconds for s in segments
+                                               if s.stream == "compute" or (s.stream == "comm" and _chunks(s) == 1)),
+                     segments)
 
 
 def _chunks(item: Segment | Cost) -> int:
@@ -89,19 +88,14 @@ def _stream_seconds(plan: TrainingPlan, stage: int, stage_plan: StagePlan) -> fl
     return seconds
 
 
-_PAIRS: dict[tuple[int, int, float], tuple[list[Cost], list[Cost], float]] = {}
-
-
 def _pair_held(forward: list[Cost], backward: list[Cost], share: float) -> float:
-    """A merged pair's stream seconds, each half behind the other (by list objects, kept in the entry)."""
-    key = (id(forward), id(backward), share)
-    entry = _PAIRS.get(key)
-    if entry is None or entry[0] is not forward or entry[1] is not backward:
-        if len(_PAIRS) >= 10_000:
-            _PAIRS.clear()
+    """A merged pair's stream seconds, each half behind the other."""
+
+    def held() -> float:
         f, b = _segments(forward, True), _segments(backward, True)
-        entry = _PAIRS[key] = (forward, backward, _held(_behind(f, b, share)) + _held(_behind(b, f, share)))
-    return entry[2]
+        return _held(_behind(f, b, share)) + _held(_behind(b, f, share))
+
+    return _PAIRS.get((id(forward), id(backward), share), held, forward, backward)
 
 
 @lru_cache(maxsize=4096)
@@ -113,24 +107,18 @@ def _task_shapes(schedule: str, p: int, v: int, m: int, stage: int, overlap: boo
     return tuple(Counter(tuple((kind, chunk) for kind, _, chunk in item) for item in items).items())
 
 
-_CARRIED: dict[tuple[int, bool], tuple[list[Cost], dict[str, float]]] = {}
-
-
 def _carried(costs: list[Cost], overlap_moe_comm: bool) -> dict[str, float]:
-    """Seconds a cost list puts on each link, leaving out transfers that may shrink (by list
-    object, kept in the entry: plans share their chunks' costs)."""
-    key = (id(costs), overlap_moe_comm)
-    entry = _CARRIED.get(key)
-    if entry is None or entry[0] is not costs:
-        if len(_CARRIED) >= 10_000:
-            _CARRIED.clear()
+    """Seconds a cost list puts on each link, leaving out transfers that may shrink."""
+
+    def carried() -> dict[str, float]:
         busy = {"intra": 0.0, "inter": 0.0}
         for cost in costs:
             shrinks = cost.overlap_chunks > 1 or (overlap_moe_comm and cost.group == "ep")
             if cost.stream == "comm" and not shrinks:
                 busy[cost.link or "intra"] += cost.seconds
-        entry = _CARRIED[key] = (costs, busy)
-    return entry[1]
+        return busy
+
+    return _CARRIED.get((id(costs), overlap_moe_comm), carried, costs)
 
 
 def _link_seconds(plan: TrainingPlan, index: int, stage: StagePlan) -> dict[str, float]:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import simpy
 
 from simcc.layout import DIMENSIONS, dimension_of
+from simcc.memo import Memo
 from simcc.sim.links import FairShareLink
 from simcc.sim.timeline import Timeline
 from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
@@ -254,11 +255,10 @@ class _Simulator:
         self.orders = [merged_order(o) if plan.overlap_moe_comm else [(t,) for t in o] for o in orders]
         self.events = 0  # timed events scheduled: compute segments and link transfers
         self.background = [0] * plan.pp  # per stage: background transfer chains not yet finished
-        # Per step, keyed by a segment list's id (the list is kept in the entry, so its id is not
-        # reused while the entry lives): every micro-batch plays the same lists, so their solo
+        # Per step, by segment list object: every micro-batch plays the same lists, so their solo
         # runs and overlapped forms are worked out once.
-        self._solo_runs: dict[tuple[int, int, bool], tuple[list[Segment], tuple[int, float, float, dict[str, float]]]] = {}
-        self._behind: dict[tuple[int, int], tuple[list[Segment], list[Segment], dict[str, list[Segment]]]] = {}
+        self._solo_runs: Memo[tuple[int, float, float, dict[str, float]]] = Memo(1 << 20)
+        self._behind: Memo[dict[str, list[Segment]]] = Memo(1 << 20)
 
     def _timeout(self, seconds: float) -> simpy.Event:
         self.events += 1
@@ -310,21 +310,15 @@ class _Simulator:
                 self._record_comm(stage, "comm", link, name, start)
 
     def _solo_run(self, segments: list[Segment], first: int, launches_buckets: bool) -> tuple[int, float, float, dict[str, float]]:
-        key = (id(segments), first, launches_buckets)
-        entry = self._solo_runs.get(key)
-        if entry is None:
-            entry = self._solo_runs[key] = (segments, _solo_run(segments, first, launches_buckets))
-        return entry[1]
+        return self._solo_runs.get((id(segments), first, launches_buckets),
+                                   lambda: _solo_run(segments, first, launches_buckets), segments)
 
     def _paired_work(self, forward: list[Segment], backward: list[Segment]) -> dict[str, list[Segment]]:
         """A merged forward/backward pair's segments, each behind the other's compute."""
-        key = (id(forward), id(backward))
-        entry = self._behind.get(key)
-        if entry is None:
-            share = self.plan.comm_sm_share
-            entry = self._behind[key] = (forward, backward, {"F": _behind(forward, backward, share),
-                                                             "B": _behind(backward, forward, share)})
-        return entry[2]
+        share = self.plan.comm_sm_share
+        return self._behind.get((id(forward), id(backward)),
+                                lambda: {"F": _behind(forward, backward, share), "B": _behind(backward, forward, share)},
+                                forward, backward)
 
     def _overlapped(self, stage: int, opening: Segment, middle: list[Segment], closing: Segment, account: StageAccount):
         """Dispatch piece i+1 and combine piece i-1 share the link while piece i computes
