@@ -225,7 +225,8 @@ def sweep(spec_path: str, out_path: str | None, plot_path: str | None, executor:
 @click.option("--space", "axes", multiple=True, metavar="AXIS=V1,V2",
               help="Values of one axis (tp, pp, vpp, ep, expert_tp, micro_batch, recompute, zero_stage, "
                    "sequence_parallel, dispatcher, overlap_moe_comm, overlap_grad_reduce, overlap_p2p); repeat for several.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a workload or hardware. field first.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a workload field (or hardware.FIELD for the profile) before the search; validated like the file.")
 @click.option("--plot", "plot_path", default=None, help="PNG of every simulated layout by time and cost, with the Pareto front.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray instance).")

@@ -32,8 +32,7 @@ class Case(StrictModel):
     source: str  # where the measured figure comes from
     # throughput_ratio: tokens/s of `set` over `reference_set`; activation_memory_ratio: activation
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
-    metric: Literal["step_s", "tflops_per_device", "throughput_ratio", "activation_memory_ratio", "busbw_gb_s",
-                    "latency_us", "decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "request_latency_s"]
+    metric: Literal[("step_s", "tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS)]  # type: ignore[valid-type]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases

@@ -156,7 +156,8 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     profile = routing_sample(spec, ranks, sample_seed)
     # An expectation needs fewer draws the more experts a rank averages over: cap the draws x
     # experts work (a 131,072-expert layer takes 16 draws, a 256-expert one 64).
-    draws = max(1, min(draws, max(DRAWS_FLOOR, DRAW_ELEMENTS // experts))) if draws > 1 else draws
+    if draws > 1:
+        draws = min(draws, max(DRAWS_FLOOR, DRAW_ELEMENTS // experts))
     routed = tokens_per_rank * ranks * profile.experts_per_token
     placement = expert_ranks(spec, ranks)
     hot = np.argsort(-profile.share, kind="stable")[: spec.routing.replicate_hot]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from simcc.costs.memory import MemoryBreakdown, worst_stage_memory
@@ -42,12 +42,15 @@ class Evaluated:
 
     candidate: Candidate
     recompute: str
-    devices: int
     lower_bound_s: float
     memory: MemoryBreakdown
     price: float | None  # $ per device-hour
     estimate: Estimate | None = None
     row: dict[str, Any] = field(default_factory=dict)  # its summary row once simulated (as `compare` prints)
+
+    @property
+    def devices(self) -> int:
+        return self.candidate.devices
 
     @property
     def label(self) -> str:
@@ -80,7 +83,6 @@ class SearchResult:
     simulated: list[Evaluated]  # every layout simulated that keeps to the budget
     counts: SearchCounts
     seconds: float
-    steps_per_run: float | None  # training steps in the whole run (total tokens / tokens per step)
     first_refusal: str = ""
     explanation: list[str] = field(default_factory=list)
 
@@ -108,7 +110,7 @@ def search(workload: Workload, source: str, system_for: Callable[[int], System],
             first_refusal = first_refusal or outcome
         elif outcome is None:
             counts.unfit += 1
-        elif _over_budget(outcome[0], budget, steps_per_run):
+        elif _breaks(outcome[0], outcome[0].lower_bound_s, budget, steps_per_run):
             counts.over_budget += 1
         else:
             fitting.append(outcome)
@@ -126,8 +128,7 @@ def search(workload: Workload, source: str, system_for: Callable[[int], System],
             else:
                 simulated.append(done)
     ranked = sorted(simulated, key=lambda e: e.step_s)[:top]
-    result = SearchResult(ranked, _front(simulated), simulated, counts, time.perf_counter() - started,
-                          steps_per_run, first_refusal)
+    result = SearchResult(ranked, _front(simulated), simulated, counts, time.perf_counter() - started, first_refusal)
     result.explanation = explain(ranked)
     return result
 
@@ -160,10 +161,6 @@ def _check_budget(budget: Budget, steps_per_run: float | None, system: System, s
         missing = "train.total_tokens" if steps_per_run is None else "price"
         raise InputError(source if steps_per_run is None else system.name, missing,
                          "--max-usd needs the run's total tokens and the profile's price")
-
-
-def _over_budget(evaluated: Evaluated, budget: Budget, steps_per_run: float | None) -> bool:
-    return _breaks(evaluated, evaluated.lower_bound_s, budget, steps_per_run)
 
 
 def _breaks(evaluated: Evaluated, step_s: float, budget: Budget, steps_per_run: float | None) -> bool:
@@ -238,7 +235,7 @@ def _first_fit(workload: Workload, source: str, system: System, candidate: Candi
             continue
         plan = build_training_plan(laid_out, system, layout, works=works)
         price = system.price.usd_per_device_hour if system.price else None
-        evaluated = Evaluated(candidate, recompute, system.devices, step_lower_bound(plan), memory, price)
+        evaluated = Evaluated(candidate, recompute, step_lower_bound(plan), memory, price)
         return evaluated, plan, laid_out, system
     return None
 
@@ -250,8 +247,7 @@ def _weights_fit(workload: Workload, system: System, layout: Layout) -> bool:
 
 def _with_estimate(evaluated: Evaluated, result: Estimate, system: System) -> Evaluated:
     row = {"layout": evaluated.label, **summary_row(result, system), "lower_bound_s": evaluated.lower_bound_s}
-    return Evaluated(evaluated.candidate, evaluated.recompute, evaluated.devices, evaluated.lower_bound_s,
-                     evaluated.memory, evaluated.price, result, row)
+    return replace(evaluated, estimate=result, row=row)
 
 
 def _cannot_matter(evaluated: Evaluated, simulated: list[Evaluated], top: int) -> bool:
@@ -377,7 +373,7 @@ def merge(results: list[SearchResult], top: int) -> SearchResult:
     ranked = sorted((e for r in results for e in r.ranked), key=lambda e: e.step_s)[:top]
     front = _front([e for r in results for e in r.front])
     simulated = [e for r in results for e in r.simulated]
-    merged = SearchResult(ranked, front, simulated, counts, max(r.seconds for r in results), results[0].steps_per_run,
+    merged = SearchResult(ranked, front, simulated, counts, max(r.seconds for r in results),
                           next((r.first_refusal for r in results if r.first_refusal), ""))
     merged.explanation = explain(ranked)
     return merged

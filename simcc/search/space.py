@@ -8,6 +8,7 @@ its ladder of policies and the search keeps the first that fits.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -178,16 +179,18 @@ def _expert_choices(devices: int, tp: int, pp: int, vpp: int, mb: int, dp: int, 
         for etp in (space.expert_tp if ep > 1 else (1,)):
             if (dp * tp) % (ep * etp):
                 continue
-            # ZeRO shards over data-parallel replicas: with none, every stage is the same layout.
+            # An option that cannot act keeps its first value: ZeRO and gradient-reduction overlap
+            # need data-parallel replicas, sequence parallelism tensor parallelism, dispatchers and
+            # their overlap expert parallelism, and send overlap a pipeline.
             sharded = dp > 1 or (values["moe"] and (dp * tp) // (ep * etp) > 1)
-            for zero in (space.zero_stage if sharded else space.zero_stage[:1]):
-                for sp in (space.sequence_parallel if tp > 1 else (False,)):
-                    for dispatcher in (values["dispatcher"] if ep > 1 else values["dispatcher"][:1]):
-                        for overlap in (values["overlap_moe_comm"] if ep > 1 else (False,)):
-                            for reduce in (space.overlap_grad_reduce if sharded else space.overlap_grad_reduce[:1]):
-                                for p2p in (space.overlap_p2p if pp > 1 else space.overlap_p2p[:1]):
-                                    yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap,
-                                                    ladder, reduce, p2p)
+            options = itertools.product(space.zero_stage if sharded else space.zero_stage[:1],
+                                        space.sequence_parallel if tp > 1 else (False,),
+                                        values["dispatcher"] if ep > 1 else values["dispatcher"][:1],
+                                        values["overlap_moe_comm"] if ep > 1 else (False,),
+                                        space.overlap_grad_reduce if sharded else space.overlap_grad_reduce[:1],
+                                        space.overlap_p2p if pp > 1 else space.overlap_p2p[:1])
+            for zero, sp, dispatcher, overlap, reduce, p2p in options:
+                yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap, ladder, reduce, p2p)
 
 
 def device_counts(text: str | None, devices_per_node: int, profile_devices: int, whole_nodes_only: bool) -> list[int]:
