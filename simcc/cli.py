@@ -250,6 +250,7 @@ def search(workload: str, hardware: str, devices: str | None, max_days: float | 
     for text in axes:
         name, values = parse_axis(text)
         space = replace(space, **{name: values})
+    _check_loadable([workload], [hardware], overrides)  # and so known as inputs, which no output may replace
     if plot_path is not None:
         check_output(plot_path, "--plot")
     workload_sets, hardware_sets = split_overrides(list(overrides))

@@ -212,3 +212,14 @@ def test_ray_tasks_give_the_same_answer():
     here = run_part(request)
     assert [e.label for e in by_ray.ranked] == [e.label for e in here.ranked]
     assert by_ray.counts.candidates == here.counts.candidates
+
+
+def test_cli_refuses_a_plot_over_its_own_workload_before_searching(tmp_path):
+    from pathlib import Path
+
+    workload = tmp_path / "w.yaml"
+    workload.write_text((Path(__file__).parent.parent / "workloads" / "gpt_22b_dense_train_8xa100.yaml").read_text())
+    before = workload.read_bytes()
+    done = _simcc("search", str(workload), "-H", "dgx_a100_x1", "--plot", str(workload))
+    assert done.returncode == 2 and "--plot" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert workload.read_bytes() == before
