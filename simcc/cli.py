@@ -476,7 +476,7 @@ def calibrate(measurements: tuple[str, ...], base: str, out_path: str, fmt: str)
 @main.command()
 @click.option("--profile", "profile_name", default=None, help="Hardware profile (e.g. one written by calibrate).")
 @click.option("--measurements", multiple=True, help="Kernel or collective CSV; repeat for several.")
-@click.option("--suite", default=None, help="Instead: a suite of published measurements (`published`; `moe`: modern MoE training at EP >= 8; `serving`: edge and datacenter generation speed).")
+@click.option("--suite", default=None, help="Instead: a suite of published measurements (`published`; `moe`: modern MoE training at EP >= 8; `serving`: edge and datacenter generation speed; `mechanisms`: the source papers' own claims about their mechanisms).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def validate(profile_name: str | None, measurements: tuple[str, ...], suite: str | None, fmt: str) -> None:
     """Predicted vs measured, with signed error: for every measured kernel, MoE layer and collective

@@ -18,13 +18,18 @@ from simcc.results import Estimate, Record
 from simcc.specs.base import StrictModel
 from simcc.specs.vocab import Collective
 
-SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving": "serving_suite.yaml"}
+SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving": "serving_suite.yaml",
+          "mechanisms": "mechanisms_suite.yaml"}
 RATIO_METRICS = ("throughput_ratio", "activation_memory_ratio")
 # Serving cases: tokens/s of the workload's serve.batch requests generating together (decode, as
 # llama-bench's tg and llama-batched-bench's S_TG count them), or of their prompts (prefill: pp).
 # ttft_s, tpot_s: one prefill, one decode step; request_latency_s: a batch's prefill and then its
 # remaining output tokens' decode steps, as a fixed-batch latency benchmark times it.
 SERVING_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpot_s", "request_latency_s")
+# A routing mechanism's claim: the balance of the workload's first MoE layer over one global batch
+# of tokens (CV of the experts' assignment counts; the busiest expert's over the mean), as Shazeer
+# et al. 2017's table 6 measures its gates.
+BALANCE_METRICS = ("expert_load_cv", "expert_load_max_over_mean")
 
 
 class Case(StrictModel):
@@ -32,7 +37,8 @@ class Case(StrictModel):
     source: str  # where the measured figure comes from
     # throughput_ratio: tokens/s of `set` over `reference_set`; activation_memory_ratio: activation
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
-    metric: Literal[("step_s", "tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS)]  # type: ignore[valid-type]
+    metric: Literal[("step_s", "tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
+                     *BALANCE_METRICS)]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases
@@ -162,11 +168,49 @@ def _serving(case: Case) -> tuple[float, str, MemoryBreakdown]:
     return predicted, dominant, costs.memory
 
 
+BALANCE_DRAWS = 16  # batches drawn from the layer's shares; the busiest expert is their mean
+
+
+def _balance(case: Case) -> tuple[float, str]:
+    """The first MoE layer's routing shares (a trained gate for aux_loss) drawn over batches of
+    the workload's global batch of tokens: CV and max/mean of the assignment counts per batch."""
+    import numpy as np
+
+    from simcc.model.kinds._shared import ffn_params
+    from simcc.routing.gating import route
+    from simcc.specs.blocks import MoEFFNBlock
+    from simcc.specs.loader import load_workload, split_overrides
+    from simcc.specs.workload import BlockItem
+
+    assert case.workload is not None
+    workload, source = load_workload(case.workload, split_overrides(case.set)[0])
+
+    def first_moe(items: list[BlockItem]) -> MoEFFNBlock | None:
+        for item in items:
+            found = first_moe(item.blocks) if item.blocks is not None else item.spec
+            if isinstance(found, MoEFFNBlock):
+                return found
+        return None
+
+    layer = first_moe(workload.model.blocks)
+    if layer is None or workload.train is None:
+        raise InputError(source, "model.blocks", f"a {case.metric} case needs a training workload with a moe_ffn block")
+    share = route(layer, 1, workload.seed, ffn_params(workload.model.hidden, layer.expert_hidden, layer.gated).dense).share
+    assignments = int(workload.train.global_batch * workload.train.seq_len * layer.k)
+    counts = np.random.default_rng(workload.seed).multinomial(assignments, share, size=BALANCE_DRAWS).astype(float)
+    mean = assignments / layer.experts
+    cv = float(np.mean(counts.std(axis=1) / mean))
+    max_over_mean = float(np.mean(counts.max(axis=1) / mean))
+    return (cv if case.metric == "expert_load_cv" else max_over_mean), f"{layer.experts} experts, k {layer.k}"
+
+
 def run_case(case: Case, steps: int = 1) -> CaseResult:
     """Predicted value, signed error and the dominant part for one case."""
     memory, memory_gb = "", None  # a run that was measured fitted: the memory model should agree
     if case.metric in ("busbw_gb_s", "latency_us"):
         predicted, dominant = _collective(case)
+    elif case.metric in BALANCE_METRICS:
+        predicted, dominant = _balance(case)
     elif case.metric in SERVING_METRICS:
         predicted, dominant, served = _serving(case)
         memory_gb = served.total / GB

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from simcc.errors import InputError
-from simcc.routing.gating import aux_loss_cv, route
+from simcc.routing.gating import route
 from simcc.routing.load import capacity_per_expert, expert_ranks, rank_loads
 from simcc.specs.workload import MoEFFNBlock
 
@@ -107,15 +107,27 @@ def test_zipf_skew_raises_max_over_mean():
     assert sum(skewed.busiest_rank) > sum(uniform.busiest_rank)
 
 
-def test_target_cv_and_aux_loss_table():
+def test_target_cv():
     spec = moe(experts=256, routing={"dropless": True, "capacity_factor": None}, load={"distribution": "cv", "cv": 0.5},
                gating={"sample_tokens": 16384})
     assert loads(spec, tokens=65536, ranks=1).cv == pytest.approx(0.5, abs=0.15)
-    assert aux_loss_cv(0.0, 0.0) == 3.01 and aux_loss_cv(0.1, 0.1) == 0.05 and aux_loss_cv(0.9, 1.1) == 0.02
-    weak = moe(routing={"dropless": True, "capacity_factor": None}, load={"distribution": "aux_loss"})
-    strong = moe(routing={"dropless": True, "capacity_factor": None},
-                 load={"distribution": "aux_loss", "w_importance": 1.0, "w_load": 1.0})
-    assert loads(weak).max_over_mean > loads(strong).max_over_mean
+
+
+def test_aux_loss_gate_is_trained_for_the_layer():
+    """An aux-loss layer's loads come from its trained gate: no loss collapses onto few experts,
+    strong losses balance; the expert parameters the model passes decide the pull."""
+    dropless = {"dropless": True, "capacity_factor": None}
+    weak = moe(routing=dropless, load={"distribution": "aux_loss", "train_tokens": 1e9})
+    strong = moe(routing=dropless, load={"distribution": "aux_loss", "w_importance": 1.0, "w_load": 1.0, "train_tokens": 1e9})
+    params = 2 * 512 * 128
+
+    def trained(spec: MoEFFNBlock):
+        return rank_loads(spec, 4096, 8, 1, sample_seed=1, draws=4, expert_params=params)
+
+    assert trained(weak).max_over_mean > 2 * trained(strong).max_over_mean
+    assert route(strong, 8, 1, params).share == pytest.approx(route(strong, 8, 1, params).share)  # memoised, pure
+    with pytest.raises(ValueError, match="train_tokens"):
+        moe(load={"distribution": "aux_loss"})
 
 
 def test_top1_router_reproduces_the_popularity():

@@ -19,19 +19,13 @@ import numpy as np
 
 from simcc.errors import InputError
 from simcc.isotonic import isotonic
+from simcc.routing.trained_gate import GateTraining, train_gate
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.blocks import MoEFFNBlock
 from simcc.specs.vocab import K_PER_TOKEN_POLICIES
 
 
 # The policies and what each parameter does: specs/vocab.py GATING_POLICIES (`simcc list`).
-
-# Shazeer et al. 2017, table 6: CV of expert load reached with importance / load loss weights.
-AUX_LOSS_CV = (
-    ((0.0, 0.0), 3.01), ((0.2, 0.0), 0.17), ((0.0, 0.2), 0.04),
-    ((0.1, 0.1), 0.05), ((0.01, 0.01), 0.11), ((1.0, 1.0), 0.02),
-)
-
 
 
 @dataclass(frozen=True)
@@ -40,11 +34,6 @@ class RoutingSample:
     experts_per_token: float  # assignments per token before capacity
     exact: bool  # per-expert counts are fixed by the policy (no sampling noise)
     no_expert_fraction: float  # tokens that no expert takes (expert choice)
-
-
-def aux_loss_cv(w_importance: float, w_load: float) -> float:
-    """The published CV for the nearest measured (w_importance, w_load) pair."""
-    return min(AUX_LOSS_CV, key=lambda row: math.dist(row[0], (w_importance, w_load)))[1]
 
 
 def read_expert_column(path: str, column: str, experts: int, field: str) -> np.ndarray:
@@ -66,7 +55,8 @@ def popularity(spec: MoEFFNBlock, rng: np.random.Generator) -> np.ndarray:
     elif load.distribution == "histogram":
         weights = read_expert_column(str(load.histogram), "tokens", experts, "load.histogram") + 1e-12
     else:
-        cv = load.cv if load.distribution == "cv" else aux_loss_cv(load.w_importance, load.w_load)
+        assert load.distribution == "cv", "aux_loss popularity comes from the trained gate (trained_gate_share)"
+        cv = load.cv
         # Log-normal popularity: CV = sqrt(exp(sigma^2) - 1)  =>  sigma = sqrt(ln(1 + CV^2)).
         weights = rng.lognormal(0.0, math.sqrt(math.log1p(cv**2)), experts)
     return weights / weights.sum()
@@ -98,16 +88,36 @@ def _counts(chosen: np.ndarray, experts: int) -> np.ndarray:
     return np.bincount(chosen.ravel(), minlength=experts).astype(float)
 
 
-def route(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
+def trained_gate_share(spec: MoEFFNBlock, expert_params: float, seed: int) -> np.ndarray:
+    """Each expert's share of the assignments once a noisy top-k gate of this layer's shape has
+    been trained with the workload's importance and load loss weights (routing/trained_gate.py).
+    The paper's gate has noise; a gate without it (topk) trains as noisy_topk at scale 1."""
+    load = spec.load
+    assert load.train_tokens is not None and expert_params > 0
+    noise_std = spec.gating.noise_std if spec.gating.policy == "noisy_topk" else 1.0
+    training = GateTraining(spec.experts, spec.k, load.w_importance, load.w_load, noise_std, expert_params,
+                            load.train_tokens * spec.k / spec.experts, seed)
+    return train_gate(training).share
+
+
+def route(spec: MoEFFNBlock, ranks: int, seed: int, expert_params: float = 0.0) -> RoutingSample:
     """Route a sample of tokens with the layer's policy and measure the result.
 
     With uniform popularity the experts are exchangeable, so each expert's expected share is
-    exactly 1/E: the sample's own noise would otherwise act as a fixed router bias every step."""
+    exactly 1/E: the sample's own noise would otherwise act as a fixed router bias every step.
+    An aux-loss gate is trained (`expert_params`: one expert's parameters); a k-per-token policy
+    then routes with exactly the trained gate's shares, and any other takes them as popularity."""
     uniform = spec.load.distribution == "uniform" and spec.gating.policy != "hash"
     if uniform and spec.gating.policy in K_PER_TOKEN_POLICIES:
         # Nothing to measure: every token takes k experts and each expert gets 1/E of them. This
         # skips a tokens x experts logit sample, most of a cold estimate of a 256-expert model.
         return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), float(spec.k), False, 0.0)
+    if spec.load.distribution == "aux_loss":
+        trained = trained_gate_share(spec, expert_params, seed)
+        if spec.gating.policy in K_PER_TOKEN_POLICIES:
+            return RoutingSample(trained, float(spec.k), False, 0.0)
+        popular = trained + 1e-12  # a top-1 preference in proportion to the trained load
+        return _route_sample(spec, ranks, np.random.default_rng(seed), popular / popular.sum())
     rng = np.random.default_rng(seed)
     popular = popularity(spec, rng)  # read once: a histogram comes from the user's file
     profile = _route_sample(spec, ranks, rng, popular)

@@ -73,9 +73,9 @@ class RankLoads:
 
 
 @lru_cache(maxsize=4096)
-def routing_sample(spec: MoEFFNBlock, ranks: int, seed: int) -> RoutingSample:
+def routing_sample(spec: MoEFFNBlock, ranks: int, seed: int, expert_params: float = 0.0) -> RoutingSample:
     """One profile per layer: the policy's behaviour does not change from step to step."""
-    return route(spec, ranks, seed)
+    return route(spec, ranks, seed, expert_params)
 
 
 def capacity_per_expert(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int) -> float:
@@ -139,11 +139,13 @@ def _per_rank_slots(computed: np.ndarray, placement: np.ndarray, hot: np.ndarray
 
 @lru_cache(maxsize=16384)  # pure in its arguments: a sweep meets the same layer loads many times
 def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, sample_seed: int,
-               balanced: bool = False, draws: int = LOAD_DRAWS) -> RankLoads:
+               balanced: bool = False, draws: int = LOAD_DRAWS, expert_params: float = 0.0) -> RankLoads:
     """Per-rank expert loads for one MoE layer over `ranks` expert-parallel ranks.
 
     `balanced` gives the exact mean (T*k/E per expert, no rounding): the reporting convention.
-    `draws` > 1 averages the busiest rank over several draws (an expectation); 1 is one step's draw."""
+    `draws` > 1 averages the busiest rank over several draws (an expectation); 1 is one step's draw.
+    `expert_params` (one expert's parameters) sets how much an expert gains from more data when an
+    aux-loss gate is trained (routing/trained_gate.py)."""
     experts = spec.experts
     local = experts // ranks
     if balanced:
@@ -153,7 +155,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
         return RankLoads(per_expert, per_expert, routed, 0.0, 0.0, 0.0, 1.0, routed / experts,
                          busiest_active=float(active), mean_active=float(active), drawn=False)
 
-    profile = routing_sample(spec, ranks, sample_seed)
+    profile = routing_sample(spec, ranks, sample_seed, expert_params if spec.load.distribution == "aux_loss" else 0.0)
     # An expectation needs fewer draws the more experts a rank averages over: cap the draws x
     # experts work (a 131,072-expert layer takes 16 draws, a 256-expert one 64).
     if draws > 1:

@@ -124,15 +124,18 @@ class GatingSpec(StrictModel):
 
 class LoadSpec(StrictModel):
     """Expert popularity behind the router logits: uniform, Zipf(alpha), a target CV, a measured
-    per-expert histogram (CSV), or the balance that an auxiliary loss reached in Shazeer et al.
-    2017 (table 6, via the CV it measured for the given loss weights)."""
+    per-expert histogram (CSV), or the balance a noisy top-k gate reaches when it is trained with
+    Shazeer et al. 2017's importance and load losses (aux_loss: routing/trained_gate.py)."""
 
     distribution: Literal["uniform", "zipf", "cv", "histogram", "aux_loss"] = "uniform"
     alpha: PositiveFloat = 1.0
     cv: float = Field(default=0.0, ge=0.0)
     histogram: str | None = None  # CSV with a `tokens` column, one row per expert
-    w_importance: NonNegativeFloat = 0.0
-    w_load: NonNegativeFloat = 0.0
+    w_importance: NonNegativeFloat = 0.0  # aux_loss: weight of the importance loss
+    w_load: NonNegativeFloat = 0.0  # aux_loss: weight of the load loss
+    # aux_loss: tokens the model trains on over the run; with each expert's parameters it sets how
+    # much an expert gains from extra data, the pull that makes an unbalanced gate collapse.
+    train_tokens: PositiveFloat | None = Field(default=None, le=1e16)
     # Gumbel noise scale on the logits: 1 makes a top-1 router pick experts exactly by popularity;
     # lower sharpens the skew, higher flattens it.
     router_temperature: PositiveFloat = 1.0
@@ -141,6 +144,8 @@ class LoadSpec(StrictModel):
     def _histogram_named(self) -> "LoadSpec":
         if self.distribution == "histogram" and not self.histogram:
             raise ValueError("distribution histogram needs `histogram: FILE.csv`")
+        if self.distribution == "aux_loss" and self.train_tokens is None:
+            raise ValueError("distribution aux_loss needs `train_tokens`: the tokens the model trains on over the run")
         return self
 
 

@@ -122,7 +122,7 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     fwd.append(elementwise("moe.permute", routed_tokens * spec.k * hidden, 1, 1, dt, family="permute"))
 
     loads = rank_loads(spec, routed_tokens, ep, shard.seed, shard.sample_seed, balanced=not shard.executed,
-                       draws=shard.load_draws)
+                       draws=shard.load_draws, expert_params=ffn_params(hidden, spec.expert_hidden, spec.gated).dense)
     # Dropless: each rank sends its routed token copies. Capacity: the zero-padded experts x
     # capacity x hidden dispatch buffer moves whole, in the dispatch and again in the combine
     # (Tutel's GatingEncoder fills such a buffer: microsoft/tutel, tutel/impls/fast_dispatch.py;
