@@ -254,7 +254,27 @@ class BitPatternBlock(BlockSpec):
     input: PositiveInt | None = None  # defaults to the model's hidden size
     output: PositiveInt | None = None  # defaults to the model's hidden size
     tree: bool = True
-    activation: Activation = "relu"
+    activation: Activation = "relu"  # swiglu/geglu: each chosen matrix's product is twice as wide
+    # How popular the 2^bits leaves (sign patterns) are, in an MoE layer's load vocabulary; the
+    # hot leaves land at random patterns. Uniform: the gater's signs split tokens evenly.
+    leaves: LoadSpec = LoadSpec()
+
+    # A leaf's popularity is the gater's, not a router's: no trained-gate balance, no Gumbel
+    # temperature, and no per-leaf histogram file (the loader tracks only MoE layers' files).
+    LEAF_DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("uniform", "zipf", "cv")
+    LEAF_FIELDS: ClassVar[tuple[str, ...]] = ("distribution", "alpha", "cv")
+
+    @model_validator(mode="after")
+    def _leaf_popularity(self) -> "BitPatternBlock":
+        leaves = self.leaves
+        if leaves.distribution not in self.LEAF_DISTRIBUTIONS:
+            raise ValueError(f"leaves.distribution {leaves.distribution} does not apply to bit-pattern leaves; "
+                             f"use one of {', '.join(self.LEAF_DISTRIBUTIONS)}")
+        router_only = sorted(set(leaves.model_fields_set) - set(self.LEAF_FIELDS))
+        if router_only:
+            raise ValueError(f"leaves.{router_only[0]} is an MoE router setting; bit-pattern leaves take "
+                             f"{', '.join(self.LEAF_FIELDS)}")
+        return self
 
 
 @block_spec("threshold_tree")
@@ -271,7 +291,7 @@ class ThresholdTreeBlock(BlockSpec):
     concentration_hard: PositiveFloat = 5.0  # ... and of a hard input's (near-even split)
     hard_fraction: float = Field(default=0.3, ge=0.0, le=1.0)  # the difficulty mix
     samples: PositiveInt = 2000  # inputs simulated to measure the activation distribution
-    activation: Activation = "relu"
+    activation: Activation = "relu"  # swiglu/geglu: each MLP layer's product is twice as wide
     # Paths (rays) sampled per input, each descending from the root to a child it may fire,
     # chosen by the routing shares; None: every child above the threshold fires (all paths).
     rays: int_up_to(4096) | None = None

@@ -163,6 +163,16 @@ def gated_width(hidden: int, gated: bool) -> int:
 OUTPUT_DERIVED = ("relu", "tanh", "sigmoid")  # activations whose gradient is a function of their output
 
 
+# A gated activation multiplies an activated half of its input by a gate half (SwiGLU, GeGLU:
+# Shazeer 2020, arXiv 2002.05202), so the product feeding it is twice as wide.
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+def is_gated(activation: str) -> bool:
+    """For kinds without a `gated` switch, the activation's name says whether it is gated."""
+    return activation in GATED_ACTIVATIONS
+
+
 def act_saved(activation: str, gated: bool, elements: float) -> float:
     """Elements an activation keeps beyond what the next GEMM keeps: ReLU, tanh and sigmoid take
     their gradient from their output, which is the next GEMM's saved input (one stored tensor, as
@@ -178,3 +188,11 @@ def ffn_params(width: int, hidden: int, gated: bool) -> Params:
     down = hidden * width
     return Params(dense=up + down, replicated=NORM_PARAMS * width, dense_rows_cols=(width + gated_width(hidden, gated)) + (hidden + width),
                   tensors=FFN_WEIGHT_TENSORS + NORM_TENSORS)
+
+
+def activation_op(name: str, elements: float, activation: str, dtype: Dtype) -> Op:
+    """The activation on `elements` outputs, gated as its name says: a gated one reads both halves
+    of its product and multiplies them (one FLOP more per output); what it keeps: `act_saved`."""
+    gated = is_gated(activation)
+    return elementwise(name, elements, 2 if gated else 1, 1, dtype, flops_per_element=2.0 if gated else 1.0,
+                       saved_elements=act_saved(activation, gated, elements))
