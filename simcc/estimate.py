@@ -314,8 +314,9 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
 
 def _phase_step(result: Estimate) -> PhaseStep:
     assert result.step is not None and result.memory is not None
+    assert result.model.forward_gflop_per_token is not None
     return PhaseStep(result.step.step_s, result.step.compute_s / result.step.step_s, result.memory.total_gb,
-                     result.memory.fits)
+                     result.memory.fits, result.model.forward_gflop_per_token * 1e9)
 
 
 def _estimate_schedules(run: _Run, result: Estimate) -> None:
@@ -330,6 +331,14 @@ def _estimate_schedules(run: _Run, result: Estimate) -> None:
         result.phases += rows
         if not totals.fits:
             result.notes.append(f"schedule {name}: a phase does not fit in memory (peak {totals.peak_memory_gb:.1f} GB)")
+        flops, time = totals.sparse_flops_ratio, totals.sparse_step_ratio
+        if flops is not None and time is not None and time > flops * 1.05:
+            result.notes.append(
+                f"schedule {name}: a sparse step executes {flops:.2f}x the dense FLOPs but takes {time:.2f}x the dense "
+                f"step time (whole run: {totals.flops_saved_vs_dense:.2f}x fewer FLOPs, {totals.speedup_vs_dense:.2f}x "
+                f"faster): each MoEfied FFN layer takes {totals.sparse_layer_time_ratio:.2f}x its dense time, "
+                f"{totals.sparse_layer_overhead_share:.0%} of it in the router, top-k and token permutation, and its "
+                f"experts' GEMMs are narrow (small per-expert batches run below the dense GEMM's efficiency)")
     if "moefication" not in system.device.efficiency.curves:
         result.notes.append("switches: the MoEfication clustering is costed at the profile's default matmul efficiency "
                             "(no measured curve): a lower bound; `simcc profile` + `simcc calibrate` on the device measure it")

@@ -57,7 +57,7 @@ class Layout:
         return params.dense / self.tp + params.replicated, params.expert / (self.ep * self.expert_tp)
 
 
-def _group(size: int, stride: int, devices_per_node: int) -> CommGroup:
+def comm_group(size: int, stride: int, devices_per_node: int) -> CommGroup:
     if size <= 1:
         return CommGroup(1, 1)
     per_node = max(1, min(size, devices_per_node // stride)) if stride < devices_per_node else 1
@@ -76,12 +76,12 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
     dpn = system.devices_per_node
     expert_dp = dp * par.tp // (par.ep * etp)
     groups = {
-        "tp": _group(par.tp, 1, dpn),
-        "dp": _group(dp, par.tp, dpn),
-        "ep": _group(par.ep, etp, dpn),
-        "etp": _group(etp, 1, dpn),  # expert tensor parallelism: consecutive ranks, like TP
-        "edp": _group(expert_dp, par.ep * etp, dpn),
-        "pp": _group(par.pp, par.tp * dp, dpn),
+        "tp": comm_group(par.tp, 1, dpn),
+        "dp": comm_group(dp, par.tp, dpn),
+        "ep": comm_group(par.ep, etp, dpn),
+        "etp": comm_group(etp, 1, dpn),  # expert tensor parallelism: consecutive ranks, like TP
+        "edp": comm_group(expert_dp, par.ep * etp, dpn),
+        "pp": comm_group(par.pp, par.tp * dp, dpn),
     }
     return Layout(dp, par.tp, par.pp, par.vpp, par.ep, etp, expert_dp, microbatches, groups)
 

@@ -238,7 +238,20 @@ class ScheduleSection(Section):
     dense_baseline_days: float
     dense_baseline_usd: float | None = optional()
     dense_baseline_kwh: float
-    speedup_vs_dense: float
+    speedup_vs_dense: float  # wall time: all-dense days over the schedule's
+    # Training FLOPs (model-FLOPs convention: 3x the forward FLOPs the phase's model executes, a
+    # multiply-add = 2), as SSD states its savings: all-dense over the schedule's.
+    training_pflop: float
+    dense_baseline_pflop: float
+    flops_saved_vs_dense: float
+    # The most-trained sparse shape against dense, per step: where the FLOP saving exceeds the time
+    # saving, the MoE layers' router, token permutation and small expert GEMMs eat the difference.
+    sparse_flops_ratio: float | None = optional()
+    sparse_step_ratio: float | None = optional()
+    # One FFN layer (forward + backward, one micro-batch): MoEfied over dense time, and the share of
+    # the MoEfied layer's time in ops a dense FFN does not have (router, top-k, permutation, dispatch).
+    sparse_layer_time_ratio: float | None = optional()
+    sparse_layer_overhead_share: float | None = optional()
     peak_memory_gb: float
     peak_memory_phase: str
     fits: bool
@@ -311,6 +324,7 @@ class PhaseRow(Record):
     hours: float
     usd: float | None
     kwh: float
+    pflop: float = 0.0  # training FLOPs of the phase (3x forward, model-FLOPs convention); switches 0
 
 
 @dataclass

@@ -92,8 +92,8 @@ def _layer_table(rows: list[MoELayerRow]) -> list[str]:
 
 def _phase_table(rows: list[PhaseRow]) -> list[str]:
     columns = [("schedule", "schedule"), ("phase", "phase"), ("mode", "mode"), ("E", "experts"), ("k", "k"),
-               ("tokens", "tokens"), ("steps", "steps"), ("step s", "step_s"), ("hours", "hours"), ("$", "usd"),
-               ("kWh", "kwh")]
+               ("tokens", "tokens"), ("steps", "steps"), ("step s", "step_s"), ("PFLOP", "pflop"), ("hours", "hours"),
+               ("$", "usd"), ("kWh", "kwh")]
     lines = ["", "Schedule phases (switches cost MoEfication clustering and permutation)"]
     lines.append("  " + " ".join(f"{title:>14}" for title, _ in columns))
     for row in rows:

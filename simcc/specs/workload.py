@@ -6,6 +6,7 @@ keeps a 94-layer model to a few lines.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, TypeVar
 
@@ -274,24 +275,65 @@ class SchedulePhase(StrictModel):
     tokens: PositiveFloat | None = None
     experts: PositiveInt | None = None
     k: PositiveInt | None = None
+    ep: PositiveInt | None = None  # a sparse phase's expert parallelism (default: the schedule's)
 
     @model_validator(mode="after")
     def _length_and_shape(self) -> "SchedulePhase":
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give a phase either steps or tokens")
-        if self.mode == "dense" and (self.experts is not None or self.k is not None):
-            raise ValueError("a dense phase has no experts or k")
+        if self.mode == "dense" and (self.experts is not None or self.k is not None or self.ep is not None):
+            raise ValueError("a dense phase has no experts, k or ep")
         return self
+
+
+class AdaptiveSwitch(StrictModel):
+    """SSD's adaptive switch (Zhang et al. 2024, fig. 2): train dense, compare the FFN activation
+    pattern at each checkpoint with the previous one, and go sparse once it is stable. The share
+    of neurons whose activation pattern changed between checkpoints is taken to halve every
+    `halving_tokens` from `initial_change` (a pilot run measures both); each check runs the dense
+    model forward over `probe_tokens` to read the patterns."""
+
+    check_every_tokens: PositiveFloat
+    probe_tokens: PositiveFloat
+    threshold: Fraction  # switch once the change between checkpoints is at most this
+    initial_change: Fraction = 0.5
+    halving_tokens: PositiveFloat
+
+    @model_validator(mode="after")
+    def _probe_within_interval(self) -> "AdaptiveSwitch":
+        if self.probe_tokens > self.check_every_tokens:
+            raise ValueError(f"probe_tokens ({self.probe_tokens:g}) exceed check_every_tokens ({self.check_every_tokens:g}): "
+                             "each check would cost more than the training between checks")
+        return self
+
+    def stable_after_tokens(self) -> float:
+        """The first checkpoint at which initial_change x 2^(-t / halving_tokens) <= threshold."""
+        if self.initial_change <= self.threshold:
+            return self.check_every_tokens
+        stable = self.halving_tokens * math.log2(self.initial_change / self.threshold)
+        return math.ceil(stable / self.check_every_tokens - 1e-9) * self.check_every_tokens
 
 
 class ScheduleRule(StrictModel):
     """SSD's shape (Zhang et al. 2024): dense warm-up, then sparse and dense phases alternating until
-    the run's last `final_dense_tokens`, which train dense."""
+    the run's last `final_dense_tokens`, which train dense. The warm-up is fixed (`warmup_tokens`)
+    or ends when the activation pattern is stable (`adaptive`)."""
 
-    warmup_tokens: PositiveFloat
+    warmup_tokens: PositiveFloat | None = None
+    adaptive: AdaptiveSwitch | None = None
     sparse_tokens: PositiveFloat
     dense_tokens: PositiveFloat
     final_dense_tokens: PositiveFloat
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "ScheduleRule":
+        if (self.warmup_tokens is None) == (self.adaptive is None):
+            raise ValueError("give the rule either warmup_tokens (fixed) or adaptive (switch when the activation pattern is stable)")
+        return self
+
+    @property
+    def warmup(self) -> float:
+        return self.warmup_tokens if self.adaptive is None else self.adaptive.stable_after_tokens()
 
 
 class Schedule(StrictModel):
@@ -299,6 +341,9 @@ class Schedule(StrictModel):
 
     experts: PositiveInt | None = None  # sparse phases' default E
     k: PositiveInt | None = None  # sparse phases' default active experts
+    # Sparse phases' default expert parallelism: the MoEfied experts spread over this many ranks of
+    # the data-parallel group (None: the workload's parallelism.ep).
+    ep: PositiveInt | None = None
     phases: list[SchedulePhase] | None = None
     rule: ScheduleRule | None = None
     conversion_iterations: PositiveInt = 10  # balanced k-means iterations per dense->sparse switch
@@ -308,14 +353,16 @@ class Schedule(StrictModel):
     def _one_form(self) -> "Schedule":
         if (self.phases is None) == (self.rule is None):
             raise ValueError("give a schedule either phases or rule")
-        shapes = [(p.experts or self.experts, p.k or self.k) for p in self.phases or [] if p.mode == "sparse"]
+        shapes = [(p.experts or self.experts, p.k or self.k, p.ep or self.ep) for p in self.phases or [] if p.mode == "sparse"]
         if self.rule is not None:
-            shapes.append((self.experts, self.k))
-        for experts, k in shapes:
+            shapes.append((self.experts, self.k, self.ep))
+        for experts, k, ep in shapes:
             if experts is None or k is None:
                 raise ValueError("sparse phases need experts and k (on the phase or the schedule)")
             if k > experts:
                 raise ValueError(f"k ({k}) must not exceed experts ({experts})")
+            if ep is not None and experts % ep:
+                raise ValueError(f"ep ({ep}) must divide the sparse phase's experts ({experts})")
         return self
 
 
