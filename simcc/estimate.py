@@ -14,7 +14,7 @@ from simcc.costs.memory import MemoryBreakdown, worst_stage_memory
 from simcc.costs.money import SECONDS_PER_DAY, run_totals
 from simcc.errors import InputError
 from simcc.layout import DIMENSIONS, Layout, build_layout, dimension_of
-from simcc.model.anytime import expected_sandwich, scale_units, served_units
+from simcc.model.anytime import expected_sandwich, path_scores, scale_units, served_units
 from simcc.model.blocks import Batch, MoEStats, Params
 from simcc.model.graph import input_dependent_share, model_forward_flops, model_params, units_forward_flops, units_of
 from simcc.model.threshold import FiringSample, request_compute_scales
@@ -31,6 +31,7 @@ from simcc.plan.training import (
     stage_footprints,
 )
 from simcc.results import (
+    AnytimeWidthRow,
     CommSection,
     DenseVsMoESection,
     Estimate,
@@ -49,7 +50,7 @@ from simcc.results import (
     TrainingRunSection,
     TrainingThroughput,
 )
-from simcc.sim.serving import Request, ServingResult, percentile, poisson_requests, simulate_serving
+from simcc.sim.serving import Request, ServingResult, choose_widths, percentile, poisson_requests, simulate_serving
 from simcc.sim.timeline import Timeline
 from simcc.sim.training import TrainingSimulation, simulate_training
 from simcc.specs.hardware import System
@@ -296,6 +297,11 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
     total_params = run.params.total
     result.model = replace(result.model, forward_gflop_per_token=per_sequence / train.seq_len / 1e9,
                            params_per_token_flop=total_params / (per_sequence / train.seq_len))
+    if run.workload.anytime is not None:
+        spec = run.workload.anytime
+        trained = dict(expected_sandwich(spec))
+        result.anytime_widths = [AnytimeWidthRow(w, score, trained_per_step=trained.get(w, 0.0))
+                                 for w, score in zip(spec.widths, path_scores(spec).stationary)]
     result.step = StepSection(
         step_s=step_s, step_p95_s=sim.p95_step, compute_s=sim.mean("compute"),
         exposed_comm_s=sim.mean("blocking_comm") + sim.mean("sync_wait"), imbalance_s=sim.mean("imbalance"),
@@ -390,11 +396,14 @@ def _estimate_serving(run: _Run, result: Estimate) -> None:
     workload, system, layout = run.workload, run.system, run.layout
     assert workload.serve is not None
     costs = serving_costs(workload, system, layout)
-    sim = simulate_serving(costs, workload.serve, _requests(run), layout.dp, run.source)
+    requests = _requests(run)
+    if costs.widths:  # an anytime network under a latency budget: a width per request
+        requests = _budgeted_widths(run, result, costs, requests)
+    sim = simulate_serving(costs, workload.serve, requests, layout.dp, run.source)
     result.latency = _latency_section(sim, layout.dp)
-    if workload.anytime is not None:
-        result.model = replace(result.model, serve_width=workload.anytime.serve_width)
-    result.throughput = _serving_throughput(run, sim)
+    if workload.anytime is not None and not costs.widths:
+        result.model = replace(result.model, serve_width=workload.anytime.fixed_serve_width)
+    result.throughput = _serving_throughput(run, sim, requests)
     result.goodput = _goodput(run, sim)
     memory = costs.memory
     result.memory = _memory_section(memory)
@@ -422,17 +431,53 @@ def _latency_section(sim: ServingResult, replicas: int) -> LatencySection:
     )
 
 
-def _serving_throughput(run: _Run, sim: ServingResult) -> ServingThroughput:
+def _budgeted_widths(run: _Run, result: Estimate, costs: ServingCosts, requests: list[Request]) -> list[Request]:
+    """Each request's width under the anytime latency budget, the mix in the report, and a note for
+    requests no width fits (they run the narrowest: dropping them would hide the overload)."""
+    spec, serve = run.workload.anytime, run.workload.serve
+    assert spec is not None and spec.serve_latency_budget_s is not None and serve is not None
+    budget = spec.serve_latency_budget_s
+    choice = choose_widths(requests, costs, serve, budget)
+    widths = [r.width for r in choice.requests]
+    result.anytime_widths = [
+        AnytimeWidthRow(t.width, score, served_share=widths.count(t.width) / len(widths),
+                        predicted_latency_s=t.latency(serve.prompt_tokens, serve.output_tokens, 1.0, serve))
+        for t, score in zip(costs.widths, path_scores(spec).stationary)]
+    if choice.over_budget:
+        narrowest = costs.widths[0]
+        result.notes.append(
+            f"{choice.over_budget} of {len(widths)} requests exceed anytime.serve_latency_budget_s ({budget:g} s) even "
+            f"at the narrowest width {narrowest.width:g}: served at {narrowest.width:g} (predicted "
+            f"{narrowest.latency(serve.prompt_tokens, serve.output_tokens, 1.0, serve):.3g} s for a nominal request)")
+    return choice.requests
+
+
+def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request]) -> ServingThroughput:
     workload, system, replicas = run.workload, run.system, run.layout.dp
     assert workload.serve is not None
     serve = workload.serve
     tokens_per_s = sim.output_tokens / sim.span * replicas if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * replicas if sim.span > 0 else 0.0
-    per_token_flops = units_forward_flops(served_units(workload), workload.model.hidden,
-                                          Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
+    per_token_flops = _served_flops_per_token(workload, requests,
+                                              Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
     per_device = per_token_flops * tokens_per_s / system.devices
     return ServingThroughput(requests_per_s, tokens_per_s, sim.busy / sim.span if sim.span > 0 else 0.0,
                              per_device / 1e12, mfu(per_device, peak_flops(system.device, workload.precision.compute)))
+
+
+def _served_flops_per_token(workload: Workload, requests: list[Request], batch: Batch) -> float:
+    """Model FLOPs of one served token: at the one served width, or averaged over the widths a
+    latency budget chose, weighted by the output tokens each produced."""
+    units = served_units(workload)
+    if not any(r.width is not None for r in requests):
+        return units_forward_flops(units, workload.model.hidden, batch)
+    tokens: dict[float, int] = {}
+    for r in requests:
+        assert r.width is not None
+        tokens[r.width] = tokens.get(r.width, 0) + r.output
+    total = sum(tokens.values())
+    return sum(count / total * units_forward_flops(scale_units(units, width), workload.model.hidden, batch)
+               for width, count in tokens.items())
 
 
 def _goodput(run: _Run, sim: ServingResult) -> GoodputSection | None:

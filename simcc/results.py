@@ -327,6 +327,18 @@ class PhaseRow(Record):
     pflop: float = 0.0  # training FLOPs of the phase (3x forward, model-FLOPs convention); switches 0
 
 
+@dataclass(frozen=True)
+class AnytimeWidthRow(Record):
+    """One width of an anytime supernet (TIPS, Li et al. 2023): its computed importance, how often
+    a training step runs it, or the share of requests a serving latency budget gave it."""
+
+    width: float
+    tips_score: float  # the training DTMC's stationary mass on this sub-network (model/anytime.py)
+    trained_per_step: float | None = optional()  # expected passes per step (sandwich ends: 1)
+    served_share: float | None = optional()  # of requests, under anytime.serve_latency_budget_s
+    predicted_latency_s: float | None = optional()  # a nominal request in a full batch, queueing excluded
+
+
 @dataclass
 class Estimate:
     """Everything one estimate found. Sections a run does not have are None (a serving run has
@@ -350,6 +362,7 @@ class Estimate:
     layer: LayerSection | None = None
     moe_layers: list[MoELayerRow] = field(default_factory=list)
     phases: list[PhaseRow] = field(default_factory=list)
+    anytime_widths: list[AnytimeWidthRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def sections(self) -> list[tuple[str, Section]]:

@@ -17,7 +17,7 @@ import numpy as np
 from simcc.costs.memory import MemoryBreakdown, serving_memory
 from simcc.layout import Layout
 from simcc.model.blocks import Batch, MoEStats
-from simcc.model.anytime import served_units
+from simcc.model.anytime import scale_units, served_units
 from simcc.model.graph import Block, Unit, stage_units
 from simcc.model.kinds import costing_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
@@ -55,6 +55,33 @@ class ServingCosts:
     storage_bandwidth: float  # bytes/s of the storage tier (0 if none)
     moe: list[MoEStats]
     cache: "CacheStats | None" = None  # the expert cache's misses over sampled routing (offloaded experts)
+    # an anytime network under a latency budget: each width's tables, narrowest first (the tables
+    # above are the whole supernet's); empty when every request runs the one width above
+    widths: tuple["WidthTables", ...] = ()
+
+    def width_factor(self, width: float | None, batch: float, decode: bool) -> float:
+        """How much longer a step of `batch` requests takes at `width` than the tables above say:
+        a request's share of a mixed-width step is its width's step over `batch` (assumed)."""
+        if width is None:
+            return 1.0
+        tables = next(t for t in self.widths if t.width == width)
+        mine, whole = (tables.decode, self.decode) if decode else (tables.prefill, self.prefill)
+        return mine.at(batch) / whole.at(batch)
+
+
+@dataclass(frozen=True)
+class WidthTables:
+    """One anytime width's serving step tables."""
+
+    width: float
+    prefill: StepTable
+    decode: StepTable
+
+    def latency(self, prompt: int, output: int, compute_scale: float, serve: ServeSpec) -> float:
+        """Seconds one request takes in a full batch once admitted (queueing excluded): its prompt's
+        prefill and its remaining output tokens' decode steps, both at serve.batch."""
+        prefill = self.prefill.at(serve.batch) * compute_scale * prompt / serve.prompt_tokens
+        return prefill + (output - 1) * self.decode.at(serve.batch) * compute_scale
 
 
 def batch_grid(max_batch: int) -> tuple[int, ...]:
@@ -105,8 +132,27 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
         prefill=tables.prefill, decode=tables.decode, memory=memory, kv_bytes_per_token=stage.kv_bytes_per_token,
         moe_layers=moe_layers, expert_bytes=expert_bytes, resident_experts=resident,
         storage_bandwidth=system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0, moe=tables.moe,
+        widths=_width_tables(workload, system, layout, units, tables),
     )
     return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed))
+
+
+def _width_tables(workload: Workload, system: System, layout: Layout, units: list[Unit],
+                  whole: _StepTables) -> tuple[WidthTables, ...]:
+    """Every width's step tables (`whole`: the supernet's, already built), when a latency budget
+    picks a width per request; none otherwise."""
+    spec = workload.anytime
+    if spec is None or spec.serve_latency_budget_s is None:
+        return ()
+
+    def tables_at(width: float) -> _StepTables:
+        if width == 1.0:
+            return whole
+        chunks = stage_units(scale_units(units, width), layout.pp * layout.vpp, workload.parallelism.pipeline_layout)
+        return _step_tables(workload, system, layout, chunks)
+
+    return tuple(WidthTables(width, steps.prefill, steps.decode) for width in spec.widths
+                 for steps in [tables_at(width)])
 
 
 @dataclass(frozen=True)

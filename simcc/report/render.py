@@ -6,9 +6,10 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from simcc.results import Estimate, MoELayerRow, PhaseRow, ScheduleSection
+from simcc.results import AnytimeWidthRow, Estimate, MoELayerRow, PhaseRow, Record, ScheduleSection
 
 
 def _fmt(value: Any) -> str:
@@ -33,7 +34,8 @@ def to_dict(result: Estimate) -> dict[str, Any]:
     sections = {key: section.as_dict() for key, section in result.sections()}
     layers = {"moe_layers": [row.as_dict() for row in result.moe_layers]} if result.moe_layers else {}
     phases = {"phases": [row.as_dict() for row in result.phases]} if result.phases else {}
-    return {"workload": result.workload, "hardware": result.hardware, **sections, **layers, **phases,
+    widths = {"anytime_widths": [row.as_dict() for row in result.anytime_widths]} if result.anytime_widths else {}
+    return {"workload": result.workload, "hardware": result.hardware, **sections, **layers, **phases, **widths,
             "notes": result.notes}
 
 
@@ -71,6 +73,10 @@ def to_csv(result: Estimate) -> str:
     for index, phase in enumerate(result.phases):
         for key, value in phase.items():
             writer.writerow([f"phase.{index}", key, value])
+    for row in result.anytime_widths:
+        for key, value in row.items():
+            if key != "width":
+                writer.writerow([f"anytime_width.{row.width}", key, value])
     return buffer.getvalue()
 
 
@@ -82,11 +88,15 @@ def _layer_table(rows: list[MoELayerRow]) -> list[str]:
                ("cv", "load_cv"), ("dropped", "dropped_fraction"), ("padding", "padding_fraction"),
                ("exp/tok", "experts_per_token"), ("a2a in MB", "a2a_intra_mb"), ("a2a out MB", "a2a_inter_mb"),
                ("wait s", "imbalance_wait_s")]
-    lines = ["", "MoE layers (per step; a2a in/out of the node)" +
-             (f": the {len(shown)} of {len(rows)} that wait longest" if len(shown) < len(rows) else "")]
-    lines.append("  " + " ".join(f"{title:>10}" for title, _ in columns))
-    for row in shown:
-        lines.append("  " + " ".join(f"{_fmt(getattr(row, key)):>10}" for _, key in columns))
+    title = "MoE layers (per step; a2a in/out of the node)" + (
+        f": the {len(shown)} of {len(rows)} that wait longest" if len(shown) < len(rows) else "")
+    return _row_lines(title, columns, shown, 10)
+
+
+def _row_lines(title: str, columns: list[tuple[str, str]], rows: Sequence[Record], cell: int) -> list[str]:
+    """A titled fixed-width table: (heading, field) columns, one line per row."""
+    lines = ["", title, "  " + " ".join(f"{heading:>{cell}}" for heading, _ in columns)]
+    lines += ["  " + " ".join(f"{_fmt(getattr(row, key)):>{cell}}" for _, key in columns) for row in rows]
     return lines
 
 
@@ -94,11 +104,16 @@ def _phase_table(rows: list[PhaseRow]) -> list[str]:
     columns = [("schedule", "schedule"), ("phase", "phase"), ("mode", "mode"), ("E", "experts"), ("k", "k"),
                ("tokens", "tokens"), ("steps", "steps"), ("step s", "step_s"), ("PFLOP", "pflop"), ("hours", "hours"),
                ("$", "usd"), ("kWh", "kwh")]
-    lines = ["", "Schedule phases (switches cost MoEfication clustering and permutation)"]
-    lines.append("  " + " ".join(f"{title:>14}" for title, _ in columns))
-    for row in rows:
-        lines.append("  " + " ".join(f"{_fmt(getattr(row, key)):>14}" for _, key in columns))
-    return lines
+    return _row_lines("Schedule phases (switches cost MoEfication clustering and permutation)", columns, rows, 14)
+
+
+def _width_table(rows: list[AnytimeWidthRow]) -> list[str]:
+    columns = [("width", "width"), ("TIPS score", "tips_score")]
+    columns += [(heading, key) for heading, key in (("per step", "trained_per_step"), ("served", "served_share"),
+                                                      ("latency s", "predicted_latency_s"))
+                if getattr(rows[0], key) is not None]
+    return _row_lines("Anytime widths (TIPS scores; trained per step or served under the latency budget)",
+                      columns, rows, 10)
 
 
 def to_table(result: Estimate) -> str:
@@ -114,6 +129,8 @@ def to_table(result: Estimate) -> str:
         lines += _layer_table(result.moe_layers)
     if result.phases:
         lines += _phase_table(result.phases)
+    if result.anytime_widths:
+        lines += _width_table(result.anytime_widths)
     if result.notes:
         lines.append("")
         lines += [f"note: {note}" for note in result.notes]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class Request:
     prompt: int
     output: int
     compute_scale: float = 1.0  # input-dependent compute (e.g. threshold activation): 1 = nominal
+    width: float | None = None  # anytime networks under a latency budget: the width this request runs
 
 
 def poisson_requests(rate: float | None, count: int, serve: ServeSpec, seed: int) -> list[Request]:
@@ -50,6 +51,28 @@ def read_request_csv(path: str) -> list[Request]:
     frame = frame.sort_values("arrival_s", kind="stable")
     return [Request(float(r.arrival_s), int(r.prompt_tokens), int(r.output_tokens), float(r.compute_scale))
             for r in frame.itertuples()]
+
+
+@dataclass(frozen=True)
+class WidthChoice:
+    """Which width each request runs (Request.width set), and how many found none within budget."""
+
+    requests: list[Request]
+    over_budget: int  # requests no width fits: they run the narrowest
+
+
+def choose_widths(requests: list[Request], costs: ServingCosts, serve: ServeSpec, budget_s: float) -> WidthChoice:
+    """Anytime inference (TIPS, Li et al. 2023: one supernet, a sub-network per runtime budget): each
+    request runs the widest width whose predicted latency (WidthTables.latency, from the same step
+    tables the simulator plays) fits the budget; longer or harder requests get narrower widths. A
+    request no width fits runs the narrowest, and is counted so the estimate can say so."""
+    chosen, over = [], 0
+    for request in requests:
+        fits = [t.width for t in costs.widths
+                if t.latency(request.prompt, request.output, request.compute_scale, serve) <= budget_s]
+        over += not fits
+        chosen.append(replace(request, width=fits[-1] if fits else costs.widths[0].width))
+    return WidthChoice(chosen, over)
 
 
 @dataclass
@@ -147,7 +170,8 @@ class _ReplicaServer:
 
     def _prefill(self, admitted: list[Request]) -> None:
         """Process the admitted prompts together; each request's first token comes at the end."""
-        scale = statistics.fmean(r.compute_scale * r.prompt / self.serve.prompt_tokens for r in admitted)
+        scale = statistics.fmean(r.compute_scale * self.costs.width_factor(r.width, len(admitted), decode=False)
+                                 * r.prompt / self.serve.prompt_tokens for r in admitted)
         load = self.cache.prefill_load_seconds * len(admitted)
         seconds = self.costs.prefill.at(len(admitted)) * scale + load
         self._advance(seconds)
@@ -163,7 +187,9 @@ class _ReplicaServer:
         until the iteration boundary after the next arrival, which may join the batch."""
         batch = len(self.running)
         load = float(np.interp(batch, self.costs.decode.batch_sizes, self.cache.decode_load_seconds))
-        step = self.costs.decode.at(batch) * statistics.fmean(r.request.compute_scale for r in self.running) + load
+        scales = (r.request.compute_scale * self.costs.width_factor(r.request.width, batch, decode=True)
+                  for r in self.running)
+        step = self.costs.decode.at(batch) * statistics.fmean(scales) + load
         steps = min(r.tokens_left for r in self.running)
         if self.upcoming < len(self.arrivals) and batch < self.serve.batch:
             steps = min(steps, max(1, math.ceil((self.arrivals[self.upcoming].arrival - self.now) / step)))

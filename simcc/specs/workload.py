@@ -246,12 +246,23 @@ class ServeSpec(StrictModel):
 
 class AnytimeSpec(StrictModel):
     """TIPS (Li et al. 2023): an anytime supernet whose sub-networks are its width slices. Each
-    training step runs a sandwich: the largest, the smallest, and the rest sampled by importance."""
+    training step runs a sandwich: the largest, the smallest, and the rest sampled by importance,
+    which by default is TIPS' stationary score of each sub-network (simcc/model/anytime.py).
+    Serving runs one fixed width, or under a latency budget the widest width each request fits."""
 
-    widths: tuple[Fraction, ...] = Field(min_length=2)  # width multipliers, ascending, ending at 1.0
+    # width multipliers, ascending, ending at 1.0; at most 32 (TIPS' chain has ~w^2 states, its solve ~w^6 work)
+    widths: tuple[Fraction, ...] = Field(min_length=2, max_length=32)
     subnets_per_step: PositiveInt = Field(default=4, ge=2)
-    importance: tuple[PositiveFloat, ...] | None = None  # weights of the widths between the ends; even if omitted
-    serve_width: Fraction = 1.0
+    # weights of the widths between the ends, overriding the computed TIPS scores (e.g. measured ones)
+    importance: tuple[PositiveFloat, ...] | None = None
+    coupling: PositiveFloat = 1.0  # TIPS' lambda: weight tying a shared channel's copies in two sub-networks
+    serve_width: Fraction | None = None  # the one width served; omitted: 1.0, or per request under a budget
+    serve_latency_budget_s: PositiveFloat | None = None  # per request, queueing excluded
+
+    @property
+    def fixed_serve_width(self) -> float:
+        """The width every request gets when no budget picks one per request."""
+        return self.serve_width if self.serve_width is not None else 1.0
 
     @model_validator(mode="after")
     def _consistent(self) -> "AnytimeSpec":
@@ -259,7 +270,10 @@ class AnytimeSpec(StrictModel):
             raise ValueError("widths must ascend without repeats and end at 1.0 (the supernet)")
         if self.importance is not None and len(self.importance) != len(self.widths) - 2:
             raise ValueError(f"importance needs one weight per width between the ends ({len(self.widths) - 2})")
-        if self.serve_width not in self.widths:
+        if self.serve_width is not None and self.serve_latency_budget_s is not None:
+            raise ValueError("give serve_width (one width) or serve_latency_budget_s (a width per request), not both "
+                             "(serve_width=null clears a file's)")
+        if self.fixed_serve_width not in self.widths:
             raise ValueError(f"serve_width {self.serve_width} is not one of the widths")
         if self.subnets_per_step > 2 and len(self.widths) < 3:
             raise ValueError("subnets_per_step > 2 needs widths between the smallest and the largest")
