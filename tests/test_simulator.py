@@ -11,7 +11,7 @@ from simcc.estimate import SimulationOptions, estimate
 from simcc.layout import build_layout
 from simcc.sim.links import FairShareLink
 from simcc.sim.timeline import Timeline
-from simcc.sim.training import simulate_training, task_order
+from simcc.sim.training import _simulate, simulate_training, task_order
 from simcc.specs.loader import load_hardware, load_workload
 from simcc.plan.training import ChunkPlan, Cost, StagePlan, TrainingPlan, build_training_plan
 
@@ -98,7 +98,7 @@ def _plan(p: int, m: int, v: int, schedule: str, forward: float = 1.0, backward:
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("p,m", [(1, 8), (2, 4), (4, 8), (8, 32)])
+@pytest.mark.parametrize("p,m", [(1, 8), (2, 4), (4, 8), (8, 32), (4, 64), (8, 200)])  # the last two extrapolated
 def test_pipeline_bubble_fraction_emerges(schedule, p, m):
     sim = simulate_training(_plan(p, m, 1, schedule), steps=1)
     step = sim.steps[0]
@@ -107,7 +107,7 @@ def test_pipeline_bubble_fraction_emerges(schedule, p, m):
     assert step.bubble / pipeline == pytest.approx((p - 1) / (m + p - 1))
 
 
-@pytest.mark.parametrize("p,v,m", [(2, 2, 4), (4, 2, 8), (4, 4, 8)])
+@pytest.mark.parametrize("p,v,m", [(2, 2, 4), (4, 2, 8), (4, 4, 8), (4, 2, 96)])  # the last extrapolated
 def test_interleaving_divides_the_bubble_by_virtual_stages(p, v, m):
     sim = simulate_training(_plan(p, m, v, "interleaved"), steps=1)
     assert sim.steps[0].seconds - 0.5 == pytest.approx(3.0 * m + 3.0 * (p - 1) / v)
@@ -308,3 +308,31 @@ def test_ep_overlap_runs_every_pipeline_without_deadlock_and_is_never_slower(p, 
     for stage in range(p):
         order = task_order(schedule, p, v, m, stage, extra_warmup=1)
         assert sorted(order) == sorted([(k, mb, c) for k in "FB" for mb in range(m) for c in range(v)])
+
+
+@pytest.mark.parametrize("workload,hardware,overrides", [
+    ("mixtral_8x7b_train_64xh100", "dgx_h100_x8", ["train.global_batch=2048"]),  # interleaved pp4, ZeRO
+    ("mixtral_8x7b_train_64xh100", "dgx_h100_x8", ["train.global_batch=2048", "parallelism.overlap_moe_comm=true"]),
+    ("mixtral_8x7b_train_64xh100", "dgx_h100_x8", ["train.global_batch=1024", "parallelism.pp=2", "parallelism.vpp=1",
+                                                   "parallelism.schedule=1f1b", "parallelism.overlap_grad_reduce=false"]),
+    ("qwen3_30b_a3b_train_16xh100", "dgx_h100_x8", ["train.global_batch=1024", "parallelism.pp=4",
+                                                    "parallelism.schedule=gpipe"]),
+    ("qwen3_30b_a3b_train_16xh100", "dgx_h100_x8", ["train.global_batch=1024", "parallelism.pp=4",
+                                                    "parallelism.overlap_p2p=false"]),
+    ("deepseek_v3_shape_train", "dgx_h100_x128", ["train.global_batch=8192"]),  # uneven stages: embedding, head
+])
+def test_a_long_step_extrapolated_from_two_short_ones_is_the_whole_simulation(workload, hardware, overrides):
+    """Every micro-batch plays the same costs, so past the warm-up each further period adds the
+    same time to every stage: the two short steps and a line through them give the whole step,
+    its breakdown and every dimension's exposed time, for fewer events."""
+    spec, source = load_workload(workload, overrides)
+    system = load_hardware(hardware)
+    plan = build_training_plan(spec, system, build_layout(spec, system, source))
+    fast, whole = simulate_training(plan, 1), _simulate(plan, 1, Timeline())
+    assert fast.events < whole.events
+    a, b = fast.steps[0], whole.steps[0]
+    assert a.seconds == pytest.approx(b.seconds, rel=1e-12)
+    for stage_a, stage_b in zip(a.stages, b.stages):
+        for part in ("compute", "imbalance", "blocking_comm", "sync_wait", "optimizer"):
+            assert getattr(stage_a, part) == pytest.approx(getattr(stage_b, part), rel=1e-12, abs=1e-12)
+        assert stage_a.exposed == pytest.approx(stage_b.exposed, rel=1e-12, abs=1e-12)

@@ -12,8 +12,9 @@ layers x micro-batches x stages, not with the device count.
 
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import simpy
@@ -25,6 +26,11 @@ from simcc.sim.timeline import Timeline
 from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
 
 Task = tuple[str, int, int]  # ("F" | "B", micro-batch, chunk)
+
+
+def warmup_forwards(p: int, v: int, stage: int, extra_warmup: int = 0) -> int:
+    """Chunk-forwards a 1F1B stage runs before its first backward, given enough micro-batches."""
+    return ((p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1) + extra_warmup
 
 
 def task_order(schedule: str, p: int, v: int, m: int, stage: int, extra_warmup: int = 0) -> list[Task]:
@@ -46,8 +52,7 @@ def task_order(schedule: str, p: int, v: int, m: int, stage: int, extra_warmup: 
     def backward(k: int) -> Task:
         return ("B", (k // (p * v)) * p + k % p, v - 1 - (k // p) % v)
 
-    warmup = (p - stage - 1) * 2 + (v - 1) * p if v > 1 else p - stage - 1
-    warmup = min(warmup + extra_warmup, total)
+    warmup = min(warmup_forwards(p, v, stage, extra_warmup), total)
     order = [forward(k) for k in range(warmup)]
     for i in range(total - warmup):
         order += [forward(warmup + i), backward(i)]
@@ -84,7 +89,12 @@ class StageAccount:
 @dataclass
 class StepResult:
     seconds: float
-    critical: StageAccount
+    stages: list[StageAccount]
+
+    @property
+    def critical(self) -> StageAccount:
+        """The stage with the most busy time: the one whose breakdown explains the step."""
+        return max(self.stages, key=lambda account: account.busy)
 
     @property
     def bubble(self) -> float:
@@ -499,19 +509,84 @@ class _Simulator:
         accounts = [StageAccount() for _ in range(self.plan.pp)]
         done = [self.env.process(self._stage(state, s, accounts[s])) for s in range(self.plan.pp)]
         self.env.run(until=simpy.AllOf(self.env, done))
-        critical = max(accounts, key=lambda a: a.busy)
-        return StepResult(self.env.now - start, critical)
+        return StepResult(self.env.now - start, accounts)
+
+
+# Steps of fewer micro-batches than this, or than twice what the two short steps of an
+# extrapolation play (below), are simulated whole: not worth it.
+MIN_EXTRAPOLATED = 16
 
 
 def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = None) -> TrainingSimulation:
     """Simulate `steps` consecutive steps, each with its own expert-load draw (one step when no
-    load is drawn)."""
-    simulator = _Simulator(plan, trace or Timeline())
-    result = TrainingSimulation()
+    load is drawn).
+
+    Every micro-batch of a step plays the same costs, so once every stage is past its warm-up
+    forwards another `period` micro-batches (1 for 1F1B and GPipe, p for interleaving, which
+    takes them p at a time) add the same time and the same breakdown to every stage: the step of
+    m micro-batches is the step of m0 plus (m - m0)/period times the difference between the
+    steps of m0 + period and m0, where m0 leaves every stage a full period of steady state.
+    Warm-up, cool-down and the gradient reduction after the last backward are simulated in both,
+    so only repeats are skipped (tests compare it with the whole simulation over schedules,
+    overlaps and stage mixes). A trace keeps the whole simulation: it shows every task."""
+    trace = trace or Timeline()
+    period = plan.pp if plan.schedule == "interleaved" else 1
+    virtual = plan.vpp if plan.schedule == "interleaved" else 1
+    # Stage 0 has the longest warm-up; GPipe has none (every forward, then every backward).
+    warmup = 0 if plan.schedule == "gpipe" else warmup_forwards(plan.pp, virtual, 0, int(plan.overlap_moe_comm))
+    short = period * math.ceil(max(plan.pp, math.ceil((warmup + 1) / virtual)) / period)
+    m = plan.microbatches
+    if trace.enabled or m < max(MIN_EXTRAPOLATED, 2 * short + 2 * period) or (m - short) % period:
+        return _simulate(plan, steps, trace)
+    base = _simulate(replace(plan, microbatches=short), steps, trace)
+    longer = _simulate(replace(plan, microbatches=short + period), steps, trace)
+    repeats = (m - short) / period
+    return TrainingSimulation([_extrapolated(a, b, repeats) for a, b in zip(base.steps, longer.steps)],
+                              base.events + longer.events)
+
+
+def _extrapolated(base: StepResult, longer: StepResult, repeats: float) -> StepResult:
+    """base + repeats x (longer - base), for the step time and every stage's breakdown."""
+    def line(a: float, b: float) -> float:
+        return a + repeats * (b - a)
+
+    stages = []
+    for a, b in zip(base.stages, longer.stages):
+        stages.append(StageAccount(
+            compute=line(a.compute, b.compute), imbalance=line(a.imbalance, b.imbalance),
+            blocking_comm=line(a.blocking_comm, b.blocking_comm), sync_wait=line(a.sync_wait, b.sync_wait),
+            optimizer=line(a.optimizer, b.optimizer),
+            exposed={dimension: line(a.exposed[dimension], b.exposed[dimension]) for dimension in a.exposed}))
+    return StepResult(line(base.seconds, longer.seconds), stages)
+
+
+# Simulations of plans with the same costs, by content: a sweep's configurations that differ only
+# in the global batch extrapolate from the same two short steps, and alike layouts cost alike.
+_SIMULATED: Memo[TrainingSimulation] = Memo(256)
+
+
+def _plan_key(plan: TrainingPlan) -> tuple:
+    """Everything the simulator reads from a plan without drawn loads (Costs are frozen values)."""
+    stages = tuple((tuple((tuple(c.forward), tuple(c.backward), tuple(tuple(b) for b in c.grad_buckets),
+                           tuple(c.param_sync)) for c in stage.chunks), stage.p2p, stage.optimizer)
+                   for stage in plan.stages)
+    return (stages, plan.microbatches, plan.pp, plan.vpp, plan.schedule, plan.overlap_grad_reduce, plan.overlap_p2p,
+            plan.overlap_moe_comm, plan.comm_sm_share)
+
+
+def _simulate(plan: TrainingPlan, steps: int, trace: Timeline) -> TrainingSimulation:
     # Steps differ only by their expert-load draws; with none drawn every step plays the same
     # costs through the same schedule, so one simulated step is every step.
     varies = any(chunk.sampled for stage in plan.stages for chunk in stage.chunks)
-    for step in range(steps if varies else min(steps, 1)):
+    if varies or trace.enabled:
+        return _played(plan, steps, trace)
+    return _SIMULATED.get(_plan_key(plan), lambda: _played(plan, 1, trace))
+
+
+def _played(plan: TrainingPlan, steps: int, trace: Timeline) -> TrainingSimulation:
+    simulator = _Simulator(plan, trace)
+    result = TrainingSimulation()
+    for step in range(steps):
         result.steps.append(simulator.run_step(step))
     result.events = simulator.events
     return result

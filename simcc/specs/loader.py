@@ -3,6 +3,7 @@ validation failure into one line that names the file, the field and what was exp
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import os
@@ -155,12 +156,21 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if not key.strip():
         raise InputError(f"--set {text}", "", "expected key.path=value")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    try:
-        value = yaml.load(raw, Loader=_SpecLoader) if raw.strip() else ""  # noqa: S506
-    except (yaml.YAMLError, RecursionError):
-        value = raw
+    value = _override_value(raw) if raw.strip() else ""
+    if isinstance(value, (list, dict)):
+        value = copy.deepcopy(value)  # the cached parse is shared; the spec it lands in is not
     check_values(value, f"--set {text}")
     return path, value
+
+
+@functools.lru_cache(maxsize=4096)
+def _override_value(raw: str) -> Any:
+    """A --set value as a YAML scalar (the raw text if it is not YAML). Cached: a sweep parses the
+    same few values for every configuration, and the YAML parser is half of loading one."""
+    try:
+        return yaml.load(raw, Loader=_SpecLoader)  # noqa: S506
+    except (yaml.YAMLError, RecursionError):
+        return raw
 
 
 def apply_override(data: dict[str, Any], path: list[str | int], value: Any, label: str) -> None:
