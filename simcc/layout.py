@@ -102,7 +102,8 @@ def _check_device_split(workload: Workload, system: System, source: str) -> int:
 
 def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -> None:
     """Every degree must cut the model's heads and widths evenly, and the pipeline its layers."""
-    specs = [block.spec for unit in unit_list for block in unit.blocks]
+    # Each distinct spec once: a repeat's layers share theirs (a search checks thousands of layouts).
+    specs = list({id(block.spec): block.spec for unit in unit_list for block in unit.blocks}.values())
     units = len(unit_list)
     par = workload.parallelism
     tp, pp, vpp, ep, etp = par.tp, par.pp, par.vpp, par.ep, par.effective_expert_tp

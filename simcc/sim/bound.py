@@ -101,8 +101,11 @@ def _pair_held(forward: list[Cost], backward: list[Cost], share: float) -> float
 @lru_cache(maxsize=4096)
 def _task_shapes(schedule: str, p: int, v: int, m: int, stage: int, overlap: bool) -> tuple[tuple[tuple, int], ...]:
     """How many times the stage runs each kind of item: a lone (kind, chunk) task or a merged
-    forward/backward pair, in the simulator's order (`task_order`, `merged_order`)."""
-    order = task_order(schedule, p, v, m, stage, 1 if overlap else 0)
+    forward/backward pair, in the simulator's order (`task_order`, `merged_order`). Without
+    EP-communication overlap nothing merges: every chunk's forward and backward run m times each."""
+    if not overlap:
+        return tuple(((("F", chunk),), m) for chunk in range(v)) + tuple(((("B", chunk),), m) for chunk in range(v))
+    order = task_order(schedule, p, v, m, stage, 1)
     items = merged_order(order) if overlap else [(task,) for task in order]
     return tuple(Counter(tuple((kind, chunk) for kind, _, chunk in item) for item in items).items())
 
