@@ -128,6 +128,8 @@ def test_aux_loss_gate_is_trained_for_the_layer():
     assert route(strong, 8, 1, params).share == pytest.approx(route(strong, 8, 1, params).share)  # memoised, pure
     with pytest.raises(ValueError, match="train_tokens"):
         moe(load={"distribution": "aux_loss"})
+    with pytest.raises(ValueError, match="at most 512 experts"):  # the training's work is bounded
+        moe(experts=1024, load={"distribution": "aux_loss", "train_tokens": 1e9})
 
 
 def test_top1_router_reproduces_the_popularity():

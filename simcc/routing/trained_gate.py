@@ -6,8 +6,8 @@ experts. This imbalance is self-reinforcing, as the favored experts are trained 
 thus are selected even more by the gating network." Its table 6 measures the balance each pair of
 loss weights reached. This module reproduces the mechanism instead of looking the table up:
 
-* **Tokens.** Each token is one of E token types whose frequencies follow Zipf's law (exponent 1,
-  as word frequencies do). The gate sees a type's features; with a model width above the number of
+* **Tokens.** Each token is one of E token types (at most MAX_TOKEN_TYPES) whose frequencies
+  follow Zipf's law (exponent 1, as word frequencies do). The gate sees a type's features; with a model width above the number of
   types a linear gate can give each type its own logits, so the gate's parameters are one row of
   clean logits and one row of noise logits per type (W_g and W_noise on one-hot features), both
   starting at zero (appendix A).
@@ -51,6 +51,9 @@ TRAIN_STEPS = 200
 PEAK_LEARNING_RATE = 0.05  # logit units per Adam step at the end of warm-up
 WARMUP_FRACTION = 0.036  # appendix C: 1,000 warm-up steps of ~27,700 (10 epochs of 0.83B words, ~300k a batch)
 TRAIN_WORK = 1 << 27  # steps x tokens per step x experts (~1 s of numpy)
+# Token types, one per expert up to this many (the gate's logits per type are types x experts a
+# step); a layer of more experts than specs.base.MAX_TRAINED_GATE_EXPERTS is refused.
+MAX_TOKEN_TYPES = 256
 # One simulated step stands for ~140 of the paper's (27,700 in 200), so it moves the gate ~140
 # times as far and its last steps jitter accordingly; the gate read out is the average of the last
 # quarter's iterates (Polyak & Juditsky 1992), closer to where many small real steps settle.
@@ -183,7 +186,7 @@ def _train(training: GateTraining) -> TrainedGate:
     experts, k, noise_std = training.experts, training.k, training.noise_std
     w_importance, w_load = training.w_importance, training.w_load
     rng = np.random.default_rng(training.seed)
-    types = experts
+    types = min(experts, MAX_TOKEN_TYPES)
     frequency = 1.0 / np.arange(1, types + 1) ** TOKEN_ZIPF
     frequency /= frequency.sum()
     # Each token type's features: independent Gaussian directions of unit expected norm.

@@ -14,6 +14,8 @@ LARGEST_INTEGER = 2**53
 # Sizes no real system has, refused with the limit in the message, so that no input can make a
 # run take unbounded time or memory. Each is far above the largest published configuration.
 MAX_EXPERTS = 1 << 20  # Shazeer et al. 2017 went to 131,072
+# An aux-loss gate is trained over the experts (routing/trained_gate.py): seconds of work up to here.
+MAX_TRAINED_GATE_EXPERTS = 512
 MAX_SAMPLED_ROUTES = 1 << 27  # logits one routing sample draws (drawn in blocks): seconds of work
 MAX_EXPANDED_BLOCKS = 100_000  # blocks after expanding repeats (a 1,000-layer model has ~3,000)
 MAX_TREE_BLOCKS = 1 << 20  # blocks of a threshold tree

@@ -17,6 +17,7 @@ from simcc.specs.base import (
     MAX_FIRING_SAMPLES,
     MAX_OVERLAP_DEGREE,
     MAX_SAMPLED_ROUTES,
+    MAX_TRAINED_GATE_EXPERTS,
     MAX_TREE_BLOCKS,
     MAX_WIDTH,
     Fraction,
@@ -239,6 +240,9 @@ class MoEFFNBlock(BlockSpec):
             raise ValueError("expert_choice needs routing.capacity_factor (each expert takes cf*T*k/E tokens)")
         if policy not in ("base", "expert_choice") and not routing.dropless and routing.capacity_factor is None:
             raise ValueError("routing.capacity_factor is required unless routing.dropless: true")
+        if self.load.distribution == "aux_loss" and self.experts > MAX_TRAINED_GATE_EXPERTS:
+            raise ValueError(f"load.distribution aux_loss trains a gate over the experts; at most {MAX_TRAINED_GATE_EXPERTS:,} "
+                             f"experts, got {self.experts:,} (use distribution cv or histogram)")
         if routing.replicate_hot > self.experts:
             raise ValueError(f"routing.replicate_hot ({routing.replicate_hot}) exceeds experts ({self.experts})")
         return self
