@@ -7,10 +7,10 @@ thus are selected even more by the gating network." Its table 6 measures the bal
 loss weights reached. This module reproduces the mechanism instead of looking the table up:
 
 * **Tokens.** Each token is one of E token types (at most MAX_TOKEN_TYPES) whose frequencies
-  follow Zipf's law (exponent 1, as word frequencies do). The gate sees a type's features; with a model width above the number of
-  types a linear gate can give each type its own logits, so the gate's parameters are one row of
-  clean logits and one row of noise logits per type (W_g and W_noise on one-hot features), both
-  starting at zero (appendix A).
+  follow Zipf's law (exponent 1, as word frequencies do). A type's features are a random
+  direction of unit expected norm in a FEATURE_WIDTH-wide input, so types share the gate's
+  weights as real tokens do; the gate is linear in them (W_g and W_noise, FEATURE_WIDTH x E),
+  both starting at zero (appendix A).
 * **Gate.** H = clean + N(0, 1) * softplus(noise logits) (eq. 4), the top k kept, softmax over
   them (eq. 3-5).
 * **The task's pull.** An expert's loss on a token type falls with the data of that type it has
@@ -31,7 +31,8 @@ loss weights reached. This module reproduces the mechanism instead of looking th
   linearly then decayed with the inverse square root of the step (appendix C's schedule).
 
 The trained gate's expected share of assignments per expert is then the load distribution the
-rest of simcc routes with. The work is bounded: steps x tokens per step x experts <= TRAIN_WORK.
+rest of simcc routes with. The work is bounded: steps x tokens per step x experts <= TRAIN_WORK,
+token types <= MAX_TOKEN_TYPES and experts <= specs.base.MAX_TRAINED_GATE_EXPERTS.
 """
 
 from __future__ import annotations
