@@ -215,9 +215,10 @@ def test_skewed_leaves_make_small_batches_faster():
 
 @pytest.mark.parametrize("leaves, message", [
     ({"distribution": "histogram", "histogram": "x.csv"},
-     "leaves.distribution histogram does not apply to bit-pattern leaves; use one of uniform, zipf, cv"),
-    ({"router_temperature": 2.0}, "leaves.router_temperature is an MoE router setting; bit-pattern leaves take distribution, alpha, cv"),
-    ({"distribution": "zipf", "w_load": 0.1}, "leaves.w_load is an MoE router setting"),
+     "distribution histogram does not apply to bit-pattern leaves; use one of uniform, zipf, cv"),
+    ({"router_temperature": 2.0}, "router_temperature is an MoE router setting; bit-pattern leaves take distribution, alpha, cv"),
+    ({"distribution": "zipf", "w_load": 0.1}, "w_load is an MoE router setting"),
+    ({"distribution": "aux_loss"}, "distribution aux_loss does not apply"),  # not the router's train_tokens rule
 ])
 def test_leaf_settings_that_do_not_apply_are_refused(leaves, message):
     with pytest.raises(ValidationError, match=message):
@@ -228,4 +229,4 @@ def test_a_refused_leaf_setting_is_one_line_naming_the_field():
     with pytest.raises(InputError) as refused:
         load_workload("bitpattern_tree_mlp_train", [f"{BITS}.leaves.distribution=histogram", f"{BITS}.leaves.histogram=x.csv"])
     line = str(refused.value)
-    assert "\n" not in line and f"{BITS}: leaves.distribution histogram" in line and "uniform, zipf, cv" in line
+    assert "\n" not in line and f"{BITS}.leaves: distribution histogram" in line and "uniform, zipf, cv" in line

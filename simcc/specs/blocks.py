@@ -8,9 +8,9 @@ from this registry (specs/workload.py), so nothing else needs to list the kinds.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from simcc.specs.base import (
     MAX_EXPERTS,
@@ -268,17 +268,22 @@ class BitPatternBlock(BlockSpec):
     LEAF_DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("uniform", "zipf", "cv")
     LEAF_FIELDS: ClassVar[tuple[str, ...]] = ("distribution", "alpha", "cv")
 
-    @model_validator(mode="after")
-    def _leaf_popularity(self) -> "BitPatternBlock":
-        leaves = self.leaves
-        if leaves.distribution not in self.LEAF_DISTRIBUTIONS:
-            raise ValueError(f"leaves.distribution {leaves.distribution} does not apply to bit-pattern leaves; "
-                             f"use one of {', '.join(self.LEAF_DISTRIBUTIONS)}")
-        router_only = sorted(set(leaves.model_fields_set) - set(self.LEAF_FIELDS))
+    @field_validator("leaves", mode="before")
+    @classmethod
+    def _leaf_popularity(cls, leaves: Any) -> Any:
+        """Checked before the load spec's own rules, which speak of routers (aux_loss's train_tokens)."""
+        given = leaves.model_dump(exclude_unset=True) if isinstance(leaves, LoadSpec) else leaves
+        if not isinstance(given, dict):
+            return leaves  # the load spec's own validation names what is wrong
+        distribution = given.get("distribution", "uniform")
+        if distribution not in cls.LEAF_DISTRIBUTIONS:
+            raise ValueError(f"distribution {distribution} does not apply to bit-pattern leaves; "
+                             f"use one of {', '.join(cls.LEAF_DISTRIBUTIONS)}")
+        router_only = sorted(set(given) - set(cls.LEAF_FIELDS))
         if router_only:
-            raise ValueError(f"leaves.{router_only[0]} is an MoE router setting; bit-pattern leaves take "
-                             f"{', '.join(self.LEAF_FIELDS)}")
-        return self
+            raise ValueError(f"{router_only[0]} is an MoE router setting; bit-pattern leaves take "
+                             f"{', '.join(cls.LEAF_FIELDS)}")
+        return leaves
 
 
 @block_spec("threshold_tree")
