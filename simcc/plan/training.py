@@ -164,6 +164,7 @@ class ForwardWork:
     per_step: list[WorkItem] = field(default_factory=list)  # once per step, before the first forward
     moe_ranges: list[tuple[int, int]] = field(default_factory=list)  # each MoE layer's slice of `items`
     unit_step_grads: list[list[WorkItem]] = field(default_factory=list)  # once per step, with each unit's gradients
+    unit_works: list["_UnitWork"] = field(default_factory=list)  # what `items` and `replay` concatenate, unit by unit
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, polic
         work = _UNIT_WORKS.get((_alike(unit, per_layer), hidden, batch, shard, policy),
                                lambda: _unit_work(unit, hidden, batch, shard, *policy, tp))
         first = len(out.items)
+        out.unit_works.append(work)
         out.unit_starts.append(first)
         out.unit_params.append(work.params)
         out.unit_step_grads.append(list(work.step_grads))
@@ -309,14 +311,33 @@ def _costed_by_item(work: ForwardWork, system: System, layout: Layout) -> tuple[
 
 
 def _cost_work(work: ForwardWork, system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
-    forward = [cost_item(i, system, layout) for i in work.items]
-    per_item = [cost_item(backward_of(i), system, layout) for i in work.items]
-    backward = [cost_item(i, system, layout) for i in work.replay]
+    forward: list[Cost] = []
+    per_item: list[Cost] = []
+    backward: list[Cost] = []
+    groups = tuple(sorted(layout.groups.items()))
+    for unit_work in work.unit_works:  # alike layers share one unit work, so one costing
+        unit_forward, unit_backward, unit_replay = _UNIT_COSTS.get(
+            (id(unit_work), id(system), groups), lambda: _cost_unit(unit_work, system, layout), unit_work, system)
+        forward += unit_forward
+        per_item += unit_backward
+        backward += unit_replay
     ends = work.unit_starts[1:] + [len(work.items)]
     for unit in reversed(range(len(work.unit_starts))):
         backward += per_item[work.unit_starts[unit] : ends[unit]][::-1]
         backward.append(Cost(f"grad_bucket{unit}", "bucket", 0.0, bucket=unit))
     return forward, backward, per_item
+
+
+# Costed unit works by unit work object, system object and the groups collectives run over: the
+# chunks of different pipeline splits (and a search's layouts) are made of the same unit works.
+_UNIT_COSTS: Memo[tuple[list[Cost], list[Cost], list[Cost]]] = Memo(20_000)
+
+
+def _cost_unit(unit_work: "_UnitWork", system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
+    """A unit's forward costs, each forward item's backward cost, and its replayed items' costs."""
+    return ([cost_item(i, system, layout) for i in unit_work.items],
+            [cost_item(backward_of(i), system, layout) for i in unit_work.items],
+            [cost_item(i, system, layout) for i in unit_work.replay])
 
 
 def layer_costs(workload: Workload, system: System, layout: Layout, index: int, batch: Batch) -> tuple[list[Cost], list[Cost]]:
