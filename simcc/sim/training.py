@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import simpy
@@ -525,7 +525,7 @@ def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = N
     forwards another `period` micro-batches (1 for 1F1B and GPipe, p for interleaving, which
     takes them p at a time) add the same time and the same breakdown to every stage: the step of
     m micro-batches is the step of m0 plus (m - m0)/period times the difference between the
-    steps of m0 + period and m0, where m0 leaves every stage a full period of steady state.
+    steps of m0 + period and m0, where m0 leaves every stage at least one steady-state task.
     Warm-up, cool-down and the gradient reduction after the last backward are simulated in both,
     so only repeats are skipped (tests compare it with the whole simulation over schedules,
     overlaps and stage mixes). A trace keeps the whole simulation: it shows every task."""
@@ -552,11 +552,10 @@ def _extrapolated(base: StepResult, longer: StepResult, repeats: float) -> StepR
 
     stages = []
     for a, b in zip(base.stages, longer.stages):
-        stages.append(StageAccount(
-            compute=line(a.compute, b.compute), imbalance=line(a.imbalance, b.imbalance),
-            blocking_comm=line(a.blocking_comm, b.blocking_comm), sync_wait=line(a.sync_wait, b.sync_wait),
-            optimizer=line(a.optimizer, b.optimizer),
-            exposed={dimension: line(a.exposed[dimension], b.exposed[dimension]) for dimension in a.exposed}))
+        seconds = {part.name: line(getattr(a, part.name), getattr(b, part.name))
+                   for part in fields(StageAccount) if part.name != "exposed"}
+        exposed = {dimension: line(a.exposed[dimension], b.exposed[dimension]) for dimension in a.exposed}
+        stages.append(StageAccount(**seconds, exposed=exposed))
     return StepResult(line(base.seconds, longer.seconds), stages)
 
 
@@ -579,7 +578,7 @@ def _simulate(plan: TrainingPlan, steps: int, trace: Timeline) -> TrainingSimula
     # costs through the same schedule, so one simulated step is every step.
     varies = any(chunk.sampled for stage in plan.stages for chunk in stage.chunks)
     if varies or trace.enabled:
-        return _played(plan, steps, trace)
+        return _played(plan, steps if varies else min(steps, 1), trace)
     return _SIMULATED.get(_plan_key(plan), lambda: _played(plan, 1, trace))
 
 
