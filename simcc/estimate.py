@@ -16,9 +16,10 @@ from simcc.errors import InputError
 from simcc.layout import DIMENSIONS, Layout, build_layout, dimension_of
 from simcc.model.anytime import expected_sandwich, path_scores, scale_units, served_units
 from simcc.model.blocks import Batch, MoEStats, Params
-from simcc.model.graph import input_dependent_share, model_forward_flops, model_params, units_forward_flops, units_of
+from simcc.model.graph import (blocks_of, input_dependent_share, model_forward_flops, model_params, units_forward_flops,
+                               units_of)
 from simcc.model.threshold import FiringSample, request_compute_scales
-from simcc.phases import Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
+from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.plan.serving import ServingCosts, serving_costs
 from simcc.plan.training import (
     Cost,
@@ -122,7 +123,7 @@ def estimate_layer(workload: Workload, system: System, workload_source: str, ind
     _check_precision(workload, system, workload_source)
     run = _run(workload, system, workload_source, SimulationOptions())
     layout = run.layout
-    blocks = [block for unit in units_of(workload.model) for block in unit.blocks]
+    blocks = blocks_of(workload.model)
     if not 0 <= index < len(blocks):
         raise InputError(workload_source, "--layer", f"expected 0..{len(blocks) - 1} (the model's blocks), got {index}")
     if workload.train is not None:
@@ -292,7 +293,7 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
     assert train is not None
     step_s = sim.mean_step
     per_sequence = _trained_forward_flops(run.workload, Batch(1, train.seq_len, train.seq_len))
-    model_flops_step = 3.0 * per_sequence * train.global_batch  # forward + backward (2x) = 3x forward
+    model_flops_step = TRAINING_FLOPS_PER_FORWARD * per_sequence * train.global_batch
     tokens_step = train.global_batch * train.seq_len
     total_params = run.params.total
     result.model = replace(result.model, forward_gflop_per_token=per_sequence / train.seq_len / 1e9,

@@ -15,7 +15,7 @@ from simcc.errors import InputError
 from simcc.costs.collectives import collective_time
 from simcc.layout import Layout, build_layout, comm_group
 from simcc.model.blocks import Batch
-from simcc.model.graph import units_of
+from simcc.model.graph import blocks_of
 from simcc.plan.training import Cost, layer_costs
 from simcc.specs.blocks import DenseFFNBlock
 from simcc.model.blocks import ffn_params
@@ -149,8 +149,7 @@ class LayerSplit:
 def layer_split(workload: Workload, sparse: Workload, system: System) -> LayerSplit:
     """Why a sparse step saves less time than FLOPs: the first FFN layer costed both ways, as the
     step plan costs it (plan.training.layer_costs)."""
-    dense_blocks = [block for unit in units_of(workload.model) for block in unit.blocks]
-    index = next(i for i, block in enumerate(dense_blocks) if isinstance(block.spec, DenseFFNBlock))
+    index = next(i for i, block in enumerate(blocks_of(workload.model)) if isinstance(block.spec, DenseFFNBlock))
     assert workload.train is not None
     batch = Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
 

@@ -179,20 +179,12 @@ def _balance(case: Case) -> tuple[float, str]:
     from simcc.model.kinds._shared import ffn_params
     from simcc.routing.gating import route
     from simcc.specs.blocks import MoEFFNBlock
+    from simcc.model.graph import blocks_of
     from simcc.specs.loader import load_workload, split_overrides
-    from simcc.specs.workload import BlockItem
 
     assert case.workload is not None
     workload, source = load_workload(case.workload, split_overrides(case.set)[0])
-
-    def first_moe(items: list[BlockItem]) -> MoEFFNBlock | None:
-        for item in items:
-            found = first_moe(item.blocks) if item.blocks is not None else item.spec
-            if isinstance(found, MoEFFNBlock):
-                return found
-        return None
-
-    layer = first_moe(workload.model.blocks)
+    layer = next((block.spec for block in blocks_of(workload.model) if isinstance(block.spec, MoEFFNBlock)), None)
     if layer is None or workload.train is None:
         raise InputError(source, "model.blocks", f"a {case.metric} case needs a training workload with a moe_ffn block")
     share = route(layer, 1, workload.seed, ffn_params(workload.model.hidden, layer.expert_hidden, layer.gated).dense).share

@@ -63,6 +63,11 @@ def units_of(model: ModelSpec) -> list[Unit]:
     return _UNITS.get(id(model), lambda: _units(model), model)
 
 
+def blocks_of(model: ModelSpec) -> list[Block]:
+    """Every block of the expanded model in order: the positions `--layer N` counts."""
+    return [block for unit in units_of(model) for block in unit.blocks]
+
+
 def _units(model: ModelSpec) -> list[Unit]:
     raw = _expand(model.blocks)
     index = 0

@@ -15,8 +15,8 @@ from simcc.layout import Layout
 from simcc.memo import Memo
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
-from simcc.model.graph import (Unit, block_params, block_work, drawn_per_layer, stage_units, units_of, units_params,
-                               without_data_parallel)
+from simcc.model.graph import (Unit, block_params, block_work, blocks_of, drawn_per_layer, stage_units, units_of,
+                               units_params, without_data_parallel)
 from simcc.model.kinds import costing_of
 from simcc.model.ops import BLOCK_SCALE_BYTES, DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, backward_of
 from simcc.model.optimizer import optimizer_step
@@ -344,7 +344,7 @@ def layer_costs(workload: Workload, system: System, layout: Layout, index: int, 
     """Forward and backward costs of one block (its position in the expanded model) for one batch
     on one device, as the step plan costs it: for checking a calibration against one real layer.
     The backward includes what the recompute policy replays; no gradient sync or optimizer."""
-    blocks = [block for unit in units_of(workload.model) for block in unit.blocks]
+    blocks = blocks_of(workload.model)
     work = forward_work([Unit((blocks[index],))], workload, layout, batch)
     forward, backward = _costed(work, system, layout)
     return forward, [c for c in backward if c.stream != "bucket"]
