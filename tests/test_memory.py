@@ -59,6 +59,26 @@ def test_in_flight_microbatches_by_schedule():
     assert in_flight_microbatches(w2, build_layout(w2, system, src)) == 16
 
 
+def test_ep_overlap_holds_one_layer_more_not_a_micro_batch():
+    """The merged forward/backward pair frees a layer of the older micro-batch for each layer the
+    newer one keeps: the peak rises by the largest layer's activations (hand-derived from the
+    footprint), not by another micro-batch (which would have put a 16-H100 Qwen3-30B run that
+    fits in 80 GB at 102 GB)."""
+    from simcc.estimate import _run, SimulationOptions
+    from simcc.plan.training import chunk_works, stage_footprints
+
+    system = load_hardware("dgx_h100_x4", ["nodes=2"])
+    held = {}
+    for overlap in (False, True):
+        workload, src = load_workload("qwen3_30b_a3b_train_16xh100", [f"parallelism.overlap_moe_comm={overlap}"])
+        layout = _run(workload, system, src, SimulationOptions()).layout
+        (params, saved, buffers, unit_saved), = stage_footprints(workload, layout, chunk_works(workload, layout))
+        held[overlap] = training_memory(workload, system, layout, params, saved, buffers, unit_saved).activations
+        assert 0 < unit_saved < saved / 40  # 48 MoE layers and 48 attention layers share the stage
+    assert held[True] - held[False] == pytest.approx(unit_saved)
+    assert held[False] == pytest.approx(saved)  # pp = 1: one micro-batch in flight without overlap
+
+
 def test_kv_cache_bytes_per_token():
     spec = AttentionBlock(heads=32, kv_heads=8, head_dim=128)
     assert kv_cache_bytes_per_token(spec, 4096, "bf16") == 2 * 8 * 128 * 2

@@ -66,21 +66,36 @@ def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) ->
 
 def in_flight_microbatches(workload: Workload, layout: Layout) -> float:
     """Micro-batches whose activations the first stage holds at its peak: GPipe all m; 1F1B p;
-    interleaved 1F1B p + (p - 1)/v, from its warm-up of 2(p-1) + (v-1)p chunks (Narayanan 2021)."""
+    interleaved 1F1B p + (p - 1)/v, from its warm-up of 2(p-1) + (v-1)p chunks (Narayanan 2021).
+    EP-communication overlap's one extra warm-up forward is counted apart (`paired_extra_bytes`)."""
     m, p, v = layout.microbatches, layout.pp, layout.vpp
     schedule = workload.parallelism.schedule
     if schedule == "gpipe":
         return float(m)
-    # EP-communication overlap warms up one more micro-batch (chunk) so that a forward can pair
-    # with an earlier backward (sim/training.py, task_order).
-    extra = (1 / v if schedule == "interleaved" else 1) if workload.parallelism.overlap_moe_comm else 0
     if schedule == "interleaved":
-        return min(float(m), p + (p - 1) / v + extra)
-    return float(min(m, p + extra))
+        return min(float(m), p + (p - 1) / v)
+    return float(min(m, p))
+
+
+def paired_extra_bytes(workload: Workload, layout: Layout, activation_bytes_per_microbatch: float,
+                       largest_unit_saved: float) -> float:
+    """EP-communication overlap warms up one more forward so that each steady-state forward runs
+    merged with an earlier micro-batch's backward (sim/training.py, task_order). The merged pair
+    goes layer against layer, the forward's first layer with the backward's last (Megatron-Core's
+    combined 1F1B schedule plan, megatron/core/pipeline_parallel/combined_1f1b.py): as the forward
+    keeps one more layer's activations the backward frees one, so the pair holds one layer more
+    than the warm-up left, not a second micro-batch. Without enough micro-batches to pair there is
+    no extra."""
+    if not workload.parallelism.overlap_moe_comm or workload.parallelism.schedule == "gpipe":
+        return 0.0
+    if in_flight_microbatches(workload, layout) >= layout.microbatches:
+        return 0.0
+    return min(largest_unit_saved, activation_bytes_per_microbatch)
 
 
 def training_memory(workload: Workload, system: System, layout: Layout, stage_params: Params,
-                    activation_bytes_per_microbatch: float, buffer_bytes: float) -> MemoryBreakdown:
+                    activation_bytes_per_microbatch: float, buffer_bytes: float,
+                    largest_unit_saved: float = 0.0) -> MemoryBreakdown:
     prec = workload.precision
     zero = workload.parallelism.zero_stage
     dense, expert = layout.local_params(stage_params)
@@ -95,17 +110,19 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
     dense_grads = dense - stage_params.sparse_grad / layout.tp
     grads = (dense_grads / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
     optimizer = optimizer_state_bytes(stage_params, workload, layout)
-    activations = activation_bytes_per_microbatch * in_flight_microbatches(workload, layout)
+    activations = (activation_bytes_per_microbatch * in_flight_microbatches(workload, layout)
+                   + paired_extra_bytes(workload, layout, activation_bytes_per_microbatch, largest_unit_saved))
     device = system.device
     return MemoryBreakdown(weights, grads, optimizer, activations, buffer_bytes, 0.0,
                            device.reserve_gb * GB, device.memory_gb * GB)
 
 
 def worst_stage_memory(workload: Workload, system: System, layout: Layout,
-                       footprints: list[tuple[Params, float, float]]) -> MemoryBreakdown:
+                       footprints: list[tuple[Params, float, float, float]]) -> MemoryBreakdown:
     """The pipeline stage that holds the most, from each stage's (parameters, activation bytes
-    one micro-batch leaves, largest transient buffer): the one a layout must fit."""
-    memories = [training_memory(workload, system, layout, params, saved, buffers) for params, saved, buffers in footprints]
+    one micro-batch leaves, largest transient buffer, most one unit keeps): the one a layout must fit."""
+    memories = [training_memory(workload, system, layout, params, saved, buffers, unit_saved)
+                for params, saved, buffers, unit_saved in footprints]
     return max(memories, key=lambda memory: memory.total)
 
 

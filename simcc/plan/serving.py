@@ -213,7 +213,7 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
     heaviest = _StageMemory(0.0, 0.0, 0.0, 0.0)
     for stage in range(layout.pp):
         indices = [v * layout.pp + stage for v in range(layout.vpp)]
-        params, _, _ = footprint([full_batch[i] for i in indices])
+        params, _, _, _ = footprint([full_batch[i] for i in indices])
         dense, expert = layout.local_params(params)
         kv = sum(_kv_bytes(b, hidden, workload, layout) for i in indices for u in chunks[i] for b in u.blocks)
         peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),

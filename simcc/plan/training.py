@@ -52,6 +52,7 @@ class ChunkPlan:
     params: Params = field(default_factory=Params)
     saved_bytes: float = 0.0  # activations kept per micro-batch under the recompute policy
     transient_bytes: float = 0.0  # largest short-lived buffer (all-to-all send + receive)
+    largest_unit_saved: float = 0.0  # of `saved_bytes`, the most one unit (layer) keeps
     moe: list[MoEStats] = field(default_factory=list)
     moe_imbalance: list[float] = field(default_factory=list)  # per MoE layer: busiest-rank wait per micro-batch (s)
     # One (forward, backward) per simulated step, each with a fresh expert-load draw (MoE only).
@@ -158,6 +159,7 @@ class ForwardWork:
     params: Params = field(default_factory=Params)
     saved_bytes: float = 0.0
     transient_bytes: float = 0.0
+    largest_unit_saved: float = 0.0  # of `saved_bytes`, the most one unit keeps
     moe: list[MoEStats] = field(default_factory=list)
     unit_starts: list[int] = field(default_factory=list)  # index in `items` where each unit begins
     unit_params: list[Params] = field(default_factory=list)
@@ -222,6 +224,7 @@ def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, polic
         out.replay += work.replay
         out.params = out.params.add(work.params)
         out.saved_bytes += work.saved_bytes
+        out.largest_unit_saved = max(out.largest_unit_saved, work.saved_bytes)
         out.transient_bytes = max(out.transient_bytes, work.transient_bytes)
         out.moe += work.moe
         out.moe_ranges += [(first + start, first + end) for start, end in work.moe_ranges]
@@ -374,7 +377,7 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     if work is None:
         work = forward_work(units, workload, layout, batch)
     chunk = ChunkPlan(units, params=work.params, saved_bytes=work.saved_bytes, transient_bytes=work.transient_bytes,
-                      moe=work.moe)
+                      largest_unit_saved=work.largest_unit_saved, moe=work.moe)
     if work.moe_ranges:  # forward and backward waits caused by the busiest rank (expected loads)
         expected_forward, _, backward_by_item = _costed_by_item(work, system, layout)
         chunk.moe_imbalance = [sum(expected_forward[i].imbalance + backward_by_item[i].imbalance for i in range(start, end))
@@ -447,16 +450,19 @@ def chunk_works(workload: Workload, layout: Layout) -> list[ForwardWork]:
             for units in stage_units(units_of(workload.model), layout.pp * layout.vpp, workload.parallelism.pipeline_layout)]
 
 
-Footprint = tuple[Params, float, float]  # parameters, saved activation bytes, largest transient buffer
+# parameters, saved activation bytes, largest transient buffer, most activation bytes one unit keeps
+Footprint = tuple[Params, float, float, float]
 
 
 def footprint(chunks: list[ForwardWork] | list[ChunkPlan]) -> Footprint:
     """What memory needs of one stage, from its chunks' works or plans: their parameters, the
-    activations one micro-batch leaves through all of them, and the largest transient buffer."""
+    activations one micro-batch leaves through all of them, the largest transient buffer, and the
+    most one unit (layer) of them keeps."""
     params = Params()
     for chunk in chunks:
         params = params.add(chunk.params)
-    return params, sum(c.saved_bytes for c in chunks), max((c.transient_bytes for c in chunks), default=0.0)
+    return (params, sum(c.saved_bytes for c in chunks), max((c.transient_bytes for c in chunks), default=0.0),
+            max((c.largest_unit_saved for c in chunks), default=0.0))
 
 
 def stage_params(workload: Workload, layout: Layout) -> list[Params]:

@@ -242,7 +242,7 @@ def _first_fit(workload: Workload, source: str, system: System, candidate: Candi
 
 def _weights_fit(workload: Workload, system: System, layout: Layout) -> bool:
     """Whether every stage's weights, gradients and optimizer state fit with no activations at all."""
-    return worst_stage_memory(workload, system, layout, [(p, 0.0, 0.0) for p in stage_params(workload, layout)]).fits
+    return worst_stage_memory(workload, system, layout, [(p, 0.0, 0.0, 0.0) for p in stage_params(workload, layout)]).fits
 
 
 def _with_estimate(evaluated: Evaluated, result: Estimate, system: System) -> Evaluated:
