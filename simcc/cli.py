@@ -76,6 +76,9 @@ def main() -> None:
               help="Cost one block alone (its index in the expanded model, from 0) for one micro-batch on one device.")
 @click.option("--pass", "passes", type=click.Choice(["forward", "backward", "both"]), default="forward", show_default=True,
               help="With --layer: the forward pass, the backward (with recomputation), or both.")
+@click.option("--layers", is_flag=True, default=False,
+              help="A table of every block for one micro-batch on one device: FLOPs, bytes moved, forward, backward "
+                   "and recomputation time, communication, activations kept.")
 @click.option("--requests-trace", default=None,
               help="Serving: CSV of arrival_s, prompt_tokens, output_tokens[, compute_scale] instead of Poisson arrivals.")
 @click.option("--slo-ttft", type=FinitePositive("seconds", 1e6), default=None,
@@ -83,7 +86,7 @@ def main() -> None:
 @click.option("--slo-tpot", type=FinitePositive("seconds", 1e6), default=None,
               help="Serving: time-per-output-token objective in seconds; reports goodput.")
 def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...], steps: int, seed: int | None,
-             trace_path: str | None, request_count: int, layer: int | None, passes: str,
+             trace_path: str | None, request_count: int, layer: int | None, passes: str, layers: bool,
              requests_trace: str | None, slo_ttft: float | None, slo_tpot: float | None) -> None:
     """Estimate step time, memory, throughput, cost and energy of WORKLOAD on a hardware profile."""
     from simcc.estimate import SimulationOptions
@@ -102,6 +105,11 @@ def estimate(workload: str, hardware: str, fmt: str, overrides: tuple[str, ...],
         from simcc.estimate import estimate_layer
 
         click.echo(RENDERERS[fmt](estimate_layer(spec, system, source, layer, passes)), nl=False)
+        return
+    if layers:
+        from simcc.estimate import estimate_blocks
+
+        click.echo(RENDERERS[fmt](estimate_blocks(spec, system, source)), nl=False)
         return
     timeline = Timeline(enabled=trace_path is not None)
     requests = read_request_csv(requests_trace) if requests_trace else None

@@ -16,8 +16,9 @@ from simcc.errors import InputError
 from simcc.layout import DIMENSIONS, Layout, build_layout, dimension_of
 from simcc.model.anytime import expected_sandwich, path_scores, scale_units, served_units
 from simcc.model.blocks import Batch, MoEStats, Params
-from simcc.model.graph import (blocks_of, input_dependent_share, model_forward_flops, model_params, units_forward_flops,
-                               units_of)
+from simcc.model.graph import (Unit, blocks_of, input_dependent_share, model_forward_flops, model_params,
+                               units_forward_flops, units_of)
+from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
 from simcc.plan.serving import ServingCosts, serving_costs
@@ -28,11 +29,13 @@ from simcc.plan.training import (
     build_training_plan,
     chunk_works,
     footprint,
+    forward_work,
     layer_costs,
     stage_footprints,
 )
 from simcc.results import (
     AnytimeWidthRow,
+    BlockCostRow,
     CommSection,
     DenseVsMoESection,
     Estimate,
@@ -116,6 +119,14 @@ def _check_precision(workload: Workload, system: System, source: str) -> None:
 PASSES = ("forward", "backward", "both")
 
 
+def _layer_batch(workload: Workload) -> Batch:
+    """What one block is costed for alone: a training micro-batch, or a serving prefill batch."""
+    if workload.train is not None:
+        return Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
+    assert workload.serve is not None
+    return Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
+
+
 def estimate_layer(workload: Workload, system: System, workload_source: str, index: int,
                    passes: str = "forward") -> Estimate:
     """One block of the model, alone: its forward, backward (with recomputation) or both, for one
@@ -126,11 +137,7 @@ def estimate_layer(workload: Workload, system: System, workload_source: str, ind
     blocks = blocks_of(workload.model)
     if not 0 <= index < len(blocks):
         raise InputError(workload_source, "--layer", f"expected 0..{len(blocks) - 1} (the model's blocks), got {index}")
-    if workload.train is not None:
-        batch = Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
-    else:
-        assert workload.serve is not None
-        batch = Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
+    batch = _layer_batch(workload)
     forward, backward = layer_costs(workload, system, layout, index, batch)
     chosen: list[Cost] = {"forward": forward, "backward": backward, "both": forward + backward}[passes]
     result = Estimate(workload.name, system.name, _layout_section(layout, system), _model_section(run))
@@ -140,6 +147,32 @@ def estimate_layer(workload: Workload, system: System, workload_source: str, ind
         comm_s=sum(c.seconds for c in chosen if c.stream == "comm"),
         forward_s=sum(c.seconds for c in forward), backward_s=sum(c.seconds for c in backward),
         gflop=sum(c.flops for c in chosen) / 1e9)
+    return result
+
+
+def estimate_blocks(workload: Workload, system: System, workload_source: str) -> Estimate:
+    """Every block of the expanded model, each costed alone as `estimate_layer` costs one, with its
+    forward, backward and recomputation apart (`estimate --layers`). Serving costs a prefill batch
+    forward only."""
+    _check_precision(workload, system, workload_source)
+    run = _run(workload, system, workload_source, SimulationOptions())
+    batch = _layer_batch(workload)
+    layout = run.layout
+    result = Estimate(workload.name, system.name, _layout_section(layout, system), _model_section(run))
+    training = workload.train is not None
+    for block in blocks_of(workload.model):
+        forward, backward = layer_costs(workload, system, layout, block.index, batch)
+        work = forward_work([Unit((block,))], workload, layout, batch)
+        # the backward list starts with the replayed forward items (plan/training.py, _cost_work)
+        replay, backward = (backward[:len(work.replay)], backward[len(work.replay):]) if training else ([], [])
+        moved = sum(item.bytes for item in work.items if isinstance(item, Op))
+        result.block_costs.append(BlockCostRow(
+            layer=block.index, kind=block.kind, forward_gflop=sum(c.flops for c in forward) / 1e9,
+            backward_gflop=sum(c.flops for c in backward) / 1e9, forward_gb_moved=moved / 1e9,
+            forward_s=sum(c.seconds for c in forward), backward_s=sum(c.seconds for c in backward),
+            recompute_s=sum(c.seconds for c in replay),
+            comm_s=sum(c.seconds for c in forward + backward + replay if c.stream == "comm"),
+            saved_gb=work.saved_bytes / 1e9 if training else 0.0))
     return result
 
 

@@ -291,6 +291,24 @@ class LayerSection(Section):
 
 
 @dataclass(frozen=True)
+class BlockCostRow(Record):
+    """One block of the expanded model for one training micro-batch (or one serving prefill batch)
+    on one device, costed as the step plan costs it (`estimate --layers`): where a step's time,
+    FLOPs and memory traffic go, block by block."""
+
+    layer: int  # position in the expanded model, from 0 (as --layer counts)
+    kind: str
+    forward_gflop: float  # executed
+    backward_gflop: float  # executed, recomputation excluded
+    forward_gb_moved: float  # bytes the forward's compute ops read and write
+    forward_s: float
+    backward_s: float  # recomputation excluded; no gradient sync
+    recompute_s: float  # the forward work the recompute policy replays before the backward
+    comm_s: float  # of the above, time in collectives (forward, backward and replay)
+    saved_gb: float  # activations kept for the backward pass under the recompute policy
+
+
+@dataclass(frozen=True)
 class MoELayerRow(Record):
     """One MoE layer per step: load, drops, padding, all-to-all traffic in and out of the node,
     and the wait its imbalance causes."""
@@ -361,6 +379,7 @@ class Estimate:
     dense_vs_moe: DenseVsMoESection | None = None
     layer: LayerSection | None = None
     moe_layers: list[MoELayerRow] = field(default_factory=list)
+    block_costs: list[BlockCostRow] = field(default_factory=list)  # --layers
     phases: list[PhaseRow] = field(default_factory=list)
     anytime_widths: list[AnytimeWidthRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from simcc.results import AnytimeWidthRow, Estimate, MoELayerRow, PhaseRow, Record, ScheduleSection
+from simcc.results import AnytimeWidthRow, BlockCostRow, Estimate, MoELayerRow, PhaseRow, Record, ScheduleSection
 
 
 def _fmt(value: Any) -> str:
@@ -35,8 +35,9 @@ def to_dict(result: Estimate) -> dict[str, Any]:
     layers = {"moe_layers": [row.as_dict() for row in result.moe_layers]} if result.moe_layers else {}
     phases = {"phases": [row.as_dict() for row in result.phases]} if result.phases else {}
     widths = {"anytime_widths": [row.as_dict() for row in result.anytime_widths]} if result.anytime_widths else {}
+    blocks = {"block_costs": [row.as_dict() for row in result.block_costs]} if result.block_costs else {}
     return {"workload": result.workload, "hardware": result.hardware, **sections, **layers, **phases, **widths,
-            "notes": result.notes}
+            **blocks, "notes": result.notes}
 
 
 def finite_json(data: Any) -> str:
@@ -77,6 +78,10 @@ def to_csv(result: Estimate) -> str:
         for key, value in row.items():
             if key != "width":
                 writer.writerow([f"anytime_width.{row.width}", key, value])
+    for block in result.block_costs:
+        for key, value in block.items():
+            if key != "layer":
+                writer.writerow([f"block.{block.layer}", key, value])
     return buffer.getvalue()
 
 
@@ -116,6 +121,13 @@ def _width_table(rows: list[AnytimeWidthRow]) -> list[str]:
                       columns, rows, 10)
 
 
+def _block_table(rows: list[BlockCostRow]) -> list[str]:
+    columns = [("layer", "layer"), ("kind", "kind"), ("fwd GFLOP", "forward_gflop"), ("bwd GFLOP", "backward_gflop"),
+               ("fwd GB", "forward_gb_moved"), ("fwd s", "forward_s"), ("bwd s", "backward_s"),
+               ("recomp s", "recompute_s"), ("comm s", "comm_s"), ("saved GB", "saved_gb")]
+    return _row_lines("Blocks (one micro-batch, one device; backward without recomputation)", columns, rows, 10)
+
+
 def to_table(result: Estimate) -> str:
     lines = [f"{result.workload} on {result.hardware}"]
     sections = [(name, list(section.items()), section) for name, section in result.sections()]
@@ -131,6 +143,8 @@ def to_table(result: Estimate) -> str:
         lines += _phase_table(result.phases)
     if result.anytime_widths:
         lines += _width_table(result.anytime_widths)
+    if result.block_costs:
+        lines += _block_table(result.block_costs)
     if result.notes:
         lines.append("")
         lines += [f"note: {note}" for note in result.notes]
