@@ -53,8 +53,10 @@ class Layout:
     groups: dict[str, CommGroup]
 
     def local_params(self, params: Params) -> tuple[float, float]:
-        """(dense, expert) parameters one device holds before ZeRO sharding."""
-        return params.dense / self.tp + params.replicated, params.expert / (self.ep * self.expert_tp)
+        """(dense, expert) parameters one device holds before ZeRO sharding; expert copies a load
+        balancer keeps count with the experts."""
+        return (params.dense / self.tp + params.replicated,
+                (params.expert + params.redundant_expert) / (self.ep * self.expert_tp))
 
 
 def comm_group(size: int, stride: int, devices_per_node: int) -> CommGroup:
@@ -138,6 +140,9 @@ def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -
         if isinstance(spec, MoEFFNBlock):
             if spec.experts % ep:
                 raise fail("parallelism.ep", f"ep={ep} does not divide experts={spec.experts}")
+            if spec.routing.redundant_experts % ep:
+                raise fail("routing.redundant_experts", f"expected a multiple of ep={ep} (each rank holds as many "
+                           f"copies), got {spec.routing.redundant_experts}")
             if spec.expert_hidden % etp:
                 raise fail("parallelism.expert_tp", f"expert_tp={etp} does not divide expert_hidden={spec.expert_hidden}")
     if ep > 1 and not any(isinstance(spec, MoEFFNBlock) for spec in specs):

@@ -9,6 +9,7 @@ expert shares (policies that fix counts by construction, BASE and expert choice,
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -137,6 +138,37 @@ def _per_rank_slots(computed: np.ndarray, placement: np.ndarray, hot: np.ndarray
     return np.concatenate([padded[:, own], shared], axis=2)
 
 
+def balanced_copies(share: np.ndarray, ranks: int, redundant: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the expert-parallel load balancer puts each expert and its copies (DeepSeek-V3 report
+    sec. 3.4: redundant copies of high-load experts, rearranged across GPUs by observed load; the
+    method of deepseek-ai/EPLB, reimplemented): each redundant copy goes to the expert with the
+    highest load per copy, then the copies, heaviest first, each to the least-loaded rank that has
+    a free slot, every rank holding (experts + redundant) / ranks. Returns the expert in each
+    [rank, slot] and the share of that expert's tokens the slot takes (tokens split evenly over an
+    expert's copies)."""
+    experts = share.size
+    copies = np.ones(experts, dtype=int)
+    heap = [(-float(share[e]), e) for e in range(experts)]  # load per copy, negated for a max-heap
+    heapq.heapify(heap)
+    for _ in range(redundant):
+        _, expert = heapq.heappop(heap)
+        copies[expert] += 1
+        heapq.heappush(heap, (-float(share[expert]) / copies[expert], expert))
+    slots = (experts + redundant) // ranks
+    replica_expert = np.repeat(np.arange(experts), copies)
+    replica_load = share[replica_expert] / copies[replica_expert]
+    index = np.empty((ranks, slots), dtype=int)
+    filled = [0] * ranks
+    open_ranks = [(0.0, rank) for rank in range(ranks)]  # (load so far, rank) of ranks with a free slot
+    for replica in np.argsort(-replica_load, kind="stable"):
+        load, rank = heapq.heappop(open_ranks)
+        index[rank, filled[rank]] = replica_expert[replica]
+        filled[rank] += 1
+        if filled[rank] < slots:
+            heapq.heappush(open_ranks, (load + float(replica_load[replica]), rank))
+    return index, 1.0 / copies[index]
+
+
 @lru_cache(maxsize=16384)  # pure in its arguments: a sweep meets the same layer loads many times
 def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int, sample_seed: int,
                balanced: bool = False, draws: int = LOAD_DRAWS, expert_params: float = 0.0) -> RankLoads:
@@ -172,13 +204,24 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
         counts = np.tile(routed * profile.share, (draws, 1))
     else:
         counts = rng.multinomial(int(round(routed)), profile.share, size=draws).astype(float)
+    copies = None
+    if spec.routing.redundant_experts:  # dropless (the spec says so): each copy's tokens round to the block
+        copies = balanced_copies(profile.share, ranks, spec.routing.redundant_experts)
     if capacity is None:
         kept = counts
         computed = np.ceil(counts / block) * block
     else:
         kept = np.minimum(counts, capacity)
         computed = np.full_like(counts, float(capacity))  # buffers are padded to capacity
-    per_rank = _per_rank_slots(computed, placement, hot, ranks)  # [draws, ranks, slots]
+    if copies is None:
+        per_rank = _per_rank_slots(computed, placement, hot, ranks)  # [draws, ranks, slots]
+    else:
+        index, fraction = copies
+        per_rank = counts[:, index] * fraction  # a count splits over its copies, whole tokens summing to it
+        if block > 1:
+            per_rank = np.ceil(per_rank / block) * block
+        computed = np.zeros_like(counts)
+        np.add.at(computed, (slice(None), index.ravel()), per_rank.reshape(draws, -1))
     hottest = per_rank.sum(axis=2).argmax(axis=1)
     busiest = per_rank[np.arange(draws), hottest].sum(axis=0)
     mean_rank = per_rank.mean(axis=1).sum(axis=0)
@@ -190,7 +233,7 @@ def rank_loads(spec: MoEFFNBlock, tokens_per_rank: float, ranks: int, seed: int,
     max_over_mean = float(np.where(average > 0, counts.max(axis=1) / safe, 1.0).sum())
     max_tokens = float(counts.max(axis=1).sum())
     n = float(draws)
-    busiest_active, mean_active = _active_slots(spec, profile, routed, capacity, placement, hot, ranks)
+    busiest_active, mean_active = _active_slots(spec, profile, routed, capacity, placement, hot, ranks, copies)
     return RankLoads(tuple(float(x) for x in busiest / n), tuple(float(x) for x in mean_rank / n), float(routed),
                      dropped / n, padded / n, cv / n, max_over_mean / n, max_tokens / n, profile.no_expert_fraction,
                      capacity, busiest_active, mean_active, drawn=not profile.exact)
@@ -207,17 +250,26 @@ def expert_use_probability(share: np.ndarray, k: float, tokens: float) -> np.nda
 
 
 def _active_slots(spec: MoEFFNBlock, profile: RoutingSample, routed: float, capacity: float | None,
-                  placement: np.ndarray, hot: np.ndarray, ranks: int) -> tuple[float, float]:
+                  placement: np.ndarray, hot: np.ndarray, ranks: int,
+                  copies: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float]:
     """Expected slots with work on the busiest and on an average rank in one step. Buffers padded
     to capacity run every expert; policies that fix counts (BASE, expert choice) use an expert
     when its count reaches a token; otherwise each expert is used with `expert_use_probability`.
-    A replicated hot expert's share on a rank counts as that expert's use."""
+    A replicated hot expert's share on a rank counts as that expert's use; a balancer's copy of an
+    expert is used when one of the copy's share of its tokens arrives."""
     experts = spec.experts
     local = experts // ranks
     slots = local + hot.size
     if capacity is not None:
         return float(slots), float(slots)
     tokens = routed / max(profile.experts_per_token, 1e-12)
+    if copies is not None:
+        index, fraction = copies
+        share = profile.share[index] * fraction
+        slot_used = (np.minimum(1.0, routed * share) if profile.exact
+                     else expert_use_probability(share, profile.experts_per_token, tokens))
+        per_rank = slot_used.sum(axis=1)
+        return float(per_rank.max()), float(per_rank.mean())
     if profile.exact:
         used = np.minimum(1.0, routed * profile.share)
     else:

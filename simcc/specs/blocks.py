@@ -168,6 +168,10 @@ class RoutingSpec(StrictModel):
     placement: Literal["contiguous", "round_robin", "file"] = "contiguous"
     placement_file: str | None = None  # CSV with a `rank` column, one row per expert
     replicate_hot: NonNegativeInt = 0  # hottest experts copied to every EP rank (FasterMoE shadowing)
+    # Expert-parallel load balancing (DeepSeek-V3 report sec. 3.4, redundant experts; the EPLB
+    # algorithm, deepseek-ai/EPLB): this many extra copies of the most loaded experts, all copies
+    # then placed on ranks by load, (experts + redundant) / ep slots each. Static: no per-step copy.
+    redundant_experts: NonNegativeInt = 0
     keep_in_node: Fraction | None = None  # topology-aware gating: share of routed tokens kept in the node
     # How routed tokens reach their experts' ranks (simcc/model/kinds/moe_ffn.py):
     #   alltoall: one copy per token and chosen expert, over one all-to-all (Megatron-Core's
@@ -245,6 +249,15 @@ class MoEFFNBlock(BlockSpec):
                              f"experts, got {self.experts:,} (use distribution cv or histogram)")
         if routing.replicate_hot > self.experts:
             raise ValueError(f"routing.replicate_hot ({routing.replicate_hot}) exceeds experts ({self.experts})")
+        if routing.redundant_experts:
+            if routing.redundant_experts > self.experts:
+                raise ValueError(f"routing.redundant_experts ({routing.redundant_experts}) exceeds experts ({self.experts})")
+            if routing.replicate_hot or routing.placement != "contiguous":
+                raise ValueError("routing.redundant_experts places every expert by load (EPLB): leave placement "
+                                 "contiguous and replicate_hot 0")
+            if not routing.dropless or policy in ("base", "expert_choice"):
+                raise ValueError("routing.redundant_experts splits an expert's tokens over its copies: it needs "
+                                 "routing.dropless: true and a top-k style gate")
         return self
 
 

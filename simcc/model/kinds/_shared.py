@@ -76,6 +76,9 @@ class Params:
     # once per tensor. A TP rank holds a shard of every dense tensor, an EP rank its experts' tensors.
     tensors: float = 0.0
     expert_tensors: float = 0.0  # all experts'
+    # Extra copies of experts a load balancer keeps (routing.redundant_experts): held and sharded
+    # like experts, but not parameters of the model.
+    redundant_expert: float = 0.0
 
     def add(self, other: "Params") -> "Params":
         return Params(*(a + b for a, b in zip(self.astuple(), other.astuple())))
@@ -85,7 +88,7 @@ class Params:
 
     def astuple(self) -> tuple[float, ...]:
         return (self.dense, self.replicated, self.expert, self.active_expert, self.dense_rows_cols, self.expert_rows_cols,
-                self.sparse_grad, self.tensors, self.expert_tensors)
+                self.sparse_grad, self.tensors, self.expert_tensors, self.redundant_expert)
 
     @property
     def total(self) -> float:

@@ -40,6 +40,7 @@ def params(spec: MoEFFNBlock, hidden: int) -> Params:
         expert_rows_cols=one_expert.dense_rows_cols * spec.experts,
         tensors=FFN_WEIGHT_TENSORS * spec.shared_experts + _router_tensors(spec) + NORM_TENSORS,
         expert_tensors=FFN_WEIGHT_TENSORS * spec.experts,
+        redundant_expert=per_expert * spec.routing.redundant_experts,
     )
 
 
