@@ -20,6 +20,7 @@ import numpy as np
 from simcc.errors import InputError
 from simcc.isotonic import isotonic
 from simcc.routing.trained_gate import GateTraining, train_gate
+from simcc.routing.trained_load import trained_load_share
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.blocks import MoEFFNBlock
 from simcc.specs.vocab import K_PER_TOKEN_POLICIES
@@ -54,6 +55,8 @@ def popularity(spec: MoEFFNBlock, rng: np.random.Generator) -> np.ndarray:
         rng.shuffle(weights)  # hot experts land on random ranks
     elif load.distribution == "histogram":
         weights = read_expert_column(str(load.histogram), "tokens", experts, "load.histogram") + 1e-12
+    elif load.distribution == "trained":  # a top-1 router's preference in proportion to the load
+        weights = trained_load_share(load, experts, rng)
     else:
         assert load.distribution == "cv", "aux_loss popularity comes from the trained gate (trained_gate_share)"
         cv = load.cv
@@ -112,6 +115,10 @@ def route(spec: MoEFFNBlock, ranks: int, seed: int, expert_params: float = 0.0) 
         # Nothing to measure: every token takes k experts and each expert gets 1/E of them. This
         # skips a tokens x experts logit sample, most of a cold estimate of a 256-expert model.
         return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), float(spec.k), False, 0.0)
+    if spec.load.distribution == "trained" and spec.gating.policy in K_PER_TOKEN_POLICIES:
+        # the published statistics describe the load itself, not a preference to route by
+        return RoutingSample(trained_load_share(spec.load, spec.experts, np.random.default_rng(seed)),
+                             float(spec.k), False, 0.0)
     if spec.load.distribution == "aux_loss":
         trained = trained_gate_share(spec, expert_params, seed)
         if spec.gating.policy in K_PER_TOKEN_POLICIES:

@@ -128,7 +128,7 @@ class LoadSpec(StrictModel):
     per-expert histogram (CSV), or the balance a noisy top-k gate reaches when it is trained with
     Shazeer et al. 2017's importance and load losses (aux_loss: routing/trained_gate.py)."""
 
-    distribution: Literal["uniform", "zipf", "cv", "histogram", "aux_loss"] = "uniform"
+    distribution: Literal["uniform", "zipf", "cv", "histogram", "aux_loss", "trained"] = "uniform"
     alpha: PositiveFloat = 1.0
     cv: float = Field(default=0.0, ge=0.0)
     histogram: str | None = None  # CSV with a `tokens` column, one row per expert
@@ -140,6 +140,11 @@ class LoadSpec(StrictModel):
     # Gumbel noise scale on the logits: 1 makes a top-1 router pick experts exactly by popularity;
     # lower sharpens the skew, higher flattens it.
     router_temperature: PositiveFloat = 1.0
+    # trained: the load a router trained to balance still leaves, from published statistics
+    # (routing/trained_load.py): by an auxiliary loss, or by DeepSeek-V3's loss-free bias; or
+    # the max-over-mean excess (MaxVio) a user measured over 64 experts.
+    balancing: Literal["aux_loss", "aux_loss_free"] = "aux_loss"
+    max_violation: NonNegativeFloat | None = Field(default=None, le=50.0)
 
     @model_validator(mode="after")
     def _histogram_named(self) -> "LoadSpec":
