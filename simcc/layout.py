@@ -166,4 +166,7 @@ def _microbatches(workload: Workload, dp: int, source: str) -> int:
     if par.schedule == "interleaved" and microbatches % par.pp:
         raise InputError(source, "train.global_batch", f"interleaved schedule needs micro-batches per pipeline "
                          f"({microbatches}) to be a multiple of pp={par.pp}")
+    problem = par.microbatch_problem(microbatches)
+    if problem is not None:
+        raise InputError(source, "train.global_batch", problem)
     return microbatches

@@ -64,21 +64,50 @@ def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) ->
     return dense_state + expert_state
 
 
-def in_flight_microbatches(workload: Workload, layout: Layout) -> float:
-    """Micro-batches whose activations the first stage holds at its peak: GPipe all m; 1F1B p;
-    interleaved 1F1B p + (p - 1)/v, from its warm-up of 2(p-1) + (v-1)p chunks (Narayanan 2021).
-    EP-communication overlap's one extra warm-up forward is counted apart (`paired_extra_bytes`)."""
+def in_flight_microbatches(workload: Workload, layout: Layout, stage: int = 0) -> float:
+    """Micro-batches whose activations a stage holds at its peak (through all its chunks): GPipe
+    all m; 1F1B p; interleaved 1F1B p + (p - 1)/v, from its warm-up of 2(p-1) + (v-1)p chunks
+    (Narayanan 2021), all on the first stage. EP-communication overlap's one extra warm-up
+    forward is counted apart (`paired_extra_bytes`). DualPipe and DualPipeV: `dual_in_flight`
+    chunk-micro-batches of the rank's two chunks, half of that through both (PP + 1 chunks' worth
+    at the peak, PP = pp x vpp stages: (PP + 1) / 2), taking the rank's two chunks as alike."""
     m, p, v = layout.microbatches, layout.pp, layout.vpp
     schedule = workload.parallelism.schedule
     if schedule == "gpipe":
         return float(m)
     if schedule == "interleaved":
         return min(float(m), p + (p - 1) / v)
+    if schedule in DUAL_SCHEDULES:
+        return sum(dual_in_flight(schedule, p, stage, workload.parallelism.overlap_moe_comm)) / 2
     return float(min(m, p))
 
 
+DUAL_SCHEDULES = ("dualpipe", "dualpipev")
+
+
+def dual_in_flight(schedule: str, pp: int, stage: int, paired: bool) -> tuple[int, int]:
+    """Micro-batches of each of its two chunks (in the rank's order, as plan.training's
+    chunk_placement gives them) whose activations a DualPipe or DualPipeV rank holds at its peak,
+    from the schedule's order (deepseek-ai/DualPipe dualpipe.py, step(); sim/training.py,
+    dual_items). With S = 2 x R pipeline stages (R ranks to the middle; DualPipe: S = pp,
+    DualPipeV: 2 pp) and h = min(r, pp-1-r) (DualPipe) or r (DualPipeV), the warm-up runs
+    S - h - 1 forwards of the chunk whose micro-batches come first and h + 1 of the other; the
+    zero-bubble step 3 (B, then its W at once) frees one for each further forward, so the rank holds
+    S until its first steady-state forward makes it S + 1: S - h of the first chunk and h + 1 of
+    the second (DeepSeek-V3 report, Table 2: activations PP + 1). A merged forward/backward pair
+    goes layer against layer, so with `paired` the pair's forward is only one layer ahead (counted
+    apart, `paired_extra_bytes`), except on the middle ranks (h = R - 1), which run their first
+    steady-state forward and backward apart ("we don't overlap these two chunks to further
+    reduce bubble size")."""
+    ranks = pp // 2 if schedule == "dualpipe" else pp
+    half = min(stage, pp - 1 - stage) if schedule == "dualpipe" else stage
+    first = 2 * ranks - half - (1 if paired and half < ranks - 1 else 0)
+    # DualPipe's second half of ranks first meets the direction fed from the last rank: its second chunk.
+    return (half + 1, first) if schedule == "dualpipe" and stage >= pp // 2 else (first, half + 1)
+
+
 def paired_extra_bytes(workload: Workload, layout: Layout, activation_bytes_per_microbatch: float,
-                       largest_unit_saved: float) -> float:
+                       largest_unit_saved: float, stage: int = 0) -> float:
     """EP-communication overlap warms up one more forward so that each steady-state forward runs
     merged with an earlier micro-batch's backward (sim/training.py, task_order). The merged pair
     goes layer against layer, the forward's first layer with the backward's last (Megatron-Core's
@@ -88,6 +117,11 @@ def paired_extra_bytes(workload: Workload, layout: Layout, activation_bytes_per_
     no extra."""
     if not workload.parallelism.overlap_moe_comm or workload.parallelism.schedule == "gpipe":
         return 0.0
+    if workload.parallelism.schedule in DUAL_SCHEDULES:
+        # a rank whose pairs all merge (`dual_in_flight`): one layer over S chunks' worth
+        apart = dual_in_flight(workload.parallelism.schedule, layout.pp, stage, False)
+        paired = dual_in_flight(workload.parallelism.schedule, layout.pp, stage, True)
+        return min(largest_unit_saved, activation_bytes_per_microbatch) if paired != apart else 0.0
     if in_flight_microbatches(workload, layout) >= layout.microbatches:
         return 0.0
     return min(largest_unit_saved, activation_bytes_per_microbatch)
@@ -95,7 +129,8 @@ def paired_extra_bytes(workload: Workload, layout: Layout, activation_bytes_per_
 
 def training_memory(workload: Workload, system: System, layout: Layout, stage_params: Params,
                     activation_bytes_per_microbatch: float, buffer_bytes: float,
-                    largest_unit_saved: float = 0.0) -> MemoryBreakdown:
+                    largest_unit_saved: float = 0.0, stage: int = 0) -> MemoryBreakdown:
+    """`stage`: the pipeline rank (a DualPipe rank's peak depends on its distance from the middle)."""
     prec = workload.precision
     zero = workload.parallelism.zero_stage
     dense, expert = layout.local_params(stage_params)
@@ -110,8 +145,8 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
     dense_grads = dense - stage_params.sparse_grad / layout.tp
     grads = (dense_grads / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
     optimizer = optimizer_state_bytes(stage_params, workload, layout)
-    activations = (activation_bytes_per_microbatch * in_flight_microbatches(workload, layout)
-                   + paired_extra_bytes(workload, layout, activation_bytes_per_microbatch, largest_unit_saved))
+    activations = (activation_bytes_per_microbatch * in_flight_microbatches(workload, layout, stage)
+                   + paired_extra_bytes(workload, layout, activation_bytes_per_microbatch, largest_unit_saved, stage))
     device = system.device
     return MemoryBreakdown(weights, grads, optimizer, activations, buffer_bytes, 0.0,
                            device.reserve_gb * GB, device.memory_gb * GB)
@@ -120,9 +155,10 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
 def worst_stage_memory(workload: Workload, system: System, layout: Layout,
                        footprints: list[tuple[Params, float, float, float]]) -> MemoryBreakdown:
     """The pipeline stage that holds the most, from each stage's (parameters, activation bytes
-    one micro-batch leaves, largest transient buffer, most one unit keeps): the one a layout must fit."""
-    memories = [training_memory(workload, system, layout, params, saved, buffers, unit_saved)
-                for params, saved, buffers, unit_saved in footprints]
+    one micro-batch leaves, largest transient buffer, most one unit keeps), in stage order: the
+    one a layout must fit."""
+    memories = [training_memory(workload, system, layout, params, saved, buffers, unit_saved, stage)
+                for stage, (params, saved, buffers, unit_saved) in enumerate(footprints)]
     return max(memories, key=lambda memory: memory.total)
 
 

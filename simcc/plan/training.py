@@ -11,14 +11,15 @@ from dataclasses import dataclass, field, replace
 
 from simcc.costs.collectives import collective_time, latency_floor
 from simcc.costs.compute import op_cost
-from simcc.layout import Layout
+from simcc.layout import CommGroup, Layout
 from simcc.memo import Memo
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
 from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import (Unit, block_params, block_work, blocks_of, drawn_per_layer, stage_units, units_of,
                                units_params, without_data_parallel)
 from simcc.model.kinds import costing_of
-from simcc.model.ops import BLOCK_SCALE_BYTES, DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, backward_of
+from simcc.model.ops import (BLOCK_SCALE_BYTES, DTYPE_BYTES, TWO_KERNEL_BACKWARD, Comm, GemmOperands, Op, WorkItem,
+                             backward_of)
 from simcc.model.optimizer import optimizer_step
 from simcc.plan.recompute import recomputed
 from simcc.routing.load import LOAD_DRAWS
@@ -40,6 +41,9 @@ class Cost:
     overlap_chunks: int = 1  # comm only: pipelined in pieces with the compute up to its partner
     latency: float = 0.0  # comm only: the part of `seconds` every piece pays again when chunked
     flops: float = 0.0  # compute only: the op's executed FLOPs
+    # A backward GEMM's seconds that are its weight-gradient kernel (dW = X^T dY), the rest its
+    # input-gradient one (dX = dY W^T): zero-bubble schedules run the two apart (`split_backward`).
+    wgrad: float = 0.0
 
 
 @dataclass
@@ -339,8 +343,52 @@ _UNIT_COSTS: Memo[tuple[list[Cost], list[Cost], list[Cost]]] = Memo(20_000)
 def _cost_unit(unit_work: "_UnitWork", system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
     """A unit's forward costs, each forward item's backward cost, and its replayed items' costs."""
     return ([cost_item(i, system, layout) for i in unit_work.items],
-            [cost_item(backward_of(i), system, layout) for i in unit_work.items],
+            [_backward_cost(i, system, layout) for i in unit_work.items],
             [cost_item(i, system, layout) for i in unit_work.replay])
+
+
+def _backward_cost(item: WorkItem, system: System, layout: Layout) -> Cost:
+    """An item's backward cost; a GEMM's (and a convolution's or LSTM's) is a data-gradient and a
+    weight-gradient kernel, each as large as the forward one (model/ops.py, backward_of), so half
+    of its seconds are the weight gradient's."""
+    cost = cost_item(backward_of(item), system, layout)
+    if isinstance(item, Op) and item.family in TWO_KERNEL_BACKWARD:
+        return replace(cost, wgrad=cost.seconds / 2)
+    return cost
+
+
+def _part(cost: Cost, seconds: float, suffix: str) -> Cost:
+    """`seconds` of a backward compute cost, with its share of the imbalance and FLOPs."""
+    share = seconds / cost.seconds
+    return replace(cost, name=cost.name + suffix, seconds=seconds, imbalance=cost.imbalance * share,
+                   flops=cost.flops * share, wgrad=0.0)
+
+
+_SPLIT: Memo[tuple[list[Cost], list[Cost]]] = Memo(2_000)
+
+
+def split_backward(backward: list[Cost]) -> tuple[list[Cost], list[Cost]]:
+    """A chunk's backward as zero-bubble pipelining runs it (Qi et al. 2023, arXiv 2401.10241,
+    sec. 2; DualPipe's WeightGradStore): the input-gradient pass B, which the previous stage waits
+    for (recomputation, every collective, each GEMM's data-gradient kernel), and the weight-gradient
+    pass W, deferrable to fill bubbles (each GEMM's weight-gradient kernel), which carries the
+    gradient-bucket markers since a unit's gradients are complete only after it. Seconds are the
+    plan's, partitioned, never re-derived. By list object: alike chunks share their lists."""
+
+    def split() -> tuple[list[Cost], list[Cost]]:
+        inputs: list[Cost] = []
+        weights: list[Cost] = []
+        for cost in backward:
+            if cost.stream == "bucket":
+                weights.append(cost)
+            elif cost.wgrad > 0:
+                inputs.append(_part(cost, cost.seconds - cost.wgrad, ".dgrad"))
+                weights.append(_part(cost, cost.wgrad, ".wgrad"))
+            else:
+                inputs.append(cost)
+        return inputs, weights
+
+    return _SPLIT.get(id(backward), split, backward)
 
 
 def layer_costs(workload: Workload, system: System, layout: Layout, index: int, batch: Batch) -> tuple[list[Cost], list[Cost]]:
@@ -416,8 +464,26 @@ def _grad_sync(params: Params, workload: Workload, system: System, layout: Layou
     grad_bytes = DTYPE_BYTES[workload.precision.gradients]
     # Sparse embedding rows are gathered by the block itself (embedding_work), not reduced here.
     dense_only = replace(params, dense=params.dense - params.sparse_grad, sparse_grad=0.0)
-    return [cost_item(Comm(f"grad_{collective}.{group}", collective, count * grad_bytes, group), system, layout)
-            for group, count in _sharded_groups(dense_only, layout)]
+    groups = _sharded_groups(dense_only, layout)
+    synced = [cost_item(Comm(f"grad_{collective}.{group}", collective, count * grad_bytes, group), system, layout)
+              for group, count in groups]
+    if workload.parallelism.schedule == "dualpipe" and groups:
+        synced.append(_mirror_sync(groups, workload, system, layout))
+    return synced
+
+
+def _mirror_sync(groups: list[tuple[str, float]], workload: Workload, system: System, layout: Layout) -> Cost:
+    """DualPipe keeps each model chunk on two ranks, r and pp-1-r, one per direction, whose
+    gradients must be added before the update (deepseek-ai/DualPipe examples/example_dualpipe.py
+    adds each rank's gradients to its mirror's): an all-reduce between the pair of what the
+    device holds after the data-parallel reduction (its ZeRO shard, or all of it). The pair is in
+    one node only when the whole pipeline is; reported as data-parallel traffic."""
+    zero = workload.parallelism.zero_stage >= 1
+    held = sum(count / ({"dp": layout.dp, "edp": layout.expert_dp}[group] if zero else 1) for group, count in groups)
+    pair = CommGroup(2, 2 if layout.groups["pp"].nodes == 1 else 1)
+    mirrored = replace(layout, groups={**layout.groups, "dp": pair})
+    return cost_item(Comm("grad_all_reduce.mirror", "all_reduce", held * DTYPE_BYTES[workload.precision.gradients], "dp"),
+                     system, mirrored)
 
 
 def _param_gather(params: Params, workload: Workload, system: System, layout: Layout) -> list[Cost]:
@@ -440,6 +506,23 @@ def _optimizer(params: Params, workload: Workload, system: System, layout: Layou
 def _micro_batch(workload: Workload) -> Batch:
     assert workload.train is not None
     return Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
+
+
+def chunk_placement(schedule: str, pp: int, vpp: int) -> list[list[tuple[int, int]]]:
+    """Per pipeline rank, the model chunks it holds, each as (direction, position): micro-batches
+    of a direction pass through positions 0, 1, ... in turn, and position k runs model chunk k
+    (of pp x vpp). Interleaved 1F1B: chunk v x pp + r on rank r (Narayanan et al. 2021). DualPipe:
+    chunk r for micro-batches fed from rank 0 and chunk pp-1-r for those fed from rank pp-1
+    (deepseek-ai/DualPipe examples/example_dualpipe.py: full_modules[rank] and
+    full_modules[pp_size - 1 - rank]), so every chunk sits on two ranks. DualPipeV: chunks r and
+    2pp-1-r of one direction, down the V and back up (dualpipe/dualpipev.py: the last rank hands
+    its first chunk's output to its second chunk on the spot)."""
+    if schedule == "dualpipe":
+        return [[(0, rank), (1, pp - 1 - rank)] for rank in range(pp)]
+    if schedule == "dualpipev":
+        return [[(0, rank), (0, 2 * pp - 1 - rank)] for rank in range(pp)]
+    virtual = vpp if schedule == "interleaved" else 1
+    return [[(0, v * pp + rank) for v in range(virtual)] for rank in range(pp)]
 
 
 def chunk_works(workload: Workload, layout: Layout) -> list[ForwardWork]:
@@ -467,15 +550,16 @@ def footprint(chunks: list[ForwardWork] | list[ChunkPlan]) -> Footprint:
 
 def stage_params(workload: Workload, layout: Layout) -> list[Params]:
     """Each pipeline stage's parameters (all its chunks'), before any work is built: what weights,
-    gradients and optimizer state need whatever the activations."""
+    gradients and optimizer state need whatever the activations. A DualPipe rank's two chunks
+    make 2/pp of the model, twice 1F1B's share (DeepSeek-V3 report, Table 2: parameters 2x)."""
     chunks = stage_units(units_of(workload.model), layout.pp * layout.vpp, workload.parallelism.pipeline_layout)
     hidden = workload.model.hidden
     per_chunk = [_chunk_params(units, hidden) for units in chunks]
     totals = []
-    for stage in range(layout.pp):
+    for placed in chunk_placement(workload.parallelism.schedule, layout.pp, layout.vpp):
         total = Params()
-        for virtual in range(layout.vpp):
-            total = total.add(per_chunk[virtual * layout.pp + stage])
+        for _, position in placed:
+            total = total.add(per_chunk[position])
         totals.append(total)
     return totals
 
@@ -493,7 +577,8 @@ def stage_footprints(workload: Workload, layout: Layout, works: list[ForwardWork
     plan's (a sweep checks fit first); not for anytime supernets, whose saved activations depend
     on the sandwich."""
     assert workload.anytime is None
-    return [footprint([works[v * layout.pp + stage] for v in range(layout.vpp)]) for stage in range(layout.pp)]
+    return [footprint([works[position] for _, position in placed])
+            for placed in chunk_placement(workload.parallelism.schedule, layout.pp, layout.vpp)]
 
 
 def _pipeline_send(workload: Workload, system: System, layout: Layout, batch: Batch) -> Cost:
@@ -521,13 +606,9 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
     chunks = stage_units(units, layout.pp * layout.vpp, par.pipeline_layout)
     p2p = _pipeline_send(workload, system, layout, batch) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)
     stages: list[StagePlan] = []
-    for stage in range(layout.pp):
-        plans = []
-        for virtual in range(layout.vpp):
-            # Interleaved schedule: chunk v of stage s holds model chunk v*pp + s (Narayanan et al. 2021).
-            index = virtual * layout.pp + stage
-            plans.append(build_chunk(chunks[index], workload, system, layout, batch, sampled_steps,
-                                     works[index] if works else None))
+    for placed in chunk_placement(par.schedule, layout.pp, layout.vpp):
+        plans = [build_chunk(chunks[index], workload, system, layout, batch, sampled_steps, works[index] if works else None)
+                 for _, index in placed]
         params = Params()
         for c in plans:
             params = params.add(c.params)

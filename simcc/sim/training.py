@@ -19,13 +19,16 @@ from typing import NamedTuple
 
 import simpy
 
+from simcc.costs.memory import DUAL_SCHEDULES
 from simcc.layout import DIMENSIONS, dimension_of
 from simcc.memo import Memo
 from simcc.sim.links import FairShareLink
 from simcc.sim.timeline import Timeline
-from simcc.plan.training import ChunkPlan, Cost, TrainingPlan
+from simcc.plan.training import ChunkPlan, Cost, TrainingPlan, chunk_placement, split_backward
 
-Task = tuple[str, int, int]  # ("F" | "B", micro-batch, chunk)
+# (kind, micro-batch, chunk): "F" forward, "B" backward, and, as zero-bubble pipelining splits a
+# backward (Qi et al. 2023), "I" its input-gradient part alone and "W" its deferred weight gradient.
+Task = tuple[str, int, int]
 
 
 def warmup_forwards(p: int, v: int, stage: int, extra_warmup: int = 0) -> int:
@@ -44,6 +47,8 @@ def task_order(schedule: str, p: int, v: int, m: int, stage: int, extra_warmup: 
     stage's pair that waits on it."""
     if schedule == "gpipe":
         return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
+    if schedule in DUAL_SCHEDULES:
+        return [task for item in dual_items(schedule, p, m, stage) for task in item]
     total = m * v
 
     def forward(k: int) -> Task:
@@ -58,6 +63,78 @@ def task_order(schedule: str, p: int, v: int, m: int, stage: int, extra_warmup: 
         order += [forward(warmup + i), backward(i)]
     order += [backward(k) for k in range(total - warmup, total)]
     return order
+
+
+def dual_items(schedule: str, p: int, m: int, stage: int) -> list[tuple[Task, ...]]:
+    """One DualPipe or DualPipeV rank's tasks, in the order of deepseek-ai/DualPipe's step()
+    (dualpipe/dualpipe.py, dualpipev.py), as merged forward/backward pairs and lone tasks.
+
+    A rank's two chunks are its phases: phase 0 the one whose micro-batches reach it first
+    (DualPipe: its own direction on the first half of the ranks, the other on the second half,
+    `phase ^= is_in_second_half`; DualPipeV: the V's way down). With R ranks to the middle
+    (DualPipe: p/2; DualPipeV: p), h = the rank's distance from its phase-0 source (DualPipe:
+    min(r, p-1-r); DualPipeV: r) and n micro-batches per phase (DualPipe: m/2 per direction;
+    DualPipeV: all m through both chunks), the eight steps are:
+    1. 2(R-h-1) x F0; 2. h+1 x (F0, F1); 3. R-h-1 x (B1 split: I1, its W at once, F1);
+    4. n-2R+h+1 x (F0&B1, F1&B0), the first F0 and B1 apart on the middle rank (h = R-1);
+    5. R-h-1 x (B1, F1&B0); 6. h+1 x (B1, B0), the later half of these split, W deferred;
+    7. R-h-1 x (W, I0 with W deferred); 8. h+1 x W. Deferred weight gradients run first in, first
+    out (WeightGradStore). DualPipe is DualPipeV's order on each half of the ranks, mirrored."""
+    if schedule == "dualpipe":
+        ranks, half, per_phase = p // 2, min(stage, p - 1 - stage), m // 2
+        chunk_of = (0, 1) if stage < p // 2 else (1, 0)  # local chunk 0 serves direction 0, fed from rank 0
+    else:
+        ranks, half, per_phase = p, stage, m
+        chunk_of = (0, 1)
+    # Micro-batch ids: DualPipe's direction d takes d*n .. d*n + n-1; DualPipeV's pass both chunks.
+    first = [chunk_of[phase] * per_phase if schedule == "dualpipe" else 0 for phase in (0, 1)]
+    forwards, backwards = [0, 0], [0, 0]
+    deferred: list[Task] = []
+
+    def forward(phase: int) -> Task:
+        forwards[phase] += 1
+        return ("F", first[phase] + forwards[phase] - 1, chunk_of[phase])
+
+    def backward(phase: int, split: bool = False) -> Task:
+        backwards[phase] += 1
+        microbatch = first[phase] + backwards[phase] - 1
+        if split:
+            deferred.append(("W", microbatch, chunk_of[phase]))
+        return ("I" if split else "B", microbatch, chunk_of[phase])
+
+    def weight() -> Task:
+        return deferred.pop(0)
+
+    items: list[tuple[Task, ...]] = []
+    for _ in range(2 * (ranks - half - 1)):
+        items.append((forward(0),))
+    for _ in range(half + 1):
+        items += [(forward(0),), (forward(1),)]
+    for _ in range(ranks - half - 1):
+        items.append((backward(1, split=True),))
+        items += [(weight(),), (forward(1),)]
+    for i in range(per_phase - 2 * ranks + half + 1):
+        if i == 0 and half == ranks - 1:
+            items += [(forward(0),), (backward(1),)]
+        else:
+            items.append((forward(0), backward(1)))
+        items.append((forward(1), backward(0)))
+    for _ in range(ranks - half - 1):
+        items.append((backward(1),))
+        items.append((forward(1), backward(0)))
+    split = False
+    for i in range(half + 1):
+        split = split or (i == (half + 1) // 2 and half % 2 == 1)
+        items.append((backward(1, split),))
+        split = split or (i == (half + 1) // 2 and half % 2 == 0)
+        items.append((backward(0, split),))
+    for _ in range(ranks - half - 1):
+        items.append((weight(),))
+        items.append((backward(0, split=True),))
+    for _ in range(half + 1):
+        items.append((weight(),))
+    assert not deferred and forwards == backwards == [per_phase, per_phase]
+    return items
 
 
 @dataclass
@@ -240,13 +317,19 @@ class _Step:
         plan = sim.plan
         self.work = [[self._work(chunk) for chunk in stage.chunks] for stage in plan.stages]
 
-    def _work(self, chunk: ChunkPlan) -> tuple[list[Segment], list[Segment]]:
+    def _work(self, chunk: ChunkPlan) -> dict[str, list[Segment]]:
+        """A chunk's segments by task kind; the split backward's parts only where the schedule runs them."""
         forward, backward = chunk.step_work(self.step)
         merge = not self.sim.trace.enabled
-        return _segments(forward, merge), _segments(backward, merge)
+        work = {"F": _segments(forward, merge), "B": _segments(backward, merge)}
+        if self.sim.plan.schedule in DUAL_SCHEDULES:
+            inputs, weights = split_backward(backward)
+            work["I"], work["W"] = _segments(inputs, merge), _segments(weights, merge)
+        return work
 
-    def event(self, kind: str, microbatch: int, global_chunk: int) -> simpy.Event:
-        key = (kind, microbatch, global_chunk)
+    def event(self, kind: str, microbatch: int, position: int) -> simpy.Event:
+        """Ready when the micro-batch's activation (or gradient) leaves `position` of its path."""
+        key = (kind, microbatch, position)
         if key not in self.ready:
             self.ready[key] = self.sim.env.event()
         return self.ready[key]
@@ -260,15 +343,31 @@ class _Simulator:
         self.links = [{"intra": FairShareLink(self.env, f"stage{s}.intra"), "inter": FairShareLink(self.env, f"stage{s}.inter")}
                       for s in range(plan.pp)]
         self.virtual = plan.vpp if plan.schedule == "interleaved" else 1
-        extra = 1 if plan.overlap_moe_comm else 0
-        orders = [task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, s, extra) for s in range(plan.pp)]
-        self.orders = [merged_order(o) if plan.overlap_moe_comm else [(t,) for t in o] for o in orders]
+        # Per stage, each chunk's (direction, position) on its micro-batches' path, and who runs each.
+        self.placement = chunk_placement(plan.schedule, plan.pp, plan.vpp)
+        self.runs_at = {place: stage for stage, places in enumerate(self.placement) for place in places}
+        self.path_end = {direction: max(pos for (d, pos) in self.runs_at if d == direction) for direction, _ in self.runs_at}
+        self.orders = [self._items(s) for s in range(plan.pp)]
+        # Per stage and chunk, the tasks that complete its gradients (a full backward or a weight gradient).
+        self.completions = [[sum(task[0] in "BW" and task[2] == chunk for item in order for task in item)
+                             for chunk in range(len(self.placement[s]))] for s, order in enumerate(self.orders)]
         self.events = 0  # timed events scheduled: compute segments and link transfers
         self.background = [0] * plan.pp  # per stage: background transfer chains not yet finished
         # Per step, by segment list object: every micro-batch plays the same lists, so their solo
         # runs and overlapped forms are worked out once.
         self._solo_runs: Memo[tuple[int, float, float, dict[str, float]]] = Memo(1 << 20)
         self._behind: Memo[dict[str, list[Segment]]] = Memo(1 << 20)
+
+    def _items(self, stage: int) -> list[tuple[Task, ...]]:
+        """The stage's tasks, a merged forward/backward pair where EP-communication overlap runs
+        one (1F1B's steady state, `merged_order`), and always DualPipe's own F&B pairs: without the
+        overlap their halves run one after the other, as DualPipe runs them when the module has no
+        overlapped_forward_backward, but still start once both inputs are in."""
+        plan = self.plan
+        if plan.schedule in DUAL_SCHEDULES:
+            return dual_items(plan.schedule, plan.pp, plan.microbatches, stage)
+        order = task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, stage, int(plan.overlap_moe_comm))
+        return merged_order(order) if plan.overlap_moe_comm else [(t,) for t in order]
 
     def _timeout(self, seconds: float) -> simpy.Event:
         self.events += 1
@@ -402,8 +501,8 @@ class _Simulator:
 
     def _stage(self, state: _Step, stage: int, account: StageAccount):
         env, plan = self.env, self.plan
-        p, chunks = plan.pp, plan.stages[stage].chunks
-        last_global = p * self.virtual - 1
+        chunks = plan.stages[stage].chunks
+        placed = self.placement[stage]
         stage_plan = plan.stages[stage]
         # ZeRO: this step's forward of a chunk needs its freshly gathered parameters.
         gathers = [self._launch_chain(stage, chunk.param_sync, "param_gather") for chunk in chunks]
@@ -411,40 +510,53 @@ class _Simulator:
             start = env.now
             yield simpy.AllOf(env, gathers)
             account.wait(env.now - start)
-        backward_left = [plan.microbatches] * len(chunks)
+        completions_left = list(self.completions[stage])
         buckets: list[simpy.Event] = []
 
         def awaited(kind: str, microbatch: int, chunk_index: int) -> simpy.Event | None:
-            """What a task consumes, when it has not arrived: the activation (forward) or the
-            gradient from the next chunk (backward)."""
-            global_chunk = chunk_index * p + stage
+            """What a task consumes, when it has not arrived: the activation from the previous
+            position (forward) or the gradient from the next (backward or its input-gradient
+            part); a weight gradient needs only its own stage's input-gradient part, run earlier."""
+            direction, position = placed[chunk_index]
             if kind == "F":
-                event = state.event("act", microbatch, global_chunk - 1) if global_chunk > 0 else None
+                event = state.event("act", microbatch, position - 1) if position > 0 else None
+            elif kind in "BI":
+                event = state.event("grad", microbatch, position + 1) if position < self.path_end[direction] else None
             else:
-                event = state.event("grad", microbatch, global_chunk + 1) if global_chunk < last_global else None
+                event = None
             return None if event is None or event.processed else event
 
         def sent(kind: str, microbatch: int, chunk_index: int) -> simpy.Event | None:
             """Hand the activation (forward) or gradient (backward) on; the send, when one is made."""
-            global_chunk = chunk_index * p + stage
-            if kind == "F" and global_chunk < last_global:
-                return self._hand_off(state, stage, "act", microbatch, global_chunk)
-            if kind == "B" and global_chunk > 0:
-                return self._hand_off(state, stage, "grad", microbatch, global_chunk)
+            direction, position = placed[chunk_index]
+            if kind == "F" and position < self.path_end[direction]:
+                return self._hand_off(state, stage, "act", microbatch, position, self.runs_at[direction, position + 1])
+            if kind in "BI" and position > 0:
+                return self._hand_off(state, stage, "grad", microbatch, position, self.runs_at[direction, position - 1])
             return None
 
-        def bucket_launch(chunk_index: int):
-            """The last backward of a chunk launches its gradient reductions (with overlap)."""
-            backward_left[chunk_index] -= 1
-            last = backward_left[chunk_index] == 0 and plan.overlap_grad_reduce
+        def bucket_launch(kind: str, chunk_index: int):
+            """The task completing a chunk's last gradients launches their reductions (with overlap)."""
+            if kind not in "BW":
+                return None
+            completions_left[chunk_index] -= 1
+            last = completions_left[chunk_index] == 0 and plan.overlap_grad_reduce
             return (chunks[chunk_index].grad_buckets, buckets) if last else None
 
+        dual = plan.schedule in DUAL_SCHEDULES
         for item in self.orders[stage]:
-            if len(item) == 2:  # a forward and an earlier micro-batch's backward hide each other's all-to-alls
+            if len(item) == 2 and plan.overlap_moe_comm:  # a forward and another micro-batch's backward hide each other's all-to-alls
                 (_, _, fchunk), (_, _, bchunk) = item
-                work = self._paired_work(state.work[stage][fchunk][0], state.work[stage][bchunk][1])
+                work = self._paired_work(state.work[stage][fchunk]["F"], state.work[stage][bchunk]["B"])
             else:
                 work = {}
+            if len(item) == 2 and dual:
+                # DualPipe receives both halves' inputs before it computes the pair
+                # (_forward_backward_chunk: both receives, then _commit_and_wait_comm).
+                for task in item:
+                    event = awaited(*task)
+                    if event is not None:
+                        yield event
             for kind, microbatch, chunk_index in item:
                 if kind == "F" and not gathers[chunk_index].triggered:  # ZeRO: its parameters first
                     start = env.now
@@ -453,11 +565,8 @@ class _Simulator:
                 event = awaited(kind, microbatch, chunk_index)
                 if event is not None:
                     yield event
-                forward, backward = state.work[stage][chunk_index]
-                if kind == "F":
-                    yield from self._run_segments(stage, work.get("F", forward), account)
-                else:
-                    yield from self._run_segments(stage, work.get("B", backward), account, bucket_launch(chunk_index))
+                segments = work.get(kind, state.work[stage][chunk_index][kind])
+                yield from self._run_segments(stage, segments, account, bucket_launch(kind, chunk_index))
                 event = sent(kind, microbatch, chunk_index)
                 if event is not None and not plan.overlap_p2p:  # the stage waits for its send
                     start = env.now
@@ -476,22 +585,24 @@ class _Simulator:
         account.optimizer += stage_plan.optimizer.seconds
         self.trace.add(f"stage{stage}", "compute", "optimizer.step", start, stage_plan.optimizer.seconds)
 
-    def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, global_chunk: int) -> simpy.Event | None:
-        """The activation or gradient goes to the next stage; a callback on the send (not a process
-        per send) marks it ready there. Returns the send, None when no link is crossed."""
-        if self.plan.pp == 1:
-            state.event(kind, microbatch, global_chunk).succeed()  # the next chunk lives on this same device
+    def _hand_off(self, state: _Step, stage: int, kind: str, microbatch: int, position: int,
+                  receiver: int) -> simpy.Event | None:
+        """The activation or gradient goes to the stage running the next position; a callback on
+        the send (not a process per send) marks it ready there. Returns the send, None when no
+        link is crossed."""
+        if receiver == stage:
+            state.event(kind, microbatch, position).succeed()  # the next chunk lives on this same device
             return None
         send = self.plan.stages[stage].p2p
         start = self.env.now
         # The stage waits for this send and nothing else can start on its link meanwhile: alone on
         # the link, the transfer takes its cost, one timeout.
         alone = not self.plan.overlap_p2p and self._quiet(stage)
-        key = (kind, microbatch, global_chunk)
+        key = (kind, microbatch, position)
         if alone and key not in state.ready:  # nobody waits yet: the timeout is the arrival itself
             sent = state.ready[key] = self._timeout(send.seconds)
             return sent
-        event = state.event(kind, microbatch, global_chunk)
+        event = state.event(kind, microbatch, position)
 
         def arrived(_sent: simpy.Event) -> None:
             self._record_comm(stage, "p2p", send.link, send.name, start)
@@ -535,6 +646,12 @@ def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = N
     # Stage 0 has the longest warm-up; GPipe has none (every forward, then every backward).
     warmup = 0 if plan.schedule == "gpipe" else warmup_forwards(plan.pp, virtual, 0, int(plan.overlap_moe_comm))
     short = period * math.ceil(max(plan.pp, math.ceil((warmup + 1) / virtual)) / period)
+    if plan.schedule in DUAL_SCHEDULES:
+        # Each further steady-state round (F0&B1, F1&B0) on every rank takes one micro-batch per
+        # phase: two for DualPipe's two directions, one for DualPipeV; the fewest micro-batches
+        # its order runs (2 x pp) already give every rank one such round.
+        period = 2 if plan.schedule == "dualpipe" else 1
+        short = 2 * plan.pp
     m = plan.microbatches
     if trace.enabled or m < max(MIN_EXTRAPOLATED, 2 * short + 2 * period) or (m - short) % period:
         return _simulate(plan, steps, trace)

@@ -132,7 +132,9 @@ class Parallelism(StrictModel):
     dp: PositiveInt | None = None  # derived from the device count when omitted
     tp: PositiveInt = 1
     pp: PositiveInt = 1
-    vpp: PositiveInt = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    # Model chunks per pipeline rank beyond one: interleaved 1F1B's virtual stages, or 2 for
+    # dualpipev (the V). pp x vpp is always the number of model chunks the layers are cut into.
+    vpp: PositiveInt = 1
     # Layers per model chunk, pp x vpp entries in model order (chunk i runs on pipeline rank i % pp
     # as its virtual stage i // pp). The embedding stays with the first chunk and the LM head with
     # the last, so those two may hold 0 layers, as Megatron-Core's --pipeline-model-parallel-layout
@@ -148,7 +150,13 @@ class Parallelism(StrictModel):
     # moe_act, expert_hidden (Shazeer et al. 2017's experts), layernorm, mlp, moe, mla_up_proj.
     recompute_modules: list[Literal["moe_act", "expert_hidden", "layernorm", "mlp", "moe", "mla_up_proj"]] = Field(
         default_factory=list, max_length=6)
-    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    # dualpipe: DeepSeek-V3's bidirectional schedule (report sec. 3.2.1; deepseek-ai/DualPipe
+    # dualpipe/dualpipe.py): the model cut into pp chunks, rank r holding chunk r for micro-batches
+    # fed from rank 0 and chunk pp-1-r for those fed from rank pp-1 (two copies of the weights).
+    # dualpipev: its cut-in-half V (dualpipe/dualpipev.py): 2 x pp chunks, rank r holding chunk r
+    # and chunk 2pp-1-r (one copy). Both pair a forward with a backward chunk and split backwards
+    # into input- and weight-gradient parts (sim/training.py, dual_items).
+    schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipe", "dualpipev"] = "1f1b"
     overlap_grad_reduce: bool = True
     # false: a pipeline stage waits for each activation/gradient send to finish before computing on,
     # as Megatron-LM's p2p calls do (Megatron-Core's overlap_p2p_comm defaults off); true: sends
@@ -170,9 +178,30 @@ class Parallelism(StrictModel):
             raise ValueError("overlap_moe_comm pairs a forward with a backward: it needs schedule 1f1b or interleaved")
         if self.schedule == "interleaved" and self.vpp < 2:
             raise ValueError("schedule interleaved needs vpp >= 2")
-        if self.schedule != "interleaved" and self.vpp > 1:
+        if self.schedule == "dualpipe" and self.pp % 2:
+            raise ValueError(f"schedule dualpipe feeds micro-batches from both ends, which meet in the middle: it "
+                             f"needs an even pp (got pp={self.pp})")
+        if self.schedule == "dualpipe" and self.vpp != 1:
+            raise ValueError(f"schedule dualpipe cuts the model into pp chunks (each rank holds two of them, one per "
+                             f"direction): it needs vpp 1 (got vpp={self.vpp})")
+        if self.schedule == "dualpipev" and self.vpp != 2:
+            raise ValueError(f"schedule dualpipev cuts the model into 2 x pp chunks, two per rank in a V: it needs "
+                             f"vpp 2 (got vpp={self.vpp})")
+        if self.schedule not in ("interleaved", "dualpipev") and self.vpp > 1:
             raise ValueError(f"vpp > 1 needs schedule: interleaved (got {self.schedule})")
         return self
+
+    def microbatch_problem(self, microbatches: int) -> str | None:
+        """Why a step of `microbatches` per pipeline cannot run this schedule, or None. DualPipe
+        splits them between its two directions and needs at least pp per direction to fill its
+        steady state (dualpipe.py asserts num_chunks even and >= 2 x num_ranks; dualpipev.py
+        num_chunks >= 2 x num_ranks)."""
+        if self.schedule == "dualpipe" and (microbatches % 2 or microbatches < 2 * self.pp):
+            return (f"schedule dualpipe needs an even number of micro-batches per pipeline, at least 2 x pp = "
+                    f"{2 * self.pp} (got {microbatches})")
+        if self.schedule == "dualpipev" and microbatches < 2 * self.pp:
+            return f"schedule dualpipev needs at least 2 x pp = {2 * self.pp} micro-batches per pipeline (got {microbatches})"
+        return None
 
     @property
     def effective_expert_tp(self) -> int:
