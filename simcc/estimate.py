@@ -21,7 +21,7 @@ from simcc.model.graph import (Unit, blocks_of, input_dependent_share, model_for
 from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
-from simcc.plan.serving import ServingCosts, serving_costs
+from simcc.plan.serving import ServingCosts, serving_costs, with_hybrid_steps
 from simcc.plan.training import (
     Cost,
     Footprint,
@@ -58,7 +58,7 @@ from simcc.sim.serving import Request, ServingResult, choose_widths, percentile,
 from simcc.sim.timeline import Timeline
 from simcc.sim.training import TrainingSimulation, simulate_training
 from simcc.specs.hardware import System
-from simcc.specs.workload import Workload
+from simcc.specs.workload import ServeSpec, Workload
 
 
 @dataclass(frozen=True)
@@ -431,6 +431,10 @@ def _estimate_serving(run: _Run, result: Estimate) -> None:
     assert workload.serve is not None
     costs = serving_costs(workload, system, layout)
     requests = _requests(run)
+    serve = workload.serve
+    if serve.chunked_prefill_tokens is not None or serve.lengths is not None:
+        costs = with_hybrid_steps(costs, workload, system, layout, max(r.prompt for r in requests))
+        result.notes.append(_prefill_note(serve, requests))
     if costs.widths:  # an anytime network under a latency budget: a width per request
         requests = _budgeted_widths(run, result, costs, requests)
     sim = simulate_serving(costs, workload.serve, requests, layout.dp, run.source)
@@ -452,6 +456,24 @@ def _estimate_serving(run: _Run, result: Estimate) -> None:
         million = 1e6 / tokens_per_s
         totals = run_totals(system, million, sim.busy / sim.span if sim.span else 1.0)
         result.run = ServingRunSection(million, totals.usd, totals.kwh)
+
+
+def _prefill_note(serve: ServeSpec, requests: list[Request]) -> str:
+    """Which prefill mode and request lengths the serving run used."""
+    mode = (f"chunked prefill, {serve.chunked_prefill_tokens:,} tokens per step (decodes first)"
+            if serve.chunked_prefill_tokens is not None else "whole-prompt prefill")
+    lengths = serve.lengths
+    if lengths is None:
+        source = "lengths from the serve section or the trace"
+    elif lengths.dataset is not None:
+        source = f"lengths drawn from {lengths.dataset}"
+    else:
+        source = "lengths drawn from " + ", ".join(f"{side} {spec.distribution}" for side, spec in
+                                                   (("prompt", lengths.prompt), ("output", lengths.output)) if spec)
+    prompts = [r.prompt for r in requests]
+    outputs = [r.output for r in requests]
+    return (f"{mode}; {source}: prompt median {statistics.median(prompts):,.0f} (max {max(prompts):,}), "
+            f"output median {statistics.median(outputs):,.0f} (max {max(outputs):,}) tokens")
 
 
 def _latency_section(sim: ServingResult, replicas: int) -> LatencySection:

@@ -9,6 +9,7 @@ is and how many experts stay resident; the simulator's expert cache decides what
 from __future__ import annotations
 
 import statistics
+from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -58,6 +59,15 @@ class ServingCosts:
     # an anytime network under a latency budget: each width's tables, narrowest first (the tables
     # above are the whole supernet's); empty when every request runs the one width above
     widths: tuple["WidthTables", ...] = ()
+    # layers that cap what a request caches (sliding windows): (tokens kept, their bytes per token)
+    kv_windows: "KVWindows" = ()
+    # hybrid steps (chunked prefill, or prompts of varying length): built by with_hybrid_steps
+    hybrid: "HybridSteps | None" = None
+
+    def kv_bytes(self, tokens: float) -> float:
+        """KV-cache bytes on one device for a request of `tokens` (prompt and output): every layer's
+        bytes per token, less what windowed layers evict beyond their window and sinks."""
+        return tokens * self.kv_bytes_per_token - kv_evicted(self.kv_windows, tokens)
 
     def width_factor(self, width: float | None, batch: float, decode: bool) -> float:
         """How much longer a step of `batch` requests takes at `width` than the tables above say:
@@ -103,6 +113,21 @@ def _expert_bytes(spec: MoEFFNBlock, hidden: int, stored: str | float) -> float:
     return float(width * hidden * bytes_per_weight(stored))
 
 
+KVWindows = tuple[tuple[int, float], ...]  # (tokens a capped layer keeps, bytes per token of such layers)
+
+
+def kv_evicted(windows: KVWindows, tokens: float) -> float:
+    """Bytes a sequence of `tokens` does not keep because capped layers hold only their last tokens
+    (a sliding window and its sinks: model/kinds/attention.py `cached_tokens`)."""
+    return sum(per_token * max(0.0, tokens - cap) for cap, per_token in windows)
+
+
+def _kv_window(block: Block) -> int | None:
+    """The most tokens a block keeps per sequence in its KV cache (None: the whole context)."""
+    kv_window = costing_of(block.spec).kv_window
+    return kv_window(block.spec) if kv_window else None
+
+
 def _kv_bytes(block: Block, hidden: int, workload: Workload, layout: Layout) -> float:
     """KV-cache bytes per token for one block on one device, as its kind keeps them (0 for kinds
     without a cache)."""
@@ -118,7 +143,8 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     chunks = stage_units(units, layout.pp * layout.vpp, workload.parallelism.pipeline_layout)
     tables = _step_tables(workload, system, layout, chunks)
     stage = _heaviest_stage(workload, layout, chunks, tables.full_batch)
-    kv_total = stage.kv_bytes_per_token * serve.batch * (serve.prompt_tokens + serve.output_tokens)
+    tokens = serve.prompt_tokens + serve.output_tokens
+    kv_total = stage.kv_bytes_per_token * serve.batch * tokens - serve.batch * kv_evicted(stage.kv_windows, tokens)
     memory = serving_memory(system, layout, stage.weight_bytes + stage.expert_bytes, stage.expert_bytes, kv_total,
                             stage.activation_peak)
     moe_layers = tuple(b.spec for u in units for b in u.blocks if isinstance(b.spec, MoEFFNBlock))
@@ -132,7 +158,7 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
         prefill=tables.prefill, decode=tables.decode, memory=memory, kv_bytes_per_token=stage.kv_bytes_per_token,
         moe_layers=moe_layers, expert_bytes=expert_bytes, resident_experts=resident,
         storage_bandwidth=system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0, moe=tables.moe,
-        widths=_width_tables(workload, system, layout, units, tables),
+        widths=_width_tables(workload, system, layout, units, tables), kv_windows=stage.kv_windows,
     )
     return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed))
 
@@ -163,12 +189,26 @@ class _StepTables:
     full_batch: list[ForwardWork]  # prefill work of a whole batch, per chunk: sizes memory
 
 
+def decode_context(serve: ServeSpec) -> int:
+    """The context the decode table's attention reads: a nominal request's mean over its output
+    tokens (its prompt and half its output)."""
+    return serve.prompt_tokens + serve.output_tokens // 2
+
+
+def _step_time(costs: list[Cost], tokens: int, workload: Workload, system: System, layout: Layout) -> float:
+    """One serving step's seconds from its stages' item costs: the stages run in sequence, each
+    handing its `tokens` output activations to the next, and the step pays the device's overhead."""
+    act_bytes = DTYPE_BYTES[workload.precision.communication] * workload.model.hidden
+    hop = cost_item(Comm("pp.send", "p2p", tokens * act_bytes, "pp"), system, layout)
+    costs = [*costs, Cost(hop.name, "comm", hop.seconds * (layout.pp - 1), link=hop.link)]
+    return _step_seconds(costs) + system.device.efficiency.serving_step_us * 1e-6
+
+
 def _step_tables(workload: Workload, system: System, layout: Layout, chunks: list[list[Unit]]) -> _StepTables:
     """Prefill and decode step seconds over a grid of batch sizes; pipeline stages run in sequence."""
     assert workload.serve is not None
     serve = workload.serve
-    act_bytes = DTYPE_BYTES[workload.precision.communication] * workload.model.hidden
-    context = serve.prompt_tokens + serve.output_tokens // 2  # mean context while decoding
+    context = decode_context(serve)
     grid = batch_grid(serve.batch)
     prefill_rows, decode_rows = [], []
     moe_stats: list[MoEStats] = []
@@ -187,10 +227,7 @@ def _step_tables(workload: Workload, system: System, layout: Layout, chunks: lis
                 moe_stats += dec.moe
                 full_batch.append(pre)
         for rows, costs, batch in ((prefill_rows, prefill, prefill_batch), (decode_rows, decode, decode_batch)):
-            # each stage hands its output activations to the next
-            hop = cost_item(Comm("pp.send", "p2p", batch.tokens * act_bytes, "pp"), system, layout)
-            costs.append(Cost(hop.name, "comm", hop.seconds * (layout.pp - 1), link=hop.link))
-            rows.append(_step_seconds(costs) + system.device.efficiency.serving_step_us * 1e-6)
+            rows.append(_step_time(costs, batch.tokens, workload, system, layout))
     return _StepTables(StepTable(grid, tuple(prefill_rows)), StepTable(grid, tuple(decode_rows)), moe_stats, full_batch)
 
 
@@ -200,6 +237,7 @@ class _StageMemory:
     expert_bytes: float  # expert weights
     kv_bytes_per_token: float
     activation_peak: float  # the largest op's input and output, alive together
+    kv_windows: KVWindows = ()  # the capped layers' share of kv_bytes_per_token, by cap
 
 
 def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]],
@@ -215,11 +253,17 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
         indices = [v * layout.pp + stage for v in range(layout.vpp)]
         params, _, _, _ = footprint([full_batch[i] for i in indices])
         dense, expert = layout.local_params(params)
-        kv = sum(_kv_bytes(b, hidden, workload, layout) for i in indices for u in chunks[i] for b in u.blocks)
+        blocks = [b for i in indices for u in chunks[i] for b in u.blocks]
+        kv = sum(_kv_bytes(b, hidden, workload, layout) for b in blocks)
+        capped: dict[int, float] = {}
+        for b in blocks:
+            cap = _kv_window(b)
+            if cap is not None:
+                capped[cap] = capped.get(cap, 0.0) + _kv_bytes(b, hidden, workload, layout)
         peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),
                    default=0.0)
         if dense * wbytes + expert * expert_wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
-            heaviest = _StageMemory(dense * wbytes, expert * expert_wbytes, kv, peak)
+            heaviest = _StageMemory(dense * wbytes, expert * expert_wbytes, kv, peak, tuple(sorted(capped.items())))
     return heaviest
 
 
@@ -269,3 +313,135 @@ def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int) -> Ca
         decode_loads.append(statistics.fmean(warm) * load_one)
     prefill = statistics.fmean(prefill_misses) * load_one
     return CacheStats(hits / lookups if lookups else 1.0, tuple(decode_loads), prefill)
+
+
+# ------------------------------------------------------------------ hybrid steps (chunked prefill)
+
+def _interp(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
+    """Piecewise-linear, held flat past the ends (as np.interp), in plain Python: the simulator
+    calls it a few times per step, where numpy's per-call overhead would dominate."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect_right(xs, x)
+    x0, x1 = xs[i - 1], xs[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class HybridSteps:
+    """Seconds of one engine step that runs decodes and prompt chunks together (Sarathi-Serve's
+    hybrid batch: Agrawal et al., OSDI'24, arXiv 2403.02310, Sec. 4.2-4.3).
+
+    One forward takes every token of the step as one matrix: the weight GEMMs, norms, MoE and
+    TP/PP communication see decode and chunk tokens together, so the weights are read once per
+    step (`tokens`: a step of that many tokens with no context, its pipeline hops and overhead).
+    On top, each part attends over its own context, costed by the blocks that keep a KV cache
+    (attention, MLA), as the difference between their work at that context and at none:
+    - a chunk of c tokens after p tokens of the same prompt already cached: its queries over its
+      own c tokens under the causal mask (`own`, the kind's causal prefill costing) and over all
+      p earlier tokens without a mask (`prefix`: the kind's costing with the mask off, a c x p
+      block, so the pairs are c*p + the kind's causal count, c*c/2 for a fused kernel);
+    - decodes: the decode table (serve's reference context) plus their attention's context part
+      scaled from that reference to the running requests' mean context (linear: decode attention
+      reads each context's KV once, bandwidth-bound).
+    Approximation: these are tables over a grid (powers of two, the ends, the nominal prompt) read
+    piecewise-linearly (bilinearly for `prefix`); exact at the grid points, and between them exact
+    wherever a cost is linear in tokens (GEMMs) or bilinear in c*p (the prefix block's FLOPs).
+    Recurrent kinds (LSTM) are costed as token-parallel here."""
+
+    token_counts: tuple[int, ...]
+    token_seconds: tuple[float, ...]
+    chunk_sizes: tuple[int, ...]
+    own_seconds: tuple[float, ...]
+    prefix_lengths: tuple[int, ...]
+    prefix_seconds: tuple[tuple[float, ...], ...]  # [chunk size][prefix length]
+    decode_sizes: tuple[int, ...]
+    decode_context_seconds: tuple[float, ...]  # decode attention's context part at reference_context
+    reference_context: int
+
+    def tokens(self, count: int) -> float:
+        """A context-free step of `count` tokens (0 when there are none)."""
+        return _interp(self.token_counts, self.token_seconds, count) if count > 0 else 0.0
+
+    def chunk(self, size: int, prefix: int) -> float:
+        """A chunk's attention over its own tokens and the `prefix` tokens before it."""
+        own = _interp(self.chunk_sizes, self.own_seconds, size)
+        if prefix <= 0 or len(self.prefix_lengths) == 1:
+            return own
+        ps, cs = self.prefix_lengths, self.chunk_sizes
+        j = min(max(bisect_right(ps, prefix), 1), len(ps) - 1)
+        t = min(max((prefix - ps[j - 1]) / (ps[j] - ps[j - 1]), 0.0), 1.0)
+        column = tuple(row[j - 1] + (row[j] - row[j - 1]) * t for row in self.prefix_seconds)
+        return own + _interp(cs, column, size)
+
+    def decode_context(self, decodes: int, mean_context: float) -> float:
+        """Seconds decode attention takes beyond the decode table's, at `mean_context` instead of
+        the reference context (negative below it)."""
+        per_reference = _interp(self.decode_sizes, self.decode_context_seconds, decodes)
+        return per_reference * (mean_context - self.reference_context) / self.reference_context
+
+
+def _grid(limit: int, *extra: int) -> tuple[int, ...]:
+    """Powers of two below `limit`, `limit`, and the `extra` points within it."""
+    return tuple(sorted({*batch_grid(limit), *(x for x in extra if 0 < x <= limit)}))
+
+
+def unmasked_units(units: list[Unit]) -> list[Unit]:
+    """The units with every causal mask off: a chunk's queries see every earlier token of its
+    prompt. Blocks that shared a spec share its copy, so their work is costed once."""
+    copies: dict[int, object] = {}
+
+    def unmasked(block: Block) -> Block:
+        if "causal" not in type(block.spec).model_fields:
+            return block
+        spec = copies.setdefault(id(block.spec), block.spec.model_copy(update={"causal": False}))
+        return replace(block, spec=spec)
+
+    return [Unit(tuple(unmasked(b) for b in u.blocks)) for u in units]
+
+
+def with_hybrid_steps(costs: ServingCosts, workload: Workload, system: System, layout: Layout,
+                      longest_prompt: int) -> ServingCosts:
+    """`costs` with the hybrid-step tables for chunked prefill or prompts of varying length,
+    covering prompts up to `longest_prompt` tokens: chunks up to serve.chunked_prefill_tokens
+    (unchunked: whole prompts, and a step of a full batch of the longest)."""
+    assert workload.serve is not None
+    serve = workload.serve
+    budget = serve.chunked_prefill_tokens
+    units = served_units(workload)
+    stages = stage_units(units, layout.pp * layout.vpp, workload.parallelism.pipeline_layout)
+    attending = [Unit(kept) for u in units if (kept := tuple(b for b in u.blocks if costing_of(b.spec).kv_cache))]
+    unmasked = unmasked_units(attending)
+
+    def items_seconds(unit_list: list[Unit], batch: Batch) -> float:
+        return _step_seconds([cost_item(i, system, layout) for i in forward_work(unit_list, workload, layout, batch).items])
+
+    def context_part(unit_list: list[Unit], batch: Batch) -> float:
+        if not unit_list:
+            return 0.0
+        return items_seconds(unit_list, batch) - items_seconds(unit_list, replace(batch, kv_len=0))
+
+    def context_free_step(tokens: int) -> float:
+        batch = Batch(1, tokens, 0)
+        step = [cost_item(i, system, layout) for chunk in stages for i in forward_work(chunk, workload, layout, batch).items]
+        return _step_time(step, tokens, workload, system, layout)
+
+    largest_chunk = budget if budget is not None else longest_prompt
+    token_grid = _grid(budget if budget is not None else serve.batch * longest_prompt, serve.prompt_tokens)
+    chunk_grid = _grid(largest_chunk, serve.prompt_tokens)
+    prefix_grid = (0, *_grid(longest_prompt - 1, serve.prompt_tokens)) if budget is not None and longest_prompt > 1 else (0,)
+    reference = decode_context(serve)
+    decode_grid = batch_grid(serve.batch)
+    hybrid = HybridSteps(
+        token_counts=token_grid, token_seconds=tuple(context_free_step(t) for t in token_grid),
+        chunk_sizes=chunk_grid, own_seconds=tuple(context_part(attending, Batch(1, c, c)) for c in chunk_grid),
+        prefix_lengths=prefix_grid,
+        prefix_seconds=tuple(tuple(context_part(unmasked, Batch(1, c, p)) if p else 0.0 for p in prefix_grid)
+                             for c in chunk_grid),
+        decode_sizes=decode_grid,
+        decode_context_seconds=tuple(context_part(attending, Batch(d, 1, reference)) for d in decode_grid),
+        reference_context=reference,
+    )
+    return replace(costs, hybrid=hybrid)

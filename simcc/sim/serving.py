@@ -5,6 +5,13 @@ One replica is simulated explicitly; with dp replicas, it receives every dp-th r
 others are symmetric). Between arrivals and completions the batch cannot change, so the server
 advances all the decode steps of such a stretch in one event: the event count follows requests,
 not tokens. One server means one process, so a plain clock replaces a discrete-event engine.
+
+With chunked prefill (serve.chunked_prefill_tokens; Sarathi-Serve, Agrawal et al. OSDI'24, and
+vLLM's scheduler) every step is a hybrid batch under a token budget: each running request decodes
+one token and the rest of the budget goes to prompt chunks, first come first served; a prompt may
+span several steps and its first output token comes at the end of the step that finishes it.
+Steps that carry a chunk are one event each (there are about total prompt tokens / budget of
+them); stretches of pure decoding stay one event.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from simcc.errors import InputError
-from simcc.specs.workload import ServeSpec
+from simcc.specs.base import MAX_TOKENS
+from simcc.specs.workload import LENGTH_DATASETS, EmpiricalLengths, LognormalLengths, ServeSpec, UniformLengths
 from simcc.plan.serving import CacheStats, ServingCosts
 
 @dataclass(frozen=True)
@@ -30,13 +38,50 @@ class Request:
 
 
 def poisson_requests(rate: float | None, count: int, serve: ServeSpec, seed: int) -> list[Request]:
-    """Poisson arrivals at `rate` per second; all at t=0 (a saturating burst) when rate is None."""
+    """Poisson arrivals at `rate` per second; all at t=0 (a saturating burst) when rate is None.
+    Lengths are serve's, or drawn from serve.lengths by the same generator after the arrivals (so
+    the arrival times do not depend on whether lengths vary)."""
     rng = np.random.default_rng(seed)
     if rate is None:
         times = np.zeros(count)
     else:
         times = np.cumsum(rng.exponential(1.0 / rate, count))
-    return [Request(float(t), serve.prompt_tokens, serve.output_tokens) for t in times]
+    if serve.lengths is None:
+        return [Request(float(t), serve.prompt_tokens, serve.output_tokens) for t in times]
+    prompts, outputs = draw_lengths(serve, count, rng)
+    return [Request(float(t), int(p), int(o)) for t, p, o in zip(times, prompts, outputs)]
+
+
+LengthSource = LognormalLengths | UniformLengths | EmpiricalLengths | None
+
+
+def _draw_side(source: LengthSource, fixed: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` whole token counts from one side's distribution (`fixed` when it has none), within
+    1..MAX_TOKENS."""
+    if source is None:
+        return np.full(count, fixed, dtype=np.int64)
+    if isinstance(source, EmpiricalLengths):  # inverse CDF, linear between the published percentiles
+        values = np.interp(rng.random(count) * 100.0, source.percentiles, source.tokens)
+    elif isinstance(source, LognormalLengths):
+        values = source.median * np.exp(source.sigma * rng.standard_normal(count))
+    else:
+        values = rng.integers(source.low, source.high + 1, count).astype(float)
+    return np.clip(np.rint(values), 1, MAX_TOKENS).astype(np.int64)
+
+
+def draw_lengths(serve: ServeSpec, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's (prompt, output) tokens under serve.lengths, cut to its context window:
+    a prompt keeps at least one token of room, an output what the prompt leaves."""
+    lengths = serve.lengths
+    assert lengths is not None
+    prompt_side, output_side = (LENGTH_DATASETS[lengths.dataset] if lengths.dataset is not None
+                                else (lengths.prompt, lengths.output))
+    prompts = _draw_side(prompt_side, serve.prompt_tokens, count, rng)
+    outputs = _draw_side(output_side, serve.output_tokens, count, rng)
+    if lengths.max_context is not None:
+        prompts = np.minimum(prompts, lengths.max_context - 1)
+        outputs = np.minimum(outputs, lengths.max_context - prompts)
+    return prompts, outputs
 
 
 def read_request_csv(path: str) -> list[Request]:
@@ -104,6 +149,15 @@ class RunningRequest:
     first_token_time: float
 
 
+@dataclass
+class PrefillingRequest:
+    """A request in the batch whose prompt is still being prefilled chunk by chunk."""
+
+    request: Request
+    started: float  # when its first chunk's step began
+    done: int = 0  # prompt tokens already in the KV cache
+
+
 class _ReplicaServer:
     """One replica's continuous-batching loop. A single server, so no event engine is needed: a
     clock that jumps from one step boundary to the next gives the same times and event count."""
@@ -121,18 +175,25 @@ class _ReplicaServer:
         self.upcoming = 0  # index of the next request not yet arrived
         self.queue: deque[Request] = deque()
         self.running: list[RunningRequest] = []
+        self.prefilling: list[PrefillingRequest] = []  # chunked prefill only, in arrival order
         self.kv_used = 0.0
+        self.budget = serve.chunked_prefill_tokens
 
     def run(self) -> ServingResult:
         start = self.arrivals[0].arrival if self.arrivals else 0.0
-        while self.upcoming < len(self.arrivals) or self.queue or self.running:
+        while self.upcoming < len(self.arrivals) or self.queue or self.running or self.prefilling:
             self._enqueue_arrivals()
-            if not self.queue and not self.running:
+            if not self.queue and not self.running and not self.prefilling:
                 self._advance(self.arrivals[self.upcoming].arrival - self.now)  # idle until the next arrival
                 continue
-            admitted = self._admit()
-            if admitted:
-                self._prefill(admitted)
+            if self.budget is not None:
+                if self._hybrid_step():
+                    self._complete(self._finished())
+                    continue
+            else:
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
             finished = self._finished()
             if self.running and not finished:
                 self._decode_stretch()
@@ -147,7 +208,17 @@ class _ReplicaServer:
         self.now += seconds
 
     def _kv_need(self, request: Request) -> float:
-        return (request.prompt + request.output) * self.costs.kv_bytes_per_token
+        """The request's whole KV cache (its own prompt and output), reserved when it is admitted."""
+        return self.costs.kv_bytes(request.prompt + request.output)
+
+    def _fits(self) -> bool:
+        """Whether the next queued request has a batch slot and room for its KV cache."""
+        return (bool(self.queue) and len(self.running) + len(self.prefilling) < self.serve.batch
+                and self.kv_used + self._kv_need(self.queue[0]) <= self.kv_capacity)
+
+    def _never_fits(self) -> InputError:
+        return InputError(self.source, "serve", f"one request's KV cache ({self._kv_need(self.queue[0]) / 1e9:.3g} GB) "
+                          f"does not fit in the {max(self.kv_capacity, 0) / 1e9:.3g} GB left after weights and reserve")
 
     def _enqueue_arrivals(self) -> None:
         while self.upcoming < len(self.arrivals) and self.arrivals[self.upcoming].arrival <= self.now:
@@ -164,16 +235,25 @@ class _ReplicaServer:
             self.kv_used += self._kv_need(request)
             admitted.append(request)
         if not admitted and not self.running:
-            raise InputError(self.source, "serve", f"one request's KV cache ({self._kv_need(self.queue[0]) / 1e9:.3g} GB) "
-                             f"does not fit in the {max(self.kv_capacity, 0) / 1e9:.3g} GB left after weights and reserve")
+            raise self._never_fits()
         return admitted
 
     def _prefill(self, admitted: list[Request]) -> None:
-        """Process the admitted prompts together; each request's first token comes at the end."""
-        scale = statistics.fmean(r.compute_scale * self.costs.width_factor(r.width, len(admitted), decode=False)
-                                 * r.prompt / self.serve.prompt_tokens for r in admitted)
+        """Process the admitted prompts together; each request's first token comes at the end.
+        Without hybrid tables, the nominal prompt's table scaled by each prompt's tokens; with
+        them (prompts of varying length), one step of all the prompts' tokens plus each prompt's
+        own causal attention, which grows with its length squared."""
+        hybrid = self.costs.hybrid
         load = self.cache.prefill_load_seconds * len(admitted)
-        seconds = self.costs.prefill.at(len(admitted)) * scale + load
+        if hybrid is None:
+            scale = statistics.fmean(r.compute_scale * self.costs.width_factor(r.width, len(admitted), decode=False)
+                                     * r.prompt / self.serve.prompt_tokens for r in admitted)
+            seconds = self.costs.prefill.at(len(admitted)) * scale + load
+        else:
+            tokens = sum(r.prompt for r in admitted)
+            step = hybrid.tokens(tokens)
+            seconds = sum(r.compute_scale * self.costs.width_factor(r.width, len(admitted), decode=False)
+                          * (step * r.prompt / tokens + hybrid.chunk(r.prompt, 0)) for r in admitted) + load
         self._advance(seconds)
         self.result.busy += seconds
         self.result.loading += load
@@ -182,22 +262,102 @@ class _ReplicaServer:
             self.result.ttft.append(self.now - request.arrival)
             self.running.append(RunningRequest(request, request.output - 1, self.now))
 
+    def _decode_step(self) -> tuple[float, float, float]:
+        """The running batch's next decode step: (seconds, of which expert loading, seconds added
+        per later step as every context grows by a token). Without hybrid tables every step reads
+        the decode table's reference context (growth 0); with them, the requests' own contexts."""
+        batch = len(self.running)
+        load = float(np.interp(batch, self.costs.decode.batch_sizes, self.cache.decode_load_seconds))
+        if self.costs.widths:
+            scale = statistics.fmean(r.request.compute_scale * self.costs.width_factor(r.request.width, batch, decode=True)
+                                     for r in self.running)
+        else:  # every width factor is 1 (the same mean, without a call per request)
+            scale = statistics.fmean(r.request.compute_scale for r in self.running)
+        step = self.costs.decode.at(batch) * scale + load
+        hybrid = self.costs.hybrid
+        if hybrid is None:
+            return step, load, 0.0
+        # the next step attends over the prompt and every output token so far (the newest included)
+        context = statistics.fmean(r.request.prompt + r.request.output - r.tokens_left for r in self.running)
+        growth = scale * hybrid.decode_context(batch, hybrid.reference_context + 1)
+        return step + scale * hybrid.decode_context(batch, context), load, growth
+
     def _decode_stretch(self) -> None:
         """Run decode steps of the unchanged batch until a request finishes or, with a free slot,
         until the iteration boundary after the next arrival, which may join the batch."""
         batch = len(self.running)
-        load = float(np.interp(batch, self.costs.decode.batch_sizes, self.cache.decode_load_seconds))
-        scales = (r.request.compute_scale * self.costs.width_factor(r.request.width, batch, decode=True)
-                  for r in self.running)
-        step = self.costs.decode.at(batch) * statistics.fmean(scales) + load
+        step, load, growth = self._decode_step()
         steps = min(r.tokens_left for r in self.running)
         if self.upcoming < len(self.arrivals) and batch < self.serve.batch:
             steps = min(steps, max(1, math.ceil((self.arrivals[self.upcoming].arrival - self.now) / step)))
-        self._advance(steps * step)
-        self.result.busy += steps * step
+        seconds = steps * step + growth * steps * (steps - 1) / 2  # contexts grow a token per step
+        self._advance(seconds)
+        self.result.busy += seconds
         self.result.loading += steps * load
         for r in self.running:
             r.tokens_left -= steps
+
+    def _hybrid_step(self) -> bool:
+        """One chunked-prefill step, if any prompt has work: every running request decodes a token,
+        and the budget left goes to prompt chunks, partly prefilled prompts first, then queued
+        requests admitted in arrival order while a slot and their KV cache fit (vLLM's scheduler:
+        running decodes, then prefill chunks, under max_num_batched_tokens). False when no prompt
+        has work; the caller then runs a stretch of plain decode steps."""
+        budget = self.budget - len(self.running)
+        chunks: list[tuple[PrefillingRequest, int]] = []
+        for waiting in self.prefilling:
+            if budget <= 0:
+                break
+            take = min(waiting.request.prompt - waiting.done, budget)
+            chunks.append((waiting, take))
+            budget -= take
+        while budget > 0 and self._fits():
+            request = self.queue.popleft()
+            self.kv_used += self._kv_need(request)
+            waiting = PrefillingRequest(request, self.now)
+            self.prefilling.append(waiting)
+            take = min(request.prompt, budget)
+            chunks.append((waiting, take))
+            budget -= take
+        if not chunks:
+            if not self.running:
+                raise self._never_fits()
+            return False
+        seconds, load = self._hybrid_seconds(chunks)
+        self._advance(seconds)
+        self.result.busy += seconds
+        self.result.loading += load
+        for r in self.running:
+            r.tokens_left -= 1
+        for waiting, take in chunks:
+            waiting.done += take
+            request = waiting.request
+            if waiting.done == request.prompt:  # its prompt is cached: the first output token is out
+                self.result.queueing.append(waiting.started - request.arrival)
+                self.result.ttft.append(self.now - request.arrival)
+                self.running.append(RunningRequest(request, request.output - 1, self.now))
+        self.prefilling = [w for w in self.prefilling if w.done < w.request.prompt]
+        return True
+
+    def _hybrid_seconds(self, chunks: list[tuple[PrefillingRequest, int]]) -> tuple[float, float]:
+        """(seconds, of which expert loading) of one hybrid step: the running batch's decode step,
+        the token-parallel work the chunks add to it (one forward over all the step's tokens), and
+        each chunk's attention over its own tokens and its prompt's earlier ones. A chunk carries
+        its request's compute scale and width, and its share of the request's prefill expert loads."""
+        hybrid = self.costs.hybrid
+        assert hybrid is not None
+        decodes = len(self.running)
+        seconds, load = self._decode_step()[:2] if decodes else (0.0, 0.0)
+        tokens = sum(take for _, take in chunks)
+        added = hybrid.tokens(decodes + tokens) - hybrid.tokens(decodes)
+        for waiting, take in chunks:
+            request = waiting.request
+            scale = request.compute_scale * self.costs.width_factor(request.width, 1, decode=False)
+            seconds += scale * (added * take / tokens + hybrid.chunk(take, waiting.done))
+            chunk_load = self.cache.prefill_load_seconds * take / request.prompt
+            seconds += chunk_load
+            load += chunk_load
+        return seconds, load
 
     def _finished(self) -> list[RunningRequest]:
         return [r for r in self.running if r.tokens_left <= 0]

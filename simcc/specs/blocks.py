@@ -17,6 +17,7 @@ from simcc.specs.base import (
     MAX_FIRING_SAMPLES,
     MAX_OVERLAP_DEGREE,
     MAX_SAMPLED_ROUTES,
+    MAX_TOKENS,
     MAX_TRAINED_GATE_EXPERTS,
     MAX_TREE_BLOCKS,
     MAX_WIDTH,
@@ -69,7 +70,9 @@ def help_line(spec_type: type[BlockSpec]) -> str:
 
 @block_spec("attention")
 class AttentionBlock(BlockSpec):
-    """Self-attention with Q, K, V and output projections (MHA, or GQA/MQA with fewer kv_heads)."""
+    """Self-attention with Q, K, V and output projections (MHA, or GQA/MQA with fewer kv_heads);
+    optionally a sliding window (Mistral 7B, GPT-OSS), StreamingLLM sink tokens kept beyond it, and
+    GPT-OSS's learned per-head sink logits."""
 
     heads: int_up_to(MAX_WIDTH)
     kv_heads: int_up_to(MAX_WIDTH) | None = None  # GQA/MQA; defaults to heads (MHA)
@@ -77,11 +80,25 @@ class AttentionBlock(BlockSpec):
     causal: bool = True
     # flash: fused kernel, no s^2 tensors; unfused: QK^T, softmax, dropout, AV as separate kernels.
     impl: Literal["flash", "unfused"] = "flash"
+    # Sliding window: a query attends to at most this many most recent positions, itself included
+    # (flash_attn's window_size=(window - 1, 0); Megatron-Core's window_size); None: unlimited.
+    window: int_up_to(MAX_TOKENS) | None = None
+    # StreamingLLM (Xiao et al. 2023, arXiv 2309.17453, sec. 3.2): the first sink_tokens positions
+    # stay attendable, and cached, beyond the window.
+    sink_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    # GPT-OSS (OpenAI 2025 model card; openai/gpt-oss gpt_oss/torch/model.py `sinks`): one learned
+    # logit per head joins each softmax's denominator, so a head can attend to nothing.
+    learned_sinks: bool = False
 
     @model_validator(mode="after")
     def _kv_divides(self) -> "AttentionBlock":
         if self.kv_heads is not None and self.heads % self.kv_heads:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        if self.sink_tokens and self.window is None:
+            raise ValueError(f"sink_tokens ({self.sink_tokens}) are kept beyond a sliding window; set `window` "
+                             "(without one every position is attended already)")
+        if self.window is not None and not self.causal:
+            raise ValueError("window is modelled for causal attention only; set causal: true or drop the window")
         return self
 
 

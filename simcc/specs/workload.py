@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional, TypeVar
 
 from pydantic import BeforeValidator, Field, create_model, model_validator
@@ -266,11 +267,103 @@ class TrainSpec(StrictModel):
     total_tokens: PositiveFloat | None = None
 
 
+MAX_LENGTH_SIGMA = 5.0  # a lognormal's log-sd: at 5, the 99.9th percentile is ~5e6 x the median
+
+
+class LognormalLengths(StrictModel):
+    """Token counts whose logarithm is normal: `median` tokens, log-sd `sigma` (0: always the median)."""
+
+    distribution: Literal["lognormal"]
+    median: Annotated[float, Field(ge=1, le=MAX_TOKENS)]
+    sigma: Annotated[float, Field(ge=0, le=MAX_LENGTH_SIGMA)]
+
+
+class UniformLengths(StrictModel):
+    """Token counts drawn evenly from the whole numbers low..high, both included."""
+
+    distribution: Literal["uniform"]
+    low: int_up_to(MAX_TOKENS)
+    high: int_up_to(MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "UniformLengths":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+LengthDistribution = Annotated[LognormalLengths | UniformLengths, Field(discriminator="distribution")]
+
+
+@dataclass(frozen=True)
+class EmpiricalLengths:
+    """A published trace's token counts as percentiles (inverse-CDF sampling between them)."""
+
+    percentiles: tuple[float, ...]
+    tokens: tuple[int, ...]
+
+
+# The Azure LLM inference traces of 2023 (Patel et al., "Splitwise", ISCA'24, arXiv 2311.18677,
+# Sec. III-B and Fig. 3: median prompts of 1,020 tokens for conversation and ~1,500 for coding,
+# median outputs of 129 and 13). The percentiles below were computed from the released traces,
+# github.com/Azure/AzurePublicDataset data/AzureLLMInferenceTrace_{conv,code}.csv (commit 7909210;
+# 19,366 and 8,819 requests; ContextTokens, GeneratedTokens) with numpy's linear percentiles.
+# Their medians are the paper's (1,020/129; 1,469/13). Prompt and output are drawn independently:
+# in both traces the correlation of their logarithms is below 0.09.
+_TRACE_PERCENTILES = (0.0, 1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.9, 100.0)
+LENGTH_DATASETS: dict[str, tuple[EmpiricalLengths, EmpiricalLengths]] = {
+    "azure_conv_2023": (
+        EmpiricalLengths(_TRACE_PERCENTILES, (2, 29, 181, 207, 387, 403, 703, 1020, 1071, 1130, 1315, 2734, 4083, 4142,
+                                              6179, 14050)),
+        EmpiricalLengths(_TRACE_PERCENTILES, (7, 16, 41, 54, 77, 91, 103, 129, 177, 384, 400, 424, 451, 601, 954, 1000)),
+    ),
+    "azure_code_2023": (
+        EmpiricalLengths(_TRACE_PERCENTILES, (3, 17, 75, 147, 386, 770, 1075, 1469, 1909, 2433, 3192, 5188, 7303, 7436,
+                                              7437, 7437)),
+        EmpiricalLengths(_TRACE_PERCENTILES, (6, 6, 6, 7, 8, 9, 11, 13, 16, 20, 29, 55, 90, 251, 825, 1899)),
+    ),
+}
+
+
+class LengthsSpec(StrictModel):
+    """Each request's prompt and output lengths, drawn with the workload's seed: a named trace's
+    shape (`dataset`), or a distribution per side; a side left out keeps serve.prompt_tokens or
+    serve.output_tokens. `max_context` is the model's context window: prompts are cut to it less
+    one token, outputs to what the prompt leaves (every length also stays within MAX_TOKENS)."""
+
+    dataset: Literal["azure_conv_2023", "azure_code_2023"] | None = None
+    prompt: LengthDistribution | None = None
+    output: LengthDistribution | None = None
+    max_context: Annotated[int, Field(ge=2, le=MAX_TOKENS)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "LengthsSpec":
+        if self.dataset is not None and (self.prompt is not None or self.output is not None):
+            raise ValueError("give a dataset or per-side distributions (prompt, output), not both")
+        if self.dataset is None and self.prompt is None and self.output is None:
+            raise ValueError("give a dataset or at least one of prompt, output")
+        return self
+
+
 class ServeSpec(StrictModel):
     batch: int_up_to(MAX_BATCH)  # requests decoded together
     prompt_tokens: int_up_to(MAX_TOKENS)
     output_tokens: int_up_to(MAX_TOKENS)
     arrival_rate: PositiveFloat | None = None  # requests/s
+    # Chunked prefill (Sarathi-Serve, Agrawal et al. OSDI'24, arXiv 2403.02310; vLLM's
+    # max_num_batched_tokens): each step's token budget, decodes first, prompt chunks after.
+    # None: each admitted batch's whole prompts run in one step that stalls the decodes.
+    chunked_prefill_tokens: int_up_to(MAX_TOKENS) | None = None
+    lengths: LengthsSpec | None = None  # None: every request has prompt_tokens and output_tokens
+
+    @model_validator(mode="after")
+    def _budget_holds_the_decodes(self) -> "ServeSpec":
+        # vLLM refuses max_num_batched_tokens < max_num_seqs (vllm/config.py, SchedulerConfig):
+        # a full batch's decodes alone would exceed the step's budget.
+        if self.chunked_prefill_tokens is not None and self.chunked_prefill_tokens < self.batch:
+            raise ValueError(f"chunked_prefill_tokens ({self.chunked_prefill_tokens}) must be at least batch "
+                             f"({self.batch}): every running request decodes one token per step")
+        return self
 
 
 class AnytimeSpec(StrictModel):

@@ -14,6 +14,9 @@ ParamsOf = Callable[[SpecT, int], Params]  # (spec, model hidden size) -> parame
 WorkOf = Callable[[SpecT, int, Batch, Shard], BlockWork]  # (spec, hidden, batch, shard) -> one device's work
 # (spec, hidden, KV-cache dtype, tp) -> bytes one token leaves in the KV cache on one device
 KVCacheOf = Callable[[SpecT, int, str, int], float]
+# spec -> the most tokens one sequence keeps in this layer's KV cache (a sliding window and its
+# sinks); None: every token of the context
+KVWindowOf = Callable[[SpecT], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Costing(Generic[SpecT]):
     # The work reads the data-parallel degree and the micro-batches per step (sparse embedding
     # gradients gathered over replicas); other kinds' work is the same for any of those.
     reads_data_parallel: bool = False
+    # attention kinds that cap what they cache: serving's KV memory and decode reads stop there
+    kv_window: KVWindowOf[SpecT] | None = None
 
 
 COSTINGS: dict[type[BlockSpec], Costing[Any]] = {}
@@ -40,13 +45,15 @@ COSTINGS: dict[type[BlockSpec], Costing[Any]] = {}
 
 def block_costing(spec_type: type[SpecT], params: ParamsOf[SpecT], *, per_layer_seed: bool = False,
                   attached: bool = False, kv_cache: KVCacheOf[SpecT] | None = None,
-                  reads_data_parallel: bool = False) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
+                  reads_data_parallel: bool = False,
+                  kv_window: KVWindowOf[SpecT] | None = None) -> Callable[[WorkOf[SpecT]], WorkOf[SpecT]]:
     """Register a kind's costing: decorates its `work` function and names its `params` function."""
 
     def register(work: WorkOf[SpecT]) -> WorkOf[SpecT]:
         if spec_type in COSTINGS:
             raise ValueError(f"{spec_type.__name__} already has a costing module")
-        COSTINGS[spec_type] = Costing(spec_type, params, work, per_layer_seed, attached, kv_cache, reads_data_parallel)
+        COSTINGS[spec_type] = Costing(spec_type, params, work, per_layer_seed, attached, kv_cache, reads_data_parallel,
+                                      kv_window)
         return work
 
     return register
