@@ -14,7 +14,7 @@ from simcc.specs.base import MAX_PIPELINE_TASKS
 from simcc.model.blocks import Params
 from simcc.model.graph import Unit, stage_units, units_of
 from simcc.specs.hardware import System
-from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MLABlock, MoEFFNBlock
+from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MLABlock, MoEFFNBlock, MTPBlock
 from simcc.specs.workload import Workload
 
 
@@ -106,6 +106,7 @@ def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -
     """Every degree must cut the model's heads and widths evenly, and the pipeline its layers."""
     # Each distinct spec once: a repeat's layers share theirs (a search checks thousands of layouts).
     specs = list({id(block.spec): block.spec for unit in unit_list for block in unit.blocks}.values())
+    specs += [inner for spec in specs if isinstance(spec, MTPBlock) for inner in spec.layer_specs]  # the MTP's layer too
     units = len(unit_list)
     par = workload.parallelism
     tp, pp, vpp, ep, etp = par.tp, par.pp, par.vpp, par.ep, par.effective_expert_tp

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simcc.model.graph import Block, Unit, units_of
+from simcc.model.graph import Block, Unit, inference_units
 from simcc.specs.blocks import ConvBlock, DenseFFNBlock, MLPBlock
 from simcc.specs.workload import AnytimeSpec, Workload
 
@@ -52,7 +52,7 @@ def scale_units(units: list[Unit], width: float) -> list[Unit]:
 def served_units(workload: Workload) -> list[Unit]:
     """The units a workload serves with: an anytime network at its fixed width, or whole when a
     latency budget picks a width per request (any request may need any slice of the supernet)."""
-    units = units_of(workload.model)
+    units = inference_units(workload.model)  # training-only blocks (MTP) are not served
     spec = workload.anytime
     if spec is None or spec.serve_latency_budget_s is not None:
         return units

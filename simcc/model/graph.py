@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 import simcc.model.blocks as B
 from simcc.memo import Memo
 from simcc.model.kinds import COSTINGS, costing_of
+from simcc.model.kinds._shared import drawn_per_layer, layer_seeded
 from simcc.model.ops import DTYPE_BYTES, GemmOperands, Op, WorkItem, elementwise
 from simcc.model.threshold import FiringSample, firing_sample
-from simcc.specs.blocks import BlockSpec
+from simcc.specs.blocks import BlockSpec, MTPBlock
 from simcc.specs.workload import BlockItem, ModelSpec, ThresholdTreeBlock
 
 # Kinds that ride with a neighbouring pipeline unit (their costing registration says so).
@@ -63,13 +64,28 @@ def units_of(model: ModelSpec) -> list[Unit]:
     return _UNITS.get(id(model), lambda: _units(model), model)
 
 
+# The same, for serving: by model object.
+_SERVED_UNITS: Memo[list[Unit]] = Memo(64)
+
+
+def inference_units(model: ModelSpec) -> list[Unit]:
+    """The units a model serves with: as `units_of`, less the blocks only training runs
+    (multi-token prediction modules, which DeepSeek-V3 discards at inference: arXiv 2412.19437,
+    sec. 2.2), so that a model serves as it would without them."""
+    if not any(isinstance(block.spec, MTPBlock) for block in blocks_of(model)):
+        return units_of(model)
+    return _SERVED_UNITS.get(id(model), lambda: _units(model, served=True), model)
+
+
 def blocks_of(model: ModelSpec) -> list[Block]:
     """Every block of the expanded model in order: the positions `--layer N` counts."""
     return [block for unit in units_of(model) for block in unit.blocks]
 
 
-def _units(model: ModelSpec) -> list[Unit]:
+def _units(model: ModelSpec, served: bool = False) -> list[Unit]:
     raw = _expand(model.blocks)
+    if served:  # training-only blocks left out, and a unit that held only them
+        raw = [kept for items in raw if (kept := [item for item in items if not isinstance(item.spec, MTPBlock)])]
     index = 0
     body: list[list[Block]] = []
     leading: list[Block] = []
@@ -145,13 +161,6 @@ def block_params(block: Block, hidden: int) -> B.Params:
     return _PARAMS.get((id(spec), hidden), lambda: costing_of(spec).params(spec, hidden), spec)
 
 
-def drawn_per_layer(shard: B.Shard) -> bool:
-    """Whether layers draw their own random figures: one simulated step's draw does (layers do not
-    repeat one draw); an expectation over draws (expected expert loads, a firing profile) depends
-    on the layer's spec and batch, not its position, so alike layers share it (and its costs)."""
-    return shard.load_draws == 1
-
-
 # Works memoised by what they depend on: a model repeats its layers, and a search or sweep asks
 # for the same layer under many layouts. Specs are frozen, so a key never goes stale; callers
 # read a work, never change it.
@@ -161,8 +170,7 @@ _WORKS: Memo[B.BlockWork] = Memo(50_000)
 def block_work(block: Block, hidden: int, batch: B.Batch, shard: B.Shard) -> B.BlockWork:
     costing = costing_of(block.spec)
     if costing.per_layer_seed and drawn_per_layer(shard):  # each layer its own draws, reproducibly
-        shard = replace(shard, seed=shard.seed * 100_003 + block.index,
-                        sample_seed=shard.sample_seed * 100_003 + block.index)
+        shard = layer_seeded(shard, block.index)
     # By spec object (some specs hold lists and do not hash); dp and micro-batches are left out of
     # the key where the work does not read them.
     spec = block.spec

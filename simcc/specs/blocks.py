@@ -423,3 +423,58 @@ class LMHeadBlock(BlockSpec):
 
     vocab: int_up_to(MAX_WIDTH)
     tied: bool = False  # shares the embedding's weights
+
+
+# DeepSeek-V3 trains with one module (arXiv 2412.19437, sec. 4.2); Gloeckle et al. 2024 (arXiv
+# 2404.19737) predict up to 8 tokens ahead. A module runs one transformer layer of a few blocks.
+MAX_MTP_DEPTH = 16
+MAX_MTP_LAYER_BLOCKS = 16
+
+
+@block_spec("mtp")
+class MTPBlock(BlockSpec):
+    """Multi-token prediction (DeepSeek-V3, arXiv 2412.19437, sec. 2.2): `depth` sequential modules,
+    each normalising the previous depth's hidden states and the shared embedding of the token k
+    ahead, projecting them 2d -> d, running one transformer layer (`layer`) and the shared output
+    head. Training only: serving skips it. Place it just before the lm_head (the last pipeline stage)."""
+
+    vocab: int_up_to(MAX_WIDTH)  # the shared embedding and output head's vocabulary
+    depth: int_up_to(MAX_MTP_DEPTH) = 1  # D sequential modules, each predicting one token further
+    # The transformer layer each module runs, as `blocks:` items (`- mla: {...}`, `- moe_ffn: {...}`).
+    # The MTP loss weight (lambda, eq. 25) scales the loss, not the work, so it is not a field.
+    layer: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MTP_LAYER_BLOCKS)
+
+    # What a module's layer cannot hold: another MTP module, a repeat, or the shared embedding and
+    # head (the module uses the model's own).
+    NOT_IN_LAYER: ClassVar[tuple[str, ...]] = ("mtp", "embedding", "lm_head", *REPEAT_KEYS)
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_blocks(cls, layer: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each item validated by its kind's spec class, as the model's `blocks:` items are."""
+        from pydantic import ValidationError  # a ValueError whose text spans lines: reported as one
+
+        checked: list[dict[str, Any]] = []
+        for position, item in enumerate(layer):
+            if len(item) != 1:
+                raise ValueError(f"layer item {position} needs exactly one block kind, got {sorted(item) or 'none'}")
+            ((kind, value),) = item.items()
+            if kind in cls.NOT_IN_LAYER:
+                raise ValueError(f"layer item {position}: {kind} cannot sit inside an mtp layer (it takes the blocks "
+                                 "of one transformer layer; the embedding and head are the model's own)")
+            spec_type = BLOCK_SPECS.get(kind)
+            if spec_type is None:
+                allowed = [k for k in BLOCK_SPECS if k not in cls.NOT_IN_LAYER]
+                raise ValueError(f"layer item {position}: unknown block kind {kind!r}; one of: {', '.join(allowed)}")
+            try:
+                checked.append({kind: spec_type.model_validate(value)})
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"layer item {position} ({kind}{'.' + where if where else ''}): {first['msg']}") from None
+        return checked
+
+    @property
+    def layer_specs(self) -> list[BlockSpec]:
+        """The layer's block specs, in order."""
+        return [spec for item in self.layer for spec in item.values()]

@@ -199,3 +199,38 @@ def activation_op(name: str, elements: float, activation: str, dtype: Dtype) -> 
     gated = is_gated(activation)
     return elementwise(name, elements, 2 if gated else 1, 1, dtype, flops_per_element=2.0 if gated else 1.0,
                        saved_elements=act_saved(activation, gated, elements))
+
+
+def drawn_per_layer(shard: Shard) -> bool:
+    """Whether layers draw their own random figures: one simulated step's draw does (layers do not
+    repeat one draw); an expectation over draws (expected expert loads, a firing profile) depends
+    on the layer's spec and batch, not its position, so alike layers share it (and its costs)."""
+    return shard.load_draws == 1
+
+
+def layer_seeded(shard: Shard, index: int) -> Shard:
+    """The shard a layer at `index` draws with, when layers draw their own figures: reproducible,
+    and distinct from its neighbours'."""
+    return replace(shard, seed=shard.seed * 100_003 + index, sample_seed=shard.sample_seed * 100_003 + index)
+
+
+def embedding_lookup(prefix: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
+    """A vocabulary-parallel row lookup (Megatron's VocabParallelEmbedding): each TP rank gathers
+    the rows of its vocabulary shard and the partial rows are all-reduced (reduce-scattered with
+    sequence parallelism)."""
+    items: list[WorkItem] = [elementwise(f"{prefix}.lookup", tokens * hidden, 1, 1, shard.dtype, family="embedding")]
+    if shard.tp > 1:
+        items += tp_exit(f"{prefix}.tp_reduce", tokens, hidden, shard)
+    return items
+
+
+def output_head(prefix: str, tokens: float, hidden: int, vocab: int, shard: Shard) -> list[WorkItem]:
+    """Final norm, vocabulary-parallel logits and softmax cross-entropy in fp32 over the local
+    vocabulary shard: the LM head's work, which multi-token-prediction modules run again with the
+    shared head (DeepSeek-V3 report, arXiv 2412.19437, sec. 2.2, eq. 23)."""
+    items: list[WorkItem] = [norm(f"{prefix}.norm", tokens, hidden, shard)]
+    items += tp_entry(f"{prefix}.tp_gather", tokens, hidden, shard)
+    items.append(gemm(f"{prefix}.logits", tokens, hidden, vocab / shard.tp, shard.dtype, operands=shard.dense_gemm))
+    items.append(elementwise(f"{prefix}.loss", tokens * vocab / shard.tp, 1, 1, "fp32", flops_per_element=5,
+                             saved_elements=0))
+    return items
