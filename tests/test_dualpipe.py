@@ -221,8 +221,10 @@ def test_backward_splits_into_input_and_weight_gradients_without_changing_its_se
     assert not any(c.name == "grad_all_reduce.mirror" for bucket in v_chunk.grad_buckets for c in bucket)
 
 
-@pytest.mark.parametrize("overrides", [["parallelism.schedule=dualpipe", "parallelism.overlap_moe_comm=true"],
-                                       ["parallelism.schedule=dualpipev", "parallelism.vpp=2", "parallelism.pp=4"]])
+@pytest.mark.parametrize("overrides", [["parallelism.schedule=dualpipe", "parallelism.overlap_moe_comm=true",
+                                        "train.global_batch=32768"],
+                                       ["parallelism.schedule=dualpipev", "parallelism.vpp=2", "parallelism.pp=4",
+                                        "train.global_batch=32768"]])
 def test_a_long_step_extrapolated_from_two_short_ones_is_the_whole_simulation(overrides):
     spec, system, layout = _deepseek(overrides)
     plan = build_training_plan(spec, system, layout)

@@ -655,11 +655,34 @@ def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = N
     m = plan.microbatches
     if trace.enabled or m < max(MIN_EXTRAPOLATED, 2 * short + 2 * period) or (m - short) % period:
         return _simulate(plan, steps, trace)
-    base = _simulate(replace(plan, microbatches=short), steps, trace)
-    longer = _simulate(replace(plan, microbatches=short + period), steps, trace)
-    repeats = (m - short) / period
-    return TrainingSimulation([_extrapolated(a, b, repeats) for a, b in zip(base.steps, longer.steps)],
-                              base.events + longer.events)
+    events = 0
+    # A stage slower than the rest (an MTP module or the LM head on the last one) first absorbs
+    # extra micro-batches into its own idle time, at a lower rate than its busy time grows, and
+    # only then settles: a steady state adds at least the busiest stage's added work. Sends in the
+    # background share links across micro-batches in patterns that repeat over several of them,
+    # so there the same increment must also come twice over. Until then the short step doubles.
+    probes = 3 if plan.overlap_p2p else 2
+    while m >= 2 * short + 2 * period:  # the probes well below the whole step
+        runs = [_simulate(replace(plan, microbatches=short + i * period), steps, trace) for i in range(probes)]
+        events += sum(run.events for run in runs)
+        if all(_steady(*pair) for pair in zip(*(run.steps for run in runs))):
+            repeats = (m - short) / period
+            return TrainingSimulation([_extrapolated(a, b, repeats) for a, b in zip(runs[0].steps, runs[1].steps)],
+                                      events)
+        short = period * math.ceil(2 * short / period)
+    return _simulate(plan, steps, trace)  # a pattern that does not settle soon: simulated whole
+
+
+STEADY_TOLERANCE = 1e-9  # relative: increments this close are one repeat, not a transient
+
+
+def _steady(*probes: StepResult) -> bool:
+    """Whether each further `period` of micro-batches added no less than the most busy time it
+    added to one stage (no idle time left to absorb them), and (three probes) the same time twice."""
+    increments = [b.seconds - a.seconds for a, b in zip(probes, probes[1:])]
+    tolerance = STEADY_TOLERANCE * max(probes[-1].seconds, 1e-30)
+    added_work = max(c.busy - b.busy for b, c in zip(probes[-2].stages, probes[-1].stages))
+    return increments[-1] >= added_work - tolerance and max(increments) - min(increments) <= tolerance
 
 
 def _extrapolated(base: StepResult, longer: StepResult, repeats: float) -> StepResult:
