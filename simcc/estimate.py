@@ -7,6 +7,7 @@ found; nothing here re-derives a cost. Renderers turn the typed `Estimate` into 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from simcc.costs.compute import mfu, peak_flops
@@ -16,8 +17,8 @@ from simcc.errors import InputError
 from simcc.layout import DIMENSIONS, Layout, build_layout, dimension_of
 from simcc.model.anytime import expected_sandwich, path_scores, scale_units, served_units
 from simcc.model.blocks import Batch, MoEStats, Params
-from simcc.model.graph import (Unit, blocks_of, input_dependent_share, model_forward_flops, model_params,
-                               units_forward_flops, units_of)
+from simcc.model.graph import (Unit, blocks_of, input_dependent_share, megatron_forward_flops, model_forward_flops,
+                               model_params, units_forward_flops, units_of)
 from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
@@ -274,13 +275,17 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[MoELayerRow]:
 
 # ------------------------------------------------------------------------------------------ training
 
-def _trained_forward_flops(workload: Workload, batch: Batch) -> float:
-    """Forward model FLOPs one sequence costs per step; an anytime supernet counts every
-    sub-network of its expected sandwich (TIPS: step cost ~ 3 x sum of the sampled subnets)."""
-    if workload.anytime is None:
-        return model_forward_flops(workload.model, batch)
+def _trained_forward_flops(workload: Workload, batch: Batch,
+                           counted: Callable[[list[Unit], int, Batch], float] = units_forward_flops) -> float:
+    """Forward model FLOPs one sequence costs per step (by `counted`'s convention); an anytime
+    supernet counts every sub-network of its expected sandwich (TIPS: step cost ~ 3 x sum of the
+    sampled subnets)."""
+    if workload.anytime is None and counted is units_forward_flops:
+        return model_forward_flops(workload.model, batch)  # memoised across a sweep
     units = units_of(workload.model)
-    return sum(times * units_forward_flops(scale_units(units, width), workload.model.hidden, batch)
+    if workload.anytime is None:
+        return counted(units, workload.model.hidden, batch)
+    return sum(times * counted(scale_units(units, width), workload.model.hidden, batch)
                for width, times in expected_sandwich(workload.anytime))
 
 
@@ -343,8 +348,11 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
         simulated_steps=len(sim.steps), simulated_events=sim.events,
     )
     per_device = model_flops_step / step_s / system.devices
+    megatron_step = TRAINING_FLOPS_PER_FORWARD * train.global_batch * _trained_forward_flops(
+        run.workload, Batch(1, train.seq_len, train.seq_len), megatron_forward_flops)
     result.throughput = TrainingThroughput(tokens_step / step_s, per_device / 1e12,
-                                           mfu(per_device, peak_flops(system.device, run.workload.precision.compute)))
+                                           mfu(per_device, peak_flops(system.device, run.workload.precision.compute)),
+                                           megatron_step / step_s / system.devices / 1e12)
     if train.total_tokens:
         seconds = train.total_tokens / (tokens_step / step_s)
         totals = run_totals(system, seconds, sim.mean("compute") / step_s)

@@ -119,6 +119,9 @@ class TrainingThroughput(Section):
     tokens_per_s: float
     model_tflops_per_device: float  # model FLOPs (Narayanan et al. 2021 convention) per second
     mfu: float
+    # Megatron-Bridge's formula (causal attention products at half, no router): what Megatron-Core
+    # MoE recipes and their published tables report
+    megatron_tflops_per_device: float
 
 
 @dataclass(frozen=True)

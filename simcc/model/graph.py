@@ -242,6 +242,41 @@ def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float
     return total
 
 
+# The attention products whose causal half Megatron-Bridge counts: a fused core, or the unfused
+# score and context GEMMs.
+ATTENTION_PRODUCTS = ("attn.scores", "attn.context")
+
+
+# By units list (a model's units_of list is one object) and batch: a sweep asks for every layout.
+_MEGATRON_FLOPS: Memo[float] = Memo(256)
+
+
+def megatron_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
+    """Forward FLOPs as Megatron-Bridge's model-FLOPs formula counts them (Megatron-Bridge,
+    src/megatron/bridge/training/utils/flop_utils.py, transformer_flops; Megatron-Core MoE recipes
+    report TFLOP/s by it): the same weight GEMMs and logits, but a causal layer's score and context
+    products at half (only the unmasked half is needed) and no router GEMM (the formula has no
+    router term). With a sliding window simcc's windowed pairs are halved; the formula itself
+    ignores windows."""
+    return _MEGATRON_FLOPS.get((id(units), hidden, batch), lambda: _megatron_forward_flops(units, hidden, batch), units)
+
+
+def _megatron_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
+    shard = B.Shard(executed=False)
+    total = 0.0
+    for unit in units:
+        for block in unit.blocks:
+            # an MTP module's own layer is causal like the model's (its inner specs carry the flag)
+            specs = [block.spec, *getattr(block.spec, "layer_specs", ())]
+            causal = any(getattr(spec, "causal", False) for spec in specs)
+            for item in block_work(block, hidden, batch, shard).forward:
+                if not (isinstance(item, Op) and item.is_matmul) or item.name.startswith("moe.router"):
+                    continue  # the router's products are named moe.router* (routing/gating.py, router_products)
+                core = item.family == "attention" or item.name in ATTENTION_PRODUCTS
+                total += item.flops / 2 if causal and core else item.flops
+    return total
+
+
 def input_dependent_share(model: ModelSpec, hidden: int) -> tuple[float, FiringSample | None]:
     """Share of the model's forward FLOPs spent in threshold trees, and the first tree's profile."""
     units = units_of(model)
