@@ -37,7 +37,9 @@ class Case(StrictModel):
     source: str  # where the measured figure comes from
     # throughput_ratio: tokens/s of `set` over `reference_set`; activation_memory_ratio: activation
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
-    metric: Literal[("step_s", "tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
+    # tflops_per_device: simcc's model-FLOPs convention (Narayanan et al. 2021, full score square);
+    # megatron_tflops_per_device: Megatron-Bridge's (causal products at half, no router)
+    metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
                      *BALANCE_METRICS)]
     measured: PositiveFloat
     hardware: str
@@ -218,6 +220,8 @@ def run_case(case: Case, steps: int = 1) -> CaseResult:
             predicted = result.step.step_s
         elif case.metric == "tflops_per_device":
             predicted = result.throughput.model_tflops_per_device
+        elif case.metric == "megatron_tflops_per_device":
+            predicted = result.throughput.megatron_tflops_per_device
         elif case.metric == "throughput_ratio":
             reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
             predicted = _tokens_per_s(result) / _tokens_per_s(reference)
