@@ -137,14 +137,15 @@ def test_ray_executor_gives_the_local_results(tmp_path):
 ])
 def test_the_fit_check_a_sweep_runs_first_matches_the_full_plan(workload, hardware, overrides):
     from simcc.layout import build_layout
-    from simcc.plan.training import build_training_plan, chunk_works, stage_footprints
+    from simcc.plan.training import build_training_plan, chunk_works, footprint, stage_footprints
 
     spec, source = load_workload(workload, overrides)
     system = load_hardware(hardware)
     layout = build_layout(spec, system, source)
     plan = build_training_plan(spec, system, layout)
-    from_plan = [(s.params, sum(c.saved_bytes for c in s.chunks), max(c.transient_bytes for c in s.chunks))
-                 for s in plan.stages]
+    from_plan = [(s.params, sum(c.saved_bytes for c in s.chunks), max(c.transient_bytes for c in s.chunks),
+                  max(c.largest_unit_saved for c in s.chunks)) for s in plan.stages]
+    assert from_plan == [footprint(s.chunks) for s in plan.stages]
     works = chunk_works(spec, layout)
     assert stage_footprints(spec, layout, works) == from_plan
     shared = build_training_plan(spec, system, layout, works=works)  # the plan a sweep builds after its check
