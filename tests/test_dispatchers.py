@@ -44,6 +44,21 @@ def test_alltoall_sends_k_copies_and_allgather_sends_every_token():
     assert gather["moe.combine"].collective == "reduce_scatter"
 
 
+def test_a_dropless_alltoall_sorts_received_chunks_when_a_rank_has_several_experts():
+    # 64 experts on 8 ranks, top-8, balanced (reporting convention): the 8 ranks route 8 x T x 8
+    # copies, so each receives T x 8 for its 8 experts; the sort reads and writes them once
+    several = _items(8)
+    received = T * 8
+    for name in ("moe.sort_chunks", "moe.unsort_chunks"):
+        assert several[name].family == "permute"
+        assert several[name].bytes == pytest.approx(received * HIDDEN * 2 * 2)  # read + write, bf16
+    assert "moe.sort_chunks" not in _items(8, experts=8, k=2)  # one expert per rank: already in order
+    assert "moe.sort_chunks" not in _items(64, ep_nodes=8, experts=256, dispatcher="deduplicated")
+    names = list(several)
+    assert names.index("moe.dispatch") < names.index("moe.sort_chunks") < names.index("moe.expert_up")
+    assert names.index("moe.expert_down") < names.index("moe.unsort_chunks") < names.index("moe.combine")
+
+
 def test_deduplicated_dispatch_sends_one_copy_per_remote_node():
     dedup = _items(64, ep_nodes=8, experts=256, dispatcher="deduplicated", max_nodes_per_token=4)
     assert dedup["moe.dispatch"].algorithm == "deduplicated"

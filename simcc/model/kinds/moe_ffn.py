@@ -149,6 +149,14 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     comm_bytes = DTYPE_BYTES[shard.comm_dtype]
     if sharded and etp > 1:
         fwd.append(Comm("moe.expert_tp_gather", "all_gather", sum(busiest) * hidden * comm_bytes, "etp"))
+    # A dropless all-to-all receives ragged chunks ordered by source rank, then by expert; a rank
+    # with several experts sorts them into expert order after it and back before the combine
+    # (Megatron-Core's MoEAlltoAllTokenDispatcher: sort_chunks_by_idxs when num_local_experts > 1).
+    # A capacity buffer needs no sort: its all-to-all splits the expert axis and concatenates the
+    # source axis, so each expert's slots arrive together (GShard, Lepikhin et al. 2020, sec. 3.2).
+    resorted = ep > 1 and routing.dispatcher == "alltoall" and loads.capacity is None and spec.experts // ep > 1
+    if resorted:
+        fwd.append(elementwise("moe.sort_chunks", sum(busiest) * hidden, 1, 1, dt, family="permute"))
     up_width = gated_width(spec.expert_hidden, spec.gated) / etp
     # the weights one step reads: its experts with tokens, at their stored size
     active = dict(active=loads.busiest_active, mean_active=loads.mean_active, operands=shard.expert_gemm)
@@ -163,6 +171,8 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     if etp > 1:  # partial sums of the row-parallel down projection
         fwd.append(Comm("moe.expert_tp_reduce", "reduce_scatter" if sharded else "all_reduce",
                         sum(busiest) * hidden * comm_bytes, "etp"))
+    if resorted:
+        fwd.append(elementwise("moe.unsort_chunks", sum(busiest) * hidden, 1, 1, dt, family="permute"))
     if ep > 1:
         fwd.append(combine_item)
     # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
