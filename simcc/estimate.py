@@ -293,8 +293,23 @@ def _worst_stage_memory(run: _Run, footprints: list[Footprint]) -> MemoryBreakdo
     return worst_stage_memory(run.workload, run.system, run.layout, footprints)
 
 
+# What shrinks each part of training memory (the fields of MemoryBreakdown), for the unfit note.
+MEMORY_REMEDIES = {
+    "activations": "recompute (parallelism.recompute or recompute_modules), a smaller micro_batch, or more tp/pp",
+    "optimizer": "a ZeRO stage >= 1 over more data-parallel ranks",
+    "gradients": "ZeRO stage 2 or 3",
+    "weights": "ZeRO stage 3, or more tp/pp/ep",
+    "kv_cache": "a smaller serve.batch or shorter contexts",
+}
+
+
 def _unfit_note(memory: MemoryBreakdown, system: System) -> str:
-    return f"does not fit: needs {memory.total / 1e9:.1f} GB per device, {system.device.name} has {memory.capacity / 1e9:.1f} GB"
+    """Why it does not fit: the largest part, its share, and what shrinks it."""
+    parts = {name: getattr(memory, name) for name in MEMORY_REMEDIES}
+    largest = max(parts, key=lambda name: parts[name])
+    return (f"does not fit: needs {memory.total / 1e9:.1f} GB per device, {system.device.name} has "
+            f"{memory.capacity / 1e9:.1f} GB; {largest} take the most ({parts[largest] / 1e9:.1f} GB, "
+            f"{parts[largest] / memory.total:.0%}): {MEMORY_REMEDIES[largest]}")
 
 
 def _estimate_training(run: _Run, result: Estimate, plan: TrainingPlan | None = None) -> None:

@@ -196,3 +196,18 @@ def test_shazeer_moe_143m_fits_the_32_k40s_it_was_trained_on():
     assert on_32 < 12.0 - 2.5
     assert total(["parallelism.ep=16", "parallelism.micro_batch=960"], "k40_x16") > on_32 + 2.5
     assert total(["parallelism.recompute_modules=[]"]) - total([]) > 1.0
+
+def test_an_unfit_note_names_the_largest_part_and_what_shrinks_it():
+    """AutoModel's Qwen3-30B run without its activation checkpointing: four 4,096-token
+    sequences per micro-batch keep 112 GB of activations, 61% of what the device would need."""
+    from simcc.estimate import SimulationOptions, estimate
+
+    workload, source = load_workload("qwen3_30b_a3b_train_16xh100", [
+        "parallelism.ep=8", "parallelism.micro_batch=4", "parallelism.zero_stage=3", "train.global_batch=512"])
+    result = estimate(workload, load_hardware("dgx_h100_x1"), source, SimulationOptions())
+    note = next(n for n in result.notes if n.startswith("does not fit"))
+    assert "activations take the most" in note and "recompute" in note
+    with_recompute, source = load_workload("qwen3_30b_a3b_train_16xh100", [
+        "parallelism.ep=8", "parallelism.micro_batch=4", "parallelism.zero_stage=3", "train.global_batch=512",
+        "parallelism.recompute=full"])
+    assert estimate(with_recompute, load_hardware("dgx_h100_x1"), source, SimulationOptions()).memory.fits
