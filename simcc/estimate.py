@@ -22,7 +22,7 @@ from simcc.model.graph import (Unit, blocks_of, input_dependent_share, megatron_
 from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
-from simcc.plan.serving import ServingCosts, serving_costs, with_hybrid_steps
+from simcc.plan.serving import ServingCosts, disaggregation_link, serving_costs, with_hybrid_steps
 from simcc.plan.training import (
     Cost,
     Footprint,
@@ -39,6 +39,7 @@ from simcc.results import (
     BlockCostRow,
     CommSection,
     DenseVsMoESection,
+    DisaggregatedSection,
     Estimate,
     ExpertCacheSection,
     GoodputSection,
@@ -55,7 +56,8 @@ from simcc.results import (
     TrainingRunSection,
     TrainingThroughput,
 )
-from simcc.sim.serving import Request, ServingResult, choose_widths, percentile, poisson_requests, simulate_serving
+from simcc.sim.serving import (DisaggregatedResult, Request, ServingResult, choose_widths, percentile, poisson_requests,
+                               simulate_disaggregated, simulate_serving)
 from simcc.sim.timeline import Timeline
 from simcc.sim.training import TrainingSimulation, simulate_training
 from simcc.specs.hardware import System
@@ -452,6 +454,8 @@ def _requests(run: _Run) -> list[Request]:
 def _estimate_serving(run: _Run, result: Estimate) -> None:
     workload, system, layout = run.workload, run.system, run.layout
     assert workload.serve is not None
+    split = workload.serve.disaggregated
+    link = disaggregation_link(split, system, layout, run.source) if split is not None else None
     costs = serving_costs(workload, system, layout)
     requests = _requests(run)
     serve = workload.serve
@@ -460,12 +464,21 @@ def _estimate_serving(run: _Run, result: Estimate) -> None:
         result.notes.append(_prefill_note(serve, requests))
     if costs.widths:  # an anytime network under a latency budget: a width per request
         requests = _budgeted_widths(run, result, costs, requests)
-    sim = simulate_serving(costs, workload.serve, requests, layout.dp, run.source)
-    result.latency = _latency_section(sim, layout.dp)
+    replicas = layout.dp
+    if split is not None and link is not None:
+        pools = simulate_disaggregated(costs, serve, requests, link, run.source)
+        sim, replicas = pools.serving, pools.groups
+        result.disaggregated = _disaggregated_section(pools, split.kv_link)
+        idle = layout.dp - split.prefill_replicas - split.decode_replicas
+        if idle:
+            result.notes.append(f"disaggregated: {idle} of {layout.dp} replicas are in neither pool (idle, still costed)")
+    else:
+        sim = simulate_serving(costs, workload.serve, requests, layout.dp, run.source)
+    result.latency = _latency_section(sim, replicas)
     if workload.anytime is not None and not costs.widths:
         result.model = replace(result.model, serve_width=workload.anytime.fixed_serve_width)
-    result.throughput = _serving_throughput(run, sim, requests)
-    result.goodput = _goodput(run, sim)
+    result.throughput = _serving_throughput(run, sim, requests, replicas)
+    result.goodput = _goodput(run, sim, replicas)
     memory = costs.memory
     result.memory = _memory_section(memory)
     if not memory.fits:
@@ -497,6 +510,31 @@ def _prefill_note(serve: ServeSpec, requests: list[Request]) -> str:
     outputs = [r.output for r in requests]
     return (f"{mode}; {source}: prompt median {statistics.median(prompts):,.0f} (max {max(prompts):,}), "
             f"output median {statistics.median(outputs):,.0f} (max {max(outputs):,}) tokens")
+
+
+def _disaggregated_section(pools: DisaggregatedResult, kv_link: str) -> DisaggregatedSection:
+    """Each pool's busy share, the KV handed over per request, and TPOT's spread (one group of
+    instances; every group alike)."""
+    span = pools.serving.span
+    ports = pools.prefill_instances + pools.decode_instances
+
+    def share(seconds: float, count: int) -> float:
+        return seconds / (count * span) if span > 0 else 0.0
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else 0.0
+
+    return DisaggregatedSection(
+        prefill_instances=pools.prefill_instances * pools.groups, decode_instances=pools.decode_instances * pools.groups,
+        kv_link=kv_link, prefill_busy_share=share(pools.prefill_busy, pools.prefill_instances),
+        decode_busy_share=share(pools.decode_busy, pools.decode_instances),
+        kv_mb_per_device_mean=mean(pools.shard_bytes) / 1e6,
+        kv_gb_per_device_total=sum(pools.shard_bytes) * pools.groups / 1e9,
+        kv_transfer_mean_s=mean(pools.transfer), kv_transfer_p99_s=percentile(pools.transfer, 99),
+        kv_link_busy_share=share(2 * sum(pools.transfer), ports),  # each transfer holds a sender and a receiver port
+        handoff_mean_s=mean(pools.handoff), handoff_p99_s=percentile(pools.handoff, 99),
+        tpot_p50_s=percentile(pools.serving.tpot, 50), tpot_p99_s=percentile(pools.serving.tpot, 99),
+    )
 
 
 def _latency_section(sim: ServingResult, replicas: int) -> LatencySection:
@@ -531,8 +569,10 @@ def _budgeted_widths(run: _Run, result: Estimate, costs: ServingCosts, requests:
     return choice.requests
 
 
-def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request]) -> ServingThroughput:
-    workload, system, replicas = run.workload, run.system, run.layout.dp
+def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request], replicas: int) -> ServingThroughput:
+    """`replicas`: how many alike copies of the simulated server (a replica, or a group of
+    disaggregated instances) serve the whole stream."""
+    workload, system = run.workload, run.system
     assert workload.serve is not None
     serve = workload.serve
     tokens_per_s = sim.output_tokens / sim.span * replicas if sim.span > 0 else 0.0
@@ -559,7 +599,7 @@ def _served_flops_per_token(workload: Workload, requests: list[Request], batch: 
                for width, count in tokens.items())
 
 
-def _goodput(run: _Run, sim: ServingResult) -> GoodputSection | None:
+def _goodput(run: _Run, sim: ServingResult, replicas: int) -> GoodputSection | None:
     """Requests whose first token and later tokens each came within their objective, and the
     rate of requests and output tokens they make up (all replicas)."""
     ttft_slo, tpot_slo = run.options.slo_ttft_s, run.options.slo_tpot_s
@@ -567,7 +607,6 @@ def _goodput(run: _Run, sim: ServingResult) -> GoodputSection | None:
         return None
     met = [(ttft, tpot, tokens) for ttft, tpot, tokens in sim.finished
            if (ttft_slo is None or ttft <= ttft_slo) and (tpot_slo is None or tpot <= tpot_slo)]
-    replicas = run.layout.dp
     per_second = replicas / sim.span if sim.span > 0 else 0.0
     share = len(met) / len(sim.finished) if sim.finished else 0.0
     return GoodputSection(ttft_slo, tpot_slo, share, len(met) * per_second, sum(t for _, _, t in met) * per_second)

@@ -194,6 +194,31 @@ class ExpertCacheSection(Section):
 
 
 @dataclass(frozen=True)
+class DisaggregatedSection(Section):
+    """Prefill and decode on separate pools (DistServe, Zhong et al. 2024; Splitwise, Patel et al.
+    2024): each pool's busy share, the KV cache each request's prompt hands over (per device: every
+    device of an instance sends its own shard at once), the time on the link, and the handoff from
+    the first token to joining a decode batch (waiting for a slot, KV room and the link, then the
+    transfer). TPOT percentiles here: the transfer falls between the first and second tokens."""
+
+    title: ClassVar[str] = "Prefill/decode disaggregation"
+    prefill_instances: int
+    decode_instances: int
+    kv_link: str  # inter | intra
+    prefill_busy_share: float
+    decode_busy_share: float
+    kv_mb_per_device_mean: float
+    kv_gb_per_device_total: float  # all requests simulated
+    kv_transfer_mean_s: float
+    kv_transfer_p99_s: float
+    kv_link_busy_share: float  # of one instance port's time, mean over the ports of both pools
+    handoff_mean_s: float
+    handoff_p99_s: float
+    tpot_p50_s: float
+    tpot_p99_s: float
+
+
+@dataclass(frozen=True)
 class GoodputSection(Section):
     """Requests that met every latency objective given (DistServe's goodput, Zhong et al. 2024):
     their share, and the requests and output tokens per second they account for."""
@@ -375,6 +400,7 @@ class Estimate:
     throughput: TrainingThroughput | ServingThroughput | None = None
     expert_cache: ExpertCacheSection | None = None
     goodput: GoodputSection | None = None
+    disaggregated: DisaggregatedSection | None = None
     moe: MoESection | None = None
     comm: CommSection | None = None
     run: TrainingRunSection | ServingRunSection | None = None
@@ -391,7 +417,8 @@ class Estimate:
         """(report key, section) in report order; the keys are the JSON object names."""
         ordered: list[tuple[str, Section | None]] = [
             ("layout", self.layout), ("model", self.model), ("step", self.step), ("latency", self.latency),
-            ("throughput", self.throughput), ("goodput", self.goodput), ("memory", self.memory),
+            ("throughput", self.throughput), ("goodput", self.goodput),
+            ("disaggregated", self.disaggregated), ("memory", self.memory),
             ("expert_cache", self.expert_cache),
             ("moe", self.moe), ("comm", self.comm), ("run", self.run), *self.schedules.items(), ("serving dense vs moe", self.dense_vs_moe),
             ("layer", self.layer),

@@ -8,6 +8,7 @@ is and how many experts stay resident; the simulator's expert cache decides what
 
 from __future__ import annotations
 
+import math
 import statistics
 from bisect import bisect_right
 from collections import OrderedDict
@@ -15,8 +16,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from simcc.costs.collectives import collective_time
 from simcc.costs.memory import MemoryBreakdown, serving_memory
-from simcc.layout import Layout
+from simcc.errors import InputError
+from simcc.layout import CommGroup, Layout
 from simcc.model.blocks import Batch, MoEStats
 from simcc.model.anytime import scale_units, served_units
 from simcc.model.graph import Block, Unit, stage_units
@@ -25,7 +28,7 @@ from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
 from simcc.specs.vocab import bytes_per_weight
-from simcc.specs.workload import MoEFFNBlock, ServeSpec, Workload
+from simcc.specs.workload import DisaggregatedSpec, MoEFFNBlock, ServeSpec, Workload
 from simcc.plan.training import Cost, ForwardWork, cost_item, footprint, forward_work
 
 
@@ -445,3 +448,56 @@ def with_hybrid_steps(costs: ServingCosts, workload: Workload, system: System, l
         reference_context=reference,
     )
     return replace(costs, hybrid=hybrid)
+
+
+# ------------------------------------------------------------------ prefill/decode disaggregation
+
+@dataclass(frozen=True)
+class KVLink:
+    """The path one device's share of a prompt's KV cache takes from its prefill instance to its
+    decode instance: each of an instance's tp x pp devices sends its own shard to its counterpart,
+    all at once, over its own port (a point-to-point send, costed where every transfer is:
+    costs/collectives.py, latency + bytes / bandwidth, or the profile's calibrated fit)."""
+
+    pair: CommGroup  # the sender and the receiver: in one node (intra) or not (inter)
+    system: System
+
+    def seconds(self, shard_bytes: float) -> float:
+        return collective_time("p2p", shard_bytes, self.pair, self.system)
+
+
+def exchange_groups(spec: DisaggregatedSpec) -> int:
+    """Independent groups of instances: request i goes to prefill instance i mod P and decode
+    instance i mod D, so with g = gcd(P, D) the requests i = r mod g only meet the P/g prefill and
+    D/g decode instances of residue r (and the groups are alike: one is simulated)."""
+    return math.gcd(spec.prefill_replicas, spec.decode_replicas)
+
+
+def disaggregation_link(spec: DisaggregatedSpec, system: System, layout: Layout, source: str) -> KVLink:
+    """Check that the two pools fit the devices and the link asked for exists, and return it.
+    An instance is one replica of the layout (tp x pp devices); an expert-parallel group wider
+    than tp spans several replicas, which must sit in the same pool."""
+    field = "serve.disaggregated"
+    size = layout.tp * layout.pp
+    instances = spec.prefill_replicas + spec.decode_replicas
+    if instances > layout.dp:
+        raise InputError(source, field, f"prefill_replicas + decode_replicas = {instances} instances of tp x pp = "
+                         f"{size} devices need {instances * size}; {system.name} has {system.devices} "
+                         f"({layout.dp} instances)")
+    span = math.lcm(layout.ep * layout.expert_tp, layout.tp) // layout.tp
+    for name in ("prefill_replicas", "decode_replicas"):
+        if getattr(spec, name) % span:
+            raise InputError(source, f"{field}.{name}", f"ep x expert_tp = {layout.ep * layout.expert_tp} spans "
+                             f"{span} replicas of tp = {layout.tp}: expected a multiple of {span}, got {getattr(spec, name)}")
+    if spec.kv_link == "inter":
+        if system.network is None:
+            raise InputError(source, f"{field}.kv_link", f"inter needs a network between nodes; {system.name} is one "
+                             "node (use kv_link: intra)")
+        return KVLink(CommGroup(2, 1), system)
+    groups = exchange_groups(spec)
+    together = (spec.prefill_replicas + spec.decode_replicas) // groups * size
+    if system.intra_link is None or together > system.devices_per_node:
+        raise InputError(source, f"{field}.kv_link", f"intra needs the {spec.prefill_replicas // groups} prefill and "
+                         f"{spec.decode_replicas // groups} decode instances that exchange KV caches ({together} devices) "
+                         f"in one node of {system.devices_per_node} devices (use kv_link: inter)")
+    return KVLink(CommGroup(2, 2), system)

@@ -12,10 +12,16 @@ one token and the rest of the budget goes to prompt chunks, first come first ser
 span several steps and its first output token comes at the end of the step that finishes it.
 Steps that carry a chunk are one event each (there are about total prompt tokens / budget of
 them); stretches of pure decoding stay one event.
+
+With serve.disaggregated (DistServe, Zhong et al. OSDI'24; Splitwise, Patel et al. ISCA'24),
+prefill instances run prompts only and emit the first token, each prompt's KV cache crosses a link
+to a decode instance, and decode instances run continuous batches of decodes only. Events still
+follow changes of batch: a prefill batch, a pull, a transfer's end, a finish.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import statistics
 from collections import deque
@@ -26,7 +32,7 @@ import numpy as np
 from simcc.errors import InputError
 from simcc.specs.base import MAX_TOKENS
 from simcc.specs.workload import LENGTH_DATASETS, EmpiricalLengths, LognormalLengths, ServeSpec, UniformLengths
-from simcc.plan.serving import CacheStats, ServingCosts
+from simcc.plan.serving import CacheStats, KVLink, ServingCosts
 
 @dataclass(frozen=True)
 class Request:
@@ -178,6 +184,9 @@ class _ReplicaServer:
         self.prefilling: list[PrefillingRequest] = []  # chunked prefill only, in arrival order
         self.kv_used = 0.0
         self.budget = serve.chunked_prefill_tokens
+        self.kv_needs: dict[int, float] = {}  # tokens: KV bytes
+        self.decode_tables: dict[int, tuple[float, float]] = {}  # batch size: (decode step, expert loading)
+        self.nominal_compute = all(r.compute_scale == 1.0 for r in arrivals)
 
     def run(self) -> ServingResult:
         start = self.arrivals[0].arrival if self.arrivals else 0.0
@@ -209,15 +218,21 @@ class _ReplicaServer:
 
     def _kv_need(self, request: Request) -> float:
         """The request's whole KV cache (its own prompt and output), reserved when it is admitted."""
-        return self.costs.kv_bytes(request.prompt + request.output)
+        tokens = request.prompt + request.output
+        need = self.kv_needs.get(tokens)
+        if need is None:  # read three times per request: once per length
+            need = self.kv_needs[tokens] = self.costs.kv_bytes(tokens)
+        return need
 
     def _fits(self) -> bool:
         """Whether the next queued request has a batch slot and room for its KV cache."""
         return (bool(self.queue) and len(self.running) + len(self.prefilling) < self.serve.batch
                 and self.kv_used + self._kv_need(self.queue[0]) <= self.kv_capacity)
 
-    def _never_fits(self) -> InputError:
-        return InputError(self.source, "serve", f"one request's KV cache ({self._kv_need(self.queue[0]) / 1e9:.3g} GB) "
+    def _never_fits(self, request: Request | None = None) -> InputError:
+        """The error for a request (default: the queue's head) that an empty batch cannot admit."""
+        need = self._kv_need(request if request is not None else self.queue[0])
+        return InputError(self.source, "serve", f"one request's KV cache ({need / 1e9:.3g} GB) "
                           f"does not fit in the {max(self.kv_capacity, 0) / 1e9:.3g} GB left after weights and reserve")
 
     def _enqueue_arrivals(self) -> None:
@@ -267,13 +282,20 @@ class _ReplicaServer:
         per later step as every context grows by a token). Without hybrid tables every step reads
         the decode table's reference context (growth 0); with them, the requests' own contexts."""
         batch = len(self.running)
-        load = float(np.interp(batch, self.costs.decode.batch_sizes, self.cache.decode_load_seconds))
+        tables = self.decode_tables.get(batch)
+        if tables is None:  # the same two table reads for every step of this batch size
+            tables = self.decode_tables[batch] = (
+                self.costs.decode.at(batch),
+                float(np.interp(batch, self.costs.decode.batch_sizes, self.cache.decode_load_seconds)))
+        seconds, load = tables
         if self.costs.widths:
             scale = statistics.fmean(r.request.compute_scale * self.costs.width_factor(r.request.width, batch, decode=True)
                                      for r in self.running)
+        elif self.nominal_compute:  # every scale is 1: their mean is exactly 1
+            scale = 1.0
         else:  # every width factor is 1 (the same mean, without a call per request)
             scale = statistics.fmean(r.request.compute_scale for r in self.running)
-        step = self.costs.decode.at(batch) * scale + load
+        step = seconds * scale + load
         hybrid = self.costs.hybrid
         if hybrid is None:
             return step, load, 0.0
@@ -285,17 +307,24 @@ class _ReplicaServer:
     def _decode_stretch(self) -> None:
         """Run decode steps of the unchanged batch until a request finishes or, with a free slot,
         until the iteration boundary after the next arrival, which may join the batch."""
-        batch = len(self.running)
         step, load, growth = self._decode_step()
         steps = min(r.tokens_left for r in self.running)
-        if self.upcoming < len(self.arrivals) and batch < self.serve.batch:
-            steps = min(steps, max(1, math.ceil((self.arrivals[self.upcoming].arrival - self.now) / step)))
+        horizon = self._next_join()
+        if horizon is not None:
+            steps = min(steps, max(1, math.ceil((horizon - self.now) / step)))
         seconds = steps * step + growth * steps * (steps - 1) / 2  # contexts grow a token per step
         self._advance(seconds)
         self.result.busy += seconds
         self.result.loading += steps * load
         for r in self.running:
             r.tokens_left -= steps
+
+    def _next_join(self) -> float | None:
+        """When a request may next join the running batch (None: not before one finishes): the
+        next arrival, while the batch has a free slot."""
+        if self.upcoming < len(self.arrivals) and len(self.running) < self.serve.batch:
+            return self.arrivals[self.upcoming].arrival
+        return None
 
     def _hybrid_step(self) -> bool:
         """One chunked-prefill step, if any prompt has work: every running request decodes a token,
@@ -383,3 +412,207 @@ def simulate_serving(costs: ServingCosts, serve: ServeSpec, requests: list[Reque
     """`source` names the workload file in the error raised when a request can never be admitted."""
     mine = requests[::replicas] if replicas > 1 else requests
     return _ReplicaServer(costs, serve, mine, source).run()
+
+
+# ------------------------------------------------------------------ prefill/decode disaggregation
+
+@dataclass
+class DisaggregatedResult:
+    """One group of instances that exchange KV caches (plan.serving.exchange_groups), its requests
+    served: `serving` as a colocated replica reports them (busy: the mean instance's seconds), and
+    what each pool and the KV transfers took."""
+
+    serving: ServingResult
+    groups: int  # alike groups; the one simulated stands for each
+    prefill_instances: int  # in the group
+    decode_instances: int
+    prefill_busy: float  # seconds, all the group's prefill instances together
+    decode_busy: float
+    transfer: list[float] = field(default_factory=list)  # per request: seconds on the link
+    shard_bytes: list[float] = field(default_factory=list)  # per request: what each device sends
+    handoff: list[float] = field(default_factory=list)  # per request: its first token to its joining the decode batch
+
+
+class _PrefillServer(_ReplicaServer):
+    """A prefill instance: a replica whose requests end at their first token (DistServe and
+    Splitwise emit it on the prefill instance), so its batches hold prompts only: whole prompts
+    together, or prompt chunks under the token budget with no decodes mixed in. It holds a
+    prompt's KV cache only while prefilling (the transfer is assumed to drain it)."""
+
+    def __init__(self, costs: ServingCosts, serve: ServeSpec, arrivals: list[Request], source: str) -> None:
+        prompts = [Request(r.arrival, r.prompt, 1, r.compute_scale, r.width) for r in arrivals]
+        super().__init__(costs, serve, prompts, source)
+        self.original = {id(p): r for p, r in zip(prompts, arrivals)}
+        self.done: list[tuple[Request, float]] = []  # (the request as it arrived, its first token's time)
+
+    def _complete(self, finished: list[RunningRequest]) -> None:
+        super()._complete(finished)
+        self.done += [(self.original[id(r.request)], self.now) for r in finished]
+
+
+@dataclass(frozen=True)
+class _Handoff:
+    """A prefilled request bound for a decode instance."""
+
+    request: Request
+    ready: float  # its first token is out and its prompt's KV cache can move
+    sender: int  # the prefill instance holding that cache
+
+
+class _LinkPorts:
+    """Each instance's port carries one transfer at a time: a transfer starts once both its
+    sender's and its receiver's ports are free, in the order decode instances pull them
+    (serialized per port, no fair sharing)."""
+
+    def __init__(self, link: KVLink, senders: int, receivers: int) -> None:
+        self.link = link
+        self.sender_free = [0.0] * senders
+        self.receiver_free = [0.0] * receivers
+        self.busy = 0.0
+        self.times: dict[float, float] = {}  # shard bytes: seconds on the link
+
+    def transfer(self, sender: int, receiver: int, now: float, shard_bytes: float) -> tuple[float, float]:
+        """(when the transfer ends, its seconds on the link)."""
+        seconds = self.times.get(shard_bytes)
+        if seconds is None:
+            seconds = self.times[shard_bytes] = self.link.seconds(shard_bytes)
+        end = max(now, self.sender_free[sender], self.receiver_free[receiver]) + seconds
+        self.sender_free[sender] = self.receiver_free[receiver] = end
+        self.busy += seconds
+        return end, seconds
+
+
+class _DecodeServer(_ReplicaServer):
+    """A decode instance's continuous batch. Like DistServe's decode instances, it pulls a
+    prefilled request's KV cache when it has a batch slot and room for the request's whole cache
+    (prompt and output), first come first served; the request joins the batch at the step boundary
+    after its transfer ends, while the batch decodes on. Driven one event at a time by
+    `_serve_decodes`, which keeps every instance's pulls in time order across the shared ports."""
+
+    def __init__(self, costs: ServingCosts, serve: ServeSpec, handoffs: list[_Handoff], index: int,
+                 ports: _LinkPorts, record: DisaggregatedResult, source: str) -> None:
+        super().__init__(costs, serve, [], source)
+        self.nominal_compute = all(h.request.compute_scale == 1.0 for h in handoffs)
+        self.handoffs = handoffs  # by ready time
+        self.next = 0
+        self.index = index
+        self.ports = ports
+        self.record = record
+        self.waiting: deque[_Handoff] = deque()
+        self.moving: list[tuple[float, int, _Handoff]] = []  # heap of (transfer end, pull order, request): slot and KV held
+        self.pulls = 0
+
+    def has_work(self) -> bool:
+        return bool(self.next < len(self.handoffs) or self.waiting or self.moving or self.running)
+
+    def event(self) -> None:
+        """Take ready requests, pull what fits, let finished transfers join, then decode until
+        the batch changes (or wait for the next transfer or ready request)."""
+        while self.next < len(self.handoffs) and self.handoffs[self.next].ready <= self.now:
+            self.waiting.append(self.handoffs[self.next])
+            self.next += 1
+        self._pull()
+        self._join()
+        if self.running:
+            self._decode_stretch()
+            self._complete(self._finished())
+            return
+        if self.waiting and not self.moving:  # an empty instance can take none of them
+            raise self._never_fits(self.waiting[0].request)
+        upcoming = [self.moving[0][0]] if self.moving else []
+        if self.next < len(self.handoffs):
+            upcoming.append(self.handoffs[self.next].ready)
+        self._advance(min(upcoming) - self.now)
+
+    def _pull(self) -> None:
+        while (self.waiting and len(self.running) + len(self.moving) < self.serve.batch
+               and self.kv_used + self._kv_need(self.waiting[0].request) <= self.kv_capacity):
+            handoff = self.waiting.popleft()
+            self.kv_used += self._kv_need(handoff.request)
+            shard = self.costs.kv_bytes(handoff.request.prompt)  # the prompt's cache; the decode writes the rest
+            end, seconds = self.ports.transfer(handoff.sender, self.index, self.now, shard)
+            heapq.heappush(self.moving, (end, self.pulls, handoff))
+            self.pulls += 1
+            self.record.transfer.append(seconds)
+            self.record.shard_bytes.append(shard)
+
+    def _join(self) -> None:
+        while self.moving and self.moving[0][0] <= self.now:
+            h = heapq.heappop(self.moving)[2]
+            self.running.append(RunningRequest(h.request, h.request.output - 1, h.ready))
+            self.record.handoff.append(self.now - h.ready)
+
+    def _next_join(self) -> float | None:
+        """The next transfer's end, or the next prefilled request's readiness while a slot is free
+        and none waits ahead of it (a waiting request is pulled only when a request finishes)."""
+        times = [self.moving[0][0]] if self.moving else []
+        if not self.waiting and self.next < len(self.handoffs) and len(self.running) + len(self.moving) < self.serve.batch:
+            times.append(self.handoffs[self.next].ready)
+        return min(times) if times else None
+
+
+def _serve_decodes(servers: list[_DecodeServer]) -> None:
+    """Run the decode instances together, always the one whose clock is earliest next, so that
+    their pulls reach the shared ports in time order."""
+    heap = [(s.now, i) for i, s in enumerate(servers) if s.has_work()]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        server = servers[i]
+        server.event()
+        if server.has_work():
+            heapq.heappush(heap, (server.now, i))
+
+
+def simulate_disaggregated(costs: ServingCosts, serve: ServeSpec, requests: list[Request], link: KVLink,
+                           source: str = "workload") -> DisaggregatedResult:
+    """Prefill on one pool, decode on another (serve.disaggregated): request i goes to prefill
+    instance i mod P (round robin, which for like requests matches DistServe's and Splitwise's
+    shortest-queue dispatch) and decode instance i mod D. The prefill pool does not wait for the
+    decode pool (prefilled caches are assumed to fit where they wait), so it runs first; then the
+    decode instances pull, transfer and decode. TTFT is the prefill's; the transfer delays the
+    second token, and so counts in TPOT."""
+    spec = serve.disaggregated
+    assert spec is not None
+    groups = math.gcd(spec.prefill_replicas, spec.decode_replicas)
+    mine = requests[::groups] if groups > 1 else requests
+    prefills, decodes = spec.prefill_replicas // groups, spec.decode_replicas // groups
+    merged = ServingResult(cache=costs.cache)
+    record = DisaggregatedResult(merged, groups, prefills, decodes, 0.0, 0.0)
+    first_token: dict[int, float] = {}
+    for j in range(prefills):
+        server = _PrefillServer(costs, serve, mine[j::prefills], source)
+        done = server.run()
+        merged.ttft += done.ttft
+        merged.queueing += done.queueing
+        merged.events += done.events
+        merged.loading += done.loading
+        record.prefill_busy += done.busy
+        first_token.update((id(r), t) for r, t in server.done)
+    bound: list[list[_Handoff]] = [[] for _ in range(decodes)]
+    for i, request in enumerate(mine):
+        ready = first_token[id(request)]
+        if request.output == 1:  # nothing left to decode: done at the first token
+            merged.latency.append(ready - request.arrival)
+            merged.output_tokens += 1
+            merged.finished.append((ready - request.arrival, 0.0, 1))
+        else:
+            bound[i % decodes].append(_Handoff(request, ready, i % prefills))
+    ports = _LinkPorts(link, prefills, decodes)
+    servers = [_DecodeServer(costs, serve, sorted(b, key=lambda h: h.ready), d, ports, record, source)
+               for d, b in enumerate(bound)]
+    _serve_decodes(servers)
+    for server in servers:
+        done = server.result
+        merged.tpot += done.tpot
+        merged.latency += done.latency
+        merged.finished += done.finished
+        merged.output_tokens += done.output_tokens
+        merged.events += done.events
+        merged.loading += done.loading
+        record.decode_busy += done.busy
+    start = mine[0].arrival if mine else 0.0
+    end = max([start, *first_token.values(), *(s.now for s in servers)])
+    merged.span = end - start
+    merged.busy = (record.prefill_busy + record.decode_busy) / (prefills + decodes)
+    return record

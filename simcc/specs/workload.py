@@ -345,6 +345,22 @@ class LengthsSpec(StrictModel):
         return self
 
 
+MAX_INSTANCES = 1 << 20  # serving instances of one pool (each at least one device)
+
+
+class DisaggregatedSpec(StrictModel):
+    """Prefill and decode on separate pools of instances (DistServe, Zhong et al. OSDI'24, arXiv
+    2401.09670; Splitwise, Patel et al. ISCA'24, arXiv 2311.18677): a prefill instance runs the
+    prompt and emits the first token, the prompt's KV cache moves to a decode instance, which
+    generates the rest. An instance is one replica of the workload's layout (tp x pp devices); both
+    pools use that layout. The KV cache travels over the profile's inter-node network (each device's
+    NIC share, `inter`) or over NVLink when the instances that exchange it share a node (`intra`)."""
+
+    prefill_replicas: int_up_to(MAX_INSTANCES)
+    decode_replicas: int_up_to(MAX_INSTANCES)
+    kv_link: Literal["inter", "intra"] = "inter"
+
+
 class ServeSpec(StrictModel):
     batch: int_up_to(MAX_BATCH)  # requests decoded together
     prompt_tokens: int_up_to(MAX_TOKENS)
@@ -355,6 +371,8 @@ class ServeSpec(StrictModel):
     # None: each admitted batch's whole prompts run in one step that stalls the decodes.
     chunked_prefill_tokens: int_up_to(MAX_TOKENS) | None = None
     lengths: LengthsSpec | None = None  # None: every request has prompt_tokens and output_tokens
+    # None: prefill and decode share every replica (continuous batching, today's behaviour)
+    disaggregated: DisaggregatedSpec | None = None
 
     @model_validator(mode="after")
     def _budget_holds_the_decodes(self) -> "ServeSpec":
