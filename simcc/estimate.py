@@ -32,6 +32,7 @@ from simcc.plan.training import (
     footprint,
     forward_work,
     layer_costs,
+    micro_batch,
     stage_footprints,
 )
 from simcc.results import (
@@ -125,7 +126,7 @@ PASSES = ("forward", "backward", "both")
 def _layer_batch(workload: Workload) -> Batch:
     """What one block is costed for alone: a training micro-batch, or a serving prefill batch."""
     if workload.train is not None:
-        return Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
+        return micro_batch(workload)  # one rank's share of each sequence under context parallelism
     assert workload.serve is not None
     return Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
 
@@ -182,8 +183,8 @@ def estimate_blocks(workload: Workload, system: System, workload_source: str) ->
 # ------------------------------------------------------------------------------------------ sections
 
 def _layout_section(layout: Layout, system: System) -> LayoutSection:
-    return LayoutSection(system.devices, system.nodes, layout.dp, layout.tp, layout.pp, layout.vpp, layout.ep,
-                         layout.expert_tp, layout.expert_dp, layout.microbatches)
+    return LayoutSection(system.devices, system.nodes, layout.dp, layout.tp, layout.cp, layout.pp, layout.vpp,
+                         layout.ep, layout.expert_tp, layout.expert_dp, layout.microbatches)
 
 
 def _model_section(run: _Run) -> ModelSection:
@@ -233,8 +234,8 @@ def _comm_section(plan: TrainingPlan, sim: TrainingSimulation) -> CommSection:
         for chunk in stage.chunks:
             once = [c for bucket in chunk.grad_buckets for c in bucket] + chunk.param_sync
             for cost, times in [(c, plan.microbatches) for c in chunk.forward + chunk.backward] + [(c, 1) for c in once]:
-                if cost.stream == "comm":
-                    link[dimension_of(cost.group)] += cost.seconds * times
+                if cost.stream == "comm":  # with what ran hidden behind compute (a KV ring's steps)
+                    link[dimension_of(cost.group)] += (cost.seconds + cost.hidden) * times
         if plan.pp > 1:  # an activation out and a gradient back per micro-batch and chunk
             link["pp"] += 2 * stage.p2p.seconds * plan.microbatches * len(stage.chunks)
         per_stage.append(link)

@@ -1,8 +1,9 @@
 """Where each parallel group lives: sizes, and how many of a group's ranks share a node.
 
-Rank order follows Megatron-Core's default (tensor fastest, then expert/data, then pipeline):
-a group whose members are `stride` ranks apart keeps `devices_per_node // stride` of them in one
-node. Inconsistent parallelism is rejected here with a one-line InputError.
+Rank order follows Megatron-Core's default, tp-cp-ep-dp-pp (megatron/core/parallel_state.py,
+RankGenerator: tensor fastest, then context, expert/data, pipeline): a group whose members are
+`stride` ranks apart keeps `devices_per_node // stride` of them in one node. Inconsistent
+parallelism is rejected here with a one-line InputError.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from simcc.specs.base import MAX_PIPELINE_TASKS
 from simcc.model.blocks import Params
 from simcc.model.graph import Unit, stage_units, units_of
 from simcc.specs.hardware import System
-from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MLABlock, MoEFFNBlock, MTPBlock
+from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, LSTMBlock, MLABlock, MoEFFNBlock, MTPBlock
 from simcc.specs.workload import Workload
 
 
 # The parallel dimension each communication group belongs to (reports split communication by it).
-DIMENSION_OF_GROUP = {"tp": "tp", "etp": "tp", "ep": "ep", "dp": "dp", "edp": "dp", "pp": "pp"}
-DIMENSIONS = ("tp", "ep", "dp", "pp")
+DIMENSION_OF_GROUP = {"tp": "tp", "etp": "tp", "cp": "cp", "ep": "ep", "dp": "dp", "edp": "dp", "pp": "pp"}
+DIMENSIONS = ("tp", "cp", "ep", "dp", "pp")
 
 
 def dimension_of(group: str) -> str:
@@ -51,6 +52,15 @@ class Layout:
     expert_dp: int
     microbatches: int  # per pipeline per step (train); 1 for serving
     groups: dict[str, CommGroup]
+    cp: int = 1  # context parallelism: ranks that split each sequence
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks holding the same dense parameters: data parallelism with context parallelism, the
+        group Megatron reduces dense gradients over and shards the distributed optimizer across
+        (parallel_state.get_data_parallel_group(with_context_parallel=True)); `dp` alone is
+        the replicas that see different sequences."""
+        return self.dp * self.cp
 
     def local_params(self, params: Params) -> tuple[float, float]:
         """(dense, expert) parameters one device holds before ZeRO sharding; expert copies a load
@@ -76,30 +86,57 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
     microbatches = _microbatches(workload, dp, source)
     etp = par.effective_expert_tp
     dpn = system.devices_per_node
-    expert_dp = dp * par.tp // (par.ep * etp)
+    cp = par.cp
+    # MoE parallel folding (Megatron-Core, megatron/core/parallel_state.py, expert RankGenerator):
+    # the experts' domain ETP x EP x EDP is the attention's TP x CP x DP, its ranks in tp-ep-dp order.
+    expert_dp = dp * cp * par.tp // (par.ep * etp)
     groups = {
         "tp": comm_group(par.tp, 1, dpn),
-        "dp": comm_group(dp, par.tp, dpn),
+        "cp": comm_group(cp, par.tp, dpn),  # the KV ring: ranks tp apart
+        # Dense gradients reduce over data parallelism with context parallelism: the cp x dp ranks
+        # of one tensor and pipeline rank, tp apart.
+        "dp": comm_group(dp * cp, par.tp, dpn),
         "ep": comm_group(par.ep, etp, dpn),
         "etp": comm_group(etp, 1, dpn),  # expert tensor parallelism: consecutive ranks, like TP
         "edp": comm_group(expert_dp, par.ep * etp, dpn),
-        "pp": comm_group(par.pp, par.tp * dp, dpn),
+        "pp": comm_group(par.pp, par.tp * cp * dp, dpn),
     }
-    return Layout(dp, par.tp, par.pp, par.vpp, par.ep, etp, expert_dp, microbatches, groups)
+    return Layout(dp, par.tp, par.pp, par.vpp, par.ep, etp, expert_dp, microbatches, groups, cp)
 
 
 def _check_device_split(workload: Workload, system: System, source: str) -> int:
-    """tp x pp must divide the devices; the rest is data parallelism, which ep x expert_tp divides."""
+    """tp x cp x pp must divide the devices; the rest is data parallelism; ep x expert_tp divides
+    the experts' domain, dp x cp x tp."""
     par = workload.parallelism
-    tp, pp, ep, etp, devices = par.tp, par.pp, par.ep, par.effective_expert_tp, system.devices
-    if devices % (tp * pp):
-        raise InputError(source, "parallelism", f"tp x pp = {tp * pp} does not divide the {devices} devices of {system.name}")
-    dp = devices // (tp * pp)
+    tp, cp, pp, ep, etp, devices = par.tp, par.cp, par.pp, par.ep, par.effective_expert_tp, system.devices
+    _check_context_split(workload, source)
+    if devices % (tp * cp * pp):
+        named = f"tp x cp x pp = {tp * cp * pp}" if cp > 1 else f"tp x pp = {tp * pp}"
+        raise InputError(source, "parallelism", f"{named} does not divide the {devices} devices of {system.name}")
+    dp = devices // (tp * cp * pp)
     if par.dp is not None and par.dp != dp:
-        raise InputError(source, "parallelism.dp", f"tp x pp x dp = {tp * pp * par.dp} but {system.name} has {devices} devices")
-    if (dp * tp) % (ep * etp):
-        raise InputError(source, "parallelism.ep", f"ep x expert_tp = {ep * etp} must divide dp x tp = {dp * tp}")
+        named = "tp x cp x pp x dp" if cp > 1 else "tp x pp x dp"
+        raise InputError(source, "parallelism.dp", f"{named} = {tp * cp * pp * par.dp} but {system.name} has {devices} devices")
+    if (dp * cp * tp) % (ep * etp):
+        named = "dp x cp x tp" if cp > 1 else "dp x tp"
+        raise InputError(source, "parallelism.ep", f"ep x expert_tp = {ep * etp} must divide {named} = {dp * cp * tp}")
     return dp
+
+
+def _check_context_split(workload: Workload, source: str) -> None:
+    """Context parallelism trains (it splits a training sequence), into 2 x cp equal chunks:
+    Transformer Engine's load-balanced split needs the sequence length divisible by 2 x cp
+    (attn_forward_func_with_cp's docstring, transformer_engine/pytorch/attention/
+    dot_product_attention/context_parallel.py)."""
+    cp = workload.parallelism.cp
+    if cp == 1:
+        return
+    if workload.mode != "train" or workload.train is None:
+        raise InputError(source, "parallelism.cp", f"cp={cp}: context parallelism is modelled for training (mode: train) only")
+    seq = workload.train.seq_len
+    if seq % (2 * cp):
+        raise InputError(source, "parallelism.cp", f"cp={cp} splits each sequence into 2 x cp = {2 * cp} equal chunks; "
+                         f"train.seq_len={seq} is not a multiple of {2 * cp}")
 
 
 def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -> None:
@@ -128,6 +165,9 @@ def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -
     elif units < pp * vpp:
         raise fail("parallelism.pp", f"pp x vpp = {pp * vpp} exceeds the model's {units} pipeline units (layers)")
     for spec in specs:
+        refusal = context_parallel_refusal(spec, par.cp)
+        if refusal is not None:
+            raise fail("parallelism.cp", refusal)
         if isinstance(spec, MLABlock) and spec.heads % tp:
             raise fail("parallelism.tp", f"tp={tp} does not divide mla heads={spec.heads}")
         if isinstance(spec, AttentionBlock):
@@ -148,6 +188,28 @@ def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -
                 raise fail("parallelism.expert_tp", f"expert_tp={etp} does not divide expert_hidden={spec.expert_hidden}")
     if ep > 1 and not any(isinstance(spec, MoEFFNBlock) for spec in specs):
         raise fail("parallelism.ep", f"ep={ep} but the model has no moe_ffn block")
+
+
+def context_parallel_refusal(spec: BlockSpec, cp: int) -> str | None:
+    """Why a block cannot be split by sequence over cp > 1 ranks, or None. Transformer Engine's
+    p2p KV ring asserts "Context parallelism does not support sliding window attention with
+    cp_comm_type='p2p'" and supports learned sink logits (softmax_type other than vanilla) only
+    with cp_comm_type a2a (attn_forward_func_with_cp, transformer_engine/pytorch/attention/
+    dot_product_attention/context_parallel.py); it runs fused (flash or cuDNN) attention kernels
+    per ring step, not an unfused softmax; an LSTM's recurrence walks the whole sequence."""
+    if cp == 1:
+        return None
+    if isinstance(spec, AttentionBlock):
+        if spec.window is not None:
+            return (f"cp={cp} with a sliding-window attention layer (window={spec.window}): the KV ring "
+                    "(Transformer Engine's cp_comm_type p2p) does not support sliding windows")
+        if spec.learned_sinks:
+            return f"cp={cp} with learned_sinks: the KV ring (Transformer Engine's cp_comm_type p2p) supports only the vanilla softmax"
+        if spec.impl != "flash":
+            return f"cp={cp} with attention impl {spec.impl}: context parallelism runs fused (flash) attention on every ring step"
+    if isinstance(spec, LSTMBlock):
+        return f"cp={cp} with an lstm block: its recurrence runs over the whole sequence"
+    return None
 
 
 def _microbatches(workload: Workload, dp: int, source: str) -> int:

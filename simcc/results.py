@@ -45,6 +45,7 @@ class LayoutSection(Section):
     nodes: int
     dp: int
     tp: int
+    cp: int  # context parallelism: ranks that split each sequence
     pp: int
     vpp: int
     ep: int
@@ -177,6 +178,9 @@ class CommSection(Section):
     title: ClassVar[str] = "Communication per step by parallel dimension"
     tp_link_s: float
     tp_exposed_s: float
+    # context parallelism's KV ring: link includes the transfers hidden behind the attention steps
+    cp_link_s: float
+    cp_exposed_s: float
     ep_link_s: float
     ep_exposed_s: float
     dp_link_s: float

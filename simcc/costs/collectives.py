@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from simcc.layout import CommGroup
 from simcc.specs.hardware import System
@@ -142,6 +143,31 @@ def collective_time(collective: Collective, size: float, group: CommGroup, syste
     intra_t = _ring(factor, local, size, intra)
     inter_t = _reduction(factor, nodes, size / local, inter, algorithm, in_node=False)
     return max(intra_t, inter_t)
+
+
+def ring_steps(collective_seconds: Callable[[float], float], chunk_bytes: float, cp: int,
+               backward: bool) -> list[float]:
+    """Seconds of each transfer of a context-parallel KV ring (Transformer Engine's
+    AttnFuncWithCPAndKVP2P, cp_comm_type "p2p", transformer_engine/pytorch/attention/
+    dot_product_attention/context_parallel.py), each a send to the next cp rank while receiving
+    from the previous (`collective_seconds` of one such point-to-point transfer of so many bytes).
+    Forward: cp steps, the first cp-1 each passing one K/V chunk on. Backward: cp steps, the
+    first passing the K/V chunk, the middle cp-2 the K/V chunk with the dK/dV accumulated so far,
+    the last only the dK/dV, back to the rank that owns it: 2(cp-1) chunks in all."""
+    if cp <= 1:
+        return []
+    if not backward:
+        return [collective_seconds(chunk_bytes)] * (cp - 1)
+    one, two = collective_seconds(chunk_bytes), collective_seconds(2 * chunk_bytes)
+    return [one] + [two] * (cp - 2) + [one]
+
+
+def ring_exposed(transfers: list[float], step_compute: float) -> float:
+    """Seconds of a ring's transfers the compute does not hide: each step's transfer runs while
+    that step's attention kernel computes, and the next step needs both (Liu et al. 2023, Ring
+    Attention, sec. 3: "overlapping the communication of key-value blocks with the computation of
+    blockwise attention"), so a step takes max(compute, transfer)."""
+    return sum(max(0.0, seconds - step_compute) for seconds in transfers)
 
 
 def _measured(collective: Collective, size: float, group: CommGroup, system: System) -> float | None:

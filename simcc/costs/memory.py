@@ -48,7 +48,9 @@ class MemoryBreakdown:
 def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) -> float:
     """Mixed-precision Adam keeps an fp32 master copy and two fp32 moments (12 B/param; Rajbhandari
     et al. 2020); Adafactor keeps a factored second moment, O(rows + cols) per matrix (Shazeer &
-    Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks."""
+    Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks (with
+    context parallelism, dp x cp: Megatron's distributed optimizer shards over the data-parallel
+    group with context parallel, parallel_state.get_data_parallel_group(with_context_parallel=True))."""
     opt, prec = workload.optimizer, workload.precision
     dense, expert = layout.local_params(params)
     master = 4 if (opt.master_weights and prec.weights != "fp32") else 0
@@ -60,7 +62,7 @@ def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) ->
     else:
         dense_state, expert_state = dense * master, expert * master
     if workload.parallelism.zero_stage >= 1:
-        dense_state, expert_state = dense_state / layout.dp, expert_state / layout.expert_dp
+        dense_state, expert_state = dense_state / layout.dp_cp, expert_state / layout.expert_dp
     return dense_state + expert_state
 
 
@@ -134,7 +136,7 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
     prec = workload.precision
     zero = workload.parallelism.zero_stage
     dense, expert = layout.local_params(stage_params)
-    dense_held = dense / (layout.dp if zero >= 3 else 1)  # ZeRO-3 shards the weights themselves
+    dense_held = dense / (layout.dp_cp if zero >= 3 else 1)  # ZeRO-3 shards the weights themselves (over dp x cp)
     expert_held = expert / (layout.expert_dp if zero >= 3 else 1)
     weights = dense_held * bytes_per_weight(prec.weights) + expert_held * bytes_per_weight(prec.expert_weights or prec.weights)
     if prec.matmul is not None and DTYPE_BYTES[prec.matmul] < min(DTYPE_BYTES[prec.compute], bytes_per_weight(prec.weights)):
@@ -143,7 +145,7 @@ def training_memory(workload: Workload, system: System, layout: Layout, stage_pa
         weights += (dense_held + expert_held) * DTYPE_BYTES[prec.matmul]
     # Sparse embedding gradients are their touched rows, a transient buffer (embedding_work).
     dense_grads = dense - stage_params.sparse_grad / layout.tp
-    grads = (dense_grads / (layout.dp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
+    grads = (dense_grads / (layout.dp_cp if zero >= 2 else 1) + expert / (layout.expert_dp if zero >= 2 else 1)) * DTYPE_BYTES[prec.gradients]
     optimizer = optimizer_state_bytes(stage_params, workload, layout)
     activations = (activation_bytes_per_microbatch * in_flight_microbatches(workload, layout, stage)
                    + paired_extra_bytes(workload, layout, activation_bytes_per_microbatch, largest_unit_saved, stage))

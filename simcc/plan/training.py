@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from simcc.costs.collectives import collective_time, latency_floor
+from simcc.costs.collectives import collective_time, latency_floor, ring_exposed, ring_steps
 from simcc.costs.compute import op_cost
 from simcc.layout import CommGroup, Layout
 from simcc.memo import Memo
@@ -44,6 +44,9 @@ class Cost:
     # A backward GEMM's seconds that are its weight-gradient kernel (dW = X^T dY), the rest its
     # input-gradient one (dX = dY W^T): zero-bubble schedules run the two apart (`split_backward`).
     wgrad: float = 0.0
+    # comm only: transfer seconds that ran behind compute and are not in `seconds` (a context-
+    # parallel KV ring's steps hidden by the attention kernels, `ring_costs`): link time, not waited for.
+    hidden: float = 0.0
 
 
 @dataclass
@@ -102,10 +105,12 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
     """How this device's share is cut; `step` asks for that simulated step's own load draw."""
     prec = workload.precision
     seed, draws = (workload.seed, LOAD_DRAWS) if step is None else (workload.seed * 7919 + 1 + step, 1)
+    # Sparse embedding gradients gather over every rank that holds the same table: dp x cp (each
+    # context-parallel rank looks up its own share of the tokens).
     return Shard(tp=layout.tp, sequence_parallel=workload.parallelism.effective_sequence_parallel and layout.tp > 1,
-                 ep=layout.ep, expert_tp=layout.expert_tp, dtype=prec.compute, router_dtype=prec.router,
+                 ep=layout.ep, expert_tp=layout.expert_tp, cp=layout.cp, dtype=prec.compute, router_dtype=prec.router,
                  comm_dtype=prec.communication, seed=seed, sample_seed=workload.seed, load_draws=draws,
-                 microbatches=layout.microbatches, dp=layout.dp, grad_dtype=prec.gradients,
+                 microbatches=layout.microbatches, dp=layout.dp_cp, grad_dtype=prec.gradients,
                  ep_nodes=layout.groups["ep"].nodes, dense_gemm=gemm_operands(prec.weights, prec),
                  expert_gemm=gemm_operands(prec.expert_weights or prec.weights, prec))
 
@@ -342,9 +347,38 @@ _UNIT_COSTS: Memo[tuple[list[Cost], list[Cost], list[Cost]]] = Memo(20_000)
 
 def _cost_unit(unit_work: "_UnitWork", system: System, layout: Layout) -> tuple[list[Cost], list[Cost], list[Cost]]:
     """A unit's forward costs, each forward item's backward cost, and its replayed items' costs."""
-    return ([cost_item(i, system, layout) for i in unit_work.items],
-            [_backward_cost(i, system, layout) for i in unit_work.items],
-            [cost_item(i, system, layout) for i in unit_work.replay])
+    forward = [cost_item(i, system, layout) for i in unit_work.items]
+    backward = [_backward_cost(i, system, layout) for i in unit_work.items]
+    replay = [cost_item(i, system, layout) for i in unit_work.replay]
+    if layout.cp > 1:
+        forward = ring_costs(unit_work.items, forward, system, layout, backward=False)
+        backward = ring_costs(unit_work.items, backward, system, layout, backward=True)
+        replay = ring_costs(unit_work.replay, replay, system, layout, backward=False)
+    return forward, backward, replay
+
+
+def ring_costs(items: tuple[WorkItem, ...], costs: list[Cost], system: System, layout: Layout,
+               backward: bool) -> list[Cost]:
+    """`costs` (one per item, in item order) with each context-parallel KV ring (a cp-group item,
+    model/kinds/attention.py ring_exchange) timed against the attention core that follows it: its
+    cp steps' transfers (costs/collectives.py ring_steps: cp-1 K/V chunks forward, 2(cp-1) with the
+    dK/dV backward) each overlap one of the core's cp equal steps, so only what a transfer takes
+    beyond its step's compute is waited for (`seconds`); the rest is `hidden` link time. A ring
+    replayed without its core (nothing to hide behind) is waited for whole."""
+    out = list(costs)
+    cp, group = layout.cp, layout.groups["cp"]
+    for index, item in enumerate(items):
+        if not (isinstance(item, Comm) and item.group == "cp"):
+            continue
+        core = next((j for j in range(index + 1, len(items)) if isinstance(items[j], Op) and items[j].family == "attention"),
+                    None)
+        step_compute = costs[core].seconds / cp if core is not None else 0.0
+        transfers = ring_steps(lambda size: collective_time("p2p", size, group, system), item.bytes, cp, backward)
+        link = sum(transfers)
+        exposed = ring_exposed(transfers, step_compute)
+        moved = item.bytes * (cp - 1) * (2 if backward else 1)
+        out[index] = replace(costs[index], seconds=exposed, hidden=link - exposed, bytes=moved)
+    return out
 
 
 def _backward_cost(item: WorkItem, system: System, layout: Layout) -> Cost:
@@ -452,7 +486,8 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
 
 
 def _sharded_groups(params: Params, layout: Layout) -> list[tuple[str, float]]:
-    """(data-parallel group, parameters of this device it syncs): dense over DP, experts over expert-DP."""
+    """(data-parallel group, parameters of this device it syncs): dense over DP (with CP: the "dp"
+    group is dp x cp ranks, layout.py), experts over expert-DP."""
     dense, expert = layout.local_params(params)
     return [(group, count) for group, count in (("dp", dense), ("edp", expert)) if count > 0]
 
@@ -479,7 +514,7 @@ def _mirror_sync(groups: list[tuple[str, float]], workload: Workload, system: Sy
     device holds after the data-parallel reduction (its ZeRO shard, or all of it). The pair is in
     one node only when the whole pipeline is; reported as data-parallel traffic."""
     zero = workload.parallelism.zero_stage >= 1
-    held = sum(count / ({"dp": layout.dp, "edp": layout.expert_dp}[group] if zero else 1) for group, count in groups)
+    held = sum(count / ({"dp": layout.dp_cp, "edp": layout.expert_dp}[group] if zero else 1) for group, count in groups)
     pair = CommGroup(2, 2 if layout.groups["pp"].nodes == 1 else 1)
     mirrored = replace(layout, groups={**layout.groups, "dp": pair})
     return cost_item(Comm("grad_all_reduce.mirror", "all_reduce", held * DTYPE_BYTES[workload.precision.gradients], "dp"),
@@ -498,14 +533,17 @@ def _param_gather(params: Params, workload: Workload, system: System, layout: La
 def _optimizer(params: Params, workload: Workload, system: System, layout: Layout) -> Cost:
     dense, expert = layout.local_params(params)
     if workload.parallelism.zero_stage >= 1:
-        dense, expert = dense / layout.dp, expert / layout.expert_dp
+        dense, expert = dense / layout.dp_cp, expert / layout.expert_dp
     tensors = params.tensors + params.expert_tensors / layout.ep  # a TP or ZeRO shard of each is still one tensor
     return cost_item(optimizer_step(dense + expert, tensors, workload.optimizer, workload.precision), system, layout)
 
 
-def _micro_batch(workload: Workload) -> Batch:
+def micro_batch(workload: Workload) -> Batch:
+    """One micro-batch as one rank sees it: micro_batch sequences of seq_len / cp tokens each
+    (context parallelism splits every sequence; layout.py checks it divides)."""
     assert workload.train is not None
-    return Batch(workload.parallelism.micro_batch, workload.train.seq_len, workload.train.seq_len)
+    local = workload.train.seq_len // workload.parallelism.cp
+    return Batch(workload.parallelism.micro_batch, local, local)
 
 
 def chunk_placement(schedule: str, pp: int, vpp: int) -> list[list[tuple[int, int]]]:
@@ -528,7 +566,7 @@ def chunk_placement(schedule: str, pp: int, vpp: int) -> list[list[tuple[int, in
 def chunk_works(workload: Workload, layout: Layout) -> list[ForwardWork]:
     """Each model chunk's expected-load forward work, in global chunk order: what a fit check
     reads and the plan then costs, built once for both."""
-    batch = _micro_batch(workload)
+    batch = micro_batch(workload)
     return [forward_work(units, workload, layout, batch)
             for units in stage_units(units_of(workload.model), layout.pp * layout.vpp, workload.parallelism.pipeline_layout)]
 
@@ -601,7 +639,7 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
     """`works`: `chunk_works` of this workload and layout, when a fit check already built them."""
     assert workload.train is not None
     par = workload.parallelism
-    batch = _micro_batch(workload)
+    batch = micro_batch(workload)
     units = units_of(workload.model)
     chunks = stage_units(units, layout.pp * layout.vpp, par.pipeline_layout)
     p2p = _pipeline_send(workload, system, layout, batch) if layout.pp > 1 else Cost("pp.send", "comm", 0.0)

@@ -309,7 +309,7 @@ def _differs(first: Evaluated, second: Evaluated) -> str:
 
 def _differences(first: Evaluated, second: Evaluated) -> list[tuple[str, Any, Any]]:
     """The layout fields in which two evaluated layouts differ (recompute as the one that fit)."""
-    names = ["devices", "tp", "pp", "vpp", "ep", "expert_tp", "micro_batch", "zero_stage", "sequence_parallel",
+    names = ["devices", "tp", "cp", "pp", "vpp", "ep", "expert_tp", "micro_batch", "zero_stage", "sequence_parallel",
              "dispatcher", "overlap_moe_comm", "overlap_grad_reduce", "overlap_p2p"]
     out = [(name, getattr(first.candidate, name), getattr(second.candidate, name)) for name in names
            if getattr(first.candidate, name) != getattr(second.candidate, name)]

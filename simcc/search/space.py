@@ -14,13 +14,20 @@ from dataclasses import dataclass, fields
 from typing import Iterator
 
 from simcc.errors import InputError
+from simcc.layout import context_parallel_refusal
 from simcc.model.graph import units_of
-from simcc.specs.blocks import AttentionBlock, DenseFFNBlock, MLABlock, MoEFFNBlock
+from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MLABlock, MoEFFNBlock
 from simcc.specs.workload import Workload
 
 RECOMPUTE_LADDER = ("none", "selective", "full")  # each replays more and keeps less
 DISPATCHERS = ("alltoall", "allgather", "deduplicated")
 MAX_CANDIDATES = 50_000  # a few minutes on two cores; beyond, narrow an axis with --space or --devices
+# Context parallelism by default: degrees up to 8 (Megatron-MoE-ModelZoo's Qwen3 long-context runs
+# use CP 2-8 for 32k-128k tokens), tried for sequences of 8K tokens or more, where Megatron-Core's
+# parallelism guide places it ("Long sequences (8K+ tokens)", docs.nvidia.com/megatron-core/
+# developer-guide, user-guide/parallelism-guide.html); shorter ones keep cp 1 unless --space asks.
+CONTEXT_PARALLEL_DEGREES = (1, 2, 4, 8)
+CONTEXT_PARALLEL_FROM_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class SearchSpace:
     up to the limits, see `axis_values`)."""
 
     tp: tuple[int, ...] | None = None
+    cp: tuple[int, ...] | None = None
     pp: tuple[int, ...] | None = None
     vpp: tuple[int, ...] = (1, 2)
     ep: tuple[int, ...] | None = None
@@ -94,21 +102,22 @@ class Candidate:
     recompute: tuple[str, ...]
     overlap_grad_reduce: bool = True
     overlap_p2p: bool = False
+    cp: int = 1
 
     @property
     def dp(self) -> int:
-        return self.devices // (self.tp * self.pp)
+        return self.devices // (self.tp * self.cp * self.pp)
 
     def parallelism(self, recompute: str) -> dict:
         """The workload's `parallelism` fields for this layout under one recompute policy."""
-        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "expert_tp": self.expert_tp,
+        return {"tp": self.tp, "cp": self.cp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "expert_tp": self.expert_tp,
                 "micro_batch": self.micro_batch, "zero_stage": self.zero_stage, "recompute": recompute,
                 "sequence_parallel": self.sequence_parallel, "overlap_moe_comm": self.overlap_moe_comm,
                 "overlap_grad_reduce": self.overlap_grad_reduce, "overlap_p2p": self.overlap_p2p,
                 "schedule": "interleaved" if self.vpp > 1 else "1f1b", "dp": None, "pipeline_layout": None}
 
     def label(self, recompute: str) -> str:
-        parts = [f"{self.devices} dev", f"tp{self.tp}", f"pp{self.pp}"]
+        parts = [f"{self.devices} dev", f"tp{self.tp}"] + ([f"cp{self.cp}"] if self.cp > 1 else []) + [f"pp{self.pp}"]
         parts += [f"vpp{self.vpp}"] if self.vpp > 1 else []
         parts += [f"dp{self.dp}"]
         parts += [f"ep{self.ep}"] if self.ep > 1 else []
@@ -141,8 +150,22 @@ def axis_values(workload: Workload, devices_per_node: int, space: SearchSpace) -
     experts = math.gcd(*[s.experts for s in moe]) if moe else 1
     ep = space.ep or tuple(e for e in _powers_of_two(experts) if experts % e == 0)
     dispatcher = space.dispatcher or ((moe[0].routing.dispatcher,) if moe else (None,))
-    return {"tp": tp, "pp": pp, "ep": ep if moe else (1,), "dispatcher": dispatcher, "moe": bool(moe),
+    return {"tp": tp, "cp": _context_parallel(workload, specs, space), "pp": pp, "ep": ep if moe else (1,), "dispatcher": dispatcher, "moe": bool(moe),
             "overlap_moe_comm": space.overlap_moe_comm if moe else (False,), "layers": layers}
+
+
+def _context_parallel(workload: Workload, specs: list[BlockSpec], space: SearchSpace) -> tuple[int, ...]:
+    """Context-parallel degrees: the space's, else CONTEXT_PARALLEL_DEGREES for a long sequence
+    whose every block the KV ring can split; each splitting the sequence into 2 x cp equal chunks."""
+    assert workload.train is not None
+    seq = workload.train.seq_len
+    if space.cp is not None:
+        values = space.cp
+    elif seq >= CONTEXT_PARALLEL_FROM_TOKENS and not any(context_parallel_refusal(s, 2) for s in specs):
+        values = CONTEXT_PARALLEL_DEGREES
+    else:
+        values = (1,)
+    return tuple(c for c in values if seq % (2 * c) == 0 or c == 1)
 
 
 def candidates(workload: Workload, device_counts: list[int], devices_per_node: int,
@@ -154,13 +177,13 @@ def candidates(workload: Workload, device_counts: list[int], devices_per_node: i
     global_batch, layers = workload.train.global_batch, values["layers"]
     ladder = tuple(r for r in RECOMPUTE_LADDER if r in space.recompute)
     for devices in device_counts:
-        for tp in values["tp"]:
-            if devices % tp or tp > devices_per_node:
+        for tp, cp in itertools.product(values["tp"], values["cp"]):
+            if devices % (tp * cp) or tp > devices_per_node:
                 continue
             for pp in values["pp"]:
-                if devices % (tp * pp) or pp > layers:
+                if devices % (tp * cp * pp) or pp > layers:
                     continue
-                dp = devices // (tp * pp)
+                dp = devices // (tp * cp * pp)
                 for vpp in space.vpp:
                     if vpp > 1 and (pp == 1 or pp * vpp > layers):
                         continue
@@ -170,19 +193,20 @@ def candidates(workload: Workload, device_counts: list[int], devices_per_node: i
                         microbatches = global_batch // (mb * dp)
                         if vpp > 1 and microbatches % pp:
                             continue
-                        yield from _expert_choices(devices, tp, pp, vpp, mb, dp, values, space, ladder)
+                        yield from _expert_choices(devices, tp, cp, pp, vpp, mb, dp, values, space, ladder)
 
 
-def _expert_choices(devices: int, tp: int, pp: int, vpp: int, mb: int, dp: int, values: dict, space: SearchSpace,
-                    ladder: tuple[str, ...]) -> Iterator[Candidate]:
+def _expert_choices(devices: int, tp: int, cp: int, pp: int, vpp: int, mb: int, dp: int, values: dict,
+                    space: SearchSpace, ladder: tuple[str, ...]) -> Iterator[Candidate]:
     for ep in values["ep"]:
         for etp in (space.expert_tp if ep > 1 else (1,)):
-            if (dp * tp) % (ep * etp):
+            if (dp * cp * tp) % (ep * etp):  # the experts' domain is the attention's dp x cp x tp
                 continue
             # An option that cannot act keeps its first value: ZeRO and gradient-reduction overlap
-            # need data-parallel replicas, sequence parallelism tensor parallelism, dispatchers and
-            # their overlap expert parallelism, and send overlap a pipeline.
-            sharded = dp > 1 or (values["moe"] and (dp * tp) // (ep * etp) > 1)
+            # need data-parallel replicas (with context parallelism, dp x cp ranks share the dense
+            # weights), sequence parallelism tensor parallelism, dispatchers and their overlap
+            # expert parallelism, and send overlap a pipeline.
+            sharded = dp * cp > 1 or (values["moe"] and (dp * cp * tp) // (ep * etp) > 1)
             options = itertools.product(space.zero_stage if sharded else space.zero_stage[:1],
                                         space.sequence_parallel if tp > 1 else (False,),
                                         values["dispatcher"] if ep > 1 else values["dispatcher"][:1],
@@ -190,7 +214,7 @@ def _expert_choices(devices: int, tp: int, pp: int, vpp: int, mb: int, dp: int, 
                                         space.overlap_grad_reduce if sharded else space.overlap_grad_reduce[:1],
                                         space.overlap_p2p if pp > 1 else space.overlap_p2p[:1])
             for zero, sp, dispatcher, overlap, reduce, p2p in options:
-                yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap, ladder, reduce, p2p)
+                yield Candidate(devices, tp, pp, vpp, ep, etp, mb, zero, sp, dispatcher, overlap, ladder, reduce, p2p, cp)
 
 
 def device_counts(text: str | None, devices_per_node: int, profile_devices: int, whole_nodes_only: bool) -> list[int]:

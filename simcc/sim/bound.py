@@ -14,7 +14,10 @@ facts about that simulator, whose task orders and overlap rules it reuses:
 - each stage's two links (node fabric, network) share their bandwidth between the flows in
   progress, so a link is busy for at least the sum of the transfer seconds it carries in a step;
 - the only transfers that can shrink are expert all-to-alls of merged pairs and those pipelined
-  in pieces with compute: the link bound leaves them out.
+  in pieces with compute: the link bound leaves them out. A context-parallel KV ring's cost holds
+  only the part its attention steps do not hide (plan/training.py, ring_costs), which the
+  simulator plays as a blocking transfer like any other; its hidden part (`Cost.hidden`) is
+  loaded on no simulated link, so the bound leaves it out too.
 """
 
 from __future__ import annotations

@@ -132,6 +132,12 @@ def expanded_blocks(items: list[Any]) -> int:
 class Parallelism(StrictModel):
     dp: PositiveInt | None = None  # derived from the device count when omitted
     tp: PositiveInt = 1
+    # Context parallelism (Megatron-Core's --context-parallel-size): every sequence split over cp
+    # ranks, 2 x cp chunks with rank i holding chunks i and 2cp-1-i (load-balanced causal work);
+    # attention exchanges K and V around a ring (Transformer Engine's cp_comm_type "p2p"). Rank
+    # order tp-cp-ep-dp-pp (megatron/core/parallel_state.py). Checked against the model and the
+    # sequence length in simcc/layout.py.
+    cp: PositiveInt = 1
     pp: PositiveInt = 1
     # Model chunks per pipeline rank beyond one: interleaved 1F1B's virtual stages, or 2 for
     # dualpipev (the V). pp x vpp is always the number of model chunks the layers are cut into.

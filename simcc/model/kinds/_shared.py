@@ -22,7 +22,9 @@ FFN_WEIGHT_TENSORS = 2
 
 @dataclass(frozen=True)
 class Batch:
-    """The tokens one micro-batch brings to a layer."""
+    """The tokens one micro-batch brings to a layer. Under context parallelism (`Shard.cp` > 1) they
+    are one rank's share of each sequence, seq_len / cp (Megatron's get_batch_on_this_cp_rank); the
+    attention kinds see the whole sequence, kv_len x cp, through the KV ring."""
 
     sequences: int
     q_len: int  # new tokens per sequence (1 when decoding)
@@ -41,6 +43,9 @@ class Shard:
     sequence_parallel: bool = False
     ep: int = 1
     expert_tp: int = 1
+    # Context parallelism: each sequence split over cp ranks, the Batch holding this rank's share;
+    # attention exchanges K and V around the cp ranks (model/kinds/attention.py, ring_exchange).
+    cp: int = 1
     dtype: Dtype = "bf16"
     router_dtype: Dtype = "fp32"
     comm_dtype: Dtype = "bf16"

@@ -26,6 +26,19 @@ num_floating_point_operations (megatron/training/training.py) charges every stan
 layer its full causal L^2/2 whatever its `window_size`/`window_attn_skip_freq`; simcc deliberately
 does not follow it there, since a windowed layer never needs the masked pairs (MFU counts the FLOPs
 the model needs: Chowdhery et al. 2022, app. B).
+
+Context parallelism (`Shard.cp` > 1, training): the batch holds this rank's s/cp tokens of each
+sequence, Megatron's load-balanced split (rank i of cp holds chunks i and 2cp-1-i of 2cp). The
+core runs cp ring steps (Liu et al. 2023, "Ring Attention", arXiv 2310.01889, sec. 3; Transformer
+Engine's AttnFuncWithCPAndKVP2P, cp_comm_type "p2p", transformer_engine/pytorch/attention/
+dot_product_attention/context_parallel.py): step k attends the local queries to the K and V that
+started on rank i-k while sending the current K and V on to rank i+1. With chunks of L = s/2cp
+tokens, a chunk against itself is L^2/2 causal pairs and against an earlier chunk L^2: step 0
+(own chunks) scores L^2/2 + L^2/2 + L^2, a step with an earlier rank's K and V (TE: "kv first
+half") 2 L^2, with a later rank's (TE: "q second half") 2 L^2. Every step is 2 L^2, and the cp
+steps 2 cp L^2 = s^2/(2cp): 1/cp of the causal work whatever the rank. So the executed core is
+the causal half of (s/cp local queries) x (s keys), in cp kernels of equal size; the exchange
+is `ring_exchange`, timed against those steps in plan/training.py.
 """
 
 from __future__ import annotations
@@ -43,8 +56,28 @@ from simcc.model.kinds._shared import (
     tp_entry,
     tp_exit,
 )
-from simcc.model.ops import DTYPE_BYTES, Op, elementwise, gemm
+from simcc.model.ops import DTYPE_BYTES, Comm, Op, WorkItem, elementwise, gemm
 from simcc.specs.blocks import AttentionBlock
+
+
+def ring_exchange(prefix: str, chunk_bytes: float, shard: Shard) -> list[WorkItem]:
+    """Context parallelism's KV ring, placed before the core it overlaps: `chunk_bytes` is the K
+    and V of this rank's tokens and heads, which each ring step passes to the next cp rank (the
+    steps and their overlap with the core: plan/training.py, ring_costs)."""
+    if shard.cp == 1:
+        return []
+    return [Comm(f"{prefix}.cp_ring", "p2p", chunk_bytes, "cp")]
+
+
+# K/V chunks Transformer Engine's p2p ring holds at once (AttnFuncWithCPAndKVP2P, context_parallel.py):
+# the forward keeps every step's received buffer until it returns (p2p_comm_buffers, cp of them),
+# the backward two send/receive buffers each of K, V and their gradient (2 x 2 chunks).
+RING_BACKWARD_CHUNKS = 4
+
+
+def ring_buffer_bytes(chunk_bytes: float, cp: int) -> float:
+    """The KV ring's transient buffers: the larger of the forward's and the backward's."""
+    return max(cp, RING_BACKWARD_CHUNKS) * chunk_bytes if cp > 1 else 0.0
 
 
 def attention_dims(spec: AttentionBlock, hidden: int) -> tuple[int, int, int]:
@@ -127,6 +160,9 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
     t, T, dt = shard.tp, batch.tokens, shard.dtype
     b = DTYPE_BYTES[dt]
     local_heads, local_kv = heads / t, max(kv_heads / t, 1)
+    # Context parallelism: the local queries attend over the whole sequence, cp ring steps.
+    cp = shard.cp
+    context = batch.kv_len * cp
     result = BlockWork()
     fwd = result.forward
     fwd.append(norm("attn.norm", T, hidden, shard))
@@ -148,7 +184,7 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
     causal_share = 0.5 if skips_masked else 1.0
     if spec.impl == "flash" or not shard.executed:
         # A flash kernel skips masked tiles; the reporting convention counts the pairs a window keeps.
-        core_flops = 4.0 * batch.sequences * batch.q_len * batch.kv_len * local_heads * head_dim * causal_share
+        core_flops = 4.0 * batch.sequences * batch.q_len * context * local_heads * head_dim * causal_share
         if spec.window is not None:
             core_flops *= window_share(spec, batch.q_len, batch.kv_len)
     else:  # unfused: whole score rows over the keys reached, masked in the softmax
@@ -158,8 +194,13 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
     sink_logits = T * local_heads if spec.learned_sinks else 0.0
     if spec.impl == "flash":  # keeps its output (the out projection's input, stored once) and the fp32 log-sum-exp
         sink_flops = 2.0 * sink_logits if shard.executed else 0.0
-        fwd.append(Op("attn.core", "attention", core_flops + sink_flops, 2 * q_bytes + read_kv_bytes, dt,
-                      saved_bytes=T * local_heads * 4))
+        # Under CP each of the cp steps is its own kernel, reading the queries and one rank's K and
+        # V and writing a partial output (layout.py refuses windows, sinks and unfused cores with CP).
+        fwd += ring_exchange("attn", kv_bytes, shard)
+        fwd.append(Op("attn.core", "attention", core_flops + sink_flops, cp * 2 * q_bytes + cp * read_kv_bytes, dt,
+                      saved_bytes=T * local_heads * 4, kernel_flops=(core_flops + sink_flops) / cp if cp > 1 else None,
+                      launches=cp))
+        result.transient_bytes = ring_buffer_bytes(kv_bytes, cp)
     else:
         q, kv = batch.q_len, keys
         scores = batch.sequences * local_heads * q * kv

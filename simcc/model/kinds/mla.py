@@ -10,6 +10,12 @@ per-head projections and the output are split by heads and the two down-projecti
 whole on every rank (Megatron-Core's MLA keeps them unsplit). A decode step attends over the cached
 latent with W_UK folded into the query and W_UV into the output (the paper's weight absorption),
 which reads kv_lora_rank + rope values per cached token instead of every head's key and value.
+
+Under context parallelism (training) the core runs as attention.py's module docstring derives:
+cp ring steps over the whole sequence, 1/cp of its causal work. The ring passes what Megatron-
+Core's MLA hands Transformer Engine's core attention: the up-projected per-head keys (nope +
+rope wide) and values (v wide), concatenated (AttnFuncWithCPAndKVP2P packs k and v of different
+head widths into one buffer, k_numel then v_shape), not the latent.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from simcc.model.kinds._registry import block_costing
+from simcc.model.kinds.attention import ring_buffer_bytes, ring_exchange
 from simcc.model.kinds._shared import NORM_PARAMS, Batch, BlockWork, Params, Shard
 from simcc.model.kinds._shared import column_gemm, norm, residual, tp_entry, tp_exit
 from simcc.model.ops import DTYPE_BYTES, Op, elementwise, gemm
@@ -95,9 +102,15 @@ def work(spec: MLABlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
         # Prefill and training: per-head keys (nope + rope wide) and values, flash-style; the up
         # projections keep Q, K and V for its backward, the out projection keeps its output, and it
         # keeps its fp32 log-sum-exp.
-        core_flops = 2.0 * seqs * q_len * kv_len * local * (qk + v) * causal_share
+        # Context parallelism: the local queries attend over the whole sequence in cp ring steps,
+        # each its own kernel reading the queries and one rank's keys and values.
+        cp = shard.cp
+        core_flops = 2.0 * seqs * q_len * kv_len * cp * local * (qk + v) * causal_share
         kv_bytes = seqs * kv_len * local * (qk + v) * b
-        fwd.append(Op("mla.core", "attention", core_flops, q_bytes + kv_bytes + out_bytes, dt, saved_bytes=T * local * 4))
+        fwd += ring_exchange("mla", kv_bytes, shard)
+        fwd.append(Op("mla.core", "attention", core_flops, cp * (q_bytes + kv_bytes + out_bytes), dt, saved_bytes=T * local * 4,
+                      kernel_flops=core_flops / cp if cp > 1 else None, launches=cp))
+        result.transient_bytes = ring_buffer_bytes(kv_bytes, cp)
     fwd.append(gemm("mla.out", T, local * v, hidden, dt, operands=shard.dense_gemm))
     fwd += tp_exit("mla.tp_reduce", T, hidden, shard)
     fwd.append(residual("mla.residual", T, hidden, shard))
