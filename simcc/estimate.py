@@ -615,10 +615,15 @@ def _goodput(run: _Run, sim: ServingResult, replicas: int) -> GoodputSection | N
 
 def _expert_cache(run: _Run, result: Estimate, costs: ServingCosts, sim: ServingResult) -> None:
     """Expert weights left on the storage tier load on demand: the cache's hit rate and load time."""
-    if costs.memory.offloaded_weights <= 0 or sim.cache is None:
+    cache = sim.cache
+    if cache is None or (costs.memory.offloaded_weights <= 0 and run.workload.serve.expert_cache is None):
         return
-    result.expert_cache = ExpertCacheSection(costs.resident_experts, sim.cache.hit_rate,
-                                             sim.loading / sim.busy if sim.busy else 0.0)
+    result.expert_cache = ExpertCacheSection(costs.resident_experts, cache.hit_rate,
+                                             sim.loading / sim.busy if sim.busy else 0.0, cache.policy,
+                                             cache.per_layer, cache.prefetch_hit_share, cache.bytes_per_output_token,
+                                             cache.decode_hidden_seconds, cache.decode_load_seconds[-1],
+                                             cache.decode_wasted_seconds)
     storage = run.system.storage
     result.notes.append(f"{costs.memory.offloaded_weights / 1e9:.2f} GB of expert weights stay on "
-                        f"{storage.tier if storage else 'storage'} and load on demand (LRU cache)")
+                        f"{storage.tier if storage else 'storage'} and load on demand "
+                        f"({'LRU cache' if cache.per_layer is None else f'{cache.policy.upper()} cache per layer'})")

@@ -195,6 +195,13 @@ class ExpertCacheSection(Section):
     resident_experts: int
     hit_rate: float
     loading_share_of_busy_time: float
+    policy: str  # "lru (global)": one cache over all layers; lru | lfu: per layer (serve.expert_cache)
+    per_layer: int | None = optional()  # experts cached per MoE layer
+    prefetch_hit_share: float | None = optional()  # of the experts prefetched, the share needed
+    bytes_per_output_token: float = 0.0  # storage-tier bytes a full-batch decode step moves, per token
+    load_hidden_s_per_decode_step: float = 0.0  # needed prefetches done under the previous layer's compute
+    load_exposed_s_per_decode_step: float = 0.0  # misses and prefetch overflow: added to the step
+    load_wasted_s_per_decode_step: float = 0.0  # link time on prefetched experts not needed
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 import statistics
 from bisect import bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
 from simcc.specs.vocab import bytes_per_weight
-from simcc.specs.workload import DisaggregatedSpec, MoEFFNBlock, ServeSpec, Workload
+from simcc.specs.workload import DisaggregatedSpec, ExpertCacheSpec, MoEFFNBlock, ServeSpec, Workload
 from simcc.plan.training import Cost, ForwardWork, cost_item, footprint, forward_work
 
 
@@ -163,7 +163,7 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
         storage_bandwidth=system.storage.bandwidth_gb_s * 1e9 if system.storage else 0.0, moe=tables.moe,
         widths=_width_tables(workload, system, layout, units, tables), kv_windows=stage.kv_windows,
     )
-    return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed))
+    return replace(costs, cache=measure_expert_cache(costs, serve, workload.seed, workload.name))
 
 
 def _width_tables(workload: Workload, system: System, layout: Layout, units: list[Unit],
@@ -273,13 +273,22 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
 @dataclass(frozen=True)
 class CacheStats:
     hit_rate: float
-    decode_load_seconds: tuple[float, ...]  # per decode step, by the decode table's batch sizes
-    prefill_load_seconds: float  # per prefill of one request
+    decode_load_seconds: tuple[float, ...]  # per decode step, by the decode table's batch sizes (exposed)
+    prefill_load_seconds: float  # per prefill of one request (exposed)
+    policy: str = "lru (global)"  # lru | lfu per layer with serve.expert_cache; one global LRU without
+    per_layer: int | None = None  # experts cached per MoE layer (None: one global cache)
+    prefetch_hit_share: float | None = None  # of the experts prefetched, the share the layer needed
+    bytes_per_output_token: float = 0.0  # storage-tier bytes a decode step at serve.batch moves, per token
+    decode_hidden_seconds: float = 0.0  # per decode step at serve.batch: needed prefetches under compute
+    decode_wasted_seconds: float = 0.0  # per decode step at serve.batch: link time on unneeded prefetches
 
 
-def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int) -> CacheStats:
+def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int, source: str = "workload") -> CacheStats:
     """Run an LRU expert cache over sampled routing (prefill, then decode steps, repeatedly) and
-    measure its misses; each miss streams one expert from the storage tier."""
+    measure its misses; each miss streams one expert from the storage tier. With
+    serve.expert_cache, per-layer caches and speculative prefetch instead (`_per_layer_cache`)."""
+    if serve.expert_cache is not None:
+        return _per_layer_cache(costs, serve, serve.expert_cache, seed, source)
     total = sum(spec.experts for spec in costs.moe_layers)
     sizes = costs.decode.batch_sizes
     if not costs.moe_layers or costs.resident_experts >= total or costs.storage_bandwidth <= 0:
@@ -315,7 +324,156 @@ def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int) -> Ca
         warm = misses_per_step[len(misses_per_step) // CACHE_SAMPLE_CYCLES:]  # skip the cold first cycle
         decode_loads.append(statistics.fmean(warm) * load_one)
     prefill = statistics.fmean(prefill_misses) * load_one
-    return CacheStats(hits / lookups if lookups else 1.0, tuple(decode_loads), prefill)
+    moved = decode_loads[-1] * costs.storage_bandwidth / sizes[-1]  # every miss moves one expert's bytes
+    return CacheStats(hits / lookups if lookups else 1.0, tuple(decode_loads), prefill,
+                      bytes_per_output_token=moved)
+
+
+@dataclass(frozen=True)
+class StepLoads:
+    """One step's expert traffic over all MoE layers: seconds on the critical path, and why."""
+
+    exposed: float = 0.0  # misses (serial) plus prefetch traffic that outlasted the previous layer
+    hidden: float = 0.0  # needed prefetches that finished under the previous layer's compute
+    wasted: float = 0.0  # link time of prefetched experts the layer did not use
+    loads: float = 0  # experts moved (misses and prefetches)
+    hits: float = 0  # needed experts already cached before the layer's loads
+    lookups: float = 0  # needed experts
+    prefetched: float = 0  # experts loaded by the guess
+    prefetched_needed: float = 0  # (counts are floats: a mean over steps is one too)
+
+    def __add__(self, other: "StepLoads") -> "StepLoads":
+        return StepLoads(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(StepLoads)))
+
+
+class ExpertCacheReplay:
+    """Per-MoE-layer expert caches replayed over routing, one step at a time (Eliseev & Mazur 2023,
+    arXiv 2312.17238, section 3.1: each layer keeps its own k experts; LRU evicts the least recently
+    used). LFU evicts the expert used least often over the whole run so far (counts survive
+    eviction), the least recent among equals. Speculative loading (their section 3.2): while layer
+    l-1 computes, the guess for layer l loads on the storage link; it covers each expert layer l
+    needs with probability `recall` (at most `prefetch` of them) and fills its other slots with
+    unneeded experts drawn by popularity. The first MoE layer has no layer before it to guess from.
+
+    Timing per layer (one storage link, loads in series): prefetch traffic P = (needed + unneeded
+    guessed experts not cached) x one expert's load, which runs under the previous layer's compute
+    `layer_compute`; what outlasts it, max(0, P - layer_compute), delays the layer (its guessed
+    experts and the misses queue behind it); misses load after the gate, in series, as without
+    prefetch. Unneeded prefetches thus cost only when they push P past the compute."""
+
+    def __init__(self, experts: list[int], probs: list[np.ndarray], capacity: int, policy: str,
+                 prefetch: int, recall: float, load_one: float, rng: np.random.Generator) -> None:
+        self.experts, self.probs, self.capacity, self.policy = experts, probs, capacity, policy
+        self.prefetch, self.recall, self.load_one, self.rng = prefetch, recall, load_one, rng
+        self.caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in experts]  # least recent first
+        self.counts = [np.zeros(e, dtype=np.int64) for e in experts]  # uses over the run (LFU)
+        self.last = [np.zeros(e, dtype=np.int64) for e in experts]  # tick of the last touch (LFU tie-break)
+        self.tick = 0
+
+    def _touch(self, layer: int, expert: int, used: bool) -> None:
+        self.tick += 1
+        cache = self.caches[layer]
+        cache[expert] = None
+        cache.move_to_end(expert)
+        self.last[layer][expert] = self.tick
+        if used:
+            self.counts[layer][expert] += 1
+
+    def _evict(self, layer: int) -> None:
+        cache = self.caches[layer]
+        while len(cache) > self.capacity:
+            if self.policy == "lru":
+                cache.popitem(last=False)
+            else:
+                counts, last = self.counts[layer], self.last[layer]
+                del cache[min(cache, key=lambda e: (counts[e], last[e]))]
+
+    def _guess(self, layer: int, needed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(needed experts the guess covers, unneeded experts it adds)."""
+        covered = needed[self.rng.random(len(needed)) < self.recall][:self.prefetch]
+        slots = self.prefetch - len(covered)
+        others = np.setdiff1d(np.arange(self.experts[layer]), needed)
+        if slots <= 0 or not len(others):
+            return covered, others[:0]
+        weights = self.probs[layer][others]
+        weights = weights / weights.sum() if weights.sum() > 0 else None
+        return covered, self.rng.choice(others, size=min(slots, len(others)), replace=False, p=weights)
+
+    def step(self, needed_by_layer: list[np.ndarray], layer_compute: float) -> StepLoads:
+        """One step (a prefill or a decode) given each MoE layer's needed experts, in layer order."""
+        total = StepLoads()
+        for layer, needed in enumerate(needed_by_layer):
+            cache = self.caches[layer]
+            cached = {int(e) for e in needed if int(e) in cache}
+            covered, extra = self._guess(layer, needed) if self.prefetch and layer > 0 else (needed[:0], needed[:0])
+            useful = [int(e) for e in covered if int(e) not in cached]
+            wasted = [int(e) for e in extra if int(e) not in cache]
+            for e in wasted:  # arrived first, during the previous layer; not used
+                self._touch(layer, e, used=False)
+            misses = len(needed) - len(cached) - len(useful)
+            for e in needed:
+                self._touch(layer, int(e), used=True)
+            self._evict(layer)
+            traffic = (len(useful) + len(wasted)) * self.load_one
+            hidden = min(traffic, layer_compute) * len(useful) / (len(useful) + len(wasted)) if traffic else 0.0
+            total += StepLoads(max(0.0, traffic - layer_compute) + misses * self.load_one, hidden,
+                               len(wasted) * self.load_one, misses + len(useful) + len(wasted), len(cached),
+                               len(needed), len(useful) + len(wasted), len(useful))
+        return total
+
+
+def _per_layer_cache(costs: ServingCosts, serve: ServeSpec, spec: ExpertCacheSpec, seed: int,
+                     source: str) -> CacheStats:
+    """serve.expert_cache: per-layer caches and speculative prefetch over sampled routing, the same
+    sampling as the global cache (CACHE_SAMPLE_* cycles, seeded). A layer's compute is the step's
+    seconds over the MoE layers (attention and the rest spread evenly: an assumption)."""
+    layers = costs.moe_layers
+    sizes = costs.decode.batch_sizes
+    field = "serve.expert_cache"
+    if not layers:
+        raise InputError(source, field, "the model has no MoE layer whose experts a cache could hold")
+    fewest = min(s.experts for s in layers)
+    if spec.per_layer is not None and spec.per_layer > fewest:
+        raise InputError(source, f"{field}.per_layer", f"{spec.per_layer} is more than a layer's {fewest} experts")
+    if spec.prefetch > fewest:
+        raise InputError(source, f"{field}.prefetch", f"{spec.prefetch} is more than a layer's {fewest} experts")
+    if spec.per_layer is not None and spec.per_layer * len(layers) > costs.resident_experts:
+        raise InputError(source, f"{field}.per_layer", f"{spec.per_layer} x {len(layers)} MoE layers = "
+                         f"{spec.per_layer * len(layers)} experts; memory holds {costs.resident_experts}")
+    capacity = spec.per_layer if spec.per_layer is not None else costs.resident_experts // len(layers)
+    hit_share = 1.0 if spec.prefetch else None
+    if capacity >= max(s.experts for s in layers):  # every expert stays resident: nothing loads
+        return CacheStats(1.0, tuple(0.0 for _ in sizes), 0.0, spec.policy, capacity, hit_share)
+    if costs.storage_bandwidth <= 0:
+        raise InputError(source, field, "the system has no storage tier to keep uncached experts on")
+    if capacity < 1:
+        raise InputError(source, f"{field}.per_layer", f"memory holds {costs.resident_experts} experts, "
+                         f"fewer than one per MoE layer ({len(layers)})")
+    rng = np.random.default_rng(seed)
+    probs = [popularity(s, np.random.default_rng(seed + i)) for i, s in enumerate(layers)]
+    load_one = costs.expert_bytes / costs.storage_bandwidth
+    decode_steps = min(serve.output_tokens, CACHE_SAMPLE_DECODE_STEPS)
+    run, prefill = StepLoads(), []
+    decode: list[StepLoads] = []  # the warm mean per batch size
+    for size in sizes:
+        replay = ExpertCacheReplay([s.experts for s in layers], probs, capacity, spec.policy, spec.prefetch,
+                                   spec.prefetch_recall or 0.0, load_one, rng)
+        steps = []
+        for _cycle in range(CACHE_SAMPLE_CYCLES):
+            for tokens, seconds, record in ((size * serve.prompt_tokens, costs.prefill.at(size), prefill),
+                                            *[(size, costs.decode.at(size), steps)] * decode_steps):
+                needed = [np.flatnonzero(rng.multinomial(tokens * s.k, p)) for s, p in zip(layers, probs)]
+                loads = replay.step(needed, seconds / len(layers))
+                run += loads
+                record.append(replace(loads, exposed=loads.exposed / size) if record is prefill else loads)
+        warm = steps[len(steps) // CACHE_SAMPLE_CYCLES:]  # skip the cold first cycle
+        decode.append(StepLoads(*(statistics.fmean(getattr(w, f.name) for w in warm) for f in fields(StepLoads))))
+    full = decode[-1]
+    return CacheStats(
+        run.hits / run.lookups if run.lookups else 1.0, tuple(d.exposed for d in decode),
+        statistics.fmean(p.exposed for p in prefill), spec.policy, capacity,
+        (run.prefetched_needed / run.prefetched if run.prefetched else 0.0) if spec.prefetch else None,
+        full.loads * costs.expert_bytes / sizes[-1], full.hidden, full.wasted)
 
 
 # ------------------------------------------------------------------ hybrid steps (chunked prefill)

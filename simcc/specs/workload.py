@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, create_model, model_validator
 from simcc.specs.base import (
     MAX_BATCH,
     MAX_EXPANDED_BLOCKS,
+    MAX_EXPERTS,
     MAX_TOKENS,
     MAX_WIDTH,
     Fraction,
@@ -367,6 +368,35 @@ class DisaggregatedSpec(StrictModel):
     kv_link: Literal["inter", "intra"] = "inter"
 
 
+MAX_PREFETCH = 1024  # experts guessed per layer (DeepSeek-V3 has 256 routed experts per layer)
+
+
+class ExpertCacheSpec(StrictModel):
+    """Expert weights offloaded to a storage tier, cached per MoE layer on the device (Eliseev &
+    Mazur 2023, "Fast Inference of Mixture-of-Experts Language Models with Offloading", arXiv
+    2312.17238, section 3.1: an LRU cache of k experts per layer), optionally with speculative
+    loading (section 3.2: the next layer's gate applied to the current hidden state guesses its
+    experts, loaded while the current layer computes). The cost model is plan/serving.py."""
+
+    policy: Literal["lru", "lfu"] = "lru"  # lfu: use counts over the run, ties to the least recent
+    # experts kept per MoE layer; None: the experts memory leaves room for, spread evenly over layers
+    per_layer: int_up_to(MAX_EXPERTS) | None = None
+    prefetch: int = Field(default=0, ge=0, le=MAX_PREFETCH)  # experts guessed and loaded ahead per layer
+    # share of the next layer's needed experts the guess covers (the paper's "recall"). Required with
+    # prefetch: the paper's Fig. 2 (right) gives recall against experts pre-loaded only as a plot, so
+    # no number from it is built in.
+    prefetch_recall: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _recall_with_prefetch(self) -> "ExpertCacheSpec":
+        if self.prefetch > 0 and self.prefetch_recall is None:
+            raise ValueError("prefetch > 0 needs prefetch_recall (0..1): the share of the next layer's needed "
+                             "experts the guess covers (Eliseev & Mazur 2023, Fig. 2 right, as measured)")
+        if self.prefetch == 0 and self.prefetch_recall is not None:
+            raise ValueError("prefetch_recall needs prefetch > 0 (experts guessed per layer)")
+        return self
+
+
 class ServeSpec(StrictModel):
     batch: int_up_to(MAX_BATCH)  # requests decoded together
     prompt_tokens: int_up_to(MAX_TOKENS)
@@ -379,6 +409,7 @@ class ServeSpec(StrictModel):
     lengths: LengthsSpec | None = None  # None: every request has prompt_tokens and output_tokens
     # None: prefill and decode share every replica (continuous batching, today's behaviour)
     disaggregated: DisaggregatedSpec | None = None
+    expert_cache: ExpertCacheSpec | None = None  # None: one LRU cache over all offloaded experts
 
     @model_validator(mode="after")
     def _budget_holds_the_decodes(self) -> "ServeSpec":
