@@ -8,6 +8,8 @@ is and how many experts stay resident; the simulator's expert cache decides what
 
 from __future__ import annotations
 
+import heapq
+
 import math
 import statistics
 from bisect import bisect_right
@@ -368,6 +370,9 @@ class ExpertCacheReplay:
         self.caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in experts]  # least recent first
         self.counts = [np.zeros(e, dtype=np.int64) for e in experts]  # uses over the run (LFU)
         self.last = [np.zeros(e, dtype=np.int64) for e in experts]  # tick of the last touch (LFU tie-break)
+        # LFU candidates per layer, (uses, last touch, expert), stale entries skipped when popped:
+        # an eviction costs O(log cache) however many experts a layer holds
+        self.heaps: list[list[tuple[int, int, int]]] = [[] for _ in experts]
         self.tick = 0
 
     def _touch(self, layer: int, expert: int, used: bool) -> None:
@@ -378,6 +383,8 @@ class ExpertCacheReplay:
         self.last[layer][expert] = self.tick
         if used:
             self.counts[layer][expert] += 1
+        if self.policy == "lfu":
+            heapq.heappush(self.heaps[layer], (int(self.counts[layer][expert]), self.tick, expert))
 
     def _evict(self, layer: int) -> None:
         cache = self.caches[layer]
@@ -385,8 +392,12 @@ class ExpertCacheReplay:
             if self.policy == "lru":
                 cache.popitem(last=False)
             else:
-                counts, last = self.counts[layer], self.last[layer]
-                del cache[min(cache, key=lambda e: (counts[e], last[e]))]
+                counts, last, heap = self.counts[layer], self.last[layer], self.heaps[layer]
+                while True:
+                    uses, touched, expert = heapq.heappop(heap)
+                    if expert in cache and uses == counts[expert] and touched == last[expert]:
+                        del cache[expert]
+                        break
 
     def _guess(self, layer: int, needed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(needed experts the guess covers, unneeded experts it adds)."""
