@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, PositiveFloat, model_validator
 
@@ -17,6 +17,9 @@ from simcc.costs.memory import GB, MemoryBreakdown
 from simcc.results import Estimate, Record
 from simcc.specs.base import StrictModel
 from simcc.specs.vocab import Collective
+
+if TYPE_CHECKING:
+    from simcc.specs.blocks import MoEFFNBlock
 
 SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving": "serving_suite.yaml",
           "mechanisms": "mechanisms_suite.yaml"}
@@ -30,6 +33,11 @@ SERVING_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "tpo
 # of tokens (CV of the experts' assignment counts; the busiest expert's over the mean), as Shazeer
 # et al. 2017's table 6 measures its gates.
 BALANCE_METRICS = ("expert_load_cv", "expert_load_max_over_mean")
+# Expert-parallel kernel microbenchmarks (DeepEP V1, deepseek-ai/DeepEP tests/legacy/): the first
+# MoE layer's forward dispatch or combine for one micro-batch on one rank, as the layer's costed
+# plan has it (`simcc estimate --layer`). _us: that time; _gb_s: DeepEP's "bottleneck bandwidth",
+# the bytes its test counts per rank over that time (see `_deepep_bytes`).
+EP_KERNEL_METRICS = ("dispatch_us", "combine_us", "dispatch_gb_s", "combine_gb_s")
 
 
 class Case(StrictModel):
@@ -40,7 +48,7 @@ class Case(StrictModel):
     # tflops_per_device: simcc's model-FLOPs convention (Narayanan et al. 2021, full score square);
     # megatron_tflops_per_device: Megatron-Bridge's (causal products at half, no router)
     metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
-                     *BALANCE_METRICS)]
+                     *BALANCE_METRICS, *EP_KERNEL_METRICS)]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases
@@ -198,6 +206,65 @@ def _balance(case: Case) -> tuple[float, str]:
     return (cv if case.metric == "expert_load_cv" else max_over_mean), f"{layer.experts} experts, k {layer.k}"
 
 
+# DeepEP's FP8 tokens carry one fp32 scale per 128 channels (deep_ep per_token_cast_to_fp8); its
+# tests count them: fp8_factor = (1 + 4 / 128) / 2 of the BF16 bytes (tests/legacy/test_internode.py).
+FP8_SCALE_BYTES_PER_ELEMENT = 4 / 128
+
+
+def _deepep_bytes(layer: "MoEFFNBlock", tokens: float, hidden: int, ep: int, ep_nodes: int, combine: bool) -> float:
+    """Bytes per rank DeepEP's normal-kernel tests divide by the kernel time, in expectation over
+    their routing (scores |randn| + 1, top-k within the top min(nodes, 4) nodes). Across nodes the
+    RDMA bytes: one copy per token per distinct node it reaches, its own included (num_rdma_token_sent,
+    tests/legacy/test_internode.py); in one node the NVLink bytes: the tokens a rank receives, one per
+    token per distinct rank (recv_x.numel(), tests/legacy/test_intranode.py). Combine: the same rows
+    back in BF16."""
+    from simcc.routing.load import distinct_remote_nodes
+    from simcc.specs.vocab import DTYPE_BYTES
+
+    width = ep_nodes if ep_nodes > 1 else ep  # the fan-out the bottleneck link sees
+    limit = layer.routing.max_nodes_per_token if ep_nodes > 1 else None
+    reached = distinct_remote_nodes(layer.experts, layer.k, width, limit) * width / (width - 1)  # own one too
+    dtype = "bf16" if combine else (layer.routing.dispatch_dtype or "bf16")
+    per_element = DTYPE_BYTES[dtype] + (FP8_SCALE_BYTES_PER_ELEMENT if dtype == "fp8" else 0.0)
+    return tokens * reached * hidden * per_element
+
+
+def _ep_kernel(case: Case) -> tuple[float, str]:
+    """The first MoE layer's moe.dispatch or moe.combine Cost for one micro-batch on one rank."""
+    from simcc.layout import build_layout
+    from simcc.model.graph import blocks_of
+    from simcc.plan.training import layer_costs, micro_batch
+    from simcc.specs.blocks import MoEFFNBlock
+    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+
+    assert case.workload is not None
+    workload_sets, hardware_sets = split_overrides(case.set)
+    workload, source = load_workload(case.workload, workload_sets)
+    blocks = blocks_of(workload.model)
+    index = next((i for i, block in enumerate(blocks) if isinstance(block.spec, MoEFFNBlock)), None)
+    if index is None or workload.train is None:
+        raise InputError(source, "model.blocks", f"a {case.metric} case needs a training workload with a moe_ffn block")
+    layer = blocks[index].spec
+    assert isinstance(layer, MoEFFNBlock)
+    system = load_hardware(case.hardware, hardware_sets)
+    layout = build_layout(workload, system, source)
+    if layout.ep < 2:
+        raise InputError(source, "parallelism.ep", f"a {case.metric} case needs expert parallelism (ep >= 2)")
+    batch = micro_batch(workload)
+    forward, _ = layer_costs(workload, system, layout, index, batch)
+    name = "moe.combine" if case.metric.startswith("combine") else "moe.dispatch"
+    cost = next(c for c in forward if c.name == name)
+    dominant = f"{name} over {cost.link or 'intra'}, {cost.bytes / 1e6:.1f} MB"
+    if case.metric.endswith("_us"):
+        return cost.seconds * 1e6, dominant
+    if layer.routing.dispatcher != "deduplicated":
+        raise InputError(source, "routing.dispatcher", f"{case.metric} is DeepEP's normal-kernel bandwidth: it needs "
+                         f"dispatcher deduplicated, got {layer.routing.dispatcher}")
+    moved = _deepep_bytes(layer, batch.tokens, workload.model.hidden, layout.ep, layout.groups["ep"].nodes,
+                          combine=name == "moe.combine")
+    return moved / cost.seconds / 1e9, dominant
+
+
 def run_case(case: Case, steps: int = 1) -> CaseResult:
     """Predicted value, signed error and the dominant part for one case."""
     memory, memory_gb = "", None  # a run that was measured fitted: the memory model should agree
@@ -205,6 +272,8 @@ def run_case(case: Case, steps: int = 1) -> CaseResult:
         predicted, dominant = _collective(case)
     elif case.metric in BALANCE_METRICS:
         predicted, dominant = _balance(case)
+    elif case.metric in EP_KERNEL_METRICS:
+        predicted, dominant = _ep_kernel(case)
     elif case.metric in SERVING_METRICS:
         predicted, dominant, served = _serving(case)
         memory_gb = served.total / GB
