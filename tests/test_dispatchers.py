@@ -120,3 +120,37 @@ def test_a_deduplicating_dispatcher_holds_deepeps_default_sms_while_it_overlaps(
     assert share([]) == pytest.approx(20 / 132)
     assert share(["parallelism.moe_comm_sms=32"]) == pytest.approx(32 / 132)
     assert share(["model.blocks.1.blocks.1.moe_ffn.routing.dispatcher=alltoall"]) == 0.0
+
+
+def test_shared_expert_overlap_hides_the_dispatch_up_to_the_shared_experts_time():
+    from simcc.model.ops import Comm, elementwise
+    from simcc.plan.training import Cost, alongside_costs
+
+    items = (Comm("moe.dispatch", "all_to_all", 1.0, "ep", alongside=("moe.shared_up", "moe.shared_act")),
+             elementwise("moe.shared_up", 1, 1, 1, "bf16"), elementwise("moe.shared_act", 1, 1, 1, "bf16"),
+             Comm("moe.combine", "all_to_all", 1.0, "ep", alongside=("moe.shared_down",)),
+             elementwise("moe.shared_down", 1, 1, 1, "bf16"))
+    costs = [Cost("moe.dispatch", "comm", 5e-4), Cost("moe.shared_up", "compute", 2e-4),
+             Cost("moe.shared_act", "compute", 1e-4), Cost("moe.combine", "comm", 1e-4),
+             Cost("moe.shared_down", "compute", 3e-4)]
+    out = alongside_costs(items, costs)
+    assert out[0].seconds == pytest.approx(5e-4 - 3e-4) and out[0].hidden == pytest.approx(3e-4)  # 0.5 ms vs 0.3 ms
+    assert out[3].seconds == 0.0 and out[3].hidden == pytest.approx(1e-4)  # fully hidden by the 0.3 ms down-projection
+    assert [c.seconds for c in out[1:3]] == [2e-4, 1e-4]  # the compute itself is unchanged
+
+
+def test_shared_expert_overlap_shortens_the_step_and_keeps_the_link_time():
+    from simcc.estimate import SimulationOptions, estimate
+    from simcc.specs.loader import load_workload
+
+    system = load_hardware("dgx_h100_x128")
+    results = {}
+    for overlap in (False, True):
+        spec, source = load_workload("deepseek_v3_shape_train",
+                                     [f"model.blocks.2.blocks.1.moe_ffn.routing.shared_expert_overlap={overlap}"])
+        results[overlap] = estimate(spec, system, source, SimulationOptions())
+    assert results[True].step.step_s < results[False].step.step_s
+    assert results[True].comm.ep_link_s == pytest.approx(results[False].comm.ep_link_s, rel=1e-9)
+    assert results[True].comm.ep_exposed_s < results[False].comm.ep_exposed_s
+    with pytest.raises(ValueError, match="shared_experts"):
+        MoEFFNBlock(experts=8, k=2, expert_hidden=64, routing={"shared_expert_overlap": True})

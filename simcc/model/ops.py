@@ -74,6 +74,9 @@ class Comm:
     # that carries the same degree (MoE dispatch ... combine).
     overlap_chunks: int = 1
     remote_share: float | None = None  # all-to-all: share leaving the node (topology-aware gating)
+    # Compute items of the same block (by name) that run alongside this collective on another
+    # stream, hiding it up to their time (a shared expert during the token dispatch).
+    alongside: tuple[str, ...] = ()
 
 
 WorkItem = Op | Comm

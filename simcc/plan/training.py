@@ -354,7 +354,28 @@ def _cost_unit(unit_work: "_UnitWork", system: System, layout: Layout) -> tuple[
         forward = ring_costs(unit_work.items, forward, system, layout, backward=False)
         backward = ring_costs(unit_work.items, backward, system, layout, backward=True)
         replay = ring_costs(unit_work.replay, replay, system, layout, backward=False)
+    if any(isinstance(item, Comm) and item.alongside for item in unit_work.items):
+        forward = alongside_costs(unit_work.items, forward)
+        backward = alongside_costs(unit_work.items, backward)
+        replay = alongside_costs(unit_work.replay, replay)
     return forward, backward, replay
+
+
+def alongside_costs(items: tuple[WorkItem, ...], costs: list[Cost]) -> list[Cost]:
+    """`costs` (one per item, in item order) with each collective that runs alongside named
+    compute items of its block on another stream waited for only beyond their time: max(comm,
+    compute) for the pair; the hidden part stays link time (`hidden`). The backward pairs the
+    same way, each item's backward with the collective's (autograd runs the shared expert's
+    backward on its stream while the all-to-all's backward is in flight)."""
+    out = list(costs)
+    for index, item in enumerate(items):
+        if not (isinstance(item, Comm) and item.alongside):
+            continue
+        beside = sum(costs[j].seconds for j, other in enumerate(items) if isinstance(other, Op) and other.name in item.alongside)
+        cost = costs[index]
+        exposed = max(0.0, cost.seconds - beside)
+        out[index] = replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
+    return out
 
 
 def ring_costs(items: tuple[WorkItem, ...], costs: list[Cost], system: System, layout: Layout,

@@ -206,6 +206,10 @@ class RoutingSpec(StrictModel):
     #   low_latency: GPU-initiated RDMA sends of each token copy straight to its expert's GPU, all
     #     peers at once, for small decode batches (DeepEP's low-latency kernels).
     dispatcher: Literal["alltoall", "allgather", "deduplicated", "low_latency"] = "alltoall"
+    # The shared expert computes while the routed tokens are in flight: its up-projection during
+    # the dispatch, its down-projection during the combine (Megatron-Core's
+    # --moe-shared-expert-overlap, on a separate CUDA stream).
+    shared_expert_overlap: bool = False
     # Node-limited routing: a token's experts lie on at most this many nodes (DeepSeek-V3: 4).
     max_nodes_per_token: PositiveInt | None = None
     # The dtype tokens are sent in to the experts (fp8: DeepSeek-V3 quantizes before dispatch and
@@ -271,6 +275,9 @@ class MoEFFNBlock(BlockSpec):
                              f"experts, got {self.experts:,} (use distribution cv or histogram)")
         if routing.replicate_hot > self.experts:
             raise ValueError(f"routing.replicate_hot ({routing.replicate_hot}) exceeds experts ({self.experts})")
+        if routing.shared_expert_overlap and not self.shared_experts:
+            raise ValueError("routing.shared_expert_overlap hides the dispatch behind the shared expert: it needs "
+                             "shared_experts >= 1")
         if routing.redundant_experts:
             if routing.redundant_experts > self.experts:
                 raise ValueError(f"routing.redundant_experts ({routing.redundant_experts}) exceeds experts ({self.experts})")

@@ -3,6 +3,8 @@ busiest rank's loads, combine all-to-all, un-permute; optional shared experts.""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from simcc.model.kinds._registry import block_costing
 from simcc.model.kinds._shared import (
     FFN_WEIGHT_TENSORS,
@@ -86,14 +88,22 @@ def _dispatch_and_combine(spec: MoEFFNBlock, shard: Shard, local_elements: float
         # are reduce-scattered back: traffic independent of k, a win when k x the remote share > 1.
         gathered = local_elements * shard.ep * DTYPE_BYTES[routing.dispatch_dtype or shard.comm_dtype]
         returned = local_elements * shard.ep * DTYPE_BYTES[shard.comm_dtype]
-        return (Comm("moe.dispatch", "all_gather", gathered, "ep"), Comm("moe.combine", "reduce_scatter", returned, "ep"))
-    algorithm = routing.all_to_all
-    if routing.dispatcher in ("deduplicated", "low_latency"):
-        algorithm = routing.dispatcher
-    if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:
-        remote = distinct_remote_nodes(spec.experts, spec.k, shard.ep_nodes, routing.max_nodes_per_token) / spec.k
-    return (Comm("moe.dispatch", "all_to_all", dispatch, "ep", algorithm, routing.overlap_degree, remote),
-            Comm("moe.combine", "all_to_all", combine, "ep", algorithm, routing.overlap_degree, remote))
+        pair = (Comm("moe.dispatch", "all_gather", gathered, "ep"), Comm("moe.combine", "reduce_scatter", returned, "ep"))
+    else:
+        algorithm = routing.all_to_all
+        if routing.dispatcher in ("deduplicated", "low_latency"):
+            algorithm = routing.dispatcher
+        if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:
+            remote = distinct_remote_nodes(spec.experts, spec.k, shard.ep_nodes, routing.max_nodes_per_token) / spec.k
+        pair = (Comm("moe.dispatch", "all_to_all", dispatch, "ep", algorithm, routing.overlap_degree, remote),
+                Comm("moe.combine", "all_to_all", combine, "ep", algorithm, routing.overlap_degree, remote))
+    if not routing.shared_expert_overlap:
+        return pair
+    # Megatron-Core's shared-expert overlap (moe_layer.py, SharedExpertMLP on its own stream): the
+    # shared expert's first linear and activation run during the dispatch, its second linear during
+    # the combine (their FP8 input casts with them).
+    return (replace(pair[0], alongside=("moe.shared_up.cast", "moe.shared_up", "moe.shared_act")),
+            replace(pair[1], alongside=("moe.shared_down.cast", "moe.shared_down")))
 
 
 @block_costing(MoEFFNBlock, params, per_layer_seed=True)
