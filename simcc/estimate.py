@@ -251,7 +251,8 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[MoELayerRow]:
     rows: list[MoELayerRow] = []
     chunks = sorted((c for st in plan.stages for c in st.chunks), key=lambda c: c.units[0].blocks[0].index if c.units else 0)
     for chunk in chunks:
-        for stats, wait in zip(chunk.moe, chunk.moe_imbalance):
+        ep_comm = chunk.moe_ep_comm or [(0.0, 0.0)] * len(chunk.moe)
+        for stats, wait, (a2a, hidden) in zip(chunk.moe, chunk.moe_imbalance, ep_comm):
             loads = stats.loads
             remote = natural_remote if stats.remote_share is None or group.nodes == 1 else stats.remote_share
             combine = stats.dispatch_bytes if stats.combine_bytes is None else stats.combine_bytes
@@ -272,6 +273,8 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[MoELayerRow]:
                 a2a_intra_mb=moved * inside / 1e6 * layout.microbatches,
                 a2a_inter_mb=moved * remote / 1e6 * layout.microbatches,
                 imbalance_wait_s=wait * layout.microbatches,
+                a2a_s=a2a * layout.microbatches,
+                a2a_hidden_s=hidden * layout.microbatches,
             ))
     return rows
 

@@ -350,7 +350,7 @@ class BlockCostRow(Record):
 @dataclass(frozen=True)
 class MoELayerRow(Record):
     """One MoE layer per step: load, drops, padding, all-to-all traffic in and out of the node,
-    and the wait its imbalance causes."""
+    its link time and the part the layer hides, and the wait its imbalance causes."""
 
     layer: int
     tokens_per_expert_mean: float
@@ -363,6 +363,9 @@ class MoELayerRow(Record):
     a2a_intra_mb: float
     a2a_inter_mb: float
     imbalance_wait_s: float
+    a2a_s: float = 0.0  # dispatch and combine link time, forward and backward
+    a2a_hidden_s: float = 0.0  # of it, hidden behind the layer's own compute (shared expert); the
+    # pairing of micro-batches (EP overlap, DualPipe) hides more, per step: the comm section's ep rows
 
 
 @dataclass(frozen=True)

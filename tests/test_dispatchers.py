@@ -154,3 +154,21 @@ def test_shared_expert_overlap_shortens_the_step_and_keeps_the_link_time():
     assert results[True].comm.ep_exposed_s < results[False].comm.ep_exposed_s
     with pytest.raises(ValueError, match="shared_experts"):
         MoEFFNBlock(experts=8, k=2, expert_hidden=64, routing={"shared_expert_overlap": True})
+
+
+def test_moe_layer_rows_hold_the_step_s_expert_parallel_link_time():
+    """One pipeline stage and no recomputation: the layers' all-to-all time adds up to the step's
+    EP link time, and what a layer hides behind its shared expert shows per layer."""
+    from simcc.estimate import SimulationOptions, estimate
+    from simcc.specs.loader import load_workload
+
+    system = load_hardware("dgx_h100_x4", ["nodes=2"])
+    spec, source = load_workload("qwen3_30b_a3b_train_16xh100")
+    result = estimate(spec, system, source, SimulationOptions())
+    assert sum(row.a2a_s for row in result.moe_layers) == pytest.approx(result.comm.ep_link_s, rel=1e-9)
+    assert all(row.a2a_hidden_s == 0.0 for row in result.moe_layers)
+    spec, source = load_workload("qwen3_30b_a3b_train_16xh100", [
+        "model.blocks.1.blocks.1.moe_ffn.shared_experts=1",
+        "model.blocks.1.blocks.1.moe_ffn.routing.shared_expert_overlap=true"])
+    hidden = estimate(spec, system, source, SimulationOptions()).moe_layers
+    assert all(0.0 < row.a2a_hidden_s < row.a2a_s for row in hidden)

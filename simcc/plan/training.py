@@ -62,6 +62,9 @@ class ChunkPlan:
     largest_unit_saved: float = 0.0  # of `saved_bytes`, the most one unit (layer) keeps
     moe: list[MoEStats] = field(default_factory=list)
     moe_imbalance: list[float] = field(default_factory=list)  # per MoE layer: busiest-rank wait per micro-batch (s)
+    # per MoE layer and micro-batch: (expert-parallel link seconds, forward and backward; the part
+    # of them hidden behind compute the plan pairs them with, e.g. the shared expert)
+    moe_ep_comm: list[tuple[float, float]] = field(default_factory=list)
     # One (forward, backward) per simulated step, each with a fresh expert-load draw (MoE only).
     sampled: list[tuple[list[Cost], list[Cost]]] = field(default_factory=list)
     # One gradient bucket per unit (layer), launched where that unit's backward ends.
@@ -485,6 +488,9 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
         expected_forward, _, backward_by_item = _costed_by_item(work, system, layout)
         chunk.moe_imbalance = [sum(expected_forward[i].imbalance + backward_by_item[i].imbalance for i in range(start, end))
                                for start, end in work.moe_ranges]
+        ep_costs = [[c for i in range(start, end) for c in (expected_forward[i], backward_by_item[i])
+                     if c.stream == "comm" and c.group == "ep"] for start, end in work.moe_ranges]
+        chunk.moe_ep_comm = [(sum(c.seconds + c.hidden for c in costs), sum(c.hidden for c in costs)) for costs in ep_costs]
     if workload.anytime is not None:
         chunk.forward, chunk.backward, chunk.saved_bytes = _subnet_costs(units, workload, system, layout, batch, None)
         chunk.sampled = [_subnet_costs(units, workload, system, layout, batch, step)[:2] for step in range(sampled_steps)]

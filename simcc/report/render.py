@@ -92,7 +92,7 @@ def _layer_table(rows: list[MoELayerRow]) -> list[str]:
     columns = [("layer", "layer"), ("tok/exp", "tokens_per_expert_mean"), ("max", "tokens_per_expert_max"),
                ("cv", "load_cv"), ("dropped", "dropped_fraction"), ("padding", "padding_fraction"),
                ("exp/tok", "experts_per_token"), ("a2a in MB", "a2a_intra_mb"), ("a2a out MB", "a2a_inter_mb"),
-               ("wait s", "imbalance_wait_s")]
+               ("a2a s", "a2a_s"), ("hidden s", "a2a_hidden_s"), ("wait s", "imbalance_wait_s")]
     title = "MoE layers (per step; a2a in/out of the node)" + (
         f": the {len(shown)} of {len(rows)} that wait longest" if len(shown) < len(rows) else "")
     return _row_lines(title, columns, shown, 10)
