@@ -22,7 +22,7 @@ from simcc.model.graph import (Unit, blocks_of, input_dependent_share, megatron_
 from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
-from simcc.plan.serving import ServingCosts, disaggregation_link, serving_costs, with_hybrid_steps
+from simcc.plan.serving import ServingCosts, decode_context, disaggregation_link, serving_costs, with_hybrid_steps
 from simcc.plan.training import (
     Cost,
     Footprint,
@@ -581,8 +581,7 @@ def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request], 
     serve = workload.serve
     tokens_per_s = sim.output_tokens / sim.span * replicas if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * replicas if sim.span > 0 else 0.0
-    per_token_flops = _served_flops_per_token(workload, requests,
-                                              Batch(1, 1, serve.prompt_tokens + serve.output_tokens // 2))
+    per_token_flops = _served_flops_per_token(workload, requests, Batch(1, 1, decode_context(serve)))
     per_device = per_token_flops * tokens_per_s / system.devices
     return ServingThroughput(requests_per_s, tokens_per_s, sim.busy / sim.span if sim.span > 0 else 0.0,
                              per_device / 1e12, mfu(per_device, peak_flops(system.device, workload.precision.compute)))

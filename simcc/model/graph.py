@@ -3,6 +3,7 @@ and LM head ride along with the first and last unit, as in Megatron's pipeline s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import simcc.model.blocks as B
@@ -231,15 +232,19 @@ def model_forward_flops(model: ModelSpec, batch: B.Batch) -> float:
     return _FORWARD_FLOPS[key]
 
 
-def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
+def _reported_matmuls(units: list[Unit], hidden: int, batch: B.Batch) -> Iterator[tuple[Block, Op]]:
+    """Every forward matrix product at the reporting convention (full score squares, exactly
+    balanced experts), with its block: what model FLOPs count, in either convention."""
     shard = B.Shard(executed=False)
-    total = 0.0
     for unit in units:
         for block in unit.blocks:
             for item in block_work(block, hidden, batch, shard).forward:
                 if isinstance(item, Op) and item.is_matmul:
-                    total += item.flops
-    return total
+                    yield block, item
+
+
+def units_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
+    return sum(item.flops for _, item in _reported_matmuls(units, hidden, batch))
 
 
 # The attention products whose causal half Megatron-Bridge counts: a fused core, or the unfused
@@ -262,18 +267,14 @@ def megatron_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> fl
 
 
 def _megatron_forward_flops(units: list[Unit], hidden: int, batch: B.Batch) -> float:
-    shard = B.Shard(executed=False)
     total = 0.0
-    for unit in units:
-        for block in unit.blocks:
-            # an MTP module's own layer is causal like the model's (its inner specs carry the flag)
-            specs = [block.spec, *getattr(block.spec, "layer_specs", ())]
-            causal = any(getattr(spec, "causal", False) for spec in specs)
-            for item in block_work(block, hidden, batch, shard).forward:
-                if not (isinstance(item, Op) and item.is_matmul) or item.name.startswith("moe.router"):
-                    continue  # the router's products are named moe.router* (routing/gating.py, router_products)
-                core = item.family == "attention" or item.name in ATTENTION_PRODUCTS
-                total += item.flops / 2 if causal and core else item.flops
+    for block, item in _reported_matmuls(units, hidden, batch):
+        if item.name.startswith("moe.router"):
+            continue  # the router's products are named moe.router* (routing/gating.py, router_products)
+        # an MTP module's own layer is causal like the model's (its inner specs carry the flag)
+        causal = any(getattr(spec, "causal", False) for spec in (block.spec, *getattr(block.spec, "layer_specs", ())))
+        core = item.family == "attention" or item.name in ATTENTION_PRODUCTS
+        total += item.flops / 2 if causal and core else item.flops
     return total
 
 

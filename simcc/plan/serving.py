@@ -9,7 +9,6 @@ is and how many experts stay resident; the simulator's expert cache decides what
 from __future__ import annotations
 
 import heapq
-
 import math
 import statistics
 from bisect import bisect_right
@@ -70,9 +69,8 @@ class ServingCosts:
     hybrid: "HybridSteps | None" = None
 
     def kv_bytes(self, tokens: float) -> float:
-        """KV-cache bytes on one device for a request of `tokens` (prompt and output): every layer's
-        bytes per token, less what windowed layers evict beyond their window and sinks."""
-        return tokens * self.kv_bytes_per_token - kv_evicted(self.kv_windows, tokens)
+        """KV-cache bytes on one device for a request of `tokens` (prompt and output)."""
+        return request_kv_bytes(self.kv_bytes_per_token, self.kv_windows, tokens)
 
     def width_factor(self, width: float | None, batch: float, decode: bool) -> float:
         """How much longer a step of `batch` requests takes at `width` than the tables above say:
@@ -121,10 +119,11 @@ def _expert_bytes(spec: MoEFFNBlock, hidden: int, stored: str | float) -> float:
 KVWindows = tuple[tuple[int, float], ...]  # (tokens a capped layer keeps, bytes per token of such layers)
 
 
-def kv_evicted(windows: KVWindows, tokens: float) -> float:
-    """Bytes a sequence of `tokens` does not keep because capped layers hold only their last tokens
-    (a sliding window and its sinks: model/kinds/attention.py `cached_tokens`)."""
-    return sum(per_token * max(0.0, tokens - cap) for cap, per_token in windows)
+def request_kv_bytes(per_token: float, windows: KVWindows, tokens: float) -> float:
+    """KV-cache bytes on one device for a request of `tokens`: every layer's bytes per token, less
+    what capped layers evict, since they hold only their last tokens (a sliding window and its
+    sinks: model/kinds/attention.py `cached_tokens`)."""
+    return tokens * per_token - sum(layer * max(0.0, tokens - cap) for cap, layer in windows)
 
 
 def _kv_window(block: Block) -> int | None:
@@ -149,7 +148,7 @@ def serving_costs(workload: Workload, system: System, layout: Layout) -> Serving
     tables = _step_tables(workload, system, layout, chunks)
     stage = _heaviest_stage(workload, layout, chunks, tables.full_batch)
     tokens = serve.prompt_tokens + serve.output_tokens
-    kv_total = stage.kv_bytes_per_token * serve.batch * tokens - serve.batch * kv_evicted(stage.kv_windows, tokens)
+    kv_total = serve.batch * request_kv_bytes(stage.kv_bytes_per_token, stage.kv_windows, tokens)
     memory = serving_memory(system, layout, stage.weight_bytes + stage.expert_bytes, stage.expert_bytes, kv_total,
                             stage.activation_peak)
     moe_layers = tuple(b.spec for u in units for b in u.blocks if isinstance(b.spec, MoEFFNBlock))
@@ -258,13 +257,13 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
         indices = [v * layout.pp + stage for v in range(layout.vpp)]
         params, _, _, _ = footprint([full_batch[i] for i in indices])
         dense, expert = layout.local_params(params)
-        blocks = [b for i in indices for u in chunks[i] for b in u.blocks]
-        kv = sum(_kv_bytes(b, hidden, workload, layout) for b in blocks)
+        kv = 0.0
         capped: dict[int, float] = {}
-        for b in blocks:
-            cap = _kv_window(b)
+        for b in (b for i in indices for u in chunks[i] for b in u.blocks):
+            per_token, cap = _kv_bytes(b, hidden, workload, layout), _kv_window(b)
+            kv += per_token
             if cap is not None:
-                capped[cap] = capped.get(cap, 0.0) + _kv_bytes(b, hidden, workload, layout)
+                capped[cap] = capped.get(cap, 0.0) + per_token
         peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),
                    default=0.0)
         if dense * wbytes + expert * expert_wbytes > heaviest.weight_bytes + heaviest.expert_bytes:

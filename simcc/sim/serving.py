@@ -32,7 +32,7 @@ import numpy as np
 from simcc.errors import InputError
 from simcc.specs.base import MAX_TOKENS
 from simcc.specs.workload import LENGTH_DATASETS, EmpiricalLengths, LognormalLengths, ServeSpec, UniformLengths
-from simcc.plan.serving import CacheStats, KVLink, ServingCosts
+from simcc.plan.serving import CacheStats, KVLink, ServingCosts, exchange_groups
 
 @dataclass(frozen=True)
 class Request:
@@ -574,7 +574,7 @@ def simulate_disaggregated(costs: ServingCosts, serve: ServeSpec, requests: list
     second token, and so counts in TPOT."""
     spec = serve.disaggregated
     assert spec is not None
-    groups = math.gcd(spec.prefill_replicas, spec.decode_replicas)
+    groups = exchange_groups(spec)
     mine = requests[::groups] if groups > 1 else requests
     prefills, decodes = spec.prefill_replicas // groups, spec.decode_replicas // groups
     merged = ServingResult(cache=costs.cache)
