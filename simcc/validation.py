@@ -20,6 +20,7 @@ from simcc.specs.vocab import Collective
 
 if TYPE_CHECKING:
     from simcc.specs.blocks import MoEFFNBlock
+    from simcc.specs.workload import Workload
 
 SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving": "serving_suite.yaml",
           "mechanisms": "mechanisms_suite.yaml"}
@@ -181,6 +182,23 @@ def _serving(case: Case) -> tuple[float, str, MemoryBreakdown]:
 BALANCE_DRAWS = 16  # batches drawn from the layer's shares; the busiest expert is their mean
 
 
+def _first_moe_layer(case: Case) -> tuple[Workload, str, int, MoEFFNBlock]:
+    """The case's training workload (its `set` applied), its source, and its first MoE block's
+    position and spec: what the routing and expert-parallel kernel cases measure."""
+    from simcc.model.graph import blocks_of
+    from simcc.specs.blocks import MoEFFNBlock
+    from simcc.specs.loader import load_workload, split_overrides
+
+    assert case.workload is not None
+    workload, source = load_workload(case.workload, split_overrides(case.set)[0])
+    found = next(((i, b.spec) for i, b in enumerate(blocks_of(workload.model)) if isinstance(b.spec, MoEFFNBlock)), None)
+    if found is None or workload.train is None:
+        raise InputError(source, "model.blocks", f"a {case.metric} case needs a training workload with a moe_ffn block")
+    index, layer = found
+    assert isinstance(layer, MoEFFNBlock)
+    return workload, source, index, layer
+
+
 def _balance(case: Case) -> tuple[float, str]:
     """The first MoE layer's routing shares (a trained gate for aux_loss) drawn over batches of
     the workload's global batch of tokens: CV and max/mean of the assignment counts per batch."""
@@ -188,15 +206,9 @@ def _balance(case: Case) -> tuple[float, str]:
 
     from simcc.model.kinds._shared import ffn_params
     from simcc.routing.gating import route
-    from simcc.specs.blocks import MoEFFNBlock
-    from simcc.model.graph import blocks_of
-    from simcc.specs.loader import load_workload, split_overrides
 
-    assert case.workload is not None
-    workload, source = load_workload(case.workload, split_overrides(case.set)[0])
-    layer = next((block.spec for block in blocks_of(workload.model) if isinstance(block.spec, MoEFFNBlock)), None)
-    if layer is None or workload.train is None:
-        raise InputError(source, "model.blocks", f"a {case.metric} case needs a training workload with a moe_ffn block")
+    workload, _, _, layer = _first_moe_layer(case)
+    assert workload.train is not None
     share = route(layer, 1, workload.seed, ffn_params(workload.model.hidden, layer.expert_hidden, layer.gated).dense).share
     assignments = int(workload.train.global_batch * workload.train.seq_len * layer.k)
     counts = np.random.default_rng(workload.seed).multinomial(assignments, share, size=BALANCE_DRAWS).astype(float)
@@ -211,7 +223,7 @@ def _balance(case: Case) -> tuple[float, str]:
 FP8_SCALE_BYTES_PER_ELEMENT = 4 / 128
 
 
-def _deepep_bytes(layer: "MoEFFNBlock", tokens: float, hidden: int, ep: int, ep_nodes: int, combine: bool) -> float:
+def _deepep_bytes(layer: MoEFFNBlock, tokens: float, hidden: int, ep: int, ep_nodes: int, combine: bool) -> float:
     """Bytes per rank DeepEP's normal-kernel tests divide by the kernel time, in expectation over
     their routing (scores |randn| + 1, top-k within the top min(nodes, 4) nodes). Across nodes the
     RDMA bytes: one copy per token per distinct node it reaches, its own included (num_rdma_token_sent,
@@ -232,21 +244,11 @@ def _deepep_bytes(layer: "MoEFFNBlock", tokens: float, hidden: int, ep: int, ep_
 def _ep_kernel(case: Case) -> tuple[float, str]:
     """The first MoE layer's moe.dispatch or moe.combine Cost for one micro-batch on one rank."""
     from simcc.layout import build_layout
-    from simcc.model.graph import blocks_of
     from simcc.plan.training import layer_costs, micro_batch
-    from simcc.specs.blocks import MoEFFNBlock
-    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+    from simcc.specs.loader import load_hardware, split_overrides
 
-    assert case.workload is not None
-    workload_sets, hardware_sets = split_overrides(case.set)
-    workload, source = load_workload(case.workload, workload_sets)
-    blocks = blocks_of(workload.model)
-    index = next((i for i, block in enumerate(blocks) if isinstance(block.spec, MoEFFNBlock)), None)
-    if index is None or workload.train is None:
-        raise InputError(source, "model.blocks", f"a {case.metric} case needs a training workload with a moe_ffn block")
-    layer = blocks[index].spec
-    assert isinstance(layer, MoEFFNBlock)
-    system = load_hardware(case.hardware, hardware_sets)
+    workload, source, index, layer = _first_moe_layer(case)
+    system = load_hardware(case.hardware, split_overrides(case.set)[1])
     layout = build_layout(workload, system, source)
     if layout.ep < 2:
         raise InputError(source, "parallelism.ep", f"a {case.metric} case needs expert parallelism (ep >= 2)")
