@@ -168,7 +168,9 @@ def test_fitted_lines_replace_the_model_for_the_groups_they_cover():
     assert collective_time("all_reduce", 1e9, CommGroup(8, 8), calibrated) == pytest.approx(100e-6 + 1e9 / 180e9)
     # a group size or collective the fits do not cover keeps the model
     assert collective_time("all_reduce", 1e9, CommGroup(4, 4), calibrated) == collective_time("all_reduce", 1e9, CommGroup(4, 4), system)
-    assert collective_time("all_gather", 1e9, CommGroup(8, 8), calibrated) == collective_time("all_gather", 1e9, CommGroup(8, 8), system)
+    assert collective_time("all_to_all", 1e9, CommGroup(8, 8), calibrated) == collective_time("all_to_all", 1e9, CommGroup(8, 8), system)
+    # an all-gather is half of a ring all-reduce: half the fitted all-reduce line
+    assert collective_time("all_gather", 1e9, CommGroup(8, 8), calibrated) == pytest.approx((100e-6 + 1e9 / 180e9) / 2)
 
 
 def test_balanced_kmeans_gives_equal_clusters_closer_than_chance():

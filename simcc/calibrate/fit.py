@@ -30,9 +30,12 @@ class FitReport:
 
 
 def held_out_mask(frame: pd.DataFrame) -> pd.Series:
-    """Every third interior point of each family (by size) is held out; the ends stay in the fit."""
+    """Every third interior point of each family (by size) is held out; the ends stay in the fit.
+    Collectives are a family per rank count: sorted together, equal sizes at several rank counts
+    would put every held-out point on the same rank count and leave it without a fit."""
     mask = pd.Series(False, index=frame.index)
-    for _, group in frame.groupby("family"):
+    keys = ["family", "ranks"] if "ranks" in frame.columns else ["family"]
+    for _, group in frame.groupby(keys):
         order = group.sort_values(["kernel_flops", "bytes"]).index.tolist()
         for position, index in enumerate(order[1:-1], start=1):
             mask[index] = position % 3 == 1
@@ -304,7 +307,12 @@ def profile_yaml(profile) -> str:
 
 # Protocol regimes: NCCL moves from LL to LL128 to Simple as messages grow, so one latency-bandwidth
 # line fits poorly across sizes (NCCL documentation, NCCL_PROTO; nccl-tests small-message figures); a line per range does.
-SIZE_BREAKPOINTS = (64 << 10, 4 << 20)
+# Within Simple the fixed part keeps growing with the message up to ~16 MB (more channels, larger
+# pipeline chunks): 8x A100 all-reduces take 155, 275, 411 and 675 us at 8, 16, 32 and 64 MiB
+# (Vidur's DGX A100 sweep, microsoft/vidur data/profiling/network/a100_dgx/all_reduce.csv), a
+# 4-64 MiB line through them would give ~170 GB/s bus bandwidth at 1 GiB where nccl-tests reach
+# ~230; a range from 16 MiB keeps the large-message slope.
+SIZE_BREAKPOINTS = (64 << 10, 4 << 20, 16 << 20)
 MIN_SECONDS_PER_BYTE = 1e-15  # 1,000,000 GB/s: a fit this fast is a latency-only regime
 
 

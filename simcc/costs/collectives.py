@@ -177,10 +177,35 @@ def _measured(collective: Collective, size: float, group: CommGroup, system: Sys
     if link is None or not link.fits or group.nodes != 1:
         return None
     ranks = 2 if collective == "p2p" else group.size
-    lines = sorted((f for f in link.fits if f.collective == collective and f.ranks == ranks), key=lambda f: f.max_bytes)
+    seconds = _fitted(link.fits, collective, ranks, size)
+    if seconds is None and collective in RING_HALVES:
+        # A ring all-reduce is a reduce-scatter followed by an all-gather of the same buffer, each
+        # n-1 of its 2(n-1) steps (Patarasuk & Yuan 2009; NCCL's ring all-reduce kernel runs the two
+        # phases back to back, src/device/all_reduce.h): each half takes half of a measured all-reduce.
+        whole = _fitted(link.fits, "all_reduce", ranks, size)
+        seconds = whole / 2 if whole is not None else None
+    return seconds
+
+
+RING_HALVES = ("reduce_scatter", "all_gather")
+
+
+def _fitted(fits: list, collective: Collective, ranks: int, size: float) -> float | None:
+    """The fitted line of the size range that holds `size` (the largest range beyond the last),
+    never below a smaller range's time at its top: each range is fitted apart, and a larger
+    message does not finish sooner than a smaller one."""
+    lines = sorted((f for f in fits if f.collective == collective and f.ranks == ranks), key=lambda f: f.max_bytes)
     if not lines:
         return None
-    line = next((f for f in lines if size <= f.max_bytes), lines[-1])
+    floor = 0.0
+    for line in lines:
+        if size <= line.max_bytes or line is lines[-1]:
+            return max(floor, _on_line(line, size))
+        floor = max(floor, _on_line(line, line.max_bytes))
+    raise AssertionError("unreachable: the last line answers")
+
+
+def _on_line(line, size: float) -> float:
     return line.latency_us * 1e-6 + size / (line.bandwidth_gb_s * 1e9)
 
 
