@@ -258,8 +258,12 @@ def test_gradient_buckets_overlap_the_backward_pass():
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_pipeline_sends_scatter_over_tensor_ranks_and_gather_in_the_node(sequence_parallel):
+    import dataclasses
+
     workload, src = load_workload("megatron_175b_train", [f"parallelism.sequence_parallel={str(sequence_parallel).lower()}"])
-    system = load_hardware("dgx_a100_x8")
+    shipped = load_hardware("dgx_a100_x8")
+    # the link model alone (the shipped node also carries measured all-reduce lines, checked below)
+    system = dataclasses.replace(shipped, intra_link=shipped.intra_link.model_copy(update={"fits": []}))
     plan = build_training_plan(workload, system, build_layout(workload, system, src))
     activation = 2048 * 12288 * 2  # tokens x hidden x fp16
     # each of the 8 tensor ranks sends 1/8 over its own 200 Gb/s NIC (20 GB/s at 80%), 5 us latency
@@ -268,6 +272,11 @@ def test_pipeline_sends_scatter_over_tensor_ranks_and_gather_in_the_node(sequenc
     gather = 7 * 2e-6 + 7 / 8 * activation / 240e9
     expected = send if sequence_parallel else send + gather  # sequence-parallel shards are already 1/8
     assert plan.stages[0].p2p.seconds == pytest.approx(expected)
+    # with the measured lines the all-gather is half a fitted 8-rank all-reduce of the 50 MB buffer
+    line = max((f for f in shipped.intra_link.fits if f.ranks == 8), key=lambda f: f.max_bytes)
+    measured_gather = (line.latency_us * 1e-6 + activation / (line.bandwidth_gb_s * 1e9)) / 2
+    plan = build_training_plan(workload, shipped, build_layout(workload, shipped, src))
+    assert plan.stages[0].p2p.seconds == pytest.approx(send if sequence_parallel else send + measured_gather)
 
 
 def _moe_plan(p: int, m: int, v: int, schedule: str, share: float = 0.0) -> TrainingPlan:
