@@ -90,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-name", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    with args.vidur_csv.open(newline="") as stream:
-        rows = convert(list(csv.DictReader(stream)), args.device_name)
+    try:
+        with args.vidur_csv.open(newline="") as stream:
+            rows = convert(list(csv.DictReader(stream)), args.device_name)
+    except OSError as error:
+        print(f"{args.vidur_csv}: cannot read it ({error.strerror})", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError) as error:
+        print(f"{args.vidur_csv}: not a Vidur all-reduce table (column {error} missing or not a number)", file=sys.stderr)
+        return 2
     if not rows:
         print(f"{args.vidur_csv}: no whole-node all-reduce rows at power-of-two sizes", file=sys.stderr)
         return 2

@@ -146,3 +146,14 @@ def test_the_shipped_table_refits_to_the_shipped_lines() -> None:
         assert (fit.ranks, fit.max_bytes) == (line.ranks, line.max_bytes)
         assert fit.latency_us == pytest.approx(line.latency_us, abs=0.006)
         assert fit.bandwidth_gb_s == pytest.approx(line.bandwidth_gb_s, abs=0.006)
+
+
+def test_a_table_that_is_not_vidurs_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    module = _converter()
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("a,b\n1,2\n")
+    assert module.main([str(wrong), "--device-name", "A100", "--out", str(tmp_path / "o.csv")]) == 2
+    assert module.main([str(tmp_path / "missing.csv"), "--device-name", "A100", "--out", str(tmp_path / "o.csv")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "num_workers" in lines[0] and "cannot read" in lines[1]
+    assert not (tmp_path / "o.csv").exists()
