@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
-import tempfile
 from pathlib import Path
+
+from simcc.errors import InputError
+from simcc.io import read_user_text, write_atomically
 
 VIDUR_STAT = "time_stats.all_reduce.{}"
 COLUMNS = ("collective", "bytes", "ranks", "ranks_per_node", "median_s", "p10_s", "p90_s", "repeats", "backend",
@@ -35,6 +37,7 @@ COLUMNS = ("collective", "bytes", "ranks", "ranks_per_node", "median_s", "p10_s"
 ROUNDS = 3  # Vidur's ACTIVE_STEPS
 SMALLEST_BYTES = 4096
 STEPS_PER_OCTAVE = 4
+MAX_TABLE_BYTES = 64 << 20  # Vidur's largest sweep table is ~650 KB
 
 
 def ladder_sizes(sizes: list[int]) -> set[int]:
@@ -73,15 +76,12 @@ def _simcc_row(row: dict[str, str], ranks: int, size: int, device_name: str) -> 
             "device_name": device_name, "torch_version": "unknown (Vidur, 2024-05)"}
 
 
-def write_atomically(path: Path, rows: list[dict[str, object]]) -> None:
-    if path.exists():
-        raise SystemExit(f"{path}: exists; not replacing it")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
+def table_text(rows: list[dict[str, object]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,18 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        with args.vidur_csv.open(newline="") as stream:
-            rows = convert(list(csv.DictReader(stream)), args.device_name)
-    except OSError as error:
-        print(f"{args.vidur_csv}: cannot read it ({error.strerror})", file=sys.stderr)
+        if args.out.exists():  # a table the user owns is never replaced
+            raise InputError("--out", str(args.out), "exists; write the table elsewhere")
+        text = read_user_text(args.vidur_csv, MAX_TABLE_BYTES, "a Vidur table")
+        try:
+            rows = convert(list(csv.DictReader(io.StringIO(text))), args.device_name)
+        except (KeyError, ValueError) as error:
+            raise InputError(str(args.vidur_csv), f"column {error}", "missing or not a number: not a Vidur all-reduce table") from None
+        if not rows:
+            raise InputError(str(args.vidur_csv), "num_workers", "no whole-node rows (devices_per_node equal to num_workers)")
+        write_atomically(args.out, table_text(rows), "--out")
+    except InputError as error:
+        print(error, file=sys.stderr)
         return 2
-    except (KeyError, ValueError) as error:
-        print(f"{args.vidur_csv}: not a Vidur all-reduce table (column {error} missing or not a number)", file=sys.stderr)
-        return 2
-    if not rows:
-        print(f"{args.vidur_csv}: no whole-node all-reduce rows at power-of-two sizes", file=sys.stderr)
-        return 2
-    write_atomically(args.out, rows)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0
 

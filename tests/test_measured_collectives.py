@@ -5,7 +5,6 @@ held-out split per rank count, and the Vidur table converter."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -18,13 +17,14 @@ from simcc.layout import CommGroup
 from simcc.specs.hardware import CollectiveFit
 from simcc.specs.loader import load_hardware
 
+from conftest import with_intra_fits
+
 ROOT = Path(__file__).resolve().parents[1]
 EIGHT = CommGroup(8, 8)
 
 
 def _with_fits(fits: list[CollectiveFit]):
-    system = load_hardware("dgx_a100_x1", [])
-    return dataclasses.replace(system, intra_link=system.intra_link.model_copy(update={"fits": fits}))
+    return with_intra_fits(load_hardware("dgx_a100_x1", []), fits)
 
 
 def test_shipped_a100_lines_follow_the_measured_mid_size_slowdown() -> None:
@@ -128,8 +128,9 @@ def test_vidur_rows_become_simcc_collective_rows(tmp_path: Path) -> None:
     assert [(int(r["ranks"]), int(r["bytes"])) for r in converted] == [(8, 8 << 20), (8, 64 << 20)]
     assert float(converted[1]["median_s"]) == pytest.approx(675e-6)  # milliseconds to seconds
     assert float(converted[1]["p10_s"]) == pytest.approx(600e-6) and float(converted[1]["p90_s"]) == pytest.approx(700e-6)
-    with pytest.raises(SystemExit):  # a table the user owns is never replaced
-        module.main([str(source), "--device-name", "A100", "--out", str(out)])
+    before = out.read_bytes()  # a table the user owns is never replaced
+    assert module.main([str(source), "--device-name", "A100", "--out", str(out)]) == 2
+    assert out.read_bytes() == before
 
 
 def test_the_shipped_table_refits_to_the_shipped_lines() -> None:
@@ -154,6 +155,11 @@ def test_a_table_that_is_not_vidurs_is_one_line_and_exit_2(tmp_path: Path, capsy
     wrong.write_text("a,b\n1,2\n")
     assert module.main([str(wrong), "--device-name", "A100", "--out", str(tmp_path / "o.csv")]) == 2
     assert module.main([str(tmp_path / "missing.csv"), "--device-name", "A100", "--out", str(tmp_path / "o.csv")]) == 2
+    not_utf8 = tmp_path / "latin1.csv"
+    not_utf8.write_bytes(b"num_workers,size\n\xe9,1\n")
+    assert module.main([str(not_utf8), "--device-name", "A100", "--out", str(tmp_path / "o.csv")]) == 2
+    assert module.main([str(wrong), "--device-name", "A100", "--out", str(wrong)]) == 2  # the output is the input
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and "num_workers" in lines[0] and "cannot read" in lines[1]
-    assert not (tmp_path / "o.csv").exists()
+    assert len(lines) == 4
+    assert "num_workers" in lines[0] and "file not found" in lines[1] and "UTF-8" in lines[2] and "exists" in lines[3]
+    assert not (tmp_path / "o.csv").exists() and wrong.read_text() == "a,b\n1,2\n"

@@ -15,6 +15,8 @@ from simcc.sim.training import _simulate, simulate_training, task_order
 from simcc.specs.loader import load_hardware, load_workload
 from simcc.plan.training import ChunkPlan, Cost, StagePlan, TrainingPlan, build_training_plan
 
+from conftest import with_intra_fits
+
 
 def _finish_times(starts_and_work: list[tuple[float, float | tuple[float, ...]]]) -> list[float]:
     """When each sender's last flow ends; a tuple of works is sent back to back, each flow
@@ -258,12 +260,10 @@ def test_gradient_buckets_overlap_the_backward_pass():
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_pipeline_sends_scatter_over_tensor_ranks_and_gather_in_the_node(sequence_parallel):
-    import dataclasses
-
     workload, src = load_workload("megatron_175b_train", [f"parallelism.sequence_parallel={str(sequence_parallel).lower()}"])
     shipped = load_hardware("dgx_a100_x8")
     # the link model alone (the shipped node also carries measured all-reduce lines, checked below)
-    system = dataclasses.replace(shipped, intra_link=shipped.intra_link.model_copy(update={"fits": []}))
+    system = with_intra_fits(shipped, [])
     plan = build_training_plan(workload, system, build_layout(workload, system, src))
     activation = 2048 * 12288 * 2  # tokens x hidden x fp16
     # each of the 8 tensor ranks sends 1/8 over its own 200 Gb/s NIC (20 GB/s at 80%), 5 us latency

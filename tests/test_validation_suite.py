@@ -18,6 +18,8 @@ from simcc.model.blocks import distinct_rows
 from simcc.specs.loader import load_hardware, load_workload
 from simcc.validation import SUITES, load_suite, run_suite, summary
 
+from conftest import with_intra_fits
+
 
 @pytest.fixture(scope="module")
 def rows():
@@ -72,11 +74,8 @@ def test_suite_covers_the_published_families():
 
 
 def test_large_all_reduce_bus_bandwidth_is_the_link_at_its_efficiency():
-    import dataclasses
-
-    shipped = load_hardware("dgx_a100_x1")
     # the link model alone: the shipped node's measured lines are checked in test_measured_collectives
-    system = dataclasses.replace(shipped, intra_link=shipped.intra_link.model_copy(update={"fits": []}))
+    system = with_intra_fits(load_hardware("dgx_a100_x1"), [])
     size = 2.0**30
     seconds = collective_time("all_reduce", size, CommGroup(8, 8), system)
     # nccl-tests bus bandwidth of a ring all-reduce tends to the link bandwidth x efficiency (300 x 0.8)

@@ -198,11 +198,11 @@ def _fitted(fits: list, collective: Collective, ranks: int, size: float) -> floa
     if not lines:
         return None
     floor = 0.0
-    for line in lines:
-        if size <= line.max_bytes or line is lines[-1]:
+    for line in lines[:-1]:
+        if size <= line.max_bytes:
             return max(floor, _on_line(line, size))
         floor = max(floor, _on_line(line, line.max_bytes))
-    raise AssertionError("unreachable: the last line answers")
+    return max(floor, _on_line(lines[-1], size))
 
 
 def _on_line(line, size: float) -> float:
