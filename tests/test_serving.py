@@ -134,13 +134,15 @@ def test_a_request_that_can_never_fit_names_the_workload_file():
     assert result.stderr.startswith("error: ") and "mixtral_8x7b_serve_edge.yaml: serve: one request's KV cache" in result.stderr
 
 
-def _expert_weight_reads(workload, batch: int) -> float:
-    """Bytes of expert weights one decode step at `batch` reads in one MoE layer (up + down)."""
+def _expert_weight_reads(workload, batch: int, tp: int = 1) -> float:
+    """Bytes of expert weights one decode step at `batch` reads in one MoE layer (up + down), on
+    one of `tp` ranks that shard the sequence and each expert (sequence and expert TP)."""
     from simcc.model.blocks import Batch, Shard
     from simcc.model.kinds.moe_ffn import work
 
     spec = next(b.moe_ffn for b in workload.model.blocks[1].blocks if getattr(b, "moe_ffn", None))
-    forward = work(spec, workload.model.hidden, Batch(batch, 1, 128), Shard(seed=3, sample_seed=3))
+    shard = Shard(tp=tp, sequence_parallel=tp > 1, expert_tp=tp, seed=3, sample_seed=3)
+    forward = work(spec, workload.model.hidden, Batch(batch, 1, 128), shard)
     experts = [op for op in forward.forward if op.name in ("moe.expert_up", "moe.expert_down")]
     rows = sum(op.kernels[0][0][0] * len(op.kernels[0]) for op in experts[:1])  # tokens x k
     return sum(op.bytes for op in experts), rows
@@ -159,6 +161,21 @@ def test_a_decode_step_reads_the_experts_its_tokens_picked(experts, k, batch):
     token_rows = batch * k * (hidden + 2 * ffn) * 2 + batch * k * (ffn + hidden) * 2  # activations in and out
     moved, _ = _expert_weight_reads(workload, batch)
     assert moved == pytest.approx(distinct * one_expert + token_rows, rel=1e-6)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_expert_tensor_parallel_ranks_read_the_experts_of_the_whole_batch(tp):
+    """With sequence parallelism each TP rank routes 8 / tp of a batch of 8, but the expert-TP
+    all-gather hands every rank the whole batch: each reads its 1/tp slice of every expert any of
+    the 8 tokens picked, 8 (1 - (6/8)^8) = 7.20 of Mixtral's 8 (hand-derived), not the 5.5 that
+    one rank's own tokens pick."""
+    workload, _ = load_workload("mixtral_8x7b_serve_edge", [])
+    hidden, ffn, batch = workload.model.hidden, 14336, 8
+    distinct = 8 * (1 - (6 / 8) ** batch)
+    token_rows = batch * 2 * (hidden + 2 * ffn / tp) * 2 + batch * 2 * (ffn / tp + hidden) * 2
+    moved, rows = _expert_weight_reads(workload, batch, tp)
+    assert rows == pytest.approx(batch * 2, rel=0.35)  # the gathered batch's token copies, not 1/tp of them
+    assert moved == pytest.approx(distinct * 3 * hidden * ffn * 2 / tp + token_rows, rel=1e-6)
 
 
 def test_decode_step_time_grows_with_the_experts_a_batch_reads():

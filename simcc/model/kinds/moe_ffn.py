@@ -132,16 +132,20 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     # Permute tokens into expert order: gather k copies of each token, read once and written once.
     fwd.append(elementwise("moe.permute", routed_tokens * spec.k * hidden, 1, 1, dt, family="permute"))
 
-    loads = rank_loads(spec, routed_tokens, ep, shard.seed, shard.sample_seed, balanced=not shard.executed,
+    # An expert-TP group all-gathers what its ranks received, so its experts see etp shards'
+    # tokens: the loads, and which experts have a token and so read their weights, are drawn over
+    # those (one shard's draw scaled by etp would read too few experts and skew too much).
+    gathered = etp if sharded else 1
+    loads = rank_loads(spec, routed_tokens * gathered, ep, shard.seed, shard.sample_seed, balanced=not shard.executed,
                        draws=shard.load_draws, expert_params=ffn_params(hidden, spec.expert_hidden, spec.gated).dense)
     # Dropless: each rank sends its routed token copies. Capacity: the zero-padded experts x
     # capacity x hidden dispatch buffer moves whole, in the dispatch and again in the combine
     # (Tutel's GatingEncoder fills such a buffer: microsoft/tutel, tutel/impls/fast_dispatch.py;
     # Hwang et al. 2023, arXiv 2206.03382), so traffic grows with cf.
     if loads.capacity is None:
-        sent_per_rank = (loads.routed - loads.dropped) / ep
+        sent_per_rank = (loads.routed - loads.dropped) / ep / gathered
     else:
-        sent_per_rank = loads.capacity * spec.experts / ep
+        sent_per_rank = loads.capacity * spec.experts / ep / gathered
     sent_per_rank *= _copies_per_assignment(spec, ep)
     routing = spec.routing
     dispatch_dtype = routing.dispatch_dtype or shard.comm_dtype
@@ -154,8 +158,7 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     dispatch_item, combine_item = _dispatch_and_combine(spec, shard, routed_tokens * hidden, dispatch, combine, remote)
     if ep > 1:
         fwd.append(dispatch_item)
-    gathered = etp if sharded else 1  # expert-TP ranks each received their own shard's tokens
-    busiest, mean = [n * gathered for n in loads.busiest_rank], [n * gathered for n in loads.mean_rank]
+    busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
     comm_bytes = DTYPE_BYTES[shard.comm_dtype]
     if sharded and etp > 1:
         fwd.append(Comm("moe.expert_tp_gather", "all_gather", sum(busiest) * hidden * comm_bytes, "etp"))
@@ -206,7 +209,7 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         shadow = routing.replicate_hot * gated_width(spec.expert_hidden, spec.gated) * hidden * 1.5 / etp
         result.per_step.append(Comm("moe.shadow_broadcast", "all_gather", shadow * DTYPE_BYTES[shard.dtype], "ep"))
         result.per_step_grads.append(Comm("moe.shadow_grad_reduce", "reduce_scatter", shadow * DTYPE_BYTES[shard.dtype], "ep"))
-    kept_per_token = (loads.routed - loads.dropped) / (routed_tokens * ep) if T else 0.0
+    kept_per_token = (loads.routed - loads.dropped) / (routed_tokens * gathered * ep) if T else 0.0
     intra = None
     if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:
         local = max(1, ep // shard.ep_nodes)
