@@ -293,3 +293,32 @@ def test_goodput_counts_the_requests_that_meet_every_objective():
     assert goodput(ttft * 0.99, None).share_meeting_slo == 0.0
     assert goodput(None, tpot * 0.99).goodput_tokens_per_s == 0.0
     assert goodput(None, None) is None
+
+
+@pytest.mark.parametrize("batch,per_pair", [(8, True), (31, True), (32, False)])
+def test_an_engine_that_reads_each_token_expert_pair_pays_for_repeats(batch, per_pair):
+    """llama.cpp's Metal backend runs a matrix-vector product per (token, expert) pair below 32
+    tokens: a 128-expert top-8 layer at batch 8 reads 64 expert slices, not the 51.6 distinct
+    experts E (1 - (1 - k/E)^B) a per-expert GEMM reads (hand-derived); from 32 tokens it gathers
+    each expert's rows and reads it once. The extra bytes stream at the device's bandwidth."""
+    from simcc.costs.compute import op_cost
+    from simcc.model.blocks import Batch, Shard
+    from simcc.model.kinds.moe_ffn import work
+
+    workload, _ = load_workload("mixtral_8x7b_serve_edge", [
+        "model.blocks.1.blocks.1.moe_ffn.experts=128", "model.blocks.1.blocks.1.moe_ffn.k=8"])
+    spec = next(b.moe_ffn for b in workload.model.blocks[1].blocks if getattr(b, "moe_ffn", None))
+    hidden, ffn = workload.model.hidden, 14336
+    up = next(op for op in work(spec, hidden, Batch(batch, 1, 128), Shard(seed=3, sample_seed=3)).forward
+              if op.name == "moe.expert_up")
+    distinct = 128 * (1 - (1 - 8 / 128) ** batch)
+    one_up = hidden * 2 * ffn * 2  # fp16 up and gate slices of one expert
+    assert up.pair_reads.extra_bytes == pytest.approx((batch * 8 - distinct) * one_up, rel=1e-6)
+
+    device = load_hardware("apple_m2_ultra").device
+    assert device.efficiency.expert_matvec_below_tokens == 32
+    grouped = device.model_copy(update={"efficiency": device.efficiency.model_copy(
+        update={"expert_matvec_below_tokens": 0})})
+    extra = op_cost(device, up).seconds - op_cost(grouped, up).seconds
+    stream = device.memory_bandwidth_gb_s * 1e9 * device.efficiency.memory
+    assert extra == pytest.approx(up.pair_reads.extra_bytes / stream if per_pair else 0.0, rel=1e-6, abs=1e-12)

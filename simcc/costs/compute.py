@@ -150,10 +150,14 @@ def op_cost(device: Device, op: Op) -> OpCost:
 
 
 def _op_cost(device: Device, op: Op) -> OpCost:
-    seconds, bound = _roofline(device, op, op.flops, op.bytes)
+    moved, mean_moved = op.bytes, op.mean_bytes if op.mean_bytes is not None else op.bytes
+    pairs = op.pair_reads
+    if pairs is not None and pairs.tokens < device.efficiency.expert_matvec_below_tokens:
+        moved, mean_moved = moved + pairs.extra_bytes, mean_moved + pairs.mean_extra_bytes
+    seconds, bound = _roofline(device, op, op.flops, moved)
     if op.mean_flops is None:
         return OpCost(seconds, seconds, bound)
-    mean, _ = _roofline(device, op, op.mean_flops, op.mean_bytes if op.mean_bytes is not None else op.bytes)
+    mean, _ = _roofline(device, op, op.mean_flops, mean_moved)
     return OpCost(seconds, min(mean, seconds), bound)
 
 

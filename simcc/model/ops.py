@@ -34,6 +34,18 @@ def _cached_hash(item: "Op") -> int:
 
 
 @dataclass(frozen=True)
+class PairReads:
+    """What a grouped GEMM reads when its engine runs one matrix-vector product per (token, expert)
+    pair, as some small-batch expert kernels do: every pair reads its expert's weights, so an
+    expert picked by several of the step's tokens is read once per token (costs.compute applies it
+    where the device's engine does)."""
+
+    tokens: float  # tokens in the step: the engine picks its kernel by them
+    extra_bytes: float  # busiest rank: weight bytes beyond reading each expert with tokens once
+    mean_extra_bytes: float  # the same on an average rank
+
+
+@dataclass(frozen=True)
 class Op:
     name: str
     family: str  # gemm | grouped_gemm | attention | conv | lstm | elementwise | gate | permute | embedding
@@ -50,6 +62,7 @@ class Op:
     # tiles all its experts in one kernel, a batched one all its copies); the kernels do equal
     # FLOPs. Empty: shape unknown.
     kernels: tuple[tuple["GemmBlock", ...], ...] = ()
+    pair_reads: PairReads | None = None  # grouped GEMMs: their weight reads as per-pair products
 
     def __hash__(self) -> int:
         return _cached_hash(self)
@@ -126,6 +139,7 @@ def backward_of(item: WorkItem) -> WorkItem:
         mean_flops=scale(item.mean_flops),
         mean_bytes=None if item.mean_bytes is None else item.mean_bytes * b_ratio,
         kernels=kernels,
+        pair_reads=None,  # per-pair matrix-vector products are an inference engine's forward kernel
     )
 
 
@@ -166,11 +180,12 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
                  active: float | None = None, mean_active: float | None = None,
-                 operands: GemmOperands | None = None) -> Op:
+                 operands: GemmOperands | None = None, step_tokens: float | None = None) -> Op:
     """One GEMM per local expert with its own token count; only experts with tokens read weights.
     `active` / `mean_active`: the expected experts with tokens in one step, when the token counts
     are expectations over steps (each step reads the weights of the experts it picked, not of every
-    expert some step picked); by default, the experts with a positive count."""
+    expert some step picked); by default, the experts with a positive count. `step_tokens`: the
+    tokens the step routes, for engines that switch to per-pair products below a batch size."""
     b = DTYPE_BYTES[dtype]
     op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
 
@@ -188,9 +203,14 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
     launched = max(1, round(used))
     if launched < len(blocks):
         blocks = ((sum(busiest) / launched, k, n, 1),) * launched
+    pairs = None
+    if step_tokens is not None:
+        mean_used = sum(1 for t in mean if t > 0) if mean_active is None else mean_active
+        pairs = PairReads(step_tokens, max(0.0, sum(busiest) - used) * k * n * w_bytes,
+                          max(0.0, sum(mean) - mean_used) * k * n * w_bytes)
     return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
-              kernels=(blocks,))
+              kernels=(blocks,), pair_reads=pairs)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from simcc.specs.base import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, StrictModel, int_up_to
+from simcc.specs.base import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, StrictModel, int_up_to
 from simcc.specs.vocab import Collective, Dtype  # noqa: F401 (Dtype re-exported)
 
 
@@ -65,6 +65,10 @@ class Efficiency(StrictModel):
     # Host work an inference engine does once per serving step (building and encoding the step's
     # graph, sampling), beyond each kernel's launch; measured for an engine, 0 where unknown.
     serving_step_us: NonNegativeFloat = 0.0
+    # Below this many tokens in a step, the engine's expert kernel runs one matrix-vector product
+    # per (token, expert) pair, each reading its expert's weights, instead of one GEMM per expert
+    # (0: always per expert). Measured for an engine, as serving_step_us.
+    expert_matvec_below_tokens: NonNegativeInt = 0
     curves: dict[Literal["gemm", "grouped_gemm", "attention", "conv", "lstm", "moefication", "gemm_backward",
                          "grouped_gemm_backward"], EfficiencyCurve] = {}
     # Fraction of memory bandwidth against bytes moved, per memory-bound family.

@@ -172,7 +172,8 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         fwd.append(elementwise("moe.sort_chunks", sum(busiest) * hidden, 1, 1, dt, family="permute"))
     up_width = gated_width(spec.expert_hidden, spec.gated) / etp
     # the weights one step reads: its experts with tokens, at their stored size
-    active = dict(active=loads.busiest_active, mean_active=loads.mean_active, operands=shard.expert_gemm)
+    active = dict(active=loads.busiest_active, mean_active=loads.mean_active, operands=shard.expert_gemm,
+                  step_tokens=routed_tokens * gathered)
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt, **active))
     reads = 2 if spec.gated else 1
     act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
