@@ -342,8 +342,20 @@ def _estimate_training(run: _Run, result: Estimate, plan: TrainingPlan | None = 
     result.moe = _moe_section([s for st in plan.stages for c in st.chunks for s in c.moe])
     result.moe_layers = _moe_layer_rows(plan, run.layout)
     result.comm = _comm_section(plan, sim)
+    if workload.parallelism.offload_activation_layers:
+        result.notes.append(_offload_note(plan))
     if workload.named_schedules:
         _estimate_schedules(run, result)
+
+
+def _offload_note(plan: TrainingPlan) -> str:
+    """What activation offloading moves and what it costs (its waits are part of compute_s)."""
+    copies = [c for stage in plan.stages for chunk in stage.chunks for c in chunk.forward + chunk.backward
+              if c.name.startswith("offload.")]
+    moved = sum(c.bytes for c in copies if c.name == "offload.to_host")
+    waited = sum(c.seconds for c in copies) * plan.microbatches
+    return (f"activation offloading: {moved / 1e9:.2f} GB to host and back per micro-batch; the copies wait "
+            f"{waited:.3f} s per step beyond the neighbouring layers' compute (counted in compute_s)")
 
 
 def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> None:

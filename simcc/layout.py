@@ -164,6 +164,9 @@ def _check_model_split(workload: Workload, unit_list: list[Unit], source: str) -
                        "(with the embedding) and the last (with the LM head) may have 0 layers")
     elif units < pp * vpp:
         raise fail("parallelism.pp", f"pp x vpp = {pp * vpp} exceeds the model's {units} pipeline units (layers)")
+    if par.offload_activation_layers >= units:
+        raise fail("parallelism.offload_activation_layers", f"expected fewer layers than the model's {units} "
+                   f"(Megatron-Core offloads fewer than num_layers), got {par.offload_activation_layers}")
     for spec in specs:
         refusal = context_parallel_refusal(spec, par.cp)
         if refusal is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from simcc.costs.collectives import collective_time, latency_floor, ring_exposed, ring_steps
 from simcc.costs.compute import op_cost
+from simcc.errors import InputError
 from simcc.layout import CommGroup, Layout
 from simcc.memo import Memo
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
@@ -179,6 +180,7 @@ class ForwardWork:
     moe_ranges: list[tuple[int, int]] = field(default_factory=list)  # each MoE layer's slice of `items`
     unit_step_grads: list[list[WorkItem]] = field(default_factory=list)  # once per step, with each unit's gradients
     unit_works: list["_UnitWork"] = field(default_factory=list)  # what `items` and `replay` concatenate, unit by unit
+    offloaded: list[float] = field(default_factory=list)  # saved bytes each offloaded unit sends to the host
 
 
 @dataclass(frozen=True)
@@ -207,12 +209,13 @@ def forward_work(units: list[Unit], workload: Workload, layout: Layout, batch: B
     hidden = workload.model.hidden
     shard = shard_of(workload, layout, step)
     policy = (workload.parallelism.recompute, tuple(workload.parallelism.recompute_modules))
+    offloaded = workload.parallelism.offload_activation_layers if workload.train is not None else 0
     per_layer = drawn_per_layer(shard)
     tokens = tuple(_alike(unit, per_layer) for unit in units)
     if not any(reads_dp for _, reads_dp in tokens):
         shard = without_data_parallel(shard)  # the same work for any dp and micro-batch count
-    return _FORWARD_WORKS.get((tokens, hidden, batch, shard, policy),
-                              lambda: _assembled(units, hidden, batch, shard, policy, layout.tp))
+    return _FORWARD_WORKS.get((tokens, hidden, batch, shard, policy, offloaded),
+                              lambda: _assembled(units, hidden, batch, shard, policy, layout.tp, offloaded))
 
 
 # Whole chunks' works, for plans that meet the same chunk again (a search's layouts that differ
@@ -221,7 +224,7 @@ _FORWARD_WORKS: Memo[ForwardWork] = Memo(2_000)
 
 
 def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, policy: tuple[str, tuple[str, ...]],
-               tp: int) -> ForwardWork:
+               tp: int, offloaded: int = 0) -> ForwardWork:
     out = ForwardWork()
     per_layer = drawn_per_layer(shard)
     for unit in units:
@@ -241,6 +244,12 @@ def _assembled(units: list[Unit], hidden: int, batch: Batch, shard: Shard, polic
         out.moe += work.moe
         out.moe_ranges += [(first + start, first + end) for start, end in work.moe_ranges]
         out.per_step += work.per_step
+    if offloaded:
+        # Transformer Engine's offload handler (get_cpu_offload_context, double-buffered) copies one
+        # offloaded layer out while the next computes, and prefetches one back ahead of its
+        # backward: of the offloaded layers, one layer's activations are on the device at a time.
+        out.offloaded = [work.saved_bytes for work in out.unit_works[:offloaded]]
+        out.saved_bytes -= sum(out.offloaded) - max(out.offloaded)
     return out
 
 
@@ -501,6 +510,10 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
         chunk.forward, chunk.backward = chunk.sampled[0]  # the expected-load costs would never be played
     else:
         chunk.forward, chunk.backward = _costed(work, system, layout)  # memoised: the costs above, if any
+    if work.offloaded:
+        copies = offload_costs(work, system, layout)
+        chunk.forward, chunk.backward = chunk.forward + [copies[0]], [copies[1]] + chunk.backward
+        chunk.sampled = [(forward + [copies[0]], [copies[1]] + backward) for forward, backward in chunk.sampled]
     synced: dict[tuple[float, ...], list[Cost]] = {}  # alike layers reduce alike gradients
     for params, extra in zip(work.unit_params, work.unit_step_grads):
         key = params.astuple()
@@ -510,6 +523,33 @@ def build_chunk(units: list[Unit], workload: Workload, system: System, layout: L
     chunk.param_sync = (_param_gather(work.params, workload, system, layout)
                         + [cost_item(i, system, layout) for i in work.per_step])
     return chunk
+
+
+def offload_costs(work: ForwardWork, system: System, layout: Layout) -> tuple[Cost, Cost]:
+    """What activation offloading makes a micro-batch wait for, in its forward and its backward.
+    Each offloaded layer's saved bytes cross the host link (PCIe, one direction each way) while
+    the next layer computes: out during that layer's forward, back during its backward, which
+    runs just before (Transformer Engine's double-buffered offload handler). Only a copy's time
+    beyond its neighbour's compute is waited for."""
+    forward, _, backward = _costed_by_item(work, system, layout)
+    ends = work.unit_starts[1:] + [len(work.items)]
+
+    def compute(costs: list[Cost], unit: int) -> float:
+        if unit >= len(work.unit_starts):
+            return 0.0
+        return sum(c.seconds for c in costs[work.unit_starts[unit]:ends[unit]] if c.stream == "compute")
+
+    link = system.host_link
+    if link is None:
+        raise InputError(system.source_file, "host_link", "activation offloading copies to host memory: the profile "
+                         "needs a node with a host_link (a device alone has none)")
+    out = back = 0.0
+    for unit, saved in enumerate(work.offloaded):
+        copy = link.latency_us * 1e-6 + saved / (link.bandwidth_gb_s * 1e9 * link.efficiency)
+        out += max(0.0, copy - compute(forward, unit + 1))
+        back += max(0.0, copy - compute(backward, unit + 1))
+    moved = sum(work.offloaded)
+    return (Cost("offload.to_host", "compute", out, bytes=moved), Cost("offload.from_host", "compute", back, bytes=moved))
 
 
 def _sharded_groups(params: Params, layout: Layout) -> list[tuple[str, float]]:

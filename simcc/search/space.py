@@ -109,12 +109,14 @@ class Candidate:
         return self.devices // (self.tp * self.cp * self.pp)
 
     def parallelism(self, recompute: str) -> dict:
-        """The workload's `parallelism` fields for this layout under one recompute policy."""
+        """The workload's `parallelism` fields for this layout under one recompute policy. Activation
+        offloading is left off: it never makes a step faster, and it rules out pp > 1 and recompute."""
         return {"tp": self.tp, "cp": self.cp, "pp": self.pp, "vpp": self.vpp, "ep": self.ep, "expert_tp": self.expert_tp,
                 "micro_batch": self.micro_batch, "zero_stage": self.zero_stage, "recompute": recompute,
                 "sequence_parallel": self.sequence_parallel, "overlap_moe_comm": self.overlap_moe_comm,
                 "overlap_grad_reduce": self.overlap_grad_reduce, "overlap_p2p": self.overlap_p2p,
-                "schedule": "interleaved" if self.vpp > 1 else "1f1b", "dp": None, "pipeline_layout": None}
+                "schedule": "interleaved" if self.vpp > 1 else "1f1b", "dp": None, "pipeline_layout": None,
+                "offload_activation_layers": 0}
 
     def label(self, recompute: str) -> str:
         parts = [f"{self.devices} dev", f"tp{self.tp}"] + ([f"cp{self.cp}"] if self.cp > 1 else []) + [f"pp{self.pp}"]

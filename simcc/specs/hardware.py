@@ -237,6 +237,7 @@ class System:
     storage: Storage | None
     price: Price | None
     source_file: str
+    host_link: Link | None = None  # a device's link to its host's memory (PCIe); None: not described
 
     @property
     def devices(self) -> int:
@@ -283,12 +284,13 @@ def system_from(profile: Device | Node | Cluster | Edge, source_file: str) -> Sy
     if isinstance(profile, Node):
         device = _per_process(profile.device, profile.devices_per_node, profile.threads_per_device)
         return System(profile.name, "node", device, profile.devices_per_node, 1,
-                      profile.intra_link, None, None, profile.device.price, source_file)
+                      profile.intra_link, None, None, profile.device.price, source_file, profile.host_link)
     if isinstance(profile, Cluster):
         node = profile.node
         device = _per_process(node.device, node.devices_per_node, node.threads_per_device)
         return System(profile.name, "cluster", device, node.devices_per_node, profile.nodes,
-                      node.intra_link, profile.network, None, profile.price or node.device.price, source_file)
+                      node.intra_link, profile.network, None, profile.price or node.device.price, source_file,
+                      node.host_link)
     return System(profile.name, "edge", _per_process(profile.device, 1, None), 1, 1, None, None, profile.storage,
                   profile.price or profile.device.price, source_file)
 

@@ -158,6 +158,10 @@ class Parallelism(StrictModel):
     # moe_act, expert_hidden (Shazeer et al. 2017's experts), layernorm, mlp, moe, mla_up_proj.
     recompute_modules: list[Literal["moe_act", "expert_hidden", "layernorm", "mlp", "moe", "mla_up_proj"]] = Field(
         default_factory=list, max_length=6)
+    # Megatron-Core's activation offloading (--cpu-offloading with --cpu-offloading-num-layers N):
+    # the first N layers' saved activations go to host memory during the forward pass and come back
+    # before their backward, over the node's host link (plan/training.py, offload_costs).
+    offload_activation_layers: Annotated[int, Field(ge=0, le=MAX_EXPANDED_BLOCKS)] = 0
     # dualpipe: DeepSeek-V3's bidirectional schedule (report sec. 3.2.1; deepseek-ai/DualPipe
     # dualpipe/dualpipe.py): the model cut into pp chunks, rank r holding chunk r for micro-batches
     # fed from rank 0 and chunk pp-1-r for those fed from rank pp-1 (two copies of the weights).
@@ -182,6 +186,13 @@ class Parallelism(StrictModel):
     def _schedule_matches_vpp(self) -> "Parallelism":
         if self.recompute_modules and self.recompute == "full":
             raise ValueError("recompute_modules refine recompute none or selective; full recomputation replays everything")
+        if self.offload_activation_layers and self.pp > 1:
+            # megatron/core/transformer/transformer_config.py refuses both combinations.
+            raise ValueError("offload_activation_layers needs pp 1: Megatron-Core has no pipeline parallelism with "
+                             "CPU offloading")
+        if self.offload_activation_layers and (self.recompute != "none" or self.recompute_modules):
+            raise ValueError("offload_activation_layers needs recompute none and no recompute_modules: Megatron-Core's "
+                             "CPU offloading does not work with activation recomputation")
         if self.overlap_moe_comm and self.schedule == "gpipe":
             raise ValueError("overlap_moe_comm pairs a forward with a backward: it needs schedule 1f1b or interleaved")
         if self.schedule == "interleaved" and self.vpp < 2:
