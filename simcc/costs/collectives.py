@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from simcc.errors import InputError
 from simcc.layout import CommGroup
 from simcc.specs.hardware import System
 from simcc.specs.vocab import Collective
@@ -39,6 +40,16 @@ def inter_level(system: System) -> LinkLevel:
     if net is None:
         return LinkLevel(float("inf"), 0.0)
     return LinkLevel(system.inter_node_gb_s_per_device() * 1e9, net.latency_us * 1e-6)
+
+
+def host_copy_time(size: float, system: System) -> float:
+    """One device copying `size` bytes to or from its host's memory over its host link (PCIe: one
+    direction each way), at the link's protocol efficiency."""
+    link = system.host_link
+    if link is None:
+        raise InputError(system.source_file, "host_link", "a copy to host memory needs a node with a host_link "
+                         "(a device alone has none)")
+    return link.latency_us * 1e-6 + size / (link.bandwidth_gb_s * 1e9 * link.efficiency)
 
 
 def _ring(steps_factor: float, n: int, size: float, level: LinkLevel) -> float:

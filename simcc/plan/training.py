@@ -9,9 +9,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from simcc.costs.collectives import collective_time, latency_floor, ring_exposed, ring_steps
+from simcc.costs.collectives import collective_time, host_copy_time, latency_floor, ring_exposed, ring_steps
 from simcc.costs.compute import op_cost
-from simcc.errors import InputError
 from simcc.layout import CommGroup, Layout
 from simcc.memo import Memo
 from simcc.model.blocks import Batch, BlockWork, MoEStats, Params, Shard
@@ -539,13 +538,9 @@ def offload_costs(work: ForwardWork, system: System, layout: Layout) -> tuple[Co
             return 0.0
         return sum(c.seconds for c in costs[work.unit_starts[unit]:ends[unit]] if c.stream == "compute")
 
-    link = system.host_link
-    if link is None:
-        raise InputError(system.source_file, "host_link", "activation offloading copies to host memory: the profile "
-                         "needs a node with a host_link (a device alone has none)")
     out = back = 0.0
     for unit, saved in enumerate(work.offloaded):
-        copy = link.latency_us * 1e-6 + saved / (link.bandwidth_gb_s * 1e9 * link.efficiency)
+        copy = host_copy_time(saved, system)
         out += max(0.0, copy - compute(forward, unit + 1))
         back += max(0.0, copy - compute(backward, unit + 1))
     moved = sum(work.offloaded)
