@@ -93,6 +93,23 @@ def test_low_latency_pays_one_network_latency_for_any_number_of_peers():
         assert collective_time("all_to_all", 1.0, CommGroup(n, 8), big, "low_latency") == pytest.approx(latency, rel=1e-3)
 
 
+def test_low_latency_writes_peers_in_the_node_over_nvlink_and_the_rest_through_the_nic():
+    # DeepEP PR #173: low-latency kernels write same-node peers over NVLink. EP16 over 2 nodes of
+    # 8: 8/16 of the copies cross the NIC, 7/16 stay in the node, the two side by side.
+    dgx = load_hardware("dgx_h100_x128")
+    size = 7.3e6
+    nic = dgx.inter_node_gb_s_per_device() * 1e9
+    nvlink = dgx.intra_link.bandwidth_gb_s * 1e9 * (dgx.intra_link.all_to_all_efficiency or dgx.intra_link.efficiency)
+    across = dgx.network.latency_us * 1e-6 + 8 / 16 * size / nic
+    inside = dgx.intra_link.latency_us * 1e-6 + 7 / 16 * size / nvlink
+    ep16 = collective_time("all_to_all", size, CommGroup(16, 8), dgx, "low_latency")
+    assert ep16 == pytest.approx(max(across, inside), rel=1e-9)
+    # More nodes: the NIC share grows towards all of it (248/256 at EP256), so time grows with it.
+    ep256 = collective_time("all_to_all", size, CommGroup(256, 8), dgx, "low_latency")
+    assert ep256 == pytest.approx(dgx.network.latency_us * 1e-6 + 248 / 256 * size / nic, rel=1e-9)
+    assert ep16 < ep256
+
+
 def test_layer_rows_report_what_a_deduplicating_dispatcher_moves_on_each_link():
     from simcc.estimate import estimate
     from simcc.specs.loader import load_workload

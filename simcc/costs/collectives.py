@@ -100,10 +100,13 @@ def _all_to_all(size: float, n: int, local: int, nodes: int, intra: LinkLevel, i
     local_share = max(0.0, (n - 1) / n - remote)
     intra_t = local_share * size / intra.bandwidth if local > 1 else 0.0
     if algorithm == "low_latency":
-        # GPU-initiated RDMA: every copy leaves through the NIC, all peers posted at once, so one
-        # network latency whatever the peers (DeepEP low-latency kernels, pure RDMA).
-        level = inter if nodes > 1 else intra
-        return level.latency + (n - 1) / n * size / level.bandwidth
+        # GPU-initiated sends of each token copy, all peers posted at once, so one latency whatever
+        # the peers. Copies for GPUs of the same node are written over NVLink, the rest leave
+        # through the NIC, side by side (DeepEP's low-latency kernels "leverage NVLink as much as
+        # possible" since deepseek-ai/DeepEP PR #173, 2025-06; before it they were pure RDMA).
+        inside = intra.latency + intra_t if local > 1 else 0.0
+        across = inter.latency + remote * size / inter.bandwidth if nodes > 1 else 0.0
+        return max(inside, across)
     if nodes == 1:
         return peer_rounds(n - 1) * intra.latency + intra_t
     if algorithm == "deduplicated":
