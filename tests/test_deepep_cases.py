@@ -37,19 +37,23 @@ def test_ep16_dispatch_bandwidth_counts_deepep_rdma_bytes() -> None:
     # channels: 7168 x (1 + 4/128) = 7392 B. Bytes = 4096 x 1.992 x 7392 = 60.3 MB.
     reached = 2 * (1 - _no_expert_on_node(128, 256))
     rdma_bytes = TOKENS * reached * HIDDEN * (1 + 4 / 128)
-    # simcc's deduplicated dispatch at EP16 on the H800 profile: the NVLink forward stage bounds it:
-    # every one of the 4096 x 8 FP8 copies (234.9 MB) is forwarded, 7/8 of them to another GPU, over
-    # 200 GB/s x 0.71 (all-to-all efficiency) = 142 GB/s, after one 2 us round of 7 peers (the RDMA
-    # stage: 5 us + 4096 x (1 - p) x 7168 B / 40 GB/s = 0.74 ms, under it).
-    forward_s = 2e-6 + 7 / 8 * TOKENS * K * HIDDEN * 1 / (200e9 * 0.71)
+    # simcc's deduplicated dispatch at EP16 on the H800 profile: the NVLink forward stage bounds it.
+    # DeepEP writes a token once to each GPU holding any of its experts (16 experts per GPU):
+    # E[GPUs] = 16 x (1 - C(240,8)/C(256,8)) = 6.52, 7/8 of them not the forwarding GPU itself,
+    # over 200 GB/s x 0.71 (all-to-all efficiency) = 142 GB/s, after one 2 us round of 7 peers (the
+    # RDMA stage: 5 us + 4096 x (1 - p) x 7168 B / 40 GB/s = 0.74 ms, under it).
+    gpus = 16 * (1 - _no_expert_on_node(16, 256))
+    assert gpus == pytest.approx(6.52, abs=0.01)
+    forward_s = 2e-6 + 7 / 8 * TOKENS * gpus * HIDDEN * 1 / (200e9 * 0.71)
     assert _ep16("dispatch_us") == pytest.approx(forward_s * 1e6, rel=1e-6)
     assert _ep16("dispatch_gb_s") == pytest.approx(rdma_bytes / forward_s / 1e9, rel=1e-6)
 
 
 def test_combine_is_bf16_both_ways() -> None:
-    # Combine returns the same rows in BF16: twice the dispatch's copies' bytes on the NVLink stage,
-    # and DeepEP counts 2 B per element without scales.
-    forward_s = 2e-6 + 7 / 8 * TOKENS * K * HIDDEN * 2 / (200e9 * 0.71)
+    # Combine returns the same rows (one per token and GPU, its experts' outputs summed there) in
+    # BF16: twice the dispatch's bytes on the NVLink stage, and DeepEP counts 2 B per element
+    # without scales.
+    forward_s = 2e-6 + 7 / 8 * TOKENS * 16 * (1 - _no_expert_on_node(16, 256)) * HIDDEN * 2 / (200e9 * 0.71)
     reached = 2 * (1 - _no_expert_on_node(128, 256))
     assert _ep16("combine_us") == pytest.approx(forward_s * 1e6, rel=1e-6)
     assert _ep16("combine_gb_s") == pytest.approx(TOKENS * reached * HIDDEN * 2 / forward_s / 1e9, rel=1e-6)

@@ -3,13 +3,15 @@ two-level topology, against hand-derived values."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from simcc.costs.collectives import collective_time
 from simcc.layout import CommGroup
 from simcc.model.blocks import Batch, Shard
 from simcc.model.kinds import moe_ffn
-from simcc.routing.load import distinct_remote_nodes
+from simcc.routing.load import distinct_ranks, distinct_remote_nodes
 from simcc.specs.blocks import MoEFFNBlock
 from simcc.specs.loader import load_hardware
 
@@ -62,8 +64,22 @@ def test_a_dropless_alltoall_sorts_received_chunks_when_a_rank_has_several_exper
 def test_deduplicated_dispatch_sends_one_copy_per_remote_node():
     dedup = _items(64, ep_nodes=8, experts=256, dispatcher="deduplicated", max_nodes_per_token=4)
     assert dedup["moe.dispatch"].algorithm == "deduplicated"
-    assert dedup["moe.dispatch"].remote_share == pytest.approx(distinct_remote_nodes(256, 8, 8, 4) / 8)
-    assert dedup["moe.dispatch"].bytes == pytest.approx(_items(64, ep_nodes=8, experts=256)["moe.dispatch"].bytes)
+    # Node-limited to 4 of 8 nodes: the 8 experts lie among 4 x 32 = 128, 4 per GPU, so a token
+    # reaches 4 x 8 x (1 - C(124,8)/C(128,8)) GPUs; the bytes are one copy per GPU reached, and
+    # the share leaving the node is that of the distinct remote nodes among them.
+    gpus = 32 * (1 - math.prod((124 - i) / (128 - i) for i in range(8)))
+    assert distinct_ranks(256, 8, 64, 8, 4) == pytest.approx(gpus)
+    assert dedup["moe.dispatch"].remote_share == pytest.approx(distinct_remote_nodes(256, 8, 8, 4) / gpus)
+    per_pair = _items(64, ep_nodes=8, experts=256)["moe.dispatch"].bytes
+    assert dedup["moe.dispatch"].bytes == pytest.approx(per_pair * gpus / 8)
+
+
+def test_distinct_ranks_by_hand():
+    # 8 experts on 4 ranks (2 each), top-2: P(a rank holds neither) = C(6,2)/C(8,2) = 15/28.
+    assert distinct_ranks(8, 2, 4) == pytest.approx(4 * (1 - 15 / 28))
+    assert distinct_ranks(8, 1, 4) == pytest.approx(1.0)  # top-1 reaches one rank
+    assert distinct_ranks(8, 2, 8) == pytest.approx(2.0)  # one expert per rank: k ranks
+    assert distinct_ranks(8, 2, 1) == 1.0
 
 
 def test_fp8_dispatch_halves_one_direction_and_pays_its_quantization():
@@ -119,7 +135,9 @@ def test_layer_rows_report_what_a_deduplicating_dispatcher_moves_on_each_link():
     moved = 4 * 4096 * 8 * 2048 * 2 / 1e6 * 2  # tokens x k x hidden x bf16, dispatch + combine, fwd + bwd, 2 micro-batches
     share = distinct_remote_nodes(128, 8, 2) / 8  # 8 GPUs a node, 2 nodes
     assert row.a2a_inter_mb == pytest.approx(moved * share, rel=1e-6)
-    assert row.a2a_intra_mb == pytest.approx(moved * 7 / 8, rel=1e-6)
+    # NVLink carries one copy per GPU reached (8 experts a GPU), 7/8 of them to another GPU.
+    gpus = 16 * (1 - math.prod((120 - i) / (128 - i) for i in range(8)))
+    assert row.a2a_intra_mb == pytest.approx(moved * gpus / 8 * 7 / 8, rel=1e-6)
 
 
 def test_a_deduplicating_dispatcher_holds_deepeps_default_sms_while_it_overlaps():

@@ -297,3 +297,20 @@ def distinct_remote_nodes(experts: int, k: int, nodes: int, max_nodes: int | Non
 
     used = span * (1.0 - none_on_a_node(per_node * span))
     return used * (nodes - 1) / nodes
+
+
+def distinct_ranks(experts: int, k: int, ranks: int, nodes: int = 1, max_nodes: int | None = None) -> float:
+    """Expected number of EP ranks (its own included) a token's k experts live on, experts spread
+    evenly over `ranks` ranks on `nodes` nodes and chosen uniformly; with node-limited routing the
+    k lie within `max_nodes` nodes. A dispatcher that sends a token once per destination rank
+    moves this many copies, not k (DeepEP's intranode and NVLink-forwarding kernels write each
+    token once to every rank whose experts need it: recv_x holds it once)."""
+    if ranks <= 1:
+        return 1.0
+    span = nodes if max_nodes is None else min(nodes, max_nodes)
+    pool = experts / nodes * span  # the experts a token may pick from
+    per_rank = experts / ranks
+    others = pool - per_rank
+    none_here = math.prod((others - i) / (pool - i) for i in range(k)) if others >= k else 0.0
+    return span * ranks / nodes * (1.0 - none_here)
+

@@ -201,10 +201,11 @@ class RoutingSpec(StrictModel):
     #   allgather: every EP rank gathers every rank's tokens and keeps its experts' rows; the
     #     combine reduce-scatters (Megatron-Core's allgather dispatcher);
     #   deduplicated: a token crosses the network once per destination node, then is forwarded
-    #     over NVLink to the GPUs holding its experts (DeepSeek-V3 report sec. 3.2.2; DeepEP's
-    #     normal kernels);
-    #   low_latency: GPU-initiated RDMA sends of each token copy straight to its expert's GPU, all
-    #     peers at once, for small decode batches (DeepEP's low-latency kernels).
+    #     over NVLink once to each GPU holding any of its experts, whose outputs come back summed
+    #     (DeepSeek-V3 report sec. 3.2.2; DeepEP's normal kernels);
+    #   low_latency: GPU-initiated sends of each token copy straight to its expert's GPU, all
+    #     peers at once, NVLink inside the node and RDMA across, for small decode batches
+    #     (DeepEP's low-latency kernels).
     dispatcher: Literal["alltoall", "allgather", "deduplicated", "low_latency"] = "alltoall"
     # The shared expert computes while the routed tokens are in flight: its up-projection during
     # the dispatch, its down-projection during the combine (Megatron-Core's

@@ -25,7 +25,7 @@ from simcc.model.kinds._shared import (
 )
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, elementwise, gemm, grouped_gemm
 from simcc.routing.gating import router_products
-from simcc.routing.load import distinct_remote_nodes, rank_loads
+from simcc.routing.load import distinct_ranks, distinct_remote_nodes, rank_loads
 from simcc.specs.blocks import MoEFFNBlock
 
 
@@ -93,8 +93,9 @@ def _dispatch_and_combine(spec: MoEFFNBlock, shard: Shard, local_elements: float
         algorithm = routing.all_to_all
         if routing.dispatcher in ("deduplicated", "low_latency"):
             algorithm = routing.dispatcher
-        if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:
-            remote = distinct_remote_nodes(spec.experts, spec.k, shard.ep_nodes, routing.max_nodes_per_token) / spec.k
+        if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:  # of the per-rank copies sent
+            reached = distinct_ranks(spec.experts, spec.k, shard.ep, shard.ep_nodes, routing.max_nodes_per_token)
+            remote = distinct_remote_nodes(spec.experts, spec.k, shard.ep_nodes, routing.max_nodes_per_token) / reached
         pair = (Comm("moe.dispatch", "all_to_all", dispatch, "ep", algorithm, routing.overlap_degree, remote),
                 Comm("moe.combine", "all_to_all", combine, "ep", algorithm, routing.overlap_degree, remote))
     if not routing.shared_expert_overlap:
@@ -148,6 +149,12 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         sent_per_rank = loads.capacity * spec.experts / ep / gathered
     sent_per_rank *= _copies_per_assignment(spec, ep)
     routing = spec.routing
+    # A deduplicating dispatcher (DeepEP's normal kernels) writes a token once to each rank whose
+    # experts need it, and that rank's expert outputs for it come back summed, once.
+    per_rank_copy = 1.0
+    if routing.dispatcher == "deduplicated" and loads.capacity is None and ep > 1:
+        per_rank_copy = distinct_ranks(spec.experts, spec.k, ep, shard.ep_nodes, routing.max_nodes_per_token) / spec.k
+        sent_per_rank *= per_rank_copy
     dispatch_dtype = routing.dispatch_dtype or shard.comm_dtype
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[dispatch_dtype] if ep > 1 else 0.0
     combine = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
