@@ -11,7 +11,7 @@ from simcc.costs.collectives import collective_time
 from simcc.layout import CommGroup
 from simcc.model.blocks import Batch, Shard
 from simcc.model.kinds import moe_ffn
-from simcc.routing.load import distinct_ranks, distinct_remote_nodes
+from simcc.routing.load import distinct_ranks, distinct_remote_nodes, token_spread
 from simcc.specs.blocks import MoEFFNBlock
 from simcc.specs.loader import load_hardware
 
@@ -35,6 +35,42 @@ def test_distinct_remote_nodes_by_hand():
     # DeepSeek-V3's shape: 256 experts on 8 nodes, top-8, at most 4 nodes: fewer than 4 sends
     limited, free = distinct_remote_nodes(256, 8, 8, 4), distinct_remote_nodes(256, 8, 8)
     assert limited < 4 * 7 / 8 < free < 8 * 7 / 8
+
+
+def _round_robin(experts: int, k: int) -> MoEFFNBlock:
+    return MoEFFNBlock(experts=experts, k=k, expert_hidden=512, gating={"policy": "round_robin"},
+                       routing={"dropless": True, "capacity_factor": None, "dropless_block": 1})
+
+
+def test_a_round_robin_gate_sends_each_token_to_its_neighbouring_experts_ranks():
+    # 16 experts on 4 ranks (4 each) on 2 nodes, k = 6: token i takes experts 6i .. 6i+5 (mod 16),
+    # 8 distinct windows (starts 0, 6, 12, 2, 8, 14, 4, 10). Each spans 2 ranks; they span
+    # 1, 2, 2, 1, 1, 2, 2, 1 nodes: 1.5 on average, the token's own node being either alike.
+    spread = token_spread(_round_robin(16, 6), 4, 2)
+    assert spread.ranks == pytest.approx(2.0)
+    assert spread.remote_nodes == pytest.approx(1.5 / 2)
+    # AutoModel's DeepSeek-V3 benchmark: 256 experts over EP64 on 8 nodes, k = 8: every window is
+    # 8-aligned, so it fills two whole ranks of one node, where a learned top-8 reaches ~7.7 ranks.
+    deepseek = token_spread(_round_robin(256, 8), 64, 8)
+    assert (deepseek.ranks, deepseek.remote_nodes) == (2.0, pytest.approx(7 / 8))
+    learned = token_spread(MoEFFNBlock(experts=256, k=8, expert_hidden=512,
+                                       routing={"dropless": True, "capacity_factor": None}), 64, 8)
+    assert learned.ranks == pytest.approx(distinct_ranks(256, 8, 64, 8))
+    assert learned.remote_nodes == pytest.approx(distinct_remote_nodes(256, 8, 8))
+
+
+def test_a_round_robin_gate_has_no_weights_and_balances_exactly():
+    spec = _round_robin(128, 8)
+    work = moe_ffn.work(spec, HIDDEN, Batch(1, T, T), Shard(ep=8, executed=True))
+    names = {item.name for item in work.forward}
+    assert not {"moe.router", "moe.topk"} & names  # no gate product, no top-k
+    learned = MoEFFNBlock(experts=128, k=8, expert_hidden=512, routing={"dropless": True, "capacity_factor": None})
+    assert moe_ffn.params(learned, HIDDEN).replicated - moe_ffn.params(spec, HIDDEN).replicated == HIDDEN * 128  # the gate
+    loads = work.moe.loads
+    assert set(loads.busiest_rank) == {T * 8 * 8 / 128}  # every local expert exactly T k ep / E, drawn or not
+    with pytest.raises(ValueError, match="load.distribution must be uniform"):
+        MoEFFNBlock(experts=8, k=2, expert_hidden=64, gating={"policy": "round_robin"}, load={"distribution": "zipf"},
+                    routing={"dropless": True, "capacity_factor": None})
 
 
 def test_alltoall_sends_k_copies_and_allgather_sends_every_token():

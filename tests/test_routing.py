@@ -210,7 +210,8 @@ def test_list_shows_policies_and_capacity_formulas():
 
     rows = catalog()
     assert {r["name"] for r in rows if r["kind"] == "gating"} == {
-        "topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical", "moefication"}
+        "topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "hash", "hierarchical", "moefication",
+        "round_robin"}
     assert {r["name"] for r in rows if r["kind"] == "routing"} == {"switch", "gshard", "deepspeed", "tutel"}
 
 

@@ -23,7 +23,7 @@ from simcc.routing.trained_gate import GateTraining, train_gate
 from simcc.routing.trained_load import trained_load_share
 from simcc.specs.tables import read_numeric_csv
 from simcc.specs.blocks import MoEFFNBlock
-from simcc.specs.vocab import K_PER_TOKEN_POLICIES
+from simcc.specs.vocab import GATELESS_POLICIES, K_PER_TOKEN_POLICIES
 
 
 # The policies and what each parameter does: specs/vocab.py GATING_POLICIES (`simcc list`).
@@ -110,6 +110,8 @@ def route(spec: MoEFFNBlock, ranks: int, seed: int, expert_params: float = 0.0) 
     exactly 1/E: the sample's own noise would otherwise act as a fixed router bias every step.
     An aux-loss gate is trained (`expert_params`: one expert's parameters); a k-per-token policy
     then routes with exactly the trained gate's shares, and any other takes them as popularity."""
+    if spec.gating.policy == "round_robin":  # every expert exactly T*k/E copies, by construction
+        return RoutingSample(np.full(spec.experts, 1.0 / spec.experts), float(spec.k), True, 0.0)
     uniform = spec.load.distribution == "uniform" and spec.gating.policy != "hash"
     if uniform and spec.gating.policy in K_PER_TOKEN_POLICIES:
         # Nothing to measure: every token takes k experts and each expert gets 1/E of them. This
@@ -263,8 +265,8 @@ def _balanced_assignment(logits: np.ndarray, rng: np.random.Generator) -> np.nda
 def router_products(spec: MoEFFNBlock, ranks: int) -> list[tuple[str, int, int]]:
     """The gate's matrix products per token: (name, tokens multiplier, output width)."""
     policy = spec.gating.policy
-    if policy == "hash":
-        return []  # a table lookup, no product
+    if policy in GATELESS_POLICIES:
+        return []  # a table lookup or a fixed rule, no product
     if policy == "noisy_topk":
         return [("moe.router", 1, spec.experts), ("moe.router_noise", 1, spec.experts)]
     if policy == "hierarchical":

@@ -314,3 +314,30 @@ def distinct_ranks(experts: int, k: int, ranks: int, nodes: int = 1, max_nodes: 
     none_here = math.prod((others - i) / (pool - i) for i in range(k)) if others >= k else 0.0
     return span * ranks / nodes * (1.0 - none_here)
 
+
+@dataclass(frozen=True)
+class TokenSpread:
+    ranks: float  # EP ranks holding any of a token's experts, its own rank included
+    remote_nodes: float  # nodes other than its own among those ranks' nodes
+
+
+def token_spread(spec: MoEFFNBlock, ranks: int, nodes: int) -> TokenSpread:
+    """Where one token's k experts live, averaged over tokens: what a dispatcher that sends a
+    token once per rank (and once per node across the network) moves. A round-robin gate gives
+    token i the neighbouring experts i*k .. i*k+k-1 (mod E), so each token's spread follows
+    from the placement, the same for every step; any other gate is taken as uniform over the
+    experts its node limit allows (`distinct_ranks`, `distinct_remote_nodes`)."""
+    routing = spec.routing
+    if spec.gating.policy != "round_robin":
+        return TokenSpread(distinct_ranks(spec.experts, spec.k, ranks, nodes, routing.max_nodes_per_token),
+                           distinct_remote_nodes(spec.experts, spec.k, nodes, routing.max_nodes_per_token))
+    experts, k = spec.experts, spec.k
+    owner = expert_ranks(spec, ranks)
+    per_node = max(1, ranks // max(nodes, 1))
+    starts = [(token * k) % experts for token in range(experts // math.gcd(experts, k))]  # then it repeats
+    windows = [owner[(start + np.arange(k)) % experts] for start in starts]
+    reached_ranks = float(np.mean([np.unique(window).size for window in windows]))
+    reached_nodes = float(np.mean([np.unique(window // per_node).size for window in windows]))
+    # A token's window does not depend on where the token is: its own node is any of them alike.
+    return TokenSpread(reached_ranks, reached_nodes * (nodes - 1) / nodes if nodes > 1 else 0.0)
+

@@ -267,6 +267,9 @@ class MoEFFNBlock(BlockSpec):
             raise ValueError("hierarchical gating needs gating.groups dividing the experts")
         if policy == "hierarchical" and self.k % self.gating.k_primary:
             raise ValueError(f"hierarchical gating: k ({self.k}) must be a multiple of k_primary ({self.gating.k_primary})")
+        if policy == "round_robin" and self.load.distribution != "uniform":
+            raise ValueError("round_robin gating assigns experts by token position, whatever the data: "
+                             f"load.distribution must be uniform, got {self.load.distribution}")
         if policy == "expert_choice" and routing.capacity_factor is None:
             raise ValueError("expert_choice needs routing.capacity_factor (each expert takes cf*T*k/E tokens)")
         if policy not in ("base", "expert_choice") and not routing.dropless and routing.capacity_factor is None:

@@ -90,11 +90,15 @@ GATING_POLICIES = {
     "hash": "vocab, token_zipf: expert = hash(token id); balance follows token frequencies (Roller 2021)",
     "hierarchical": "groups, k_primary, noisy: a primary gate picks k_primary groups, each group's gate picks k/k_primary (Shazeer 2017)",
     "moefication": "router = the k-means centroids of the FFN's W_in rows: d x E scores, keep the top k (Zhang 2022; SSD 2024)",
+    "round_robin": "token i takes experts i*k .. i*k+k-1 (mod E), whatever its data: exactly balanced, each token's experts "
+                   "neighbours (NeMo AutoModel's FakeBalancedGate, a benchmarking gate)",
 }
 GatingPolicy = literal_of(GATING_POLICIES)
 # Policies under which every token takes exactly k experts: with uniform popularity their expert
 # shares are exactly 1/E, and no routing sample is drawn.
 K_PER_TOKEN_POLICIES = ("topk", "noisy_topk", "switch", "moefication", "hierarchical")
+# Policies that pick experts without a learned gate: no gate weights, no gate product, no top-k.
+GATELESS_POLICIES = ("hash", "round_robin")
 
 # T tokens in the routing group, E experts, k experts per token, cf the capacity factor.
 CAPACITY_FORMULAS = {

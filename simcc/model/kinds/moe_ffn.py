@@ -25,8 +25,9 @@ from simcc.model.kinds._shared import (
 )
 from simcc.model.ops import DTYPE_BYTES, Comm, Op, elementwise, gemm, grouped_gemm
 from simcc.routing.gating import router_products
-from simcc.routing.load import distinct_ranks, distinct_remote_nodes, rank_loads
+from simcc.routing.load import rank_loads, token_spread
 from simcc.specs.blocks import MoEFFNBlock
+from simcc.specs.vocab import GATELESS_POLICIES
 
 
 def params(spec: MoEFFNBlock, hidden: int) -> Params:
@@ -48,9 +49,9 @@ def params(spec: MoEFFNBlock, hidden: int) -> Params:
 
 def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
     """Gate weights: d x E (noisy top-k: twice); hierarchical: d x G primary plus one d x E/G gate
-    per group; hash routing: none."""
+    per group; hash and round-robin routing: none."""
     policy = spec.gating.policy
-    if policy == "hash":
+    if policy in GATELESS_POLICIES:
         return 0
     if policy == "hierarchical":
         return (hidden * (spec.gating.groups or 0) + hidden * spec.experts) * (2 if spec.gating.noisy else 1)
@@ -60,7 +61,7 @@ def _router_params(spec: MoEFFNBlock, hidden: int) -> int:
 def _router_tensors(spec: MoEFFNBlock) -> int:
     """The gate matrices of `_router_params`, counted as tensors."""
     policy = spec.gating.policy
-    if policy == "hash":
+    if policy in GATELESS_POLICIES:
         return 0
     if policy == "hierarchical":
         return (1 + (spec.gating.groups or 0)) * (2 if spec.gating.noisy else 1)
@@ -94,8 +95,8 @@ def _dispatch_and_combine(spec: MoEFFNBlock, shard: Shard, local_elements: float
         if routing.dispatcher in ("deduplicated", "low_latency"):
             algorithm = routing.dispatcher
         if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:  # of the per-rank copies sent
-            reached = distinct_ranks(spec.experts, spec.k, shard.ep, shard.ep_nodes, routing.max_nodes_per_token)
-            remote = distinct_remote_nodes(spec.experts, spec.k, shard.ep_nodes, routing.max_nodes_per_token) / reached
+            spread = token_spread(spec, shard.ep, shard.ep_nodes)
+            remote = spread.remote_nodes / spread.ranks
         pair = (Comm("moe.dispatch", "all_to_all", dispatch, "ep", algorithm, routing.overlap_degree, remote),
                 Comm("moe.combine", "all_to_all", combine, "ep", algorithm, routing.overlap_degree, remote))
     if not routing.shared_expert_overlap:
@@ -127,7 +128,7 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     # primary d x G then d x E/G per chosen group; hash routing looks the expert up).
     for name, multiplier, width in router_products(spec, ep):
         fwd.append(gemm(name, routed_tokens * multiplier, hidden, width, shard.router_dtype))
-    if spec.gating.policy != "hash":
+    if spec.gating.policy not in GATELESS_POLICIES:
         fwd.append(elementwise("moe.topk", routed_tokens * spec.experts, 1, 1, shard.router_dtype, flops_per_element=6,
                                family="gate"))
     # Permute tokens into expert order: gather k copies of each token, read once and written once.
@@ -151,10 +152,8 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     routing = spec.routing
     # A deduplicating dispatcher (DeepEP's normal kernels) writes a token once to each rank whose
     # experts need it, and that rank's expert outputs for it come back summed, once.
-    per_rank_copy = 1.0
     if routing.dispatcher == "deduplicated" and loads.capacity is None and ep > 1:
-        per_rank_copy = distinct_ranks(spec.experts, spec.k, ep, shard.ep_nodes, routing.max_nodes_per_token) / spec.k
-        sent_per_rank *= per_rank_copy
+        sent_per_rank *= token_spread(spec, ep, shard.ep_nodes).ranks / spec.k
     dispatch_dtype = routing.dispatch_dtype or shard.comm_dtype
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[dispatch_dtype] if ep > 1 else 0.0
     combine = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
