@@ -85,11 +85,44 @@ def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():
 
 
 def test_gemv_is_memory_bound_at_the_streaming_fraction():
+    from simcc.costs.compute import inner_loop_share
+
     h100 = load_hardware("h100_sxm").device
     op = gemm("g", 1, 4096, 4096, "bf16")
-    expected = (4096 + 4096 * 4096 + 4096) * 2 / (3350e9 * 0.90) + 5e-6
+    memory = (4096 + 4096 * 4096 + 4096) * 2 / (3350e9 * 0.90)
+    compute = 2 * 4096 * 4096 / (989e12 * 0.82 * quantization(h100, op) * inner_loop_share(h100, op))
     cost = op_cost(h100, op)
-    assert cost.bound == "memory" and cost.seconds == pytest.approx(expected)
+    # waiting on memory, it still pays one of its 8 resident warps' share of its compute
+    assert cost.bound == "memory" and cost.seconds == pytest.approx(memory + compute / 8 + 5e-6)
+    assert compute / 8 < 0.01 * memory
+
+
+def test_compute_and_memory_overlap_as_far_as_the_resident_warps_let_them(monkeypatch):
+    """Sim et al. 2012 (PPoPP, eqs. 1, 16, 17) with N warps: T = Tc + Tm - min((N-1)/N Tc, Tm)."""
+    from simcc.costs.compute import overlapped
+
+    assert overlapped(1.0, 1.0, 8) == pytest.approx(1.125)  # at the ridge: 1/8 slower than max
+    assert overlapped(1.0, 3.0, 8) == pytest.approx(3.125)  # memory-bound: Tm + Tc/8
+    assert overlapped(2.0, 1.0, 8) == pytest.approx(2.0)  # compute-bound: max, nothing extra
+    assert overlapped(1.0, 1.0, 64) == pytest.approx(1 + 1 / 64)  # a streaming kernel hides nearly all
+    # An H100 GEMM of 64 tokens waits on memory: with one warp nothing overlaps (Tc + Tm), with
+    # endless warps it is Tm, and with the 8 a tiled kernel keeps, an eighth of the way between.
+    import simcc.costs.compute as compute_module
+
+    h100 = load_hardware("h100_sxm").device
+    timed = {}
+    for warps in (1, 8, 10**12):
+        monkeypatch.setattr(compute_module, "resident_warps", lambda family, n=warps: n)
+        timed[warps] = op_cost(h100, gemm(f"ridge{warps}", 64, 8192, 8192, "bf16")).seconds
+    assert timed[8] - timed[10**12] == pytest.approx((timed[1] - timed[10**12]) / 8, rel=1e-6)
+    assert timed[1] > timed[8] > timed[10**12]
+    # A device without SMs (a CPU) keeps max(Tc, Tm).
+    cpu = load_hardware("raspberry_pi_5").device
+    big = gemm("cpu", 64, 4096, 4096, "fp32")
+    seconds = op_cost(cpu, big).seconds - cpu.efficiency.kernel_launch_us * 1e-6
+    memory = (64 * 4096 * 2 + 4096 * 4096) * 4 / (17e9 * 0.67)
+    compute = 2 * 64 * 4096 * 4096 / (0.154e12 * cpu.efficiency.matmul)
+    assert seconds == pytest.approx(max(memory, compute))
 
 
 def test_calibrated_curve_replaces_the_default_fraction():

@@ -135,9 +135,33 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     memory = moved / (device.memory_bandwidth_gb_s * 1e9 * memory_efficiency(device, op.family, moved))
     if flops == 0 and moved == 0:
         return 0.0, "launch"
-    busy = max(compute, memory)
     bound = "compute" if compute >= memory else "memory"
-    return busy + launch, bound
+    if device.sm_count is None or measured_curve(device, op.family) is not None:
+        return max(compute, memory) + launch, bound  # a measured curve already holds the overlap it got
+    return overlapped(compute, memory, resident_warps(op.family)) + launch, bound
+
+
+# Warps an SM keeps resident while a kernel runs, which hide one another's memory waits. A
+# tensor-core GEMM or fused-attention kernel runs one CTA of 256-384 threads per SM, its tile's
+# pipeline stages filling most of the shared memory (CUTLASS's 128x128 and 128x256 tiles; 8 warps
+# taken); a streaming kernel fills the SM's 2,048 threads (CUDA C++ Programming Guide, compute
+# capability 8.x and 9.x: 64 resident warps per SM).
+TILED_KERNEL_WARPS = 8
+STREAMING_KERNEL_WARPS = 64
+
+
+def resident_warps(family: str) -> int:
+    return TILED_KERNEL_WARPS if family in MATMUL_FAMILIES or family == "attention" else STREAMING_KERNEL_WARPS
+
+
+def overlapped(compute: float, memory: float, warps: int) -> float:
+    """Kernel time when compute and memory traffic overlap only as far as the resident warps let
+    them (Sim, Dasgupta, Kim and Vuduc, PPoPP 2012, eqs. 1, 16, 17: T = T_comp + T_mem -
+    min(F T_comp, T_mem), F = (N - 1)/N for N warps, the memory-waiting case): a kernel waiting on
+    memory still pays one warp's share of its compute, T_mem + T_comp / N, so near the ridge it runs
+    up to 1/N slower than max(T_comp, T_mem); a compute-bound one pays nothing extra."""
+    hidden = (warps - 1) / warps
+    return compute + memory - min(hidden * compute, memory)
 
 
 # Costs memoised by op and device object: a plan costs the same op (one layer's GEMM, its
