@@ -59,6 +59,18 @@ def test_in_flight_microbatches_by_schedule():
     assert in_flight_microbatches(w2, build_layout(w2, system, src)) == 16
 
 
+def test_later_pipeline_ranks_warm_up_fewer_micro_batches():
+    """Megatron-Core's schedules: 1F1B rank r runs p - r - 1 warm-up forwards, interleaved rank r
+    2(p - r - 1) + (v - 1)p chunk forwards; each holds those and one more at its peak."""
+    workload, src = load_workload("mixtral_8x7b_train_64xh100")
+    system = load_hardware("dgx_h100_x8")
+    layout = build_layout(workload, system, src)  # p=4, v=8, m=16
+    # rank 3 (last): 0 + 7 x 4 + 1 = 29 chunk forwards of 8 chunks a micro-batch
+    assert [in_flight_microbatches(workload, layout, r) for r in range(4)] == pytest.approx([35 / 8, 33 / 8, 31 / 8, 29 / 8])
+    w1, _ = load_workload("mixtral_8x7b_train_64xh100", ["parallelism.vpp=1", "parallelism.schedule=1f1b"])
+    assert [in_flight_microbatches(w1, build_layout(w1, system, src), r) for r in range(4)] == [4, 3, 2, 1]
+
+
 def test_ep_overlap_holds_one_layer_more_not_a_micro_batch():
     """The merged forward/backward pair frees a layer of the older micro-batch for each layer the
     newer one keeps: the peak rises by the largest layer's activations (hand-derived from the

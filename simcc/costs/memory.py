@@ -67,21 +67,24 @@ def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) ->
 
 
 def in_flight_microbatches(workload: Workload, layout: Layout, stage: int = 0) -> float:
-    """Micro-batches whose activations a stage holds at its peak (through all its chunks): GPipe
-    all m; 1F1B p; interleaved 1F1B p + (p - 1)/v, from its warm-up of 2(p-1) + (v-1)p chunks
-    (Narayanan 2021), all on the first stage. EP-communication overlap's one extra warm-up
-    forward is counted apart (`paired_extra_bytes`). DualPipe and DualPipeV: `dual_in_flight`
-    chunk-micro-batches of the rank's two chunks, half of that through both (PP + 1 chunks' worth
-    at the peak, PP = pp x vpp stages: (PP + 1) / 2), taking the rank's two chunks as alike."""
+    """Micro-batches whose activations pipeline rank `stage` holds at its peak (through all its
+    chunks): its warm-up forwards plus the one its first backward waits for. GPipe: all m. 1F1B:
+    p - stage. Interleaved 1F1B: 2(p - stage - 1) + (v - 1)p + 1 chunk forwards, v chunks a
+    micro-batch (Narayanan 2021; Megatron-Core's interleaved schedule,
+    num_warmup_microbatches in pipeline_parallel/schedules.py): p + (p - 1)/v on the first rank.
+    EP-communication overlap's one extra warm-up forward is counted apart
+    (`paired_extra_bytes`). DualPipe and DualPipeV: `dual_in_flight` chunk-micro-batches of the
+    rank's two chunks, half of that through both (PP + 1 chunks' worth at the peak, PP = pp x vpp
+    stages: (PP + 1) / 2), taking the rank's two chunks as alike."""
     m, p, v = layout.microbatches, layout.pp, layout.vpp
     schedule = workload.parallelism.schedule
     if schedule == "gpipe":
         return float(m)
     if schedule == "interleaved":
-        return min(float(m), p + (p - 1) / v)
+        return min(float(m), (2 * (p - stage - 1) + (v - 1) * p + 1) / v)
     if schedule in DUAL_SCHEDULES:
         return sum(dual_in_flight(schedule, p, stage, workload.parallelism.overlap_moe_comm)) / 2
-    return float(min(m, p))
+    return float(min(m, p - stage))
 
 
 DUAL_SCHEDULES = ("dualpipe", "dualpipev")
@@ -124,7 +127,7 @@ def paired_extra_bytes(workload: Workload, layout: Layout, activation_bytes_per_
         apart = dual_in_flight(workload.parallelism.schedule, layout.pp, stage, False)
         paired = dual_in_flight(workload.parallelism.schedule, layout.pp, stage, True)
         return min(largest_unit_saved, activation_bytes_per_microbatch) if paired != apart else 0.0
-    if in_flight_microbatches(workload, layout) >= layout.microbatches:
+    if in_flight_microbatches(workload, layout, stage) >= layout.microbatches:
         return 0.0
     return min(largest_unit_saved, activation_bytes_per_microbatch)
 
