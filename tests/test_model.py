@@ -299,3 +299,26 @@ def test_a_multi_token_prediction_module_is_expressed_with_blocks(root, tmp_path
     params = model_params(workload.model)
     assert (params.dense + params.replicated + params.expert) / 1e9 == pytest.approx(685, rel=0.002)
     assert [b.kind for b in units_of(workload.model)[-1].blocks] == ["moe_ffn", "lm_head"]
+
+
+def test_sequence_parallel_backward_gathers_the_saved_shard_again():
+    """Korthikanti et al. 2022, sec. 4.2.2: the column-parallel GEMM after an SP all-gather keeps its
+    input's shard; its backward all-gathers it again for the weight gradient and reduce-scatters
+    the data gradient, two collectives of the forward's size where plain TP has one all-reduce."""
+    from simcc.costs.collectives import collective_time
+    from simcc.layout import build_layout
+    from simcc.model.kinds._shared import tp_entry, tp_exit
+    from simcc.plan.training import _backward_cost
+    from simcc.specs.loader import load_hardware
+
+    system = load_hardware("dgx_a100_x1")
+    workload, src = load_workload("gpt_22b_dense_train_8xa100", ["parallelism.sequence_parallel=true"])
+    layout = build_layout(workload, system, src)
+    shard = Shard(tp=8, sequence_parallel=True)
+    gather = tp_entry("ffn.tp_gather", 2048 * 4, 6144, shard)[0]
+    size = 2048 * 4 * 6144 * 2
+    one = collective_time("all_gather", size, layout.groups["tp"], system)
+    assert gather.regathered and _backward_cost(gather, system, layout).seconds == pytest.approx(2 * one)
+    assert _backward_cost(gather, system, layout).bytes == pytest.approx(2 * size)
+    scatter = tp_exit("ffn.tp_reduce", 2048 * 4, 6144, shard)[0]
+    assert _backward_cost(scatter, system, layout).seconds == pytest.approx(one)  # its backward: one all-gather

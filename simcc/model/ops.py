@@ -87,6 +87,10 @@ class Comm:
     # that carries the same degree (MoE dispatch ... combine).
     overlap_chunks: int = 1
     remote_share: float | None = None  # all-to-all: share leaving the node (topology-aware gating)
+    # Sequence parallelism's gather before a column-parallel GEMM: the GEMM keeps only its input's
+    # shard, so its backward gathers it again for the weight gradient besides reduce-scattering the
+    # data gradient (Korthikanti et al. 2022, sec. 4.2.2).
+    regathered: bool = False
     # Compute items of the same block (by name) that run alongside this collective on another
     # stream, hiding it up to their time (a shared expert during the token dispatch).
     alongside: tuple[str, ...] = ()

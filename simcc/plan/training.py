@@ -420,6 +420,10 @@ def _backward_cost(item: WorkItem, system: System, layout: Layout) -> Cost:
     cost = cost_item(backward_of(item), system, layout)
     if isinstance(item, Op) and item.family in TWO_KERNEL_BACKWARD:
         return replace(cost, wgrad=cost.seconds / 2)
+    if isinstance(item, Comm) and item.regathered:  # the saved shard gathered again, then the reduce-scatter
+        again = cost_item(item, system, layout)
+        return replace(cost, seconds=cost.seconds + again.seconds, bytes=cost.bytes + again.bytes,
+                       latency=cost.latency + again.latency)
     return cost
 
 

@@ -142,7 +142,7 @@ def residual(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
 def tp_entry(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
     """Sequence parallelism gathers the sequence-sharded input before a column-parallel GEMM."""
     if shard.tp > 1 and shard.sequence_parallel:
-        return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
+        return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp", regathered=True)]
     return []
 
 
