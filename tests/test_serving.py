@@ -229,6 +229,30 @@ def test_experts_stored_narrower_than_the_rest_shrink_memory_and_decode():
     assert costs[1].expert_bytes / costs[0].expert_bytes == pytest.approx(2.625 / 4.5)
 
 
+def test_an_output_head_kept_in_fp16_beside_int4_weights_costs_its_own_bytes():
+    """TensorRT-LLM's weight-only exports quantize the linears and leave lm_head in fp16: Llama 3 8B's
+    head (128,256 x 4,096) then weighs 2 bytes a weight, not 0.5, in memory and in every decode step."""
+    sets = ["precision.weights=4.0", "precision.compute=fp16", "serve.batch=1"]
+    four, _ = load_workload("llama3_8b_serve", sets)
+    kept, _ = load_workload("llama3_8b_serve", sets + ["precision.head_weights=fp16"])
+    system = load_hardware("jetson_agx_orin")
+    costs = [serving_costs(w, system, build_layout(w, system, "w")) for w in (four, kept)]
+    head = 128256 * 4096
+    assert costs[1].memory.weights - costs[0].memory.weights == pytest.approx(head * (2 - 0.5), rel=1e-9)
+    from simcc.model.anytime import served_units
+    from simcc.model.blocks import Batch
+    from simcc.plan.training import forward_work
+
+    def head_reads(workload) -> float:
+        work = forward_work(served_units(workload), workload, build_layout(workload, system, "w"), Batch(1, 1, 16))
+        return next(op.bytes for op in work.items if op.name == "head.logits")
+
+    assert head_reads(kept) - head_reads(four) == pytest.approx(head * (2 - 0.5))
+    assert costs[1].decode.at(1) > costs[0].decode.at(1)
+    with pytest.raises(InputError, match="quantized formats are for served weights"):
+        load_workload("mixtral_8x7b_train_64xh100", ["precision.head_weights=q6_k"])
+
+
 def test_quantized_weights_are_refused_for_training(tmp_path):
     with pytest.raises(InputError, match="precision.weights: quantized formats are for served weights"):
         load_workload("mixtral_8x7b_train_64xh100", ["precision.weights=q4_k"])

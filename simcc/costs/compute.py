@@ -138,20 +138,25 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     bound = "compute" if compute >= memory else "memory"
     if device.sm_count is None or measured_curve(device, op.family) is not None:
         return max(compute, memory) + launch, bound  # a measured curve already holds the overlap it got
-    return overlapped(compute, memory, resident_warps(op.family)) + launch, bound
+    return overlapped(compute, memory, resident_warps(op)) + launch, bound
 
 
 # Warps an SM keeps resident while a kernel runs, which hide one another's memory waits. A
 # tensor-core GEMM or fused-attention kernel runs one CTA of 256-384 threads per SM, its tile's
 # pipeline stages filling most of the shared memory (CUTLASS's 128x128 and 128x256 tiles; 8 warps
 # taken); a streaming kernel fills the SM's 2,048 threads (CUDA C++ Programming Guide, compute
-# capability 8.x and 9.x: 64 resident warps per SM).
+# capability 8.x and 9.x: 64 resident warps per SM). A product with fewer rows than the smallest
+# tensor-core tile (m16n8k16, PTX ISA) runs as a matrix-vector kernel, which streams the weights.
 TILED_KERNEL_WARPS = 8
 STREAMING_KERNEL_WARPS = 64
+MMA_TILE_ROWS = 16
 
 
-def resident_warps(family: str) -> int:
-    return TILED_KERNEL_WARPS if family in MATMUL_FAMILIES or family == "attention" else STREAMING_KERNEL_WARPS
+def resident_warps(op: Op) -> int:
+    if op.family not in MATMUL_FAMILIES and op.family != "attention":
+        return STREAMING_KERNEL_WARPS
+    rows = max((m for kernel in op.kernels for m, _, _, _ in kernel), default=None)
+    return STREAMING_KERNEL_WARPS if rows is not None and rows < MMA_TILE_ROWS else TILED_KERNEL_WARPS
 
 
 def overlapped(compute: float, memory: float, warps: int) -> float:

@@ -29,7 +29,7 @@ from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
 from simcc.specs.hardware import System
 from simcc.specs.vocab import bytes_per_weight
-from simcc.specs.workload import DisaggregatedSpec, ExpertCacheSpec, MoEFFNBlock, ServeSpec, Workload
+from simcc.specs.workload import DisaggregatedSpec, ExpertCacheSpec, LMHeadBlock, MoEFFNBlock, ServeSpec, Workload
 from simcc.plan.training import Cost, ForwardWork, cost_item, footprint, forward_work
 
 
@@ -251,6 +251,7 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
     precision = workload.precision
     wbytes = bytes_per_weight(precision.weights)
     expert_wbytes = bytes_per_weight(precision.expert_weights or precision.weights)
+    head_wbytes = bytes_per_weight(precision.head_weights or precision.weights)
     hidden = workload.model.hidden
     heaviest = _StageMemory(0.0, 0.0, 0.0, 0.0)
     for stage in range(layout.pp):
@@ -266,8 +267,11 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
                 capped[cap] = capped.get(cap, 0.0) + per_token
         peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),
                    default=0.0)
-        if dense * wbytes + expert * expert_wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
-            heaviest = _StageMemory(dense * wbytes, expert * expert_wbytes, kv, peak, tuple(sorted(capped.items())))
+        head = sum(b.spec.vocab * hidden / layout.tp for i in indices for u in chunks[i] for b in u.blocks
+                   if isinstance(b.spec, LMHeadBlock) and not b.spec.tied)
+        weights = (dense - head) * wbytes + head * head_wbytes
+        if weights + expert * expert_wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
+            heaviest = _StageMemory(weights, expert * expert_wbytes, kv, peak, tuple(sorted(capped.items())))
     return heaviest
 
 

@@ -250,6 +250,10 @@ class Precision(StrictModel):
     # Routed experts stored differently from the rest (e.g. 2-bit experts, 4-bit attention, as
     # Eliseev & Mazur 2023 serve Mixtral); unset: as `weights`.
     expert_weights: StoredWeights | None = None
+    # The output head's (lm_head) stored weights, when an export keeps it apart: TensorRT-LLM's and
+    # most GPTQ/AWQ checkpoints leave it in fp16, llama.cpp's K-quant mixes store it at Q6_K;
+    # unset: as `weights`.
+    head_weights: StoredWeights | None = None
     # The dtype weight GEMMs take their inputs in when narrower than `compute` (fp8: Transformer
     # Engine's FP8 GEMMs, with activations, norms and attention at `compute`); unset: `compute`.
     matmul: Dtype | None = None
@@ -594,7 +598,7 @@ class Workload(StrictModel):
             raise ValueError("give either schedule or schedules (named), not both")
         if (self.schedule or self.schedules) and self.mode != "train":
             raise ValueError("a dense/sparse schedule belongs to a training workload (mode: train)")
-        stored = [self.precision.weights, self.precision.expert_weights]
+        stored = [self.precision.weights, self.precision.expert_weights, self.precision.head_weights]
         if self.mode == "train" and any(w is not None and is_quantized(w) for w in stored):
             raise ValueError("precision.weights: quantized formats are for served weights (mode: serve); "
                              "expected a dtype (fp32, bf16, fp16, fp8) for training")
