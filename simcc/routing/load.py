@@ -334,10 +334,15 @@ def token_spread(spec: MoEFFNBlock, ranks: int, nodes: int) -> TokenSpread:
     experts, k = spec.experts, spec.k
     owner = expert_ranks(spec, ranks)
     per_node = max(1, ranks // max(nodes, 1))
-    starts = [(token * k) % experts for token in range(experts // math.gcd(experts, k))]  # then it repeats
-    windows = [owner[(start + np.arange(k)) % experts] for start in starts]
-    reached_ranks = float(np.mean([np.unique(window).size for window in windows]))
-    reached_nodes = float(np.mean([np.unique(window // per_node).size for window in windows]))
+    starts = np.arange(experts // math.gcd(experts, k)) * k  # token i's first expert; then it repeats
+    windows = owner[(starts[:, None] + np.arange(k)) % experts]  # [window, k]: each expert's rank
+
+    def distinct_per_row(values: np.ndarray) -> float:
+        ordered = np.sort(values, axis=1)
+        return float(np.mean(1 + (np.diff(ordered, axis=1) != 0).sum(axis=1)))
+
+    reached_ranks = distinct_per_row(windows)
+    reached_nodes = distinct_per_row(windows // per_node)
     # A token's window does not depend on where the token is: its own node is any of them alike.
     return TokenSpread(reached_ranks, reached_nodes * (nodes - 1) / nodes if nodes > 1 else 0.0)
 
