@@ -23,7 +23,7 @@ from simcc.errors import InputError
 from simcc.layout import CommGroup, Layout
 from simcc.model.blocks import Batch, MoEStats
 from simcc.model.anytime import scale_units, served_units
-from simcc.model.graph import Block, Unit, stage_units
+from simcc.model.graph import Block, Unit, block_params, stage_units
 from simcc.model.kinds import costing_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
@@ -258,17 +258,17 @@ def _heaviest_stage(workload: Workload, layout: Layout, chunks: list[list[Unit]]
         indices = [v * layout.pp + stage for v in range(layout.vpp)]
         params, _, _, _ = footprint([full_batch[i] for i in indices])
         dense, expert = layout.local_params(params)
-        kv = 0.0
+        kv = head = 0.0
         capped: dict[int, float] = {}
         for b in (b for i in indices for u in chunks[i] for b in u.blocks):
             per_token, cap = _kv_bytes(b, hidden, workload, layout), _kv_window(b)
             kv += per_token
             if cap is not None:
                 capped[cap] = capped.get(cap, 0.0) + per_token
+            if isinstance(b.spec, LMHeadBlock):  # the output head's weights, at their own format
+                head += block_params(b, hidden).dense / layout.tp
         peak = max((2 * item.saved_bytes for i in indices for item in full_batch[i].items if isinstance(item, Op)),
                    default=0.0)
-        head = sum(b.spec.vocab * hidden / layout.tp for i in indices for u in chunks[i] for b in u.blocks
-                   if isinstance(b.spec, LMHeadBlock) and not b.spec.tied)
         weights = (dense - head) * wbytes + head * head_wbytes
         if weights + expert * expert_wbytes > heaviest.weight_bytes + heaviest.expert_bytes:
             heaviest = _StageMemory(weights, expert * expert_wbytes, kv, peak, tuple(sorted(capped.items())))

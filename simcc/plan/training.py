@@ -18,8 +18,8 @@ from simcc.model.anytime import sandwich, scale_units
 from simcc.model.graph import (Unit, block_params, block_work, blocks_of, drawn_per_layer, stage_units, units_of,
                                units_params, without_data_parallel)
 from simcc.model.kinds import costing_of
-from simcc.model.ops import (BLOCK_SCALE_BYTES, DTYPE_BYTES, TWO_KERNEL_BACKWARD, PLAIN, Comm, GemmOperands, Op,
-                             WorkItem, backward_of)
+from simcc.model.ops import (BLOCK_SCALE_BYTES, DTYPE_BYTES, TWO_KERNEL_BACKWARD, Comm, GemmOperands, Op, WorkItem,
+                             backward_of)
 from simcc.model.optimizer import optimizer_step
 from simcc.plan.recompute import recomputed
 from simcc.routing.load import LOAD_DRAWS
@@ -116,7 +116,7 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
                  microbatches=layout.microbatches, dp=layout.dp_cp, grad_dtype=prec.gradients,
                  ep_nodes=layout.groups["ep"].nodes, dense_gemm=gemm_operands(prec.weights, prec),
                  expert_gemm=gemm_operands(prec.expert_weights or prec.weights, prec),
-                 head_gemm=None if prec.head_weights is None else gemm_operands(prec.head_weights, prec) or PLAIN)
+                 head_gemm=gemm_operands(prec.head_weights or prec.weights, prec))
 
 
 def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | None:

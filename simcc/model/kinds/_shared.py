@@ -60,10 +60,10 @@ class Shard:
     ep_nodes: int = 1  # nodes an expert-parallel group spans (a deduplicating dispatcher's fan-out)
     grad_dtype: Dtype = "fp32"
     # How weight GEMMs read their operands when narrower than `dtype` (FP8 inputs, quantized
-    # served weights): dense layers and routed experts; None: everything at `dtype`.
+    # served weights): dense layers, routed experts and the output head; None: everything at `dtype`.
     dense_gemm: GemmOperands | None = None
     expert_gemm: GemmOperands | None = None
-    head_gemm: GemmOperands | None = None  # the output head's, when stored apart; None: as dense_gemm
+    head_gemm: GemmOperands | None = None
 
 
 @dataclass
@@ -236,8 +236,7 @@ def output_head(prefix: str, tokens: float, hidden: int, vocab: int, shard: Shar
     shared head (DeepSeek-V3 report, arXiv 2412.19437, sec. 2.2, eq. 23)."""
     items: list[WorkItem] = [norm(f"{prefix}.norm", tokens, hidden, shard)]
     items += tp_entry(f"{prefix}.tp_gather", tokens, hidden, shard)
-    items.append(gemm(f"{prefix}.logits", tokens, hidden, vocab / shard.tp, shard.dtype,
-                      operands=shard.head_gemm or shard.dense_gemm))
+    items.append(gemm(f"{prefix}.logits", tokens, hidden, vocab / shard.tp, shard.dtype, operands=shard.head_gemm))
     items.append(elementwise(f"{prefix}.loss", tokens * vocab / shard.tp, 1, 1, "fp32", flops_per_element=5,
                              saved_elements=0))
     return items

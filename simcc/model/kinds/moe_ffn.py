@@ -82,7 +82,8 @@ def _copies_per_assignment(spec: MoEFFNBlock, ep: int) -> float:
 def _dispatch_and_combine(spec: MoEFFNBlock, shard: Shard, local_elements: float, dispatch: float, combine: float,
                           remote: float | None) -> tuple[Comm, Comm]:
     """The dispatcher's two collectives over the EP group. `local_elements`: the rank's own tokens x
-    hidden; `dispatch`/`combine`: bytes of the routed copies it sends each way (all_to_all size)."""
+    hidden; `dispatch`/`combine`: bytes of the routed copies it sends each way (all_to_all size);
+    `remote`: the share of them leaving the node, when gating or the dispatcher decides it."""
     routing = spec.routing
     if routing.dispatcher == "allgather":
         # Every rank gathers the whole EP group's tokens, keeps its experts' rows, and the outputs
@@ -94,9 +95,6 @@ def _dispatch_and_combine(spec: MoEFFNBlock, shard: Shard, local_elements: float
         algorithm = routing.all_to_all
         if routing.dispatcher in ("deduplicated", "low_latency"):
             algorithm = routing.dispatcher
-        if routing.dispatcher == "deduplicated" and shard.ep_nodes > 1:  # of the per-rank copies sent
-            spread = token_spread(spec, shard.ep, shard.ep_nodes)
-            remote = spread.remote_nodes / spread.ranks
         pair = (Comm("moe.dispatch", "all_to_all", dispatch, "ep", algorithm, routing.overlap_degree, remote),
                 Comm("moe.combine", "all_to_all", combine, "ep", algorithm, routing.overlap_degree, remote))
     if not routing.shared_expert_overlap:
@@ -152,12 +150,15 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     routing = spec.routing
     # A deduplicating dispatcher (DeepEP's normal kernels) writes a token once to each rank whose
     # experts need it, and that rank's expert outputs for it come back summed, once.
-    if routing.dispatcher == "deduplicated" and loads.capacity is None and ep > 1:
-        sent_per_rank *= token_spread(spec, ep, shard.ep_nodes).ranks / spec.k
+    spread = token_spread(spec, ep, shard.ep_nodes) if routing.dispatcher == "deduplicated" and ep > 1 else None
+    if spread is not None and loads.capacity is None:
+        sent_per_rank *= spread.ranks / spec.k
     dispatch_dtype = routing.dispatch_dtype or shard.comm_dtype
     dispatch = sent_per_rank * hidden * DTYPE_BYTES[dispatch_dtype] if ep > 1 else 0.0
     combine = sent_per_rank * hidden * DTYPE_BYTES[shard.comm_dtype] if ep > 1 else 0.0
     remote = None if routing.keep_in_node is None else 1.0 - routing.keep_in_node
+    if spread is not None and shard.ep_nodes > 1:  # leaving the node: a share of the per-rank copies sent
+        remote = spread.remote_nodes / spread.ranks
     if ep > 1 and DTYPE_BYTES[dispatch_dtype] < b:  # quantized before sending: read, write narrower + scales
         fwd.append(elementwise("moe.dispatch_quantize", routed_tokens * hidden, 1, DTYPE_BYTES[dispatch_dtype] / b, dt,
                                flops_per_element=4))
