@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -274,10 +275,46 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
     assert current["attn.out.cast"].bytes == pytest.approx(m * k * (2 + 2 + 1))  # an amax pass, then the cast
     assert block["attn.out.cast"].bytes == pytest.approx(m * k * (2 + 1 + 4 / 128))
     assert "attn.out.cast" not in bf16
+    # Kernels each cast launches (Transformer Engine): current scaling zeroes the amax, reduces it,
+    # computes the scale and casts, 4 per tensor, and casts a grouped input expert by expert (Mixtral
+    # on EP8: 1 local expert); delayed scaling fuses all experts into one launch; block scaling
+    # launches one cast per tensor, per expert.
+    assert (current["attn.out.cast"].launches, fp8["attn.out.cast"].launches, block["attn.out.cast"].launches) == (4, 1, 1)
+    experts = len(current["moe.expert_up"].kernels[0])
+    assert experts == 1 and current["moe.expert_up.cast"].launches == 4 * experts
     h100 = load_hardware("h100_sxm").device
+    launch = h100.efficiency.kernel_launch_us * 1e-6
+    assert (op_cost(h100, current["attn.out.cast"]).seconds - op_cost(h100, replace(current["attn.out.cast"], launches=1)).seconds
+            == pytest.approx(3 * launch))
     assert efficiency(h100, "gemm", 1e12, 1e3, "fp8") == 0.72
     assert efficiency(h100, "grouped_gemm", 1e12, 1e3, "fp8") == 0.69
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16") == 0.82
+
+
+def test_current_scaling_casts_a_grouped_input_expert_by_expert_in_four_kernels_each():
+    """Qwen3-30B on EP16 has 8 local experts: current scaling casts each expert's rows in 4
+    kernels (32 launches, in the forward and again for the gradient in the backward), block
+    scaling in one each (8), delayed scaling all experts in one fused launch; an expert with no
+    rows is not cast. Each launch costs the profile's launch time."""
+    from simcc.model.graph import cast_launches
+    from simcc.plan.training import gemm_operands
+
+    def operands(scaling):
+        workload, _ = load_workload("qwen3_30b_a3b_train_16xh100", ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}"])
+        return gemm_operands(workload.precision.weights, workload.precision)
+
+    experts = grouped_gemm("up", [512.0] * 7 + [0.0], [512.0] * 7 + [0.0], 2048, 1536, "fp8")
+    dense = gemm("qkv", 4096, 2048, 5120, "fp8")
+    assert [cast_launches(experts, operands(s)) for s in ("tensor", "block", "delayed")] == [28, 7, 1]
+    assert [cast_launches(dense, operands(s)) for s in ("tensor", "block", "delayed")] == [4, 1, 1]
+    fp8 = _run("qwen3_30b_a3b_train_16xh100", "dgx_h100_x4", ["precision.matmul=fp8"], ["nodes=2"])
+    delayed = _run("qwen3_30b_a3b_train_16xh100", "dgx_h100_x4", ["precision.matmul=fp8", "precision.fp8_scaling=delayed"],
+                   ["nodes=2"])
+    # per MoE layer and micro-batch: (32 - 1) x 2 expert casts forward and backward, (4 - 1) x 2 x 2
+    # dense ones, each launch 5 us, besides the amax pass's extra read
+    launches = (31 * 2 * 2 + 3 * 2 * 2) * 48 * 64
+    extra = fp8.step.step_s - delayed.step.step_s
+    assert launches * 5e-6 < extra < launches * 5e-6 * 1.5
 
 
 def test_fp8_training_is_faster_than_bf16_by_less_than_the_peak_ratio_and_holds_fp8_weight_copies():

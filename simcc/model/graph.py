@@ -199,11 +199,20 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     for item in work.forward:
         if isinstance(item, Op) and item.family in ("gemm", "grouped_gemm") and DTYPE_BYTES[item.dtype] < compute:
             elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
-            forward.append(elementwise(f"{item.name}.cast", elements, operands.cast_reads,
-                                       (DTYPE_BYTES[item.dtype] + operands.scale_bytes) / compute, shard.dtype,
-                                       flops_per_element=2))
+            cast = elementwise(f"{item.name}.cast", elements, operands.cast_reads,
+                               (DTYPE_BYTES[item.dtype] + operands.scale_bytes) / compute, shard.dtype,
+                               flops_per_element=2)
+            forward.append(replace(cast, launches=cast_launches(item, operands)))
         forward.append(item)
     return replace(work, forward=forward) if len(forward) > len(work.forward) else work
+
+
+def cast_launches(gemm: Op, operands: GemmOperands) -> int:
+    """Kernels that cast one GEMM's activation input: the quantizer's per tensor, once for each
+    expert with rows when the quantizer casts a grouped input expert by expert."""
+    experts = sum(copies for m, _, _, copies in gemm.kernels[0] if m > 0) if gemm.kernels else 1
+    tensors = max(1, experts) if gemm.family == "grouped_gemm" and operands.cast_per_expert else 1
+    return operands.cast_launches * tensors
 
 
 def units_params(units: list[Unit], hidden: int) -> B.Params:

@@ -159,6 +159,10 @@ class GemmOperands:
     dequant_flops: float = 0.0  # per weight
     scale_bytes: float = 0.0  # per input element (block-scaled FP8: one fp32 scale per 128)
     cast_reads: float = 1.0  # passes over the input its cast makes (current scaling: an amax pass first)
+    # Kernels one tensor's cast launches, and whether a grouped GEMM's experts are cast one by one
+    # (each expert's rows a tensor of their own) or in one fused launch for all of them.
+    cast_launches: int = 1
+    cast_per_expert: bool = False
 
     def read(self, compute: str) -> tuple[str, float, float, float]:
         """(dtype of the op, bytes per activation element, bytes per weight, dequant FLOPs per weight)."""

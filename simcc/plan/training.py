@@ -133,9 +133,21 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
         return None
     scale = BLOCK_SCALE_BYTES if inputs is not None and precision.fp8_scaling == "block" else 0.0
     reads = 2.0 if inputs is not None and precision.fp8_scaling == "tensor" else 1.0
-    if weight >= read:
-        return GemmOperands(inputs, None, 0.0, scale, reads)
-    return GemmOperands(inputs, weight, DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0, scale, reads)
+    launches, per_expert = CAST_KERNELS[precision.fp8_scaling] if inputs is not None else (1, False)
+    dequant = DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0
+    return GemmOperands(inputs, None if weight >= read else weight, 0.0 if weight >= read else dequant, scale, reads,
+                        launches, per_expert)
+
+
+# Kernels Transformer Engine launches to cast one tensor to FP8, by scaling, and whether a grouped
+# GEMM's inputs are cast expert by expert. Current scaling: zero the amax, reduce it over the
+# tensor, compute the scale in a one-thread kernel, then cast (transformer_engine/common/recipe/
+# current_scaling.cu; pytorch/csrc/quantizer.cpp, Float8CurrentScalingQuantizer::quantize_impl).
+# Delayed scaling: one cast that records the amax as it goes, and GroupedLinear casts every expert
+# in one fused multi-tensor launch (nvte_multi_cast_transpose). Block scaling: one cast computing
+# its tile scales on chip. Every quantizer but the delayed one splits a grouped input and casts
+# each expert's rows apart (pytorch/csrc/extensions/cast.cpp, split_quantize).
+CAST_KERNELS = {"tensor": (4, True), "delayed": (1, False), "block": (1, True)}
 
 
 # Costs by item and system object, and for a collective by the group it runs over: a model
