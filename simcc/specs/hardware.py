@@ -52,6 +52,12 @@ class Efficiency(StrictModel):
     matmul: Fraction = 0.70
     attention: Fraction = 0.50
     memory: Fraction = 0.80
+    # Time one kernel launch adds to its op (eager frameworks issue tiny kernels no faster than
+    # this). Default 5 us: between a bare back-to-back launch (NVIDIA, "Getting Started with CUDA
+    # Graphs", 2019: 3.8 us per 2.9 us kernel launched without a sync; Horace He, "Making Deep
+    # Learning Go Brrrr From First Principles": ~280,000 PyTorch ops/s) and an eager PyTorch op on
+    # an A100 or H100 (flagos-ai/Torch-FL PR #27: 8 us per op submitted; meta-pytorch/autoparallel
+    # PR #146 floors every operator at 7 us).
     kernel_launch_us: NonNegativeFloat = 5.0
     # Best-shape fraction of a grouped GEMM (one kernel over many experts' ragged row blocks);
     # unset: `matmul`. Its per-expert scheduling keeps it below a dense GEMM's best shape.
