@@ -216,6 +216,12 @@ class RoutingSpec(StrictModel):
     # The dtype tokens are sent in to the experts (fp8: DeepSeek-V3 quantizes before dispatch and
     # combines in bf16); default the workload's communication dtype.
     dispatch_dtype: Dtype | None = None
+    # Where each expert output is scaled by its gate weight: in the combine, which then keeps the
+    # expert outputs for the weights' gradient (GShard's combine einsum, DeepSeek-V3's reference
+    # MoE), or inside the expert's activation, act(x) * p, whose gradient needs only what the down
+    # projection keeps anyway (Megatron-Core's activation_func_with_probs, megatron/core/
+    # transformer/moe/experts.py; its dispatchers unpermute with no probs).
+    gate_weights_applied: Literal["combine", "activation"] = "combine"
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoutingSpec":

@@ -183,8 +183,12 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
                   step_tokens=routed_tokens * gathered)
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt, **active))
     reads = 2 if spec.gated else 1
+    weighted_in_activation = routing.gate_weights_applied == "activation"
+    # Weighted in the activation: it keeps each copy's fp32 gate weight as well.
+    gate_weights_saved = sum(busiest) * 4 / b if weighted_in_activation else 0.0
     act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
-                      saved_elements=act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp))
+                      saved_elements=act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp)
+                      + gate_weights_saved)
     mean_act = sum(mean) * spec.expert_hidden / etp
     fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
                   mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
@@ -196,9 +200,10 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
         fwd.append(elementwise("moe.unsort_chunks", sum(busiest) * hidden, 1, 1, dt, family="permute"))
     if ep > 1:
         fwd.append(combine_item)
-    # Un-permute and weight: read k expert outputs per token and its gate weights, write one.
+    # Un-permute and weight: read k expert outputs per token and its gate weights, write one; the
+    # outputs are kept for the weights' gradient unless the activation applied them.
     fwd.append(elementwise("moe.unpermute", routed_tokens * spec.k * hidden, 1, 1.0 / spec.k, dt, family="combine",
-                           saved_elements=routed_tokens * spec.k * hidden))
+                           saved_elements=0.0 if weighted_in_activation else routed_tokens * spec.k * hidden))
     if spec.shared_experts:  # a tensor-parallel MLP over the whole micro-batch (gathered under SP)
         if sharded:
             fwd += tp_entry("moe.shared_tp_gather", T, hidden, shard)
