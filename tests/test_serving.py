@@ -249,7 +249,7 @@ def test_an_output_head_kept_in_fp16_beside_int4_weights_costs_its_own_bytes():
 
     assert head_reads(kept) - head_reads(four) == pytest.approx(head * (2 - 0.5))
     assert costs[1].decode.at(1) > costs[0].decode.at(1)
-    with pytest.raises(InputError, match="quantized formats are for served weights"):
+    with pytest.raises(InputError, match="precision.head_weights: quantized formats are for served weights"):
         load_workload("mixtral_8x7b_train_64xh100", ["precision.head_weights=q6_k"])
 
 

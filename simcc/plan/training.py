@@ -134,9 +134,9 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     scale = BLOCK_SCALE_BYTES if inputs is not None and precision.fp8_scaling == "block" else 0.0
     reads = 2.0 if inputs is not None and precision.fp8_scaling == "tensor" else 1.0
     launches, per_expert = CAST_KERNELS[precision.fp8_scaling] if inputs is not None else (1, False)
-    dequant = DEQUANT_FLOPS_PER_WEIGHT if is_quantized(stored) else 0.0
-    return GemmOperands(inputs, None if weight >= read else weight, 0.0 if weight >= read else dequant, scale, reads,
-                        launches, per_expert)
+    narrower_weights = weight < read
+    dequant = DEQUANT_FLOPS_PER_WEIGHT if narrower_weights and is_quantized(stored) else 0.0
+    return GemmOperands(inputs, weight if narrower_weights else None, dequant, scale, reads, launches, per_expert)
 
 
 # Kernels Transformer Engine launches to cast one tensor to FP8, by scaling, and whether a grouped

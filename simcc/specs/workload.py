@@ -598,9 +598,11 @@ class Workload(StrictModel):
             raise ValueError("give either schedule or schedules (named), not both")
         if (self.schedule or self.schedules) and self.mode != "train":
             raise ValueError("a dense/sparse schedule belongs to a training workload (mode: train)")
-        stored = [self.precision.weights, self.precision.expert_weights, self.precision.head_weights]
-        if self.mode == "train" and any(w is not None and is_quantized(w) for w in stored):
-            raise ValueError("precision.weights: quantized formats are for served weights (mode: serve); "
+        stored = {"weights": self.precision.weights, "expert_weights": self.precision.expert_weights,
+                  "head_weights": self.precision.head_weights}
+        quantized = [name for name, w in stored.items() if w is not None and is_quantized(w)]
+        if self.mode == "train" and quantized:
+            raise ValueError(f"precision.{quantized[0]}: quantized formats are for served weights (mode: serve); "
                              "expected a dtype (fp32, bf16, fp16, fp8) for training")
         return self
 

@@ -184,8 +184,8 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt, **active))
     reads = 2 if spec.gated else 1
     weighted_in_activation = routing.gate_weights_applied == "activation"
-    # Weighted in the activation: it keeps each copy's fp32 gate weight as well.
-    gate_weights_saved = sum(busiest) * 4 / b if weighted_in_activation else 0.0
+    # Weighted in the activation: it keeps each copy's gate weight as well, at the router's dtype.
+    gate_weights_saved = sum(busiest) * DTYPE_BYTES[shard.router_dtype] / b if weighted_in_activation else 0.0
     act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
                       saved_elements=act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp)
                       + gate_weights_saved)
