@@ -94,6 +94,9 @@ class Comm:
     # Compute items of the same block (by name) that run alongside this collective on another
     # stream, hiding it up to their time (a shared expert during the token dispatch).
     alongside: tuple[str, ...] = ()
+    # Pipelined with its GEMM in tp chunks (Transformer Engine's userbuffers, Megatron-Core's
+    # --tp-comm-overlap): an all-gather with the GEMM after it, a reduce-scatter with the one before.
+    gemm_overlap: bool = False
 
 
 WorkItem = Op | Comm

@@ -116,7 +116,8 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
                  microbatches=layout.microbatches, dp=layout.dp_cp, grad_dtype=prec.gradients,
                  ep_nodes=layout.groups["ep"].nodes, dense_gemm=gemm_operands(prec.weights, prec),
                  expert_gemm=gemm_operands(prec.expert_weights or prec.weights, prec),
-                 head_gemm=gemm_operands(prec.head_weights or prec.weights, prec))
+                 head_gemm=gemm_operands(prec.head_weights or prec.weights, prec),
+                 tp_comm_overlap=workload.parallelism.tp_comm_overlap)
 
 
 def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | None:
@@ -378,6 +379,10 @@ def _cost_unit(unit_work: "_UnitWork", system: System, layout: Layout) -> tuple[
         forward = ring_costs(unit_work.items, forward, system, layout, backward=False)
         backward = ring_costs(unit_work.items, backward, system, layout, backward=True)
         replay = ring_costs(unit_work.replay, replay, system, layout, backward=False)
+    if any(isinstance(item, Comm) and item.gemm_overlap for item in unit_work.items):
+        forward = tp_overlap_costs(unit_work.items, forward, system, layout, backward=False)
+        backward = tp_overlap_costs(unit_work.items, backward, system, layout, backward=True)
+        replay = tp_overlap_costs(unit_work.replay, replay, system, layout, backward=False)
     if any(isinstance(item, Comm) and item.alongside for item in unit_work.items):
         forward = alongside_costs(unit_work.items, forward)
         backward = alongside_costs(unit_work.items, backward)
@@ -398,6 +403,45 @@ def alongside_costs(items: tuple[WorkItem, ...], costs: list[Cost]) -> list[Cost
         beside = sum(costs[j].seconds for j, other in enumerate(items) if isinstance(other, Op) and other.name in item.alongside)
         cost = costs[index]
         exposed = max(0.0, cost.seconds - beside)
+        out[index] = replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
+    return out
+
+
+def tp_overlap_costs(items: tuple[WorkItem, ...], costs: list[Cost], system: System, layout: Layout,
+                     backward: bool) -> list[Cost]:
+    """`costs` (one per item, in item order; each item's backward cost when `backward`) with sequence parallelism's collectives overlapped with their linear's
+    GEMM as Transformer Engine's userbuffers do under Megatron-Core's --tp-comm-overlap
+    (transformer_engine/pytorch/module/base.py initialize_ub; megatron/core/model_parallel_config.py
+    tp_comm_overlap_ag, tp_comm_overlap_rs, tp_comm_bulk_wgrad, tp_comm_bulk_dgrad):
+
+    - pipelined (the forward all-gather with the GEMM after it, the reduce-scatter with the one
+      before, and the backward all-gather of the reduce-scatter's gradient with that GEMM's
+      input-gradient kernel): input and GEMM split in tp chunks, each of the tp - 1 exchanged
+      chunks moving while another chunk multiplies, so a collective of C seconds beside a GEMM of
+      G is waited for only beyond the GEMM's other chunks: max(0, C - G (tp - 1) / tp);
+    - bulk (the backward of the forward all-gather: the input shard gathered again for the weight
+      gradient, and the input gradient reduce-scattered): the gather runs beside the
+      input-gradient kernel and the reduce-scatter beside the weight-gradient kernel, each waited
+      for beyond its partner's time.
+
+    The unhidden part stays link time (`hidden`). The SMs the copy kernels hold are not modelled."""
+    out = list(costs)
+    for index, item in enumerate(items):
+        if not (isinstance(item, Comm) and item.gemm_overlap):
+            continue
+        gathers = item.collective == "all_gather"
+        span = range(index + 1, len(items)) if gathers else range(index - 1, -1, -1)
+        partner = next((j for j in span if isinstance(items[j], Op) and items[j].family == "gemm"), None)  # past FP8 casts
+        if partner is None:
+            continue
+        gemm, cost = costs[partner], costs[index]
+        data_grad = gemm.seconds - gemm.wgrad  # the whole GEMM in the forward pass (wgrad 0)
+        tp = layout.tp
+        if backward and gathers:  # bulk: gather again beside dX, reduce-scatter beside dW
+            again = cost_item(item, system, layout).seconds
+            exposed = max(0.0, again - data_grad) + max(0.0, cost.seconds - again - gemm.wgrad)
+        else:
+            exposed = max(0.0, cost.seconds - data_grad * (tp - 1) / tp)
         out[index] = replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
     return out
 

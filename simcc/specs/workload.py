@@ -181,6 +181,10 @@ class Parallelism(StrictModel):
     # SMs the dispatch and combine kernels hold while they overlap compute (DeepSeek-V3 report sec.
     # 3.2.2: 20 of an H800's 132); compute runs on the rest meanwhile. None: not modelled.
     moe_comm_sms: PositiveInt | None = None
+    # Megatron-Core's --tp-comm-overlap (Transformer Engine's userbuffers comm-GEMM overlap): each
+    # sequence-parallel all-gather and reduce-scatter beside a dense layer's linear runs in tp
+    # chunks pipelined with that GEMM's chunks (plan/training.py, tp_overlap_costs).
+    tp_comm_overlap: bool = False
 
     @model_validator(mode="after")
     def _schedule_matches_vpp(self) -> "Parallelism":
@@ -193,6 +197,11 @@ class Parallelism(StrictModel):
         if self.offload_activation_layers and (self.recompute != "none" or self.recompute_modules):
             raise ValueError("offload_activation_layers needs recompute none and no recompute_modules: Megatron-Core's "
                              "CPU offloading does not work with activation recomputation")
+        if self.tp_comm_overlap and not (self.tp > 1 and self.effective_sequence_parallel):
+            # megatron/training/arguments.py: "Tensor parallel communication/GEMM overlap can happen
+            # only when sequence parallelism is enabled".
+            raise ValueError("tp_comm_overlap needs tp >= 2 and sequence_parallel: the overlapped collectives are "
+                             "sequence parallelism's all-gathers and reduce-scatters")
         if self.overlap_moe_comm and self.schedule == "gpipe":
             raise ValueError("overlap_moe_comm pairs a forward with a backward: it needs schedule 1f1b or interleaved")
         if self.schedule == "interleaved" and self.vpp < 2:

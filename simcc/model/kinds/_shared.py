@@ -64,6 +64,9 @@ class Shard:
     dense_gemm: GemmOperands | None = None
     expert_gemm: GemmOperands | None = None
     head_gemm: GemmOperands | None = None
+    # Megatron-Core's --tp-comm-overlap: sequence parallelism's collectives beside a dense layer's
+    # linear pipeline with its GEMM (Comm.gemm_overlap; plan/training.py, tp_overlap_costs).
+    tp_comm_overlap: bool = False
 
 
 @dataclass
@@ -140,10 +143,13 @@ def residual(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
     return elementwise(name, share * hidden, 2, 1, shard.dtype)
 
 
-def tp_entry(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
-    """Sequence parallelism gathers the sequence-sharded input before a column-parallel GEMM."""
+def tp_entry(name: str, tokens: float, hidden: int, shard: Shard, linear: bool = False) -> list[WorkItem]:
+    """Sequence parallelism gathers the sequence-sharded input before a column-parallel GEMM.
+    `linear`: that GEMM is a Transformer Engine linear, which --tp-comm-overlap pipelines the
+    gather with (attention's QKV, a dense FFN's first projection)."""
     if shard.tp > 1 and shard.sequence_parallel:
-        return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp", regathered=True)]
+        return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp", regathered=True,
+                     gemm_overlap=linear and shard.tp_comm_overlap)]
     return []
 
 
@@ -156,12 +162,15 @@ def column_gemm(name: str, tokens: float, hidden: int, width: float, shard: Shar
     return replace(op, saved_bytes=share * hidden * DTYPE_BYTES[shard.dtype] + kept)
 
 
-def tp_exit(name: str, tokens: float, hidden: int, shard: Shard) -> list[WorkItem]:
-    """A row-parallel GEMM's partial sums are all-reduced (or reduce-scattered with SP)."""
+def tp_exit(name: str, tokens: float, hidden: int, shard: Shard, linear: bool = False) -> list[WorkItem]:
+    """A row-parallel GEMM's partial sums are all-reduced (or reduce-scattered with SP).
+    `linear`: that GEMM is a Transformer Engine linear (attention's output projection, a dense
+    FFN's second), which --tp-comm-overlap pipelines the reduce-scatter with."""
     if shard.tp == 1:
         return []
     collective = "reduce_scatter" if shard.sequence_parallel else "all_reduce"
-    return [Comm(name, collective, tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp")]
+    return [Comm(name, collective, tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp",
+                 gemm_overlap=linear and shard.sequence_parallel and shard.tp_comm_overlap)]
 
 
 def gated_width(hidden: int, gated: bool) -> int:

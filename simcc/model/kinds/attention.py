@@ -166,7 +166,7 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
     result = BlockWork()
     fwd = result.forward
     fwd.append(norm("attn.norm", T, hidden, shard))
-    fwd += tp_entry("attn.tp_gather", T, hidden, shard)
+    fwd += tp_entry("attn.tp_gather", T, hidden, shard, linear=True)
     q_bytes = T * local_heads * head_dim * b
     kv_bytes = batch.sequences * batch.kv_len * local_kv * head_dim * b * 2
     # A window reads only the keys it reaches (a decode step: the cached window and sinks).
@@ -218,6 +218,6 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
         fwd += core
         result.selective_recompute = list(core)
     fwd.append(gemm("attn.out", T, local_heads * head_dim, hidden, dt, operands=shard.dense_gemm))
-    fwd += tp_exit("attn.tp_reduce", T, hidden, shard)
+    fwd += tp_exit("attn.tp_reduce", T, hidden, shard, linear=True)
     fwd.append(residual("attn.residual", T, hidden, shard))
     return result
