@@ -409,8 +409,9 @@ def alongside_costs(items: tuple[WorkItem, ...], costs: list[Cost]) -> list[Cost
 
 def tp_overlap_costs(items: tuple[WorkItem, ...], costs: list[Cost], system: System, layout: Layout,
                      backward: bool) -> list[Cost]:
-    """`costs` (one per item, in item order; each item's backward cost when `backward`) with sequence parallelism's collectives overlapped with their linear's
-    GEMM as Transformer Engine's userbuffers do under Megatron-Core's --tp-comm-overlap
+    """`costs` (one per item, in item order; each item's backward cost when `backward`) with
+    sequence parallelism's collectives overlapped with their linear's GEMM as Transformer
+    Engine's userbuffers do under Megatron-Core's --tp-comm-overlap
     (transformer_engine/pytorch/module/base.py initialize_ub; megatron/core/model_parallel_config.py
     tp_comm_overlap_ag, tp_comm_overlap_rs, tp_comm_bulk_wgrad, tp_comm_bulk_dgrad):
 
@@ -424,24 +425,24 @@ def tp_overlap_costs(items: tuple[WorkItem, ...], costs: list[Cost], system: Sys
       input-gradient kernel and the reduce-scatter beside the weight-gradient kernel, each waited
       for beyond its partner's time.
 
-    The unhidden part stays link time (`hidden`). The SMs the copy kernels hold are not modelled."""
+    The hidden part stays link time (`hidden`). The SMs the copy kernels hold are not modelled."""
     out = list(costs)
     for index, item in enumerate(items):
         if not (isinstance(item, Comm) and item.gemm_overlap):
             continue
         gathers = item.collective == "all_gather"
         span = range(index + 1, len(items)) if gathers else range(index - 1, -1, -1)
-        partner = next((j for j in span if isinstance(items[j], Op) and items[j].family == "gemm"), None)  # past FP8 casts
+        # the GEMM itself, past the FP8 casts of its input
+        partner = next((j for j in span if isinstance(items[j], Op) and items[j].family == "gemm"), None)
         if partner is None:
             continue
         gemm, cost = costs[partner], costs[index]
         data_grad = gemm.seconds - gemm.wgrad  # the whole GEMM in the forward pass (wgrad 0)
-        tp = layout.tp
         if backward and gathers:  # bulk: gather again beside dX, reduce-scatter beside dW
             again = cost_item(item, system, layout).seconds
             exposed = max(0.0, again - data_grad) + max(0.0, cost.seconds - again - gemm.wgrad)
         else:
-            exposed = max(0.0, cost.seconds - data_grad * (tp - 1) / tp)
+            exposed = max(0.0, cost.seconds - data_grad * (layout.tp - 1) / layout.tp)
         out[index] = replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
     return out
 
