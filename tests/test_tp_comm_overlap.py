@@ -105,3 +105,39 @@ def test_overlap_without_sequence_parallel_tp_is_refused_in_one_line(sets, field
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "tp_comm_overlap needs tp >= 2 and sequence_parallel" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sets,element", [
+    ([], 1.0),  # per-tensor current scaling: one FP8 byte per element
+    (["precision.fp8_scaling=block"], 1.0 + 4 / 128),  # and an fp32 scale per 1 x 128 tile
+])
+def test_fp8_linears_gather_inputs_cast_on_the_local_shard(sets, element):
+    """Transformer Engine casts before it gathers (layernorm_linear.py; base.py
+    grad_output_preprocess): the QKV and FC1 inputs and the output projection's and FC2's
+    output gradients move in FP8; the input gradients reduce-scatter in bf16."""
+    workload, source = load_workload(LLAMA, sets)
+    system = load_hardware("dgx_h100_x8")
+    layout = build_layout(workload, system, source)
+    forward, backward = layer_costs(workload, system, layout, 1, micro_batch(workload))
+    fwd, bwd = {c.name: c for c in forward}, {c.name: c for c in backward}
+    full = 8192 * 8192  # tokens x hidden of one micro-batch, gathered
+    assert fwd["attn.tp_gather"].bytes == pytest.approx(full * element)
+    # backward: the input gradient reduce-scattered in bf16, the saved FP8 shard gathered again
+    assert bwd["attn.tp_gather.bwd"].bytes == pytest.approx(full * 2 + full * element)
+    assert fwd["attn.tp_reduce"].bytes == pytest.approx(full * 2)  # the GEMM's bf16 output
+    assert bwd["attn.tp_reduce.bwd"].bytes == pytest.approx(full * element)  # its gradient, cast
+    # the cast runs on this rank's shard before the gather: 2 FLOPs per element of T x h / tp
+    assert fwd["attn.qkv.cast"].flops == pytest.approx(2 * full / TP)
+    assert fwd["attn.out.cast"].flops == pytest.approx(2 * 8192 * 8192 / TP)  # after the core: T x (h / tp)
+
+
+def test_bf16_linears_gather_at_the_communication_dtype():
+    workload, source = load_workload(LLAMA, ["precision.matmul=null"])
+    system = load_hardware("dgx_h100_x8")
+    layout = build_layout(workload, system, source)
+    forward, backward = layer_costs(workload, system, layout, 2, micro_batch(workload))
+    fwd, bwd = {c.name: c for c in forward}, {c.name: c for c in backward}
+    full = 8192 * 8192 * 2
+    assert fwd["ffn.tp_gather"].bytes == pytest.approx(full) and bwd["ffn.tp_gather.bwd"].bytes == pytest.approx(2 * full)
+    assert fwd["ffn.tp_reduce"].bytes == pytest.approx(full) and bwd["ffn.tp_reduce.bwd"].bytes == pytest.approx(full)
+    assert "ffn.up.cast" not in fwd

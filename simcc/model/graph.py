@@ -10,7 +10,7 @@ import simcc.model.blocks as B
 from simcc.memo import Memo
 from simcc.model.kinds import COSTINGS, costing_of
 from simcc.model.kinds._shared import drawn_per_layer, layer_seeded
-from simcc.model.ops import DTYPE_BYTES, GemmOperands, Op, WorkItem, elementwise
+from simcc.model.ops import DTYPE_BYTES, Comm, GemmOperands, Op, WorkItem, elementwise
 from simcc.model.threshold import FiringSample, firing_sample
 from simcc.specs.blocks import BlockSpec, MTPBlock
 from simcc.specs.workload import BlockItem, ModelSpec, ThresholdTreeBlock
@@ -192,19 +192,42 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     activation input: read at the compute dtype (twice under current scaling, whose amax needs
     the whole tensor first), written at the narrow one with its scales, an amax and a scale
     multiply per element (Transformer Engine's cast kernels; its backward casts and transposes the
-    output gradient). Every block kind gets it here, once."""
+    output gradient). Every block kind gets it here, once.
+
+    Beside a Transformer Engine linear under sequence parallelism, TE casts before it gathers
+    (transformer_engine/pytorch/module/layernorm_linear.py: the norm output is quantized, then
+    all-gathered with the quantizer; base.py grad_output_preprocess gathers the output gradient
+    the same way): the cast covers the local shard, the gather moves FP8 bytes and its backward
+    reduce-scatters the input gradient at the communication dtype; the reduce-scatter after an
+    FP8 row-parallel linear gathers its output gradient in FP8 in the backward."""
     compute = DTYPE_BYTES[shard.dtype]
     operands = shard.dense_gemm or GemmOperands()
     forward: list[WorkItem] = []
+    narrow_before: float | None = None  # bytes per input element of the last GEMM so far, when narrow
+    changed = False
     for item in work.forward:
-        if isinstance(item, Op) and item.family in ("gemm", "grouped_gemm") and DTYPE_BYTES[item.dtype] < compute:
-            elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
-            cast = elementwise(f"{item.name}.cast", elements, operands.cast_reads,
-                               (DTYPE_BYTES[item.dtype] + operands.scale_bytes) / compute, shard.dtype,
-                               flops_per_element=2)
-            forward.append(replace(cast, launches=cast_launches(item, operands)))
+        if isinstance(item, Op) and item.family in ("gemm", "grouped_gemm"):
+            narrow = DTYPE_BYTES[item.dtype] + operands.scale_bytes
+            narrow_before = narrow if DTYPE_BYTES[item.dtype] < compute else None
+            if narrow_before is not None:
+                elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
+                gather = forward[-1] if forward and isinstance(forward[-1], Comm) else None
+                local = gather is not None and gather.linear and gather.collective == "all_gather"
+                cast = elementwise(f"{item.name}.cast", elements / shard.tp if local else elements,
+                                   operands.cast_reads, narrow / compute, shard.dtype, flops_per_element=2)
+                cast = replace(cast, launches=cast_launches(item, operands))
+                if local and gather is not None:
+                    fp8_gather = replace(gather, bytes=gather.bytes * narrow / DTYPE_BYTES[shard.comm_dtype],
+                                         backward_bytes=gather.bytes)
+                    forward[-1:] = [cast, fp8_gather]
+                else:
+                    forward.append(cast)
+                changed = True
+        elif isinstance(item, Comm) and item.linear and item.collective == "reduce_scatter" and narrow_before:
+            item = replace(item, backward_bytes=item.bytes * narrow_before / DTYPE_BYTES[shard.comm_dtype])
+            changed = True
         forward.append(item)
-    return replace(work, forward=forward) if len(forward) > len(work.forward) else work
+    return replace(work, forward=forward) if changed else work
 
 
 def cast_launches(gemm: Op, operands: GemmOperands) -> int:

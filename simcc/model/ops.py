@@ -94,9 +94,18 @@ class Comm:
     # Compute items of the same block (by name) that run alongside this collective on another
     # stream, hiding it up to their time (a shared expert during the token dispatch).
     alongside: tuple[str, ...] = ()
+    # Sequence parallelism's collective beside a Transformer Engine linear (attention's QKV and
+    # output projection, a dense FFN's two linears): the gather before a column-parallel one, the
+    # reduce-scatter after a row-parallel one. TE gathers FP8 inputs already cast (model/graph.py,
+    # with_input_casts).
+    linear: bool = False
     # Pipelined with its GEMM in tp chunks (Transformer Engine's userbuffers, Megatron-Core's
     # --tp-comm-overlap): an all-gather with the GEMM after it, a reduce-scatter with the one before.
     gemm_overlap: bool = False
+    # Bytes the backward's conjugate collective moves when they differ from `bytes` (an FP8 gather's
+    # backward reduce-scatters the input gradient at the communication dtype; a reduce-scatter's
+    # backward gathers the output gradient cast to FP8); None: the same bytes.
+    backward_bytes: float | None = None
 
 
 WorkItem = Op | Comm
@@ -120,7 +129,9 @@ def backward_of(item: WorkItem) -> WorkItem:
     if isinstance(item, Comm):
         # Conjugate collectives move the same bytes: all-reduce <-> all-reduce, AG <-> RS, A2A <-> A2A.
         swap = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}
-        return replace(item, name=item.name + ".bwd", collective=swap.get(item.collective, item.collective))
+        moved = item.bytes if item.backward_bytes is None else item.backward_bytes
+        return replace(item, name=item.name + ".bwd", collective=swap.get(item.collective, item.collective),
+                       bytes=moved, backward_bytes=None)
     f_ratio = BACKWARD_FLOPS_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
     b_ratio = BACKWARD_BYTES_RATIO.get(item.family, ELEMENTWISE_BACKWARD_RATIO)
     scale = lambda v: None if v is None else v * f_ratio  # noqa: E731

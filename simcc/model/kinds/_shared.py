@@ -149,7 +149,7 @@ def tp_entry(name: str, tokens: float, hidden: int, shard: Shard, linear: bool =
     gather with (attention's QKV, a dense FFN's first projection)."""
     if shard.tp > 1 and shard.sequence_parallel:
         return [Comm(name, "all_gather", tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp", regathered=True,
-                     gemm_overlap=linear and shard.tp_comm_overlap)]
+                     linear=linear, gemm_overlap=linear and shard.tp_comm_overlap)]
     return []
 
 
@@ -169,8 +169,9 @@ def tp_exit(name: str, tokens: float, hidden: int, shard: Shard, linear: bool = 
     if shard.tp == 1:
         return []
     collective = "reduce_scatter" if shard.sequence_parallel else "all_reduce"
-    return [Comm(name, collective, tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp",
-                 gemm_overlap=linear and shard.sequence_parallel and shard.tp_comm_overlap)]
+    linear = linear and shard.sequence_parallel
+    return [Comm(name, collective, tokens * hidden * DTYPE_BYTES[shard.comm_dtype], "tp", linear=linear,
+                 gemm_overlap=linear and shard.tp_comm_overlap)]
 
 
 def gated_width(hidden: int, gated: bool) -> int:
