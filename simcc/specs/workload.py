@@ -171,8 +171,11 @@ class Parallelism(StrictModel):
     schedule: Literal["gpipe", "1f1b", "interleaved", "dualpipe", "dualpipev"] = "1f1b"
     overlap_grad_reduce: bool = True
     # false: a pipeline stage waits for each activation/gradient send to finish before computing on,
-    # as Megatron-LM's p2p calls do (Megatron-Core's overlap_p2p_comm defaults off); true: sends
-    # complete in the background while the next task computes.
+    # as Megatron-LM's batched p2p calls did (2022) and its non-interleaved schedule still does;
+    # true: sends complete in the background while the next task computes, as Megatron-LM's
+    # training loop runs every interleaved schedule since 2023-10 (megatron/training/arguments.py:
+    # --no-overlap-p2p-communication turns it off) and Megatron-Bridge whenever VP > 1
+    # (training/comm_overlap.py). Megatron-Core's own config default is off.
     overlap_p2p: bool = False
     # Megatron-Core's --overlap-moe-expert-parallel-comm: in a 1F1B schedule's steady state one
     # micro-batch's forward and another's backward run merged, each one's expert all-to-alls
