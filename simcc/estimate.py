@@ -384,7 +384,7 @@ def _training_sections(run: _Run, result: Estimate, sim: TrainingSimulation) -> 
     megatron_step = TRAINING_FLOPS_PER_FORWARD * train.global_batch * _trained_forward_flops(
         run.workload, Batch(1, train.seq_len, train.seq_len), megatron_forward_flops)
     result.throughput = TrainingThroughput(tokens_step / step_s, per_device / 1e12,
-                                           mfu(per_device, peak_flops(system.device, run.workload.precision.compute)),
+                                           mfu(per_device, mfu_peak(run.workload, system)),
                                            megatron_step / step_s / system.devices / 1e12)
     if train.total_tokens:
         seconds = train.total_tokens / (tokens_step / step_s)
@@ -596,7 +596,15 @@ def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request], 
     per_token_flops = _served_flops_per_token(workload, requests, Batch(1, 1, decode_context(serve)))
     per_device = per_token_flops * tokens_per_s / system.devices
     return ServingThroughput(requests_per_s, tokens_per_s, sim.busy / sim.span if sim.span > 0 else 0.0,
-                             per_device / 1e12, mfu(per_device, peak_flops(system.device, workload.precision.compute)))
+                             per_device / 1e12, mfu(per_device, mfu_peak(workload, system)))
+
+
+def mfu_peak(workload: Workload, system: System) -> float:
+    """The peak MFU divides by: that of the dtype the weight GEMMs run in (`precision.matmul`,
+    FP8 under Transformer Engine), else the compute dtype's. Against the bf16 peak, an FP8 run's
+    model FLOPs can exceed 100%: PaLM's MFU (Chowdhery et al. 2022, appendix B) divides by the
+    theoretical peak of the hardware the run uses."""
+    return peak_flops(system.device, workload.precision.matmul or workload.precision.compute)
 
 
 def _served_flops_per_token(workload: Workload, requests: list[Request], batch: Batch) -> float:

@@ -141,3 +141,12 @@ def test_bf16_linears_gather_at_the_communication_dtype():
     assert fwd["ffn.tp_gather"].bytes == pytest.approx(full) and bwd["ffn.tp_gather.bwd"].bytes == pytest.approx(2 * full)
     assert fwd["ffn.tp_reduce"].bytes == pytest.approx(full) and bwd["ffn.tp_reduce.bwd"].bytes == pytest.approx(full)
     assert "ffn.up.cast" not in fwd
+
+
+def test_an_fp8_run_s_mfu_divides_by_the_fp8_peak():
+    """Model FLOPs per second over the peak of the dtype the weight GEMMs run in: FP8's 1,979
+    TFLOP/s on an H100, not bf16's 989 (against which a good FP8 run passes 100%)."""
+    workload, source = load_workload(LLAMA)
+    result = estimate(workload, load_hardware("dgx_h100_x8"), source)
+    assert result.throughput is not None
+    assert result.throughput.mfu == pytest.approx(result.throughput.model_tflops_per_device / 1979)
