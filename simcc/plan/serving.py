@@ -27,6 +27,7 @@ from simcc.model.graph import Block, Unit, block_params, stage_units
 from simcc.model.kinds import costing_of
 from simcc.model.ops import DTYPE_BYTES, Comm, Op
 from simcc.routing.gating import popularity
+from simcc.routing.locality import StepRouting
 from simcc.specs.hardware import System
 from simcc.specs.vocab import bytes_per_weight
 from simcc.specs.workload import DisaggregatedSpec, ExpertCacheSpec, LMHeadBlock, MoEFFNBlock, ServeSpec, Workload
@@ -308,13 +309,13 @@ def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int, sourc
     for size in sizes:
         cache: OrderedDict[tuple[int, int], None] = OrderedDict()
         misses_per_step: list[float] = []
+        routing = StepRouting(costs.moe_layers, probs, rng)
         for _cycle in range(CACHE_SAMPLE_CYCLES):
-            for tokens, record, share in ((size * serve.prompt_tokens, prefill_misses, 1.0 / size),
-                                          *[(size, misses_per_step, 1.0)] * decode_steps):
+            for decoding, record, share in ((False, prefill_misses, 1.0 / size), *[(True, misses_per_step, 1.0)] * decode_steps):
                 misses = 0
-                for layer, (spec, p) in enumerate(zip(costs.moe_layers, probs)):
-                    picks = rng.multinomial(tokens * spec.k, p)
-                    for expert in np.flatnonzero(picks):
+                needed_by_layer = routing.decode(size) if decoding else routing.prefill(size * serve.prompt_tokens)
+                for layer, needed in enumerate(needed_by_layer):
+                    for expert in needed:
                         key = (layer, int(expert))
                         lookups += 1
                         if key in cache:
@@ -472,11 +473,12 @@ def _per_layer_cache(costs: ServingCosts, serve: ServeSpec, spec: ExpertCacheSpe
     for size in sizes:
         replay = ExpertCacheReplay([s.experts for s in layers], probs, capacity, spec.policy, spec.prefetch,
                                    spec.prefetch_recall or 0.0, load_one, rng)
+        routing = StepRouting(layers, probs, rng)
         steps = []
         for _cycle in range(CACHE_SAMPLE_CYCLES):
-            for tokens, seconds, record in ((size * serve.prompt_tokens, costs.prefill.at(size), prefill),
-                                            *[(size, costs.decode.at(size), steps)] * decode_steps):
-                needed = [np.flatnonzero(rng.multinomial(tokens * s.k, p)) for s, p in zip(layers, probs)]
+            for decoding, seconds, record in ((False, costs.prefill.at(size), prefill),
+                                            *[(True, costs.decode.at(size), steps)] * decode_steps):
+                needed = routing.decode(size) if decoding else routing.prefill(size * serve.prompt_tokens)
                 loads = replay.step(needed, seconds / len(layers))
                 run += loads
                 record.append(replace(loads, exposed=loads.exposed / size) if record is prefill else loads)
