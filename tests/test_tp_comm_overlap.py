@@ -150,3 +150,18 @@ def test_an_fp8_run_s_mfu_divides_by_the_fp8_peak():
     result = estimate(workload, load_hardware("dgx_h100_x8"), source)
     assert result.throughput is not None
     assert result.throughput.mfu == pytest.approx(result.throughput.model_tflops_per_device / 1979)
+
+
+@pytest.mark.parametrize("scaling,present", [("tensor", True), ("delayed", False), ("block", False)])
+def test_current_scaling_all_reduces_a_gathered_tensor_s_amax(scaling, present):
+    """Current scaling takes the amax from the tensor: the TP group's, one 4-byte all-reduce before
+    each gathered input's cast; its backward conjugate stands for the output gradient's."""
+    workload, source = load_workload(LLAMA, [f"precision.fp8_scaling={scaling}"])
+    system = load_hardware("dgx_h100_x8")
+    layout = build_layout(workload, system, source)
+    forward, backward = layer_costs(workload, system, layout, 2, micro_batch(workload))
+    fwd, bwd = {c.name: c for c in forward}, {c.name: c for c in backward}
+    assert ("ffn.up.amax" in fwd) == present and ("ffn.up.amax.bwd" in bwd) == present
+    assert "ffn.down.amax" not in fwd  # the row-parallel input is not gathered
+    if present:
+        assert fwd["ffn.up.amax"].bytes == 4 and fwd["ffn.up.amax"].group == "tp"

@@ -187,6 +187,9 @@ def without_data_parallel(shard: B.Shard) -> B.Shard:
     return _NO_DP.get(shard, lambda: replace(shard, dp=1, microbatches=1))
 
 
+AMAX_BYTES = 4.0  # one fp32 amax per tensor
+
+
 def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     """Before each GEMM that takes narrower inputs than the compute dtype (FP8), a pass casts its
     activation input: read at the compute dtype (twice under current scaling, whose amax needs
@@ -199,7 +202,12 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
     all-gathered with the quantizer; base.py grad_output_preprocess gathers the output gradient
     the same way): the cast covers the local shard, the gather moves FP8 bytes and its backward
     reduce-scatters the input gradient at the communication dtype; the reduce-scatter after an
-    FP8 row-parallel linear gathers its output gradient in FP8 in the backward."""
+    FP8 row-parallel linear gathers its output gradient in FP8 in the backward. Under current
+    scaling a gathered tensor's amax is all-reduced over the TP group before its cast (TE sets the
+    input quantizer's amax reduction group for a column-parallel linear and the output-gradient
+    quantizer's for a row-parallel one; csrc/quantizer.cpp waits on that all-reduce): one 4-byte
+    all-reduce before each such cast, whose conjugate in the backward stands for the output
+    gradient's (a layer gathers as many inputs forward as output gradients backward)."""
     compute = DTYPE_BYTES[shard.dtype]
     operands = shard.dense_gemm or GemmOperands()
     forward: list[WorkItem] = []
@@ -219,7 +227,8 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
                 if local and gather is not None:
                     fp8_gather = replace(gather, bytes=gather.bytes * narrow / DTYPE_BYTES[shard.comm_dtype],
                                          backward_bytes=gather.bytes)
-                    forward[-1:] = [cast, fp8_gather]
+                    amax = [Comm(f"{item.name}.amax", "all_reduce", AMAX_BYTES, "tp")] if operands.amax_from_tensor else []
+                    forward[-1:] = [*amax, cast, fp8_gather]
                 else:
                     forward.append(cast)
                 changed = True

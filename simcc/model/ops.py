@@ -177,6 +177,9 @@ class GemmOperands:
     # (each expert's rows a tensor of their own) or in one fused launch for all of them.
     cast_launches: int = 1
     cast_per_expert: bool = False
+    # Current scaling takes each tensor's amax from the tensor itself: a tensor gathered over the
+    # TP group (sequence parallelism) needs the group's amax, one all-reduce before its cast.
+    amax_from_tensor: bool = False
 
     def read(self, compute: str) -> tuple[str, float, float, float]:
         """(dtype of the op, bytes per activation element, bytes per weight, dequant FLOPs per weight)."""

@@ -137,7 +137,8 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     launches, per_expert = CAST_KERNELS[precision.fp8_scaling] if inputs is not None else (1, False)
     narrower_weights = weight < read
     dequant = DEQUANT_FLOPS_PER_WEIGHT if narrower_weights and is_quantized(stored) else 0.0
-    return GemmOperands(inputs, weight if narrower_weights else None, dequant, scale, reads, launches, per_expert)
+    return GemmOperands(inputs, weight if narrower_weights else None, dequant, scale, reads, launches, per_expert,
+                        amax_from_tensor=inputs is not None and precision.fp8_scaling == "tensor")
 
 
 # Kernels Transformer Engine launches to cast one tensor to FP8, by scaling, and whether a grouped
