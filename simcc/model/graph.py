@@ -219,15 +219,18 @@ def with_input_casts(work: B.BlockWork, shard: B.Shard) -> B.BlockWork:
             narrow_before = narrow if DTYPE_BYTES[item.dtype] < compute else None
             if narrow_before is not None:
                 elements = sum(m * k * copies for kernel in item.kernels for m, k, _, copies in kernel)
-                gather = forward[-1] if forward and isinstance(forward[-1], Comm) else None
-                local = gather is not None and gather.linear and gather.collective == "all_gather"
-                cast = elementwise(f"{item.name}.cast", elements / shard.tp if local else elements,
+                previous = forward[-1] if forward else None
+                # Transformer Engine's gather of this input, when the GEMM is its linear's
+                gather = (previous if isinstance(previous, Comm) and previous.linear and previous.collective == "all_gather"
+                          else None)
+                cast = elementwise(f"{item.name}.cast", elements / shard.tp if gather else elements,
                                    operands.cast_reads, narrow / compute, shard.dtype, flops_per_element=2)
                 cast = replace(cast, launches=cast_launches(item, operands))
-                if local and gather is not None:
+                if gather is not None:
                     fp8_gather = replace(gather, bytes=gather.bytes * narrow / DTYPE_BYTES[shard.comm_dtype],
                                          backward_bytes=gather.bytes)
-                    amax = [Comm(f"{item.name}.amax", "all_reduce", AMAX_BYTES, "tp")] if operands.amax_from_tensor else []
+                    amax = ([Comm(f"{item.name}.amax", "all_reduce", AMAX_BYTES, "tp")]
+                            if operands.amax_from_tensor else [])
                     forward[-1:] = [*amax, cast, fp8_gather]
                 else:
                     forward.append(cast)

@@ -311,7 +311,8 @@ def measure_expert_cache(costs: ServingCosts, serve: ServeSpec, seed: int, sourc
         misses_per_step: list[float] = []
         routing = StepRouting(costs.moe_layers, probs, rng)
         for _cycle in range(CACHE_SAMPLE_CYCLES):
-            for decoding, record, share in ((False, prefill_misses, 1.0 / size), *[(True, misses_per_step, 1.0)] * decode_steps):
+            for decoding, record, share in ((False, prefill_misses, 1.0 / size),
+                                            *[(True, misses_per_step, 1.0)] * decode_steps):
                 misses = 0
                 needed_by_layer = routing.decode(size) if decoding else routing.prefill(size * serve.prompt_tokens)
                 for layer, needed in enumerate(needed_by_layer):

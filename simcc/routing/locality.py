@@ -60,12 +60,14 @@ class StepRouting:
             if drawn:
                 self.groups.setdefault((spec.experts, spec.k), []).append(i)
         self.group_stays = {key: np.array([stays[i] for i in members]) for key, members in self.groups.items()}
-        self.group_logs = {key: np.log(np.stack([popularities[i] for i in members])) for key, members in self.groups.items()}
+        self.group_logs = {key: np.log(np.stack([popularities[i] for i in members]))
+                           for key, members in self.groups.items()}
         self.previous: dict[tuple[int, int], np.ndarray | None] = {key: None for key in self.groups}
 
     def prefill(self, tokens: int) -> list[np.ndarray]:
         self.previous = {key: None for key in self.groups}
-        return [np.flatnonzero(self.rng.multinomial(tokens * spec.k, p)) for spec, p in zip(self.layers, self.popularities)]
+        return [np.flatnonzero(self.rng.multinomial(tokens * spec.k, p))
+                for spec, p in zip(self.layers, self.popularities)]
 
     def decode(self, sequences: int) -> list[np.ndarray]:
         needed: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(self.layers)
