@@ -391,6 +391,12 @@ def _cost_unit(unit_work: "_UnitWork", system: System, layout: Layout) -> tuple[
     return forward, backward, replay
 
 
+def waited_beyond(cost: Cost, exposed: float) -> Cost:
+    """A collective that compute hides in part: only `exposed` of it is waited for; the rest stays
+    link time (`hidden`), so waited + hidden is still the transfer's whole time."""
+    return replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
+
+
 def alongside_costs(items: tuple[WorkItem, ...], costs: list[Cost]) -> list[Cost]:
     """`costs` (one per item, in item order) with each collective that runs alongside named
     compute items of its block on another stream waited for only beyond their time: max(comm,
@@ -404,7 +410,7 @@ def alongside_costs(items: tuple[WorkItem, ...], costs: list[Cost]) -> list[Cost
         beside = sum(costs[j].seconds for j, other in enumerate(items) if isinstance(other, Op) and other.name in item.alongside)
         cost = costs[index]
         exposed = max(0.0, cost.seconds - beside)
-        out[index] = replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
+        out[index] = waited_beyond(cost, exposed)
     return out
 
 
@@ -444,7 +450,7 @@ def tp_overlap_costs(items: tuple[WorkItem, ...], costs: list[Cost], system: Sys
             exposed = max(0.0, again - data_grad) + max(0.0, cost.seconds - again - gemm.wgrad)
         else:
             exposed = max(0.0, cost.seconds - data_grad * (layout.tp - 1) / layout.tp)
-        out[index] = replace(cost, seconds=exposed, hidden=cost.hidden + cost.seconds - exposed)
+        out[index] = waited_beyond(cost, exposed)
     return out
 
 
