@@ -1,41 +1,61 @@
 """Expert load of a router trained to balance, from published load statistics.
 
 A trained router is not balanced: some experts keep more tokens than others even when a balance
-loss or a bias pulls them together. Wang et al. 2024 ("Auxiliary-Loss-Free Load Balancing
-Strategy for Mixture-of-Experts", arXiv 2408.15664, Table 2) measure it as MaxVio = max_i Load_i /
-mean Load - 1 over the validation set, for DeepSeekMoE models with 64 routed experts, top-6:
+loss or a bias pulls them together, and a micro-batch's content (one document's topic) makes its
+own hot experts, so the busiest expert-parallel rank of a step carries well above the mean.
 
-    auxiliary loss (alpha 0.001):  0.72 (1B model), 0.52 (3B model)
-    auxiliary-loss-free bias:      0.04 (1B and 3B)
+Each expert's share of one layer's micro-batch is modelled as log-normal. By default its spread
+sigma is set so that the expected busiest rank of the published run is the published max over mean,
+measured per layer and micro-batch in Megatron-LM training with the router left to itself (Wei et
+al. 2026, "UltraEP", arXiv 2606.04101, fig. 11: the Megatron-LM baselines without a balancer, the
+per-rank max over mean of routed assignments averaged over layers and micro-batches, as the
+authors' repository Dots-Infra/UltraEP publishes the figure and computes the ratio, load_viewer.py):
 
-Each expert's share of the load is modelled as log-normal, its spread sigma set so that the
-expected busiest of the 64 reference experts is 1 + MaxVio times the mean (the larger, 3B model's
-figure by default). The same sigma then describes a layer of any expert count: a layer with more
-experts has a busier maximum, as the max of more draws. Each layer draws its own shares (its own
-hot experts), and each step's multinomial draw of the batch over them (routing/load.py) adds the
-batch's sampling noise, so a dropless run waits for its busiest rank and a capacity-bound run
-drops what its busiest experts cannot take. Not modelled: loads shifting within a run (a batch's
-topic), which makes small batches less balanced than the validation set (Qiu et al. 2025, arXiv
-2501.11873, sec. 3).
+    auxiliary loss:   Qwen3-235B-A22B, 128 experts on 64 ranks (2 per rank): 2.86
+    loss-free bias:   DeepSeek-V3, 256 experts on 64 ranks (4 per rank):     1.30
+
+The same sigma then describes a layer of any expert count and any rank count: fewer, larger
+ranks average more experts each, so they are closer to the mean (the same Qwen3 router on 8 ranks
+of 16 experts comes out about 1.3). Each layer draws its own shares (its own hot experts), and
+each step's multinomial draw of the batch over them (routing/load.py) adds the batch's sampling
+noise, so a dropless run waits for its busiest rank and a capacity-bound run drops what its
+busiest experts cannot take.
+
+A user's own figure is the max-over-mean excess over 64 experts across a validation set (MaxVio,
+Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts", arXiv
+2408.15664, Table 2: 0.52 with an auxiliary loss, 0.04 with the loss-free bias, for DeepSeekMoE
+3B). Such a set-wide figure averages the micro-batches' topics away, so it describes a router
+whose micro-batches are as balanced as the whole set, smaller than a step sees (Qiu et al. 2025,
+arXiv 2501.11873, sec. 3).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from simcc.specs.blocks import LoadSpec
 
-# MaxVio over the validation set, Wang et al. 2024 Table 2, 3B model (64 experts, top-6).
-PUBLISHED_MAX_VIOLATION = {"aux_loss": 0.52, "aux_loss_free": 0.04}
-REFERENCE_EXPERTS = 64  # the experts the published MaxVio was measured over
+
+@dataclass(frozen=True)
+class RankImbalance:
+    """A published busiest-rank load over the mean rank's, per layer and micro-batch, and the
+    layout it was measured on."""
+    max_over_mean: float
+    experts: int
+    ranks: int
 
 
-def max_violation(load: LoadSpec) -> float:
-    """The user's MaxVio if given, else the published figure for the balancing method."""
-    return load.max_violation if load.max_violation is not None else PUBLISHED_MAX_VIOLATION[load.balancing]
+# UltraEP (arXiv 2606.04101) fig. 11, the no-balancing baselines of its Megatron-LM training runs.
+PUBLISHED_RANK_IMBALANCE = {"aux_loss": RankImbalance(2.86, experts=128, ranks=64),
+                            "aux_loss_free": RankImbalance(1.30, experts=256, ranks=64)}
+REFERENCE_EXPERTS = 64  # the experts a user's MaxVio is measured over (Wang et al. 2024)
+# Layers of standard-normal draws the rank calibration averages over: the same draws at every
+# sigma (common random numbers), so the ratio rises smoothly with sigma and bisection is exact.
+CALIBRATION_LAYERS = 1000
 
 
 def expected_max_over_mean(sigma: float, experts: int) -> float:
@@ -64,7 +84,41 @@ def spread_for(violation: float) -> float:
     return (low + high) / 2
 
 
+def expected_busiest_rank(sigma: float, imbalance: RankImbalance) -> float:
+    """Mean over layers of the busiest rank's summed log-normal shares over the mean rank's, with
+    `imbalance.experts` experts spread evenly over `imbalance.ranks` ranks."""
+    shares = np.exp(sigma * _normal_draws(imbalance.experts))
+    per_rank = shares.reshape(CALIBRATION_LAYERS, imbalance.ranks, -1).sum(axis=2)
+    return float((per_rank.max(axis=1) / per_rank.mean(axis=1)).mean())
+
+
+@lru_cache(maxsize=4)
+def _normal_draws(experts: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((CALIBRATION_LAYERS, experts))
+
+
+@lru_cache(maxsize=8)
+def spread_for_ranks(imbalance: RankImbalance) -> float:
+    """The log-normal sigma whose expected busiest rank, on the published layout, is the
+    published max over mean (bisection: the ratio rises with sigma)."""
+    low, high = 0.0, 4.0
+    for _ in range(20):  # to 4e-6 of sigma
+        middle = (low + high) / 2
+        if expected_busiest_rank(middle, imbalance) < imbalance.max_over_mean:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def load_spread(load: LoadSpec) -> float:
+    """The user's MaxVio's sigma if given, else the published run's for the balancing method."""
+    if load.max_violation is not None:
+        return spread_for(load.max_violation)
+    return spread_for_ranks(PUBLISHED_RANK_IMBALANCE[load.balancing])
+
+
 def trained_load_share(load: LoadSpec, experts: int, rng: np.random.Generator) -> np.ndarray:
     """One layer's expected share of the assignments per expert."""
-    weights = rng.lognormal(0.0, spread_for(max_violation(load)), experts)
+    weights = rng.lognormal(0.0, load_spread(load), experts)
     return weights / weights.sum()
