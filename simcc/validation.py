@@ -6,7 +6,7 @@ Calculon's validation harness: one error per published case, then median and wor
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -242,9 +242,11 @@ def _deepep_bytes(layer: MoEFFNBlock, tokens: float, hidden: int, ep: int, ep_no
 
 
 def _ep_kernel(case: Case) -> tuple[float, str]:
-    """The first MoE layer's moe.dispatch or moe.combine Cost for one micro-batch on one rank."""
+    """The first MoE layer's moe.dispatch or moe.combine for one micro-batch on one rank, timed on
+    that rank's own bytes: DeepEP's tests time each rank's kernel and divide its own bytes by it, so
+    a rank does not wait here for the exchange's busiest receiver as a layer does."""
     from simcc.layout import build_layout
-    from simcc.plan.training import layer_costs, micro_batch
+    from simcc.plan.training import cost_item, layer_work, micro_batch
     from simcc.specs.loader import load_hardware, split_overrides
 
     workload, source, index, layer = _first_moe_layer(case)
@@ -253,9 +255,9 @@ def _ep_kernel(case: Case) -> tuple[float, str]:
     if layout.ep < 2:
         raise InputError(source, "parallelism.ep", f"a {case.metric} case needs expert parallelism (ep >= 2)")
     batch = micro_batch(workload)
-    forward, _ = layer_costs(workload, system, layout, index, batch)
     name = "moe.combine" if case.metric.startswith("combine") else "moe.dispatch"
-    cost = next(c for c in forward if c.name == name)
+    comm = next(i for i in layer_work(workload, layout, index, batch).items if i.name == name)
+    cost = cost_item(replace(comm, busiest_share=1.0), system, layout)
     dominant = f"{name} over {cost.link or 'intra'}, {cost.bytes / 1e6:.1f} MB"
     if case.metric.endswith("_us"):
         return cost.seconds * 1e6, dominant

@@ -90,3 +90,41 @@ def test_bad_values_are_refused():
         result = runner.invoke(main, base + ["--set", extra])
         assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
     assert runner.invoke(main, base).exit_code == 0
+
+
+def _first_dispatch(sets: list[str]):
+    """The first MoE layer's dispatch all-to-all, its cost, and its loads, on 2 DGX H100 at EP16."""
+    from simcc.costs.collectives import collective_time
+    from simcc.layout import build_layout
+    from simcc.model.graph import blocks_of
+    from simcc.plan.training import cost_item, layer_work, micro_batch
+    from simcc.specs.loader import load_hardware, load_workload, split_overrides
+
+    workload_sets, hardware_sets = split_overrides(["hardware.nodes=2", *sets])
+    workload, source = load_workload("qwen3_30b_a3b_train_16xh100", workload_sets)
+    system = load_hardware("dgx_h100_x4", hardware_sets)
+    layout = build_layout(workload, system, source)
+    index = next(i for i, b in enumerate(blocks_of(workload.model)) if isinstance(b.spec, MoEFFNBlock))
+    work = layer_work(workload, layout, index, micro_batch(workload))
+    dispatch = next(i for i in work.items if i.name == "moe.dispatch")
+    by_hand = collective_time(dispatch.collective, dispatch.bytes * dispatch.busiest_share, layout.groups["ep"], system,
+                              dispatch.algorithm, dispatch.remote_share)
+    return dispatch, cost_item(dispatch, system, layout).seconds, by_hand, work.moe[0].loads
+
+
+def test_a_dropless_exchange_waits_for_its_busiest_receiver():
+    load = "model.blocks.1.blocks.1.moe_ffn.load"
+    trained, seconds, by_hand, loads = _first_dispatch([f"{load}.distribution=trained"])
+    assert trained.busiest_share == pytest.approx(sum(loads.busiest_rank) / sum(loads.mean_rank))
+    assert trained.busiest_share > 1.1  # 8 experts per rank under the Qwen3 router's spread
+    assert seconds == pytest.approx(by_hand)
+    # forced balance (random logits) leaves only the multinomial noise of 32,768 assignments per
+    # rank over its 8 experts: about 1%
+    forced, forced_seconds, _, _ = _first_dispatch([f"{load}.distribution=uniform"])
+    assert 1.0 < forced.busiest_share < 1.02 and forced.bytes == pytest.approx(trained.bytes)
+    assert forced_seconds < seconds
+    # padded capacity buffers move whole, however the tokens fell
+    routing = "model.blocks.1.blocks.1.moe_ffn.routing"
+    capped, _, _, _ = _first_dispatch([f"{load}.distribution=trained", f"{routing}.dropless=false",
+                                       f"{routing}.capacity_factor=1.0", f"{routing}.dispatcher=alltoall"])
+    assert capped.busiest_share == 1.0

@@ -106,6 +106,10 @@ class Comm:
     # backward reduce-scatters the input gradient at the communication dtype; a reduce-scatter's
     # backward gathers the output gradient cast to FP8); None: the same bytes.
     backward_bytes: float | None = None
+    # All-to-all over dropless loads: the busiest rank's bytes over this rank's. Each rank sends its
+    # own copies, but the exchange ends when the rank whose experts drew the most has received them
+    # (and, in the combine, sent them back) over its own link.
+    busiest_share: float = 1.0
 
 
 WorkItem = Op | Comm

@@ -166,7 +166,8 @@ def cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
 def _cost_item(item: WorkItem, system: System, layout: Layout) -> Cost:
     if isinstance(item, Comm):
         group = layout.groups[item.group]
-        seconds = collective_time(item.collective, item.bytes, group, system, item.algorithm, item.remote_share)
+        seconds = collective_time(item.collective, item.bytes * item.busiest_share, group, system, item.algorithm,
+                                  item.remote_share)
         link = "inter" if group.nodes > 1 else "intra"
         latency = latency_floor(item.collective, group, system, item.algorithm) if item.overlap_chunks > 1 else 0.0
         return Cost(item.name, "comm", seconds, group=item.group, bytes=item.bytes, link=link,
@@ -530,10 +531,13 @@ def layer_costs(workload: Workload, system: System, layout: Layout, index: int, 
     """Forward and backward costs of one block (its position in the expanded model) for one batch
     on one device, as the step plan costs it: for checking a calibration against one real layer.
     The backward includes what the recompute policy replays; no gradient sync or optimizer."""
-    blocks = blocks_of(workload.model)
-    work = forward_work([Unit((blocks[index],))], workload, layout, batch)
-    forward, backward = _costed(work, system, layout)
+    forward, backward = _costed(layer_work(workload, layout, index, batch), system, layout)
     return forward, [c for c in backward if c.stream != "bucket"]
+
+
+def layer_work(workload: Workload, layout: Layout, index: int, batch: Batch) -> ForwardWork:
+    """One block's forward work items (its position in the expanded model) for one batch."""
+    return forward_work([Unit((blocks_of(workload.model)[index],))], workload, layout, batch)
 
 
 def _subnet_costs(units: list[Unit], workload: Workload, system: System, layout: Layout, batch: Batch,

@@ -162,10 +162,18 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     if ep > 1 and DTYPE_BYTES[dispatch_dtype] < b:  # quantized before sending: read, write narrower + scales
         fwd.append(elementwise("moe.dispatch_quantize", routed_tokens * hidden, 1, DTYPE_BYTES[dispatch_dtype] / b, dt,
                                flops_per_element=4))
+    busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
+    # An all-to-all ends when its busiest receiver has its tokens: every rank sends its own copies,
+    # but the rank whose experts drew the most receives that many in the dispatch and sends them
+    # back in the combine, each over its own link, so a dropless exchange takes the busiest rank's
+    # share of the mean's time (UltraEP, Wei et al. 2026, arXiv 2606.04101: device-level imbalance
+    # turns into "token all-to-all bottlenecks"). Padded capacity buffers move whole either way.
     dispatch_item, combine_item = _dispatch_and_combine(spec, shard, routed_tokens * hidden, dispatch, combine, remote)
+    if loads.capacity is None and sum(mean) > 0 and dispatch_item.collective == "all_to_all":
+        skew = sum(busiest) / sum(mean)
+        dispatch_item, combine_item = replace(dispatch_item, busiest_share=skew), replace(combine_item, busiest_share=skew)
     if ep > 1:
         fwd.append(dispatch_item)
-    busiest, mean = list(loads.busiest_rank), list(loads.mean_rank)
     comm_bytes = DTYPE_BYTES[shard.comm_dtype]
     if sharded and etp > 1:
         fwd.append(Comm("moe.expert_tp_gather", "all_gather", sum(busiest) * hidden * comm_bytes, "etp"))
