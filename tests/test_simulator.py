@@ -141,6 +141,21 @@ def test_a_stage_that_waits_for_its_sends_starts_its_next_task_later(overlap_p2p
     assert simulate_training(plan, steps=1).steps[0].seconds == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("schedule, given, expected", [
+    (["parallelism.schedule=interleaved"], [], True),  # Megatron-LM's and PyTorch's looped schedules
+    (["parallelism.schedule=1f1b", "parallelism.vpp=1"], [], False),  # Megatron-LM turns it off
+    (["parallelism.schedule=interleaved"], ["parallelism.overlap_p2p=false"], False),  # 2022's blocking sends
+    (["parallelism.schedule=1f1b", "parallelism.vpp=1"], ["parallelism.overlap_p2p=true"], True),
+])
+def test_send_overlap_follows_the_schedule_unless_given(schedule, given, expected):
+    from simcc.plan.training import build_training_plan
+
+    workload, source = load_workload("mixtral_8x7b_train_64xh100", ["parallelism.overlap_p2p=null", *schedule, *given])
+    system = load_hardware("dgx_h100_x8")
+    assert workload.parallelism.effective_overlap_p2p is expected
+    assert build_training_plan(workload, system, build_layout(workload, system, source)).overlap_p2p is expected
+
+
 def _moe_case(overrides=()):
     workload, src = load_workload("mixtral_8x7b_train_64xh100", list(overrides))
     system = load_hardware("dgx_h100_x8")

@@ -787,7 +787,8 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
             params = params.add(c.params)
         stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
     return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce,
-                        par.overlap_p2p, par.overlap_moe_comm, _comm_sm_share(_comm_sms(workload, units), system))
+                        par.effective_overlap_p2p, par.overlap_moe_comm,
+                        _comm_sm_share(_comm_sms(workload, units), system))
 
 
 # SMs a deduplicating (DeepEP-style) dispatcher's kernels take unless told otherwise: Megatron's

@@ -48,7 +48,9 @@ class SearchSpace:
     dispatcher: tuple[str, ...] | None = None  # None: the workload's own
     overlap_moe_comm: tuple[bool, ...] = (False, True)
     overlap_grad_reduce: tuple[bool, ...] = (True,)
-    overlap_p2p: tuple[bool, ...] = (False,)  # Megatron-Core's default; true: sends overlap compute
+    # None: as the schedule decides (on when interleaved, as Megatron-LM and PyTorch's looped
+    # schedules run); true or false: every layout
+    overlap_p2p: tuple[bool | None, ...] = (None,)
 
 
 SPACE_AXES = tuple(f.name for f in fields(SearchSpace))
@@ -101,7 +103,7 @@ class Candidate:
     overlap_moe_comm: bool
     recompute: tuple[str, ...]
     overlap_grad_reduce: bool = True
-    overlap_p2p: bool = False
+    overlap_p2p: bool | None = None
     cp: int = 1
 
     @property
@@ -127,7 +129,8 @@ class Candidate:
         parts += [f"mb{self.micro_batch}", f"zero{self.zero_stage}", f"recompute {recompute}"]
         parts += ["no sp"] if self.tp > 1 and not self.sequence_parallel else []
         parts += ["serial grad-reduce"] if not self.overlap_grad_reduce else []
-        parts += ["p2p overlap"] if self.overlap_p2p and self.pp > 1 else []
+        overlapped = self.vpp > 1 if self.overlap_p2p is None else self.overlap_p2p
+        parts += ["p2p overlap"] if overlapped and self.pp > 1 else []
         if self.ep > 1:
             parts += [self.dispatcher or "alltoall"] + (["overlap"] if self.overlap_moe_comm else [])
         return " ".join(parts)

@@ -172,11 +172,15 @@ class Parallelism(StrictModel):
     overlap_grad_reduce: bool = True
     # false: a pipeline stage waits for each activation/gradient send to finish before computing on,
     # as Megatron-LM's batched p2p calls did (2022) and its non-interleaved schedule still does;
-    # true: sends complete in the background while the next task computes, as Megatron-LM's
-    # training loop runs every interleaved schedule since 2023-10 (megatron/training/arguments.py:
-    # --no-overlap-p2p-communication turns it off) and Megatron-Bridge whenever VP > 1
-    # (training/comm_overlap.py). Megatron-Core's own config default is off.
-    overlap_p2p: bool = False
+    # true: sends complete in the background while the next task computes. None (the default):
+    # as the frameworks decide it, on for the interleaved schedule and off for the others.
+    # Megatron-LM's training loop overlaps every interleaved schedule since 2023-10 and turns it off
+    # otherwise (megatron/training/arguments.py: --no-overlap-p2p-communication; "non-interleaved
+    # schedule does not support overlapping p2p communication"), Megatron-Bridge whenever VP > 1
+    # (training/comm_overlap.py), and PyTorch's looped schedules (torch.distributed.pipelining,
+    # _PipelineScheduleRuntime, which NeMo AutoModel runs) wait on their sends only before the step
+    # ends. Megatron-Core's own config default is off.
+    overlap_p2p: bool | None = None
     # Megatron-Core's --overlap-moe-expert-parallel-comm: in a 1F1B schedule's steady state one
     # micro-batch's forward and another's backward run merged, each one's expert all-to-alls
     # hidden behind the other's compute (sim/training.py, merged tasks).
@@ -241,6 +245,10 @@ class Parallelism(StrictModel):
     @property
     def effective_sequence_parallel(self) -> bool:
         return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def effective_overlap_p2p(self) -> bool:
+        return self.schedule == "interleaved" if self.overlap_p2p is None else self.overlap_p2p
 
 
 def _stored_weights(value: Any) -> Any:
