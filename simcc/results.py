@@ -164,6 +164,9 @@ class MoESection(Section):
     moe_layers: int
     load_cv: float
     max_over_mean_load: float
+    # the busiest expert-parallel rank's assignments over the mean rank's (mean over layers): what a
+    # dropless step waits for, in its expert GEMMs and in its all-to-all's busiest receiver
+    busiest_rank_over_mean: float
     dropped_fraction: float
     padding_fraction: float
     experts_per_token: float
@@ -356,6 +359,7 @@ class MoELayerRow(Record):
     tokens_per_expert_mean: float
     tokens_per_expert_max: float
     load_cv: float
+    busiest_rank_over_mean: float
     dropped_fraction: float
     padding_fraction: float
     experts_per_token: float

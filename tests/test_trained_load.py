@@ -128,3 +128,18 @@ def test_a_dropless_exchange_waits_for_its_busiest_receiver():
     capped, _, _, _ = _first_dispatch([f"{load}.distribution=trained", f"{routing}.dropless=false",
                                        f"{routing}.capacity_factor=1.0", f"{routing}.dispatcher=alltoall"])
     assert capped.busiest_share == 1.0
+
+
+def test_the_report_says_how_far_the_busiest_rank_is_above_the_mean():
+    import json
+
+    load = "model.blocks.1.blocks.1.moe_ffn.load"
+    base = ["estimate", "qwen3_30b_a3b_train_16xh100", "-H", "dgx_h100_x4", "--set", "hardware.nodes=2",
+            "--format", "json"]
+    reports = {name: json.loads(CliRunner().invoke(main, base + ["--set", f"{load}.distribution={name}"]).output)
+               for name in ("uniform", "trained")}
+    _, _, _, loads = _first_dispatch([f"{load}.distribution=trained"])
+    trained = reports["trained"]
+    assert trained["moe"]["busiest_rank_over_mean"] == pytest.approx(sum(loads.busiest_rank) / sum(loads.mean_rank))
+    assert all(row["busiest_rank_over_mean"] > 1.1 for row in trained["moe_layers"])
+    assert 1.0 <= reports["uniform"]["moe"]["busiest_rank_over_mean"] < 1.02
