@@ -71,7 +71,8 @@ def test_a_short_k_loop_and_a_grouped_kernel_run_below_the_best_shape():
     from simcc.costs.compute import inner_loop_share
     assert inner_loop_share(h100, dense) == pytest.approx(2048 / 2282)
     assert inner_loop_share(h100, backward_of(dense)) == pytest.approx(2 / (1002 / 768 + 4330 / 4096))
-    assert inner_loop_share(load_hardware("a100_80gb").device, dense) == 1.0  # not modelled there
+    assert inner_loop_share(load_hardware("a100_80gb").device, dense) == pytest.approx(2048 / 2168)  # k0 120
+    assert inner_loop_share(load_hardware("b200").device, dense) == 1.0  # not modelled there
 
 
 def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():
@@ -80,8 +81,11 @@ def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():
     unknown = a100.model_copy(update={"sm_count": None})
     assert quantization(unknown, op) == 1.0
     assert op_cost(a100, op).seconds > op_cost(unknown, op).seconds
+    # a measured curve holds its shapes' quantization and K loop: the same fraction, and no more
+    from simcc.costs.compute import inner_loop_share
+    fraction = a100.efficiency.matmul * inner_loop_share(a100, op)
     measured = a100.model_copy(update={"efficiency": a100.efficiency.model_copy(
-        update={"curves": {"gemm": EfficiencyCurve(size=[1e6, 1e15], fraction=[0.87, 0.87])}})})
+        update={"curves": {"gemm": EfficiencyCurve(size=[1e6, 1e15], fraction=[fraction, fraction])}})})
     assert op_cost(measured, op).seconds == pytest.approx(op_cost(unknown, op).seconds)
 
 
