@@ -55,9 +55,9 @@ def test_wave_and_tile_quantization_by_hand():
 
 
 def test_a_short_k_loop_and_a_grouped_kernel_run_below_the_best_shape():
-    """Hand-derived from the H100 profile (matmul 0.82, grouped 0.71, K overhead 234): at M = N =
+    """Hand-derived from the H100 profile (matmul 0.82, grouped 0.74, K overhead 234, expert rows 130): at M = N =
     4096 a GEMM's time per FLOP grows by (K + 234) / K as K shrinks (OpenXLA's sm_90 table: 0.79 of
-    peak at K 4096, 0.55 at 512); a grouped GEMM runs at 0.71 / 0.82 of a dense one's rate; a
+    peak at K 4096, 0.55 at 512); a grouped GEMM runs at 0.74 M/(M + 130) / 0.82 of a dense one's rate; a
     backward's weight-gradient kernel loops over the tokens, so it pays the fill of its own K."""
     h100 = load_hardware("h100_sxm").device
     per_flop = {k: (op_cost(h100, gemm("g", 4096, k, 4096, "bf16")).seconds - 5e-6) / (2 * 4096 * k * 4096)
@@ -66,13 +66,38 @@ def test_a_short_k_loop_and_a_grouped_kernel_run_below_the_best_shape():
     assert 989e12 / (1 / per_flop[512]) == pytest.approx(1 / (0.82 * 512 / 528 * 512 / 746), rel=1e-9)
     dense = gemm("d", 4096, 2048, 768, "bf16")
     grouped = grouped_gemm("e", [4096], [4096], 2048, 768, "bf16")
-    assert (op_cost(h100, grouped).seconds - 5e-6) / (op_cost(h100, dense).seconds - 5e-6) == pytest.approx(0.82 / 0.71)
+    # one expert of 4,096 rows: the grouped best shape, and M/(M + 130) for its rows
+    assert (op_cost(h100, grouped).seconds - 5e-6) / (op_cost(h100, dense).seconds - 5e-6) == pytest.approx(
+        0.82 / (0.74 * 4096 / 4226))
     # 4096 tokens x 2048 -> 768: forward K 2048; backward dX K 768, dW K 4096 (equal FLOPs, harmonic).
     from simcc.costs.compute import inner_loop_share
     assert inner_loop_share(h100, dense) == pytest.approx(2048 / 2282)
     assert inner_loop_share(h100, backward_of(dense)) == pytest.approx(2 / (1002 / 768 + 4330 / 4096))
     assert inner_loop_share(load_hardware("a100_80gb").device, dense) == pytest.approx(2048 / 2168)  # k0 120
     assert inner_loop_share(load_hardware("b200").device, dense) == 1.0  # not modelled there
+
+
+# alibaba/InferSim bench_data/grouped_gemm/prefill/h800/data.csv (DeepGEMM, FP8 block-scaled, 256
+# experts of hidden 7168 and 2048 spread over 1-64 GPUs): (local experts, tokens per expert, up
+# projection's fraction of peak, down projection's).
+INFERSIM_H800 = [(256, 256, 0.426608, 0.42854), (64, 512, 0.532525, 0.518331), (32, 1024, 0.601819, 0.581707),
+                 (16, 2048, 0.640994, 0.606311), (8, 4096, 0.657608, 0.621977), (4, 16384, 0.674390, 0.640541)]
+
+
+@pytest.mark.parametrize("experts, tokens, up, down", INFERSIM_H800)
+def test_few_tokens_per_expert_leave_a_grouped_gemm_below_its_best_shape(experts, tokens, up, down):
+    from simcc.costs.compute import expert_rows_share
+    from simcc.model.ops import GemmOperands
+
+    h800 = load_hardware("h800_sxm").device
+    fp8 = GemmOperands(inputs="fp8", scale_bytes=4 / 128)
+    for k, n, measured in ((7168, 4096, up), (2048, 7168, down)):
+        op = grouped_gemm("e", [tokens] * experts, [tokens] * experts, k, n, "bf16", operands=fp8)
+        assert expert_rows_share(h800, op) == pytest.approx(tokens / (tokens + 130))
+        achieved = 2 * tokens * experts * k * n / op_cost(h800, op).seconds / 1979e12
+        assert achieved == pytest.approx(measured, rel=0.08)
+    assert expert_rows_share(h800, gemm("d", tokens, 7168, 4096, "bf16")) == 1.0  # dense GEMMs: one M for all
+    assert expert_rows_share(h800, grouped_gemm("e", [8.0] * experts, [8.0] * experts, 7168, 4096, "bf16")) == 1.0
 
 
 def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():
@@ -137,7 +162,7 @@ def test_calibrated_curve_replaces_the_default_fraction():
     calibrated = h100.model_copy(update={"efficiency": h100.efficiency.model_copy(update={"curves": {"gemm": curve}})})
     assert efficiency(calibrated, "gemm", 1e9, 100.0) == pytest.approx(0.4)  # halfway in log10(FLOPs)
     assert efficiency(calibrated, "gemm", 1e3, 100.0) == pytest.approx(0.1)  # clamped
-    assert efficiency(calibrated, "grouped_gemm", 1e9, 100.0) == pytest.approx(0.71)  # no curve: the grouped default
+    assert efficiency(calibrated, "grouped_gemm", 1e9, 100.0) == pytest.approx(0.74)  # no curve: the grouped default
 
 
 def test_mixtral_estimate_is_consistent():
@@ -291,7 +316,7 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
     assert (op_cost(h100, current["attn.out.cast"]).seconds - op_cost(h100, replace(current["attn.out.cast"], launches=1)).seconds
             == pytest.approx(3 * launch))
     assert efficiency(h100, "gemm", 1e12, 1e3, "fp8") == 0.72
-    assert efficiency(h100, "grouped_gemm", 1e12, 1e3, "fp8") == 0.69
+    assert efficiency(h100, "grouped_gemm", 1e12, 1e3, "fp8") == 0.71
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16") == 0.82
 
 

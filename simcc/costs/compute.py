@@ -104,6 +104,21 @@ def inner_loop_share(device: Device, op: Op) -> float:
     return flops / sum(m * k * n * copies * (k + overhead) / k for m, k, n, copies in blocks)
 
 
+def expert_rows_share(device: Device, op: Op) -> float:
+    """Share of the best shape left to a grouped GEMM's experts of few rows, M / (M + overhead),
+    FLOP-weighted over its tiled blocks (harmonic, as time adds). Matrix-vector blocks (fewer rows
+    than a tiled kernel takes) stream their weights and are left to the roofline."""
+    overhead = device.efficiency.grouped_gemm_m_overhead
+    if overhead <= 0 or op.family not in GROUPED_FAMILIES:
+        return 1.0
+    blocks = [block for kernel in op.kernels for block in kernel]
+    flops = sum(m * k * n * copies for m, k, n, copies in blocks)
+    if flops <= 0:
+        return 1.0
+    slowed = sum(m * k * n * copies * ((m + overhead) / m if m >= SKINNY_BELOW else 1.0) for m, k, n, copies in blocks)
+    return flops / slowed
+
+
 def quantization(device: Device, op: Op) -> float:
     """Achieved share of the best-shape efficiency for this op's GEMM kernels (equal FLOPs each, so
     the time-weighted mean is harmonic); 1 when the device or the shape is not known."""
@@ -128,7 +143,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
         intensity = flops / moved if moved > 0 else math.inf
         fraction = efficiency(device, op.family, kernel, intensity, op.dtype)
         if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
-            fraction *= quantization(device, op) * inner_loop_share(device, op)
+            fraction *= quantization(device, op) * inner_loop_share(device, op) * expert_rows_share(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)
     else:
         compute = flops / peak_flops(device, VECTOR_DTYPE)

@@ -68,6 +68,11 @@ class Efficiency(StrictModel):
     # Each output tile's K loop fills and drains a software pipeline: a GEMM with inner dimension K
     # runs at K / (K + gemm_k_overhead) of its best shape (0: not modelled for this device).
     gemm_k_overhead: NonNegativeFloat = 0.0
+    # A grouped GEMM's expert with M rows (its tokens) runs at M / (M + grouped_gemm_m_overhead) of
+    # the best shape: its weights serve only the output tiles its few rows fill, so few tokens per
+    # expert leave each tile's weight loads and the expert's scheduling unamortised (tiled
+    # kernels: from 64 rows; below, a matrix-vector kernel streams the weights; 0: not modelled).
+    grouped_gemm_m_overhead: NonNegativeFloat = 0.0
     # Host work an inference engine does once per serving step (building and encoding the step's
     # graph, sampling), beyond each kernel's launch; measured for an engine, 0 where unknown.
     serving_step_us: NonNegativeFloat = 0.0
