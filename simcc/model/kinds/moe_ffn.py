@@ -171,7 +171,8 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     dispatch_item, combine_item = _dispatch_and_combine(spec, shard, routed_tokens * hidden, dispatch, combine, remote)
     if loads.capacity is None and sum(mean) > 0 and dispatch_item.collective == "all_to_all":
         skew = sum(busiest) / sum(mean)
-        dispatch_item, combine_item = replace(dispatch_item, busiest_share=skew), replace(combine_item, busiest_share=skew)
+        dispatch_item = replace(dispatch_item, busiest_share=skew)
+        combine_item = replace(combine_item, busiest_share=skew)
     if ep > 1:
         fwd.append(dispatch_item)
     comm_bytes = DTYPE_BYTES[shard.comm_dtype]
