@@ -57,7 +57,6 @@ from simcc.results import (
     TrainingRunSection,
     TrainingThroughput,
 )
-from simcc.routing.load import RankLoads
 from simcc.sim.serving import (DisaggregatedResult, Request, ServingResult, choose_widths, percentile, poisson_requests,
                                simulate_disaggregated, simulate_serving)
 from simcc.sim.timeline import Timeline
@@ -209,11 +208,6 @@ def _waste_fractions(routed: float, dropped: float, padded: float) -> tuple[floa
     return dropped / routed, padded / (routed - dropped + padded)
 
 
-def _busiest_over_mean(loads: RankLoads) -> float:
-    mean = sum(loads.mean_rank)
-    return sum(loads.busiest_rank) / mean if mean > 0 else 1.0
-
-
 def _moe_section(stats: list[MoEStats]) -> MoESection | None:
     if not stats:
         return None
@@ -223,7 +217,7 @@ def _moe_section(stats: list[MoEStats]) -> MoESection | None:
         moe_layers=len(stats),
         load_cv=sum(s.loads.cv for s in stats) / len(stats),
         max_over_mean_load=max(s.loads.max_over_mean for s in stats),
-        busiest_rank_over_mean=sum(_busiest_over_mean(s.loads) for s in stats) / len(stats),
+        busiest_rank_over_mean=sum(s.loads.busiest_share for s in stats) / len(stats),
         dropped_fraction=dropped,
         padding_fraction=padded,
         experts_per_token=sum(s.experts_per_token for s in stats) / len(stats),
@@ -273,7 +267,7 @@ def _moe_layer_rows(plan: TrainingPlan, layout: Layout) -> list[MoELayerRow]:
                 tokens_per_expert_mean=loads.routed / stats.experts,
                 tokens_per_expert_max=loads.max_expert_tokens,
                 load_cv=loads.cv,
-                busiest_rank_over_mean=_busiest_over_mean(loads),
+                busiest_rank_over_mean=loads.busiest_share,
                 dropped_fraction=dropped,
                 padding_fraction=padded,
                 experts_per_token=stats.experts_per_token,

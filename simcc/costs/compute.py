@@ -4,6 +4,7 @@ plus kernel-launch overhead. The only place compute time is derived."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,31 +93,34 @@ def _kernel_quantization(blocks: tuple[GemmBlock, ...], sms: int) -> float:
     return best
 
 
-def inner_loop_share(device: Device, op: Op) -> float:
-    """Share of the best shape left after each output tile's K-loop pipeline fill and drain,
-    K / (K + overhead), FLOP-weighted over the op's GEMM blocks (time adds, so harmonic). The
-    overhead is fitted on tensor-core GEMMs; an fp32 GEMM (a router) runs on the vector units."""
-    overhead = device.efficiency.gemm_k_overhead
-    blocks = [block for kernel in op.kernels for block in kernel]
-    flops = sum(m * k * n * copies for m, k, n, copies in blocks)
-    if overhead <= 0 or flops <= 0 or op.dtype not in TENSOR_CORE_DTYPES:
-        return 1.0
-    return flops / sum(m * k * n * copies * (k + overhead) / k for m, k, n, copies in blocks)
-
-
-def expert_rows_share(device: Device, op: Op) -> float:
-    """Share of the best shape left to a grouped GEMM's experts of few rows, M / (M + overhead),
-    FLOP-weighted over its tiled blocks (harmonic, as time adds). Matrix-vector blocks (fewer rows
-    than a tiled kernel takes) stream their weights and are left to the roofline."""
-    overhead = device.efficiency.grouped_gemm_m_overhead
-    if overhead <= 0 or op.family not in GROUPED_FAMILIES:
-        return 1.0
+def _flop_weighted_share(op: Op, slowdown: Callable[[GemmBlock], float]) -> float:
+    """Share of the best shape left when each of the op's GEMM blocks takes `slowdown(block)` times
+    its best-shape time, FLOP-weighted over the blocks (time adds, so harmonic); 1 without FLOPs."""
     blocks = [block for kernel in op.kernels for block in kernel]
     flops = sum(m * k * n * copies for m, k, n, copies in blocks)
     if flops <= 0:
         return 1.0
-    slowed = sum(m * k * n * copies * ((m + overhead) / m if m >= SKINNY_BELOW else 1.0) for m, k, n, copies in blocks)
-    return flops / slowed
+    return flops / sum(m * k * n * copies * slowdown((m, k, n, copies)) for m, k, n, copies in blocks)
+
+
+def inner_loop_share(device: Device, op: Op) -> float:
+    """Share of the best shape left after each output tile's K-loop pipeline fill and drain,
+    K / (K + overhead), FLOP-weighted over the op's GEMM blocks. The overhead is fitted on
+    tensor-core GEMMs; an fp32 GEMM (a router) runs on the vector units."""
+    overhead = device.efficiency.gemm_k_overhead
+    if overhead <= 0 or op.dtype not in TENSOR_CORE_DTYPES:
+        return 1.0
+    return _flop_weighted_share(op, lambda block: (block[1] + overhead) / block[1])
+
+
+def expert_rows_share(device: Device, op: Op) -> float:
+    """Share of the best shape left to a grouped GEMM's experts of few rows, M / (M + overhead),
+    FLOP-weighted over its tiled blocks. Matrix-vector blocks (fewer rows than a tiled kernel
+    takes) stream their weights and are left to the roofline."""
+    overhead = device.efficiency.grouped_gemm_m_overhead
+    if overhead <= 0 or op.family not in GROUPED_FAMILIES:
+        return 1.0
+    return _flop_weighted_share(op, lambda block: (block[0] + overhead) / block[0] if block[0] >= SKINNY_BELOW else 1.0)
 
 
 def quantization(device: Device, op: Op) -> float:

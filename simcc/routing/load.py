@@ -72,6 +72,12 @@ class RankLoads:
     # the convention fixes them (exact shares, `balanced`): every step then has these loads.
     drawn: bool = True
 
+    @property
+    def busiest_share(self) -> float:
+        """The busiest rank's slots over an average rank's: what a dropless step waits for."""
+        mean = sum(self.mean_rank)
+        return sum(self.busiest_rank) / mean if mean > 0 else 1.0
+
 
 @lru_cache(maxsize=4096)
 def routing_sample(spec: MoEFFNBlock, ranks: int, seed: int, expert_params: float = 0.0) -> RoutingSample:

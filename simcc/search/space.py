@@ -17,7 +17,7 @@ from simcc.errors import InputError
 from simcc.layout import context_parallel_refusal
 from simcc.model.graph import units_of
 from simcc.specs.blocks import AttentionBlock, BlockSpec, DenseFFNBlock, MLABlock, MoEFFNBlock
-from simcc.specs.workload import Workload
+from simcc.specs.workload import Workload, sends_overlap
 
 RECOMPUTE_LADDER = ("none", "selective", "full")  # each replays more and keeps less
 DISPATCHERS = ("alltoall", "allgather", "deduplicated")
@@ -107,6 +107,10 @@ class Candidate:
     cp: int = 1
 
     @property
+    def schedule(self) -> str:
+        return "interleaved" if self.vpp > 1 else "1f1b"
+
+    @property
     def dp(self) -> int:
         return self.devices // (self.tp * self.cp * self.pp)
 
@@ -117,7 +121,7 @@ class Candidate:
                 "micro_batch": self.micro_batch, "zero_stage": self.zero_stage, "recompute": recompute,
                 "sequence_parallel": self.sequence_parallel, "overlap_moe_comm": self.overlap_moe_comm,
                 "overlap_grad_reduce": self.overlap_grad_reduce, "overlap_p2p": self.overlap_p2p,
-                "schedule": "interleaved" if self.vpp > 1 else "1f1b", "dp": None, "pipeline_layout": None,
+                "schedule": self.schedule, "dp": None, "pipeline_layout": None,
                 "offload_activation_layers": 0}
 
     def label(self, recompute: str) -> str:
@@ -129,8 +133,7 @@ class Candidate:
         parts += [f"mb{self.micro_batch}", f"zero{self.zero_stage}", f"recompute {recompute}"]
         parts += ["no sp"] if self.tp > 1 and not self.sequence_parallel else []
         parts += ["serial grad-reduce"] if not self.overlap_grad_reduce else []
-        overlapped = self.vpp > 1 if self.overlap_p2p is None else self.overlap_p2p
-        parts += ["p2p overlap"] if overlapped and self.pp > 1 else []
+        parts += ["p2p overlap"] if sends_overlap(self.schedule, self.overlap_p2p) and self.pp > 1 else []
         if self.ep > 1:
             parts += [self.dispatcher or "alltoall"] + (["overlap"] if self.overlap_moe_comm else [])
         return " ".join(parts)

@@ -248,7 +248,13 @@ class Parallelism(StrictModel):
 
     @property
     def effective_overlap_p2p(self) -> bool:
-        return self.schedule == "interleaved" if self.overlap_p2p is None else self.overlap_p2p
+        return sends_overlap(self.schedule, self.overlap_p2p)
+
+
+def sends_overlap(schedule: str, overlap_p2p: bool | None) -> bool:
+    """Whether pipeline sends overlap compute: as given, else as the frameworks decide it, on for
+    the interleaved schedule only (Parallelism.overlap_p2p)."""
+    return schedule == "interleaved" if overlap_p2p is None else overlap_p2p
 
 
 def _stored_weights(value: Any) -> Any:

@@ -169,10 +169,9 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
     # share of the mean's time (UltraEP, Wei et al. 2026, arXiv 2606.04101: device-level imbalance
     # turns into "token all-to-all bottlenecks"). Padded capacity buffers move whole either way.
     dispatch_item, combine_item = _dispatch_and_combine(spec, shard, routed_tokens * hidden, dispatch, combine, remote)
-    if loads.capacity is None and sum(mean) > 0 and dispatch_item.collective == "all_to_all":
-        skew = sum(busiest) / sum(mean)
-        dispatch_item = replace(dispatch_item, busiest_share=skew)
-        combine_item = replace(combine_item, busiest_share=skew)
+    if loads.capacity is None and dispatch_item.collective == "all_to_all":
+        dispatch_item = replace(dispatch_item, busiest_share=loads.busiest_share)
+        combine_item = replace(combine_item, busiest_share=loads.busiest_share)
     if ep > 1:
         fwd.append(dispatch_item)
     comm_bytes = DTYPE_BYTES[shard.comm_dtype]
