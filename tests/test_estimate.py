@@ -320,6 +320,79 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16") == 0.82
 
 
+def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fraction():
+    """A GEMM whose FP8 operands carry 1 x 128 / 128 x 128 scales (fp8_scaling block) runs at the
+    profile's fp8_block_scaled_share (0.77 on Hopper) of the per-tensor FP8 fraction, dense and
+    grouped, forward and backward; per-tensor FP8 and BF16 GEMMs are untouched, and a profile
+    without the share (B200: block scaling is emulated through MXFP8) runs both alike."""
+    from simcc.plan.training import gemm_operands
+
+    def operands(scaling):
+        workload, _ = load_workload("qwen3_30b_a3b_train_16xh100", ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}"])
+        return gemm_operands(workload.precision.weights, workload.precision)
+
+    h100, b200 = load_hardware("h100_sxm").device, load_hardware("b200").device
+    for make in (lambda o: gemm("qkv", 8192, 8192, 8192, "bf16", operands=o),
+                 lambda o: grouped_gemm("up", [8192.0] * 4, [8192.0] * 4, 8192, 8192, "bf16", operands=o)):
+        block, tensor = make(operands("block")), make(operands("tensor"))
+        assert block.block_scaled and not tensor.block_scaled and backward_of(block).block_scaled
+        # compute-bound: the time is FLOPs over the fraction, so the ratio is the share exactly
+        launch = h100.efficiency.kernel_launch_us * 1e-6
+        slower = (op_cost(h100, block).seconds - launch) / (op_cost(h100, tensor).seconds - launch)
+        assert slower == pytest.approx(1 / 0.77, rel=1e-3)
+        assert op_cost(b200, block).seconds == pytest.approx(op_cost(b200, tensor).seconds, rel=1e-3)
+    assert efficiency(h100, "gemm", 1e12, 1e3, "fp8", block_scaled=True) == pytest.approx(0.72 * 0.77)
+    assert efficiency(h100, "gemm", 1e12, 1e3, "bf16", block_scaled=True) == 0.82
+
+
+# Transformer Engine's GEMM profiling guide (NVIDIA/TransformerEngine docs/examples/gemm_profiling/
+# gemm_profiling.rst, H200 NVL worked example, autocast: each GEMM with its input casts): the 12
+# GEMMs of a layer of hidden 4096, 32 heads, MLP 16384, 31 x 512 tokens, ms per layer by recipe.
+TE_H200_NVL_LAYER_MS = {"bf16": 32.014, "tensor": 20.285, "delayed": 18.978, "block": 22.882}
+
+
+def test_fp8_recipes_speed_up_a_layer_s_gemms_as_transformer_engine_measured(tmp_path):
+    """The layer's GEMMs and casts on an H200 NVL (the H200's profile at the NVL's datasheet peaks:
+    835 bf16, 1671 fp8 TFLOP/s) come within 10% of TE's measured time for every recipe, and each
+    FP8 recipe's speed-up over BF16 within 8% of the measured one (block scaling the least)."""
+    from simcc.layout import build_layout
+    from simcc.plan.training import layer_costs, micro_batch
+
+    spec = tmp_path / "te_5b.yaml"
+    spec.write_text("""name: te-gemm-profiling-5b
+mode: train
+model:
+  name: TE GEMM profiling 5B
+  hidden: 4096
+  blocks:
+    - attention: {heads: 32}
+    - dense_ffn: {hidden: 16384, activation: gelu}
+parallelism: {tp: 1, pp: 1, micro_batch: 31, zero_stage: 0, recompute: none}
+precision: {weights: bf16, compute: bf16, gradients: fp32, communication: bf16}
+optimizer: {type: adam, master_weights: true}
+train: {seq_len: 512, global_batch: 496}  # data parallel over the 16 GPUs; costs are per device
+""")
+    h200 = load_hardware("hgx_h200_x2")
+    nvl_peaks = h200.device.peak_tflops.model_copy(update={"bf16": 835.0, "fp8": 1671.0})
+    system = replace(h200, device=h200.device.model_copy(update={"peak_tflops": nvl_peaks}))
+    gemms = ("attn.qkv", "attn.out", "ffn.up", "ffn.down")
+
+    def layer_ms(recipe):
+        sets = [] if recipe == "bf16" else ["precision.matmul=fp8", f"precision.fp8_scaling={recipe}"]
+        workload, src = load_workload(str(spec), sets)
+        layout = build_layout(workload, system, src)
+        costs = [c for index in (0, 1) for side in layer_costs(workload, system, layout, index, micro_batch(workload))
+                 for c in side]
+        return 1e3 * sum(c.seconds for c in costs if c.name.split(".bwd")[0].removesuffix(".cast") in gemms)
+
+    predicted = {recipe: layer_ms(recipe) for recipe in TE_H200_NVL_LAYER_MS}
+    for recipe, measured in TE_H200_NVL_LAYER_MS.items():
+        assert predicted[recipe] == pytest.approx(measured, rel=0.10), recipe
+        speedup, measured_speedup = predicted["bf16"] / predicted[recipe], TE_H200_NVL_LAYER_MS["bf16"] / measured
+        assert speedup == pytest.approx(measured_speedup, rel=0.08), recipe
+    assert predicted["block"] > predicted["tensor"] > predicted["delayed"]
+
+
 def test_current_scaling_casts_a_grouped_input_expert_by_expert_in_four_kernels_each():
     """Qwen3-30B on EP16 has 8 local experts: current scaling casts each expert's rows in 4
     kernels (32 launches, in the forward and again for the gradient in the backward), block

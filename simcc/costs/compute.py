@@ -46,9 +46,11 @@ def measured_curve(device: Device, family: str) -> EfficiencyCurve | None:
     return curves.get(family) or curves.get(FORWARD_FAMILY.get(family, ""))  # type: ignore[call-overload]
 
 
-def efficiency(device: Device, family: str, kernel_flops: float, intensity: float, dtype: str = "") -> float:
+def efficiency(device: Device, family: str, kernel_flops: float, intensity: float, dtype: str = "",
+               block_scaled: bool = False) -> float:
     """Achieved fraction of peak: the calibrated curve for the family when the profile has one
-    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default."""
+    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default; a
+    block-scaled FP8 GEMM keeps the profile's share of it."""
     eff = device.efficiency
     curve = measured_curve(device, family)
     if curve is not None:
@@ -56,8 +58,10 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     if family == "attention":
         return eff.attention
     grouped = family in GROUPED_FAMILIES
-    if dtype == "fp8" and (eff.fp8_grouped_matmul if grouped else eff.fp8_matmul) is not None:
-        return eff.fp8_grouped_matmul if grouped else eff.fp8_matmul  # type: ignore[return-value]
+    fp8 = eff.fp8_grouped_matmul if grouped else eff.fp8_matmul
+    if dtype == "fp8" and fp8 is not None:
+        share = eff.fp8_block_scaled_share if block_scaled and eff.fp8_block_scaled_share is not None else 1.0
+        return fp8 * share
     if grouped and eff.grouped_matmul is not None:
         return eff.grouped_matmul
     return eff.matmul
@@ -145,7 +149,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     if op.family in MATMUL_FAMILIES or op.family == "attention":
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
         intensity = flops / moved if moved > 0 else math.inf
-        fraction = efficiency(device, op.family, kernel, intensity, op.dtype)
+        fraction = efficiency(device, op.family, kernel, intensity, op.dtype, op.block_scaled)
         if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
             fraction *= quantization(device, op) * inner_loop_share(device, op) * expert_rows_share(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)

@@ -63,6 +63,7 @@ class Op:
     # FLOPs. Empty: shape unknown.
     kernels: tuple[tuple["GemmBlock", ...], ...] = ()
     pair_reads: PairReads | None = None  # grouped GEMMs: their weight reads as per-pair products
+    block_scaled: bool = False  # GEMMs: FP8 operands with per-block scales (GemmOperands.scale_bytes)
 
     def __hash__(self) -> int:
         return _cached_hash(self)
@@ -185,6 +186,10 @@ class GemmOperands:
     # TP group (sequence parallelism) needs the group's amax, one all-reduce before its cast.
     amax_from_tensor: bool = False
 
+    @property
+    def block_scaled(self) -> bool:
+        return self.scale_bytes > 0
+
     def read(self, compute: str) -> tuple[str, float, float, float]:
         """(dtype of the op, bytes per activation element, bytes per weight, dequant FLOPs per weight)."""
         dtype = self.inputs or compute
@@ -204,7 +209,8 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
     b = DTYPE_BYTES[dtype]
     op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
     return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, m * k * a_bytes + k * n * w_bytes + m * n * b, op_dtype,
-              saved_bytes=m * k * a_bytes if saved else 0.0, kernels=(((m, k, n, 1),),))
+              saved_bytes=m * k * a_bytes if saved else 0.0, kernels=(((m, k, n, 1),),),
+              block_scaled=(operands or PLAIN).block_scaled)
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
@@ -239,7 +245,7 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
                           max(0.0, sum(mean) - mean_used) * k * n * w_bytes)
     return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
-              kernels=(blocks,), pair_reads=pairs)
+              kernels=(blocks,), pair_reads=pairs, block_scaled=(operands or PLAIN).block_scaled)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,
