@@ -39,6 +39,11 @@ BALANCE_METRICS = ("expert_load_cv", "expert_load_max_over_mean")
 # plan has it (`simcc estimate --layer`). _us: that time; _gb_s: DeepEP's "bottleneck bandwidth",
 # the bytes its test counts per rank over that time (see `_deepep_bytes`).
 EP_KERNEL_METRICS = ("dispatch_us", "combine_us", "dispatch_gb_s", "combine_gb_s")
+# One MoE layer's forward or backward alone, in milliseconds, as Megatron-LM's MoE layer benchmark
+# times its MoELayer (tests/functional_tests/test_cases/common/moe_perf): router, dispatch, experts
+# and combine; the norm before it and the residual add after it belong to the transformer layer.
+MOE_LAYER_METRICS = ("moe_layer_forward_ms", "moe_layer_backward_ms")
+OUTSIDE_MOE_LAYER = ("moe.norm", "moe.residual")
 
 
 class Case(StrictModel):
@@ -49,7 +54,7 @@ class Case(StrictModel):
     # tflops_per_device: simcc's model-FLOPs convention (Narayanan et al. 2021, full score square);
     # megatron_tflops_per_device: Megatron-Bridge's (causal products at half, no router)
     metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
-                     *BALANCE_METRICS, *EP_KERNEL_METRICS)]
+                     *BALANCE_METRICS, *EP_KERNEL_METRICS, *MOE_LAYER_METRICS)]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases
@@ -269,6 +274,23 @@ def _ep_kernel(case: Case) -> tuple[float, str]:
     return moved / cost.seconds / 1e9, dominant
 
 
+def _moe_layer(case: Case) -> tuple[float, str]:
+    """The first MoE layer's forward or backward for one micro-batch on one rank, its ops in
+    sequence as the step plan costs them, without the norm and residual around the MoE module."""
+    from simcc.layout import build_layout
+    from simcc.plan.training import layer_costs, micro_batch
+    from simcc.specs.loader import load_hardware, split_overrides
+
+    workload, source, index, _ = _first_moe_layer(case)
+    system = load_hardware(case.hardware, split_overrides(case.set)[1])
+    layout = build_layout(workload, system, source)
+    forward, backward = layer_costs(workload, system, layout, index, micro_batch(workload))
+    costs = forward if case.metric == "moe_layer_forward_ms" else backward
+    inside = [c for c in costs if c.name.removesuffix(".bwd") not in OUTSIDE_MOE_LAYER]
+    slowest = max(inside, key=lambda c: c.seconds)
+    return sum(c.seconds for c in inside) * 1e3, f"{slowest.name} {slowest.seconds * 1e3:.2f} ms"
+
+
 def run_case(case: Case, steps: int = 1) -> CaseResult:
     """Predicted value, signed error and the dominant part for one case."""
     memory, memory_gb = "", None  # a run that was measured fitted: the memory model should agree
@@ -278,6 +300,8 @@ def run_case(case: Case, steps: int = 1) -> CaseResult:
         predicted, dominant = _balance(case)
     elif case.metric in EP_KERNEL_METRICS:
         predicted, dominant = _ep_kernel(case)
+    elif case.metric in MOE_LAYER_METRICS:
+        predicted, dominant = _moe_layer(case)
     elif case.metric in SERVING_METRICS:
         predicted, dominant, served = _serving(case)
         memory_gb = served.total / GB

@@ -93,3 +93,36 @@ def test_bad_combinations_are_refused() -> None:
 def test_suite_holds_the_deepep_cases() -> None:
     names = {case.name for case in load_suite("moe").cases}
     assert {"deepep-normal-dispatch-ep16-h800", "deepep-low-latency-combine-ep256-h800"} <= names
+
+
+def test_a_moe_layer_case_times_the_moe_module_alone() -> None:
+    """moe_layer_forward_ms / moe_layer_backward_ms (Megatron-LM's MoE layer benchmark): the first
+    MoE layer's costs for one micro-batch, in sequence, without the norm before the module and the
+    residual add after it. Mixtral proxy by hand: each of 8 ranks holds one expert of 14336 that
+    takes 4096 x 8 x 2 / 8 = 8192 rows; its two forward GEMMs are 2 x 8192 x 4096 x 14336 FLOPs each,
+    the backward's twice that."""
+    from simcc.layout import build_layout
+    from simcc.plan.training import layer_costs, micro_batch
+    from simcc.specs.loader import load_hardware, load_workload
+
+    moe_layer = "workloads/validation/megatron_moe_layer.yaml"
+    forward = run_case(Case(name="f", source="test", metric="moe_layer_forward_ms", measured=1.0,
+                            hardware="dgx_h100_x1", workload=moe_layer, set=[]))
+    backward = run_case(Case(name="b", source="test", metric="moe_layer_backward_ms", measured=1.0,
+                             hardware="dgx_h100_x1", workload=moe_layer, set=[]))
+    workload, source = load_workload(moe_layer)
+    system = load_hardware("dgx_h100_x1")
+    layout = build_layout(workload, system, source)
+    fwd, bwd = layer_costs(workload, system, layout, 0, micro_batch(workload))
+    by_name = {c.name: c for c in fwd + bwd}
+    whole_forward, whole_backward = sum(c.seconds for c in fwd), sum(c.seconds for c in bwd)
+    outside_forward = by_name["moe.norm"].seconds + by_name["moe.residual"].seconds
+    outside_backward = by_name["moe.norm.bwd"].seconds + by_name["moe.residual.bwd"].seconds
+    assert forward.predicted == pytest.approx((whole_forward - outside_forward) * 1e3)
+    assert backward.predicted == pytest.approx((whole_backward - outside_backward) * 1e3)
+    gemm_flops = 2 * 8192 * 4096 * 14336  # the mean rank's; uniform routing leaves the busiest a few % more
+    assert gemm_flops < by_name["moe.expert_up"].flops < 1.03 * gemm_flops
+    assert by_name["moe.expert_down.bwd"].flops == pytest.approx(2 * by_name["moe.expert_up"].flops)
+    # the dispatcher's choice moves the layer only through its exchanges
+    assert "moe.dispatch" in by_name and forward.predicted > (by_name["moe.expert_up"].seconds
+                                                               + by_name["moe.expert_down"].seconds) * 1e3
