@@ -322,7 +322,7 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
 
 def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fraction():
     """A GEMM whose FP8 operands carry 1 x 128 / 128 x 128 scales (fp8_scaling block) runs at the
-    profile's fp8_block_scaled_share (0.77 on Hopper) of the per-tensor FP8 fraction, dense and
+    profile's fp8_block_scaled_share (0.81 on Hopper) of the per-tensor FP8 fraction, dense and
     grouped, forward and backward; per-tensor FP8 and BF16 GEMMs are untouched, and a profile
     without the share (B200: block scaling is emulated through MXFP8) runs both alike."""
     from simcc.plan.training import gemm_operands
@@ -339,9 +339,9 @@ def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fract
         # compute-bound: the time is FLOPs over the fraction, so the ratio is the share exactly
         launch = h100.efficiency.kernel_launch_us * 1e-6
         slower = (op_cost(h100, block).seconds - launch) / (op_cost(h100, tensor).seconds - launch)
-        assert slower == pytest.approx(1 / 0.77, rel=1e-3)
+        assert slower == pytest.approx(1 / 0.81, rel=1e-3)
         assert op_cost(b200, block).seconds == pytest.approx(op_cost(b200, tensor).seconds, rel=1e-3)
-    assert efficiency(h100, "gemm", 1e12, 1e3, "fp8", block_scaled=True) == pytest.approx(0.72 * 0.77)
+    assert efficiency(h100, "gemm", 1e12, 1e3, "fp8", block_scaled=True) == pytest.approx(0.72 * 0.81)
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16", block_scaled=True) == 0.82
 
 
@@ -354,7 +354,9 @@ TE_H200_NVL_LAYER_MS = {"bf16": 32.014, "tensor": 20.285, "delayed": 18.978, "bl
 def test_fp8_recipes_speed_up_a_layer_s_gemms_as_transformer_engine_measured(tmp_path):
     """The layer's GEMMs and casts on an H200 NVL (the H200's profile at the NVL's datasheet peaks:
     835 bf16, 1671 fp8 TFLOP/s) come within 10% of TE's measured time for every recipe, and each
-    FP8 recipe's speed-up over BF16 within 8% of the measured one (block scaling the least)."""
+    FP8 recipe's speed-up over BF16 within 8% of the measured one (block scaling the least). The
+    benchmark casts each GEMM's operands afresh, weights and the weight gradient's inputs included,
+    where training reuses them: simcc's training casts come out below its autocast times."""
     from simcc.layout import build_layout
     from simcc.plan.training import layer_costs, micro_batch
 
