@@ -235,8 +235,11 @@ class RoutingSpec(StrictModel):
     # expert outputs for the weights' gradient (GShard's combine einsum, DeepSeek-V3's reference
     # MoE), or inside the expert's activation, act(x) * p, whose gradient needs only what the down
     # projection keeps anyway (Megatron-Core's activation_func_with_probs, megatron/core/
-    # transformer/moe/experts.py; its dispatchers unpermute with no probs).
-    gate_weights_applied: Literal["combine", "activation"] = "combine"
+    # transformer/moe/experts.py; its dispatchers unpermute with no probs). activation_eager: the
+    # same as separate eager ops where no fused weighted-activation kernel applies (TEGroupedMLP's
+    # bias_act_func without bias_activation_fusion, or for a plain GeLU): act(x), times the fp32
+    # weights (the product promotes to fp32), cast back, two more passes over the activation.
+    gate_weights_applied: Literal["combine", "activation", "activation_eager"] = "combine"
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoutingSpec":

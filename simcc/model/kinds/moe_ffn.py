@@ -191,15 +191,23 @@ def work(spec: MoEFFNBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWor
                   step_tokens=routed_tokens * gathered)
     fwd.append(grouped_gemm("moe.expert_up", busiest, mean, hidden, int(up_width), dt, **active))
     reads = 2 if spec.gated else 1
-    weighted_in_activation = routing.gate_weights_applied == "activation"
+    weighted_in_activation = routing.gate_weights_applied in ("activation", "activation_eager")
     # Weighted in the activation: it keeps each copy's gate weight as well, at the router's dtype.
     gate_weights_saved = sum(busiest) * DTYPE_BYTES[shard.router_dtype] / b if weighted_in_activation else 0.0
-    act = elementwise("moe.expert_act", sum(busiest) * spec.expert_hidden / etp, reads, 1, dt, flops_per_element=8,
-                      saved_elements=act_saved(spec.activation, spec.gated, sum(busiest) * spec.expert_hidden / etp)
-                      + gate_weights_saved)
+    act_elements = sum(busiest) * spec.expert_hidden / etp
+    act = elementwise("moe.expert_act", act_elements, reads, 1, dt, flops_per_element=8,
+                      saved_elements=act_saved(spec.activation, spec.gated, act_elements) + gate_weights_saved)
     mean_act = sum(mean) * spec.expert_hidden / etp
     fwd.append(Op(act.name, act.family, act.flops, act.bytes, dt, act.saved_bytes,
                   mean_flops=mean_act * 8, mean_bytes=mean_act * (reads + 1) * b))
+    if routing.gate_weights_applied == "activation_eager":
+        # act(x) * p: reads the activation, writes fp32 (and keeps the activation for p's gradient);
+        # the cast back reads fp32 and writes the compute dtype the down projection reads
+        wide = DTYPE_BYTES["fp32"] / b
+        for name, passes, kept in (("moe.expert_weight", (1, wide), 1), ("moe.expert_weight_cast", (wide, 1), 0)):
+            moved = sum(passes) * b
+            fwd.append(Op(name, "elementwise", act_elements, act_elements * moved, dt, act_elements * kept * b,
+                          mean_flops=mean_act, mean_bytes=mean_act * moved))
     fwd.append(grouped_gemm("moe.expert_down", busiest, mean, int(spec.expert_hidden / etp), hidden, dt, **active))
     if etp > 1:  # partial sums of the row-parallel down projection
         fwd.append(Comm("moe.expert_tp_reduce", "reduce_scatter" if sharded else "all_reduce",
