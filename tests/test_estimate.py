@@ -321,10 +321,11 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
 
 
 def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fraction():
-    """A GEMM whose FP8 operands carry 1 x 128 / 128 x 128 scales (fp8_scaling block) runs at the
-    profile's fp8_block_scaled_share (0.81 on Hopper) of the per-tensor FP8 fraction, dense and
-    grouped, forward and backward; per-tensor FP8 and BF16 GEMMs are untouched, and a profile
-    without the share (B200: block scaling is emulated through MXFP8) runs both alike."""
+    """A dense GEMM whose FP8 operands carry 1 x 128 / 128 x 128 scales (fp8_scaling block) runs at
+    the profile's fp8_block_scaled_share (0.81 on Hopper) of the per-tensor FP8 fraction, forward and
+    backward; a grouped one keeps its fraction (fitted on block-scaled DeepGEMM kernels); per-tensor
+    FP8 and BF16 GEMMs are untouched, and a profile without the share (B200: block scaling is
+    emulated through MXFP8) runs both alike."""
     from simcc.plan.training import gemm_operands
 
     def operands(scaling):
@@ -332,14 +333,14 @@ def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fract
         return gemm_operands(workload.precision.weights, workload.precision)
 
     h100, b200 = load_hardware("h100_sxm").device, load_hardware("b200").device
-    for make in (lambda o: gemm("qkv", 8192, 8192, 8192, "bf16", operands=o),
-                 lambda o: grouped_gemm("up", [8192.0] * 4, [8192.0] * 4, 8192, 8192, "bf16", operands=o)):
+    launch = h100.efficiency.kernel_launch_us * 1e-6
+    for make, share in ((lambda o: gemm("qkv", 8192, 8192, 8192, "bf16", operands=o), 0.81),
+                        (lambda o: grouped_gemm("up", [8192.0] * 4, [8192.0] * 4, 8192, 8192, "bf16", operands=o), 1.0)):
         block, tensor = make(operands("block")), make(operands("tensor"))
         assert block.block_scaled and not tensor.block_scaled and backward_of(block).block_scaled
         # compute-bound: the time is FLOPs over the fraction, so the ratio is the share exactly
-        launch = h100.efficiency.kernel_launch_us * 1e-6
         slower = (op_cost(h100, block).seconds - launch) / (op_cost(h100, tensor).seconds - launch)
-        assert slower == pytest.approx(1 / 0.81, rel=1e-3)
+        assert slower == pytest.approx(1 / share, rel=1e-3)
         assert op_cost(b200, block).seconds == pytest.approx(op_cost(b200, tensor).seconds, rel=1e-3)
     assert efficiency(h100, "gemm", 1e12, 1e3, "fp8", block_scaled=True) == pytest.approx(0.72 * 0.81)
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16", block_scaled=True) == 0.82

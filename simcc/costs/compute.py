@@ -49,8 +49,9 @@ def measured_curve(device: Device, family: str) -> EfficiencyCurve | None:
 def efficiency(device: Device, family: str, kernel_flops: float, intensity: float, dtype: str = "",
                block_scaled: bool = False) -> float:
     """Achieved fraction of peak: the calibrated curve for the family when the profile has one
-    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default; a
-    block-scaled FP8 GEMM keeps the profile's share of it."""
+    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default; a dense
+    block-scaled FP8 GEMM keeps the profile's share of it (the grouped FP8 fraction is measured on
+    block-scaled kernels already)."""
     eff = device.efficiency
     curve = measured_curve(device, family)
     if curve is not None:
@@ -60,7 +61,8 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     grouped = family in GROUPED_FAMILIES
     fp8 = eff.fp8_grouped_matmul if grouped else eff.fp8_matmul
     if dtype == "fp8" and fp8 is not None:
-        share = eff.fp8_block_scaled_share if block_scaled and eff.fp8_block_scaled_share is not None else 1.0
+        blocks_cost = block_scaled and not grouped and eff.fp8_block_scaled_share is not None
+        share = eff.fp8_block_scaled_share if blocks_cost else 1.0
         return fp8 * share
     if grouped and eff.grouped_matmul is not None:
         return eff.grouped_matmul

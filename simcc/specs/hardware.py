@@ -65,9 +65,10 @@ class Efficiency(StrictModel):
     # Best-shape fractions of the FP8 peak for FP8 GEMMs (dense, grouped); unset: as bf16's.
     fp8_matmul: Fraction | None = None
     fp8_grouped_matmul: Fraction | None = None
-    # Share of those fractions a block-scaled FP8 GEMM keeps (DeepSeek-V3's 1 x 128 activation and
+    # Share of the dense fraction a block-scaled FP8 GEMM keeps (DeepSeek-V3's 1 x 128 activation and
     # 128 x 128 weight scales: the kernel rescales its partial sums every 128 of K, arXiv 2412.19437
-    # sec. 3.3.2); unset: as fast as per-tensor scaling.
+    # sec. 3.3.2); unset: as fast as per-tensor scaling. Grouped FP8 fractions are fitted on
+    # block-scaled kernels (DeepGEMM) and are not scaled again.
     fp8_block_scaled_share: Fraction | None = None
     # Each output tile's K loop fills and drains a software pipeline: a GEMM with inner dimension K
     # runs at K / (K + gemm_k_overhead) of its best shape (0: not modelled for this device).
