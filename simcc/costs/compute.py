@@ -61,9 +61,8 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     grouped = family in GROUPED_FAMILIES
     fp8 = eff.fp8_grouped_matmul if grouped else eff.fp8_matmul
     if dtype == "fp8" and fp8 is not None:
-        blocks_cost = block_scaled and not grouped and eff.fp8_block_scaled_share is not None
-        share = eff.fp8_block_scaled_share if blocks_cost else 1.0
-        return fp8 * share
+        pays_block_scales = block_scaled and not grouped and eff.fp8_block_scaled_share is not None
+        return fp8 * (eff.fp8_block_scaled_share if pays_block_scales else 1.0)  # type: ignore[operator]
     if grouped and eff.grouped_matmul is not None:
         return eff.grouped_matmul
     return eff.matmul
