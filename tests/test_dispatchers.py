@@ -37,6 +37,22 @@ def test_distinct_remote_nodes_by_hand():
     assert limited < 4 * 7 / 8 < free < 8 * 7 / 8
 
 
+def test_device_limited_routing_by_hand():
+    """DeepSeek-V2's device-limited routing (max_ranks_per_token): Megatron's MoE-layer benchmark
+    proxy, 32 experts on EP8 (4 a rank) in 8 groups of one rank each, top-4 groups then top-8:
+    the 8 lie in a pool of 16 experts on 4 ranks, and a rank of them holds none with probability
+    C(12,8)/C(16,8). Across 2 nodes of 8 ranks, a node holds none of 4 ranks with C(8,4)/C(16,4)."""
+    assert distinct_ranks(32, 8, 8, max_ranks=4) == pytest.approx(4 * (1 - 495 / 12870))
+    assert distinct_ranks(32, 8, 8, max_ranks=8) == pytest.approx(distinct_ranks(32, 8, 8))  # no limit
+    assert distinct_remote_nodes(256, 8, 2, ranks=16, max_ranks=4) == pytest.approx(2 * (1 - 70 / 1820) / 2)
+    # the dedup dispatch of the limited router moves fewer copies than a free top-8
+    limited = _items(8, experts=32, dispatcher="deduplicated", max_ranks_per_token=4)["moe.dispatch"]
+    free = _items(8, experts=32, dispatcher="deduplicated")["moe.dispatch"]
+    assert limited.bytes / free.bytes == pytest.approx(distinct_ranks(32, 8, 8, max_ranks=4) / distinct_ranks(32, 8, 8))
+    with pytest.raises(ValueError, match="not both"):
+        MoEFFNBlock(experts=32, k=8, expert_hidden=512, routing={"max_nodes_per_token": 2, "max_ranks_per_token": 4})
+
+
 def _round_robin(experts: int, k: int) -> MoEFFNBlock:
     return MoEFFNBlock(experts=experts, k=k, expert_hidden=512, gating={"policy": "round_robin"},
                        routing={"dropless": True, "capacity_factor": None, "dropless_block": 1})

@@ -287,38 +287,47 @@ def _active_slots(spec: MoEFFNBlock, profile: RoutingSample, routed: float, capa
     return float(per_rank.max()), float(per_rank.mean())
 
 
-def distinct_remote_nodes(experts: int, k: int, nodes: int, max_nodes: int | None = None) -> float:
+def _none_of(pool: float, part: float, k: int) -> float:
+    """P(none of k distinct items drawn uniformly from `pool` lies in a given `part` of it)."""
+    others = pool - part
+    return math.prod((others - i) / (pool - i) for i in range(k)) if others >= k else 0.0
+
+
+def distinct_remote_nodes(experts: int, k: int, nodes: int, max_nodes: int | None = None,
+                          ranks: int = 1, max_ranks: int | None = None) -> float:
     """Expected number of other nodes a token's k experts live on, experts spread evenly over
     `nodes` nodes and chosen uniformly (a balanced router); with node-limited routing the k lie
-    within `max_nodes` nodes (DeepSeek-V3 sec. 2.1.2). A deduplicating dispatcher sends the token
-    once to each of them. Each node of the ones it uses is the token's own with probability 1/nodes."""
+    within `max_nodes` nodes (DeepSeek-V3 sec. 2.1.2); with device-limited routing within
+    `max_ranks` of the `ranks` EP ranks, chosen uniformly, whose nodes it reaches. A deduplicating
+    dispatcher sends the token once to each of them. Each node of the ones it uses is the token's
+    own with probability 1/nodes."""
     if nodes <= 1:
         return 0.0
+    if max_ranks is not None and max_ranks < ranks:
+        used = nodes * (1.0 - _none_of(ranks, ranks / nodes, max_ranks))
+        return used * (nodes - 1) / nodes
     per_node = experts / nodes
     span = nodes if max_nodes is None else min(nodes, max_nodes)
-
-    def none_on_a_node(pool: float) -> float:  # P(a given node of the span holds none of the k)
-        others = pool - per_node
-        return math.prod((others - i) / (pool - i) for i in range(k)) if others >= k else 0.0
-
-    used = span * (1.0 - none_on_a_node(per_node * span))
+    used = span * (1.0 - _none_of(per_node * span, per_node, k))
     return used * (nodes - 1) / nodes
 
 
-def distinct_ranks(experts: int, k: int, ranks: int, nodes: int = 1, max_nodes: int | None = None) -> float:
+def distinct_ranks(experts: int, k: int, ranks: int, nodes: int = 1, max_nodes: int | None = None,
+                   max_ranks: int | None = None) -> float:
     """Expected number of EP ranks (its own included) a token's k experts live on, experts spread
     evenly over `ranks` ranks on `nodes` nodes and chosen uniformly; with node-limited routing the
-    k lie within `max_nodes` nodes. A dispatcher that sends a token once per destination rank
-    moves this many copies, not k (DeepEP's intranode and NVLink-forwarding kernels write each
-    token once to every rank whose experts need it: recv_x holds it once)."""
+    k lie within `max_nodes` nodes, with device-limited routing within `max_ranks` ranks. A
+    dispatcher that sends a token once per destination rank moves this many copies, not k
+    (DeepEP's intranode and NVLink-forwarding kernels write each token once to every rank whose
+    experts need it: recv_x holds it once)."""
     if ranks <= 1:
         return 1.0
+    per_rank = experts / ranks
+    if max_ranks is not None and max_ranks < ranks:
+        return max_ranks * (1.0 - _none_of(per_rank * max_ranks, per_rank, k))
     span = nodes if max_nodes is None else min(nodes, max_nodes)
     pool = experts / nodes * span  # the experts a token may pick from
-    per_rank = experts / ranks
-    others = pool - per_rank
-    none_here = math.prod((others - i) / (pool - i) for i in range(k)) if others >= k else 0.0
-    return span * ranks / nodes * (1.0 - none_here)
+    return span * ranks / nodes * (1.0 - _none_of(pool, per_rank, k))
 
 
 @dataclass(frozen=True)
@@ -332,11 +341,12 @@ def token_spread(spec: MoEFFNBlock, ranks: int, nodes: int) -> TokenSpread:
     token once per rank (and once per node across the network) moves. A round-robin gate gives
     token i the neighbouring experts i*k .. i*k+k-1 (mod E), so each token's spread follows
     from the placement, the same for every step; any other gate is taken as uniform over the
-    experts its node limit allows (`distinct_ranks`, `distinct_remote_nodes`)."""
+    experts its node or device limit allows (`distinct_ranks`, `distinct_remote_nodes`)."""
     routing = spec.routing
     if spec.gating.policy != "round_robin":
-        return TokenSpread(distinct_ranks(spec.experts, spec.k, ranks, nodes, routing.max_nodes_per_token),
-                           distinct_remote_nodes(spec.experts, spec.k, nodes, routing.max_nodes_per_token))
+        limits = dict(max_nodes=routing.max_nodes_per_token, max_ranks=routing.max_ranks_per_token)
+        return TokenSpread(distinct_ranks(spec.experts, spec.k, ranks, nodes, **limits),
+                           distinct_remote_nodes(spec.experts, spec.k, nodes, ranks=ranks, **limits))
     experts, k = spec.experts, spec.k
     owner = expert_ranks(spec, ranks)
     per_node = max(1, ranks // max(nodes, 1))

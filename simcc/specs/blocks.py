@@ -228,6 +228,10 @@ class RoutingSpec(StrictModel):
     shared_expert_overlap: bool = False
     # Node-limited routing: a token's experts lie on at most this many nodes (DeepSeek-V3: 4).
     max_nodes_per_token: PositiveInt | None = None
+    # Device-limited routing: on at most this many EP ranks (DeepSeek-V2, arXiv 2405.04434 sec.
+    # 2.2.2: M = 3; Megatron-Core's group-limited router with one expert group per EP rank,
+    # --moe-router-num-groups = EP and --moe-router-group-topk = this).
+    max_ranks_per_token: PositiveInt | None = None
     # The dtype tokens are sent in to the experts (fp8: DeepSeek-V3 quantizes before dispatch and
     # combines in bf16); default the workload's communication dtype.
     dispatch_dtype: Dtype | None = None
@@ -245,6 +249,8 @@ class RoutingSpec(StrictModel):
     def _consistent(self) -> "RoutingSpec":
         if self.placement == "file" and not self.placement_file:
             raise ValueError("placement file needs `placement_file: FILE.csv`")
+        if self.max_nodes_per_token is not None and self.max_ranks_per_token is not None:
+            raise ValueError("set max_nodes_per_token (node-limited) or max_ranks_per_token (device-limited), not both")
         if self.dispatcher in ("allgather", "deduplicated", "low_latency") and self.all_to_all != "flat":
             raise ValueError(f"all_to_all: {self.all_to_all} is a way of running the alltoall dispatcher, not {self.dispatcher}")
         return self
