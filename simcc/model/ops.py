@@ -121,8 +121,10 @@ GemmBlock = tuple[float, float, float, int]
 # Backward/forward ratios. GEMM: data-gradient + weight-gradient products, each as large as the
 # forward one (Narayanan et al. 2021, appendix). Fused attention: 5 matmuls backward vs 2 forward
 # (Dao 2023, FlashAttention-2, sec. 3.1). Elementwise: read saved input + incoming gradient, write one.
-BACKWARD_FLOPS_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.5}
-BACKWARD_BYTES_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.0}
+# A permutation's backward is the inverse permutation of the gradient, the same rows moved (Transformer
+# Engine's fused moe_permute runs moe_unpermute on the gradient, and the reverse).
+BACKWARD_FLOPS_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.5, "permute": 1.0}
+BACKWARD_BYTES_RATIO = {"gemm": 2.0, "grouped_gemm": 2.0, "conv": 2.0, "lstm": 2.0, "attention": 2.0, "permute": 1.0}
 ELEMENTWISE_BACKWARD_RATIO = 1.5
 # Families whose backward is a data-gradient and a weight-gradient product (cuBLAS/oneDNN run them
 # as separate GEMMs); fused attention's backward is one kernel (FlashAttention-2).
