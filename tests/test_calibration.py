@@ -52,10 +52,12 @@ def test_calibrate_writes_a_new_profile_and_reports_held_out_error(measured, tmp
     assert summary["median_abs_error"].map(math.isfinite).all()
     system = load_hardware(str(out))  # estimate can use it directly
     efficiency = system.device.efficiency
-    # every family has a fitted curve, unless the host was busy and calibrate says it could not measure it
+    # every family has a fitted curve, unless the host was busy and calibrate says why it kept the
+    # base profile's figure: timings too contended to fit, or a fit its held-out timings refuted
     notes = result.stderr  # with --format csv the notes go to stderr, the table stays parseable
     for family in ("gemm", "grouped_gemm", "attention"):
-        assert family in efficiency.curves or f"{family}: " in notes and "contended" in notes
+        said = f"{family}: " in notes and ("contended" in notes or "missed its held-out points" in notes)
+        assert family in efficiency.curves or said
     assert efficiency.memory_curves or "could not be measured" in notes
     assert "calibrated" in system.device.name
 
