@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from simcc.layout import Layout
 from simcc.model.blocks import Params
 from simcc.model.ops import DTYPE_BYTES
+from simcc.model.optimizer import moment_bytes
 from simcc.specs.vocab import bytes_per_weight
 from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
@@ -47,7 +48,7 @@ class MemoryBreakdown:
 
 def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) -> float:
     """Mixed-precision Adam keeps an fp32 master copy and two fp32 moments (12 B/param; Rajbhandari
-    et al. 2020); Adafactor keeps a factored second moment, O(rows + cols) per matrix (Shazeer &
+    et al. 2020), 8 B with bf16 moments; Adafactor keeps a factored second moment, O(rows + cols) per matrix (Shazeer &
     Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks (with
     context parallelism, dp x cp: Megatron's distributed optimizer shards over the data-parallel
     group with context parallel, parallel_state.get_data_parallel_group(with_context_parallel=True))."""
@@ -55,7 +56,8 @@ def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) ->
     dense, expert = layout.local_params(params)
     master = 4 if (opt.master_weights and prec.weights != "fp32") else 0
     if opt.type == "adam":
-        dense_state, expert_state = dense * (master + 8), expert * (master + 8)
+        moments = moment_bytes(opt)
+        dense_state, expert_state = dense * (master + moments), expert * (master + moments)
     elif opt.type == "adafactor":
         dense_state = dense * master + 4 * params.dense_rows_cols / layout.tp
         expert_state = expert * master + 4 * params.expert_rows_cols / (layout.ep * layout.expert_tp)

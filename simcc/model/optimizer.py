@@ -11,7 +11,7 @@ from __future__ import annotations
 from simcc.model.ops import DTYPE_BYTES, Op
 from simcc.specs.workload import Optimizer, Precision
 
-# Bytes of optimizer state per parameter, kept in fp32 whatever the weights: Adam's two moments;
+# Bytes of optimizer state per parameter in fp32, whatever the weights: Adam's two moments;
 # Adafactor's factored second moment is O(rows + cols) (Shazeer & Stern 2018), SGD keeps none.
 MOMENT_BYTES = {"adam": 8, "adafactor": 0, "sgd": 0}
 # What an unfused loop adds, in fp32 element accesses per parameter: torch.optim.Adam's
@@ -26,6 +26,11 @@ UNFUSED_KERNELS_PER_TENSOR = {"adam": 8, "adafactor": 6, "sgd": 1}
 UPDATE_FLOPS_PER_PARAM = 10  # a handful of multiply-adds, a sqrt and a divide: never the bound
 
 
+def moment_bytes(optimizer: Optimizer) -> float:
+    """Bytes of moments per parameter: Adam's two at the optimizer's moment dtype."""
+    return MOMENT_BYTES[optimizer.type] * DTYPE_BYTES[optimizer.moments_dtype] / DTYPE_BYTES["fp32"]
+
+
 def update_bytes_per_param(optimizer: Optimizer, precision: Precision) -> float:
     """Bytes the update itself moves per parameter (gradient read, state read and written, the
     low-precision copy written), with the unfused loop's temporaries."""
@@ -33,7 +38,7 @@ def update_bytes_per_param(optimizer: Optimizer, precision: Precision) -> float:
     has_master = optimizer.master_weights and precision.weights != "fp32"
     main = 4 if has_master else weight  # the copy the update is applied to: read and written
     low_precision_copy = weight if has_master else 0
-    update = grad + 2 * (main + MOMENT_BYTES[optimizer.type]) + low_precision_copy
+    update = grad + 2 * (main + moment_bytes(optimizer)) + low_precision_copy
     if optimizer.implementation == "unfused":
         update += 4 * UNFUSED_EXTRA_ACCESSES[optimizer.type]
     return update

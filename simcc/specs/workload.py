@@ -307,6 +307,10 @@ class Optimizer(StrictModel):
     # per-tensor loop (torch.optim.Adam on CPU), one elementwise pass per arithmetic step, each pass
     # a kernel per parameter tensor, with temporaries written and read back (simcc/model/optimizer.py).
     implementation: Literal["fused", "unfused"] = "fused"
+    # Adam's two moments in bf16 instead of fp32: half their bytes (DeepSeek-V3, arXiv 2412.19437
+    # sec. 3.3.3; Megatron-Core's --use-precision-aware-optimizer with --exp-avg-dtype and
+    # --exp-avg-sq-dtype bf16). The fp32 master copy stays.
+    moments_dtype: Literal["fp32", "bf16"] = "fp32"
 
 
 class TrainSpec(StrictModel):
