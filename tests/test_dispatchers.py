@@ -41,10 +41,19 @@ def test_device_limited_routing_by_hand():
     """DeepSeek-V2's device-limited routing (max_ranks_per_token): Megatron's MoE-layer benchmark
     proxy, 32 experts on EP8 (4 a rank) in 8 groups of one rank each, top-4 groups then top-8:
     the 8 lie in a pool of 16 experts on 4 ranks, and a rank of them holds none with probability
-    C(12,8)/C(16,8). Across 2 nodes of 8 ranks, a node holds none of 4 ranks with C(8,4)/C(16,4)."""
+    C(12,8)/C(16,8). Across 2 nodes of 8 ranks (256 experts, 16 a rank), a node is missed when j of
+    the 4 chosen ranks are its own (C(8,j) C(8,4-j) / C(16,4)) and the 8 experts, drawn from the 64
+    of the chosen ranks, avoid those j ranks' 16 j (C(64-16j, 8) / C(64, 8))."""
+    from math import comb
+
     assert distinct_ranks(32, 8, 8, max_ranks=4) == pytest.approx(4 * (1 - 495 / 12870))
     assert distinct_ranks(32, 8, 8, max_ranks=8) == pytest.approx(distinct_ranks(32, 8, 8))  # no limit
-    assert distinct_remote_nodes(256, 8, 2, ranks=16, max_ranks=4) == pytest.approx(2 * (1 - 70 / 1820) / 2)
+    missed = sum(comb(8, j) * comb(8, 4 - j) / comb(16, 4) * comb(64 - 16 * j, 8) / comb(64, 8) for j in range(5))
+    assert distinct_remote_nodes(256, 8, 2, ranks=16, max_ranks=4) == pytest.approx(2 * (1 - missed) / 2)
+    # a limit never spreads a token wider than no limit, and reaches it when it covers every rank
+    limited = [distinct_remote_nodes(128, 8, 2, ranks=16, max_ranks=m) for m in range(1, 17)]
+    assert limited == sorted(limited) and limited[0] == pytest.approx(0.5)
+    assert limited[-1] == pytest.approx(distinct_remote_nodes(128, 8, 2))
     # the dedup dispatch of the limited router moves fewer copies than a free top-8
     limited = _items(8, experts=32, dispatcher="deduplicated", max_ranks_per_token=4)["moe.dispatch"]
     free = _items(8, experts=32, dispatcher="deduplicated")["moe.dispatch"]

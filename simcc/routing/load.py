@@ -304,8 +304,13 @@ def distinct_remote_nodes(experts: int, k: int, nodes: int, max_nodes: int | Non
     if nodes <= 1:
         return 0.0
     if max_ranks is not None and max_ranks < ranks:
-        used = nodes * (1.0 - _none_of(ranks, ranks / nodes, max_ranks))
-        return used * (nodes - 1) / nodes
+        # a node holds none if j of the M chosen ranks are its own (hypergeometric) and the k
+        # experts, drawn from the M ranks' pool, miss those j
+        per_node, per_rank = ranks // nodes, experts / ranks
+        choices = math.comb(ranks, max_ranks)
+        missed = sum(math.comb(per_node, j) * math.comb(ranks - per_node, max_ranks - j) / choices
+                     * _none_of(max_ranks * per_rank, j * per_rank, k) for j in range(min(per_node, max_ranks) + 1))
+        return nodes * (1.0 - missed) * (nodes - 1) / nodes
     per_node = experts / nodes
     span = nodes if max_nodes is None else min(nodes, max_nodes)
     used = span * (1.0 - _none_of(per_node * span, per_node, k))
