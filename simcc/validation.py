@@ -53,7 +53,7 @@ class Case(StrictModel):
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
     # tflops_per_device: simcc's model-FLOPs convention (Narayanan et al. 2021, full score square);
     # megatron_tflops_per_device: Megatron-Bridge's (causal products at half, no router)
-    metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
+    metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", "peak_allocated_gib", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
                      *BALANCE_METRICS, *EP_KERNEL_METRICS, *MOE_LAYER_METRICS)]
     measured: PositiveFloat
     hardware: str
@@ -319,6 +319,10 @@ def run_case(case: Case, steps: int = 1) -> CaseResult:
             predicted = result.throughput.model_tflops_per_device
         elif case.metric == "megatron_tflops_per_device":
             predicted = result.throughput.megatron_tflops_per_device
+        elif case.metric == "peak_allocated_gib":
+            # what torch.cuda.max_memory_allocated counts: tensors, not the CUDA context, allocator
+            # fragmentation and workspaces the profile's reserve stands for
+            predicted = (mem.total_gb - mem.reserve_gb) * 1e9 / 2**30
         elif case.metric == "throughput_ratio":
             reference = _estimate(case.workload, case.hardware, case.reference_set or [], steps)
             predicted = _tokens_per_s(result) / _tokens_per_s(reference)

@@ -126,3 +126,19 @@ def test_a_moe_layer_case_times_the_moe_module_alone() -> None:
     # the dispatcher's choice moves the layer only through its exchanges
     assert "moe.dispatch" in by_name and forward.predicted > (by_name["moe.expert_up"].seconds
                                                                + by_name["moe.expert_down"].seconds) * 1e3
+
+
+def test_a_peak_allocated_case_reads_the_tensors_of_the_memory_model() -> None:
+    """peak_allocated_gib (torch.cuda.max_memory_allocated, as a source reports it): simcc's memory
+    per device less the profile's reserve (CUDA context, allocator slack, workspaces), in GiB."""
+    from simcc.estimate import estimate
+    from simcc.specs.loader import load_hardware, load_workload
+
+    sets = ["hardware.nodes=2", "parallelism.overlap_moe_comm=true"]
+    case = Case(name="m", source="test", metric="peak_allocated_gib", measured=1.0, hardware="dgx_h100_x4",
+                workload="qwen3_30b_a3b_train_16xh100", set=sets)
+    workload, source = load_workload("qwen3_30b_a3b_train_16xh100", ["parallelism.overlap_moe_comm=true"])
+    memory = estimate(workload, load_hardware("dgx_h100_x4", ["nodes=2"]), source).memory
+    expected = (memory.weights_gb + memory.gradients_gb + memory.optimizer_gb + memory.activations_gb
+                + memory.buffers_gb + memory.kv_cache_gb) * 1e9 / 2**30
+    assert run_case(case).predicted == pytest.approx(expected, rel=1e-6)
