@@ -53,8 +53,9 @@ class Case(StrictModel):
     # memory per device of `set` over `reference_set` (a paper's stated saving of a memory technique)
     # tflops_per_device: simcc's model-FLOPs convention (Narayanan et al. 2021, full score square);
     # megatron_tflops_per_device: Megatron-Bridge's (causal products at half, no router)
-    metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", "peak_allocated_gib", *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS,  # type: ignore[valid-type]
-                     *BALANCE_METRICS, *EP_KERNEL_METRICS, *MOE_LAYER_METRICS)]
+    metric: Literal[("step_s", "tflops_per_device", "megatron_tflops_per_device", "peak_allocated_gib",  # type: ignore[valid-type]
+                     *RATIO_METRICS, "busbw_gb_s", "latency_us", *SERVING_METRICS, *BALANCE_METRICS,
+                     *EP_KERNEL_METRICS, *MOE_LAYER_METRICS)]
     measured: PositiveFloat
     hardware: str
     workload: str | None = None  # estimate cases

@@ -329,13 +329,15 @@ def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fract
     from simcc.plan.training import gemm_operands
 
     def operands(scaling):
-        workload, _ = load_workload("qwen3_30b_a3b_train_16xh100", ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}"])
+        workload, _ = load_workload("qwen3_30b_a3b_train_16xh100",
+                                    ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}"])
         return gemm_operands(workload.precision.weights, workload.precision)
 
     h100, b200 = load_hardware("h100_sxm").device, load_hardware("b200").device
     launch = h100.efficiency.kernel_launch_us * 1e-6
-    for make, share in ((lambda o: gemm("qkv", 8192, 8192, 8192, "bf16", operands=o), 0.81),
-                        (lambda o: grouped_gemm("up", [8192.0] * 4, [8192.0] * 4, 8192, 8192, "bf16", operands=o), 1.0)):
+    dense = lambda o: gemm("qkv", 8192, 8192, 8192, "bf16", operands=o)  # noqa: E731
+    grouped = lambda o: grouped_gemm("up", [8192.0] * 4, [8192.0] * 4, 8192, 8192, "bf16", operands=o)  # noqa: E731
+    for make, share in ((dense, 0.81), (grouped, 1.0)):
         block, tensor = make(operands("block")), make(operands("tensor"))
         assert block.block_scaled and not tensor.block_scaled and backward_of(block).block_scaled
         # compute-bound: the time is FLOPs over the fraction, so the ratio is the share exactly
