@@ -85,6 +85,14 @@ def test_infinite_or_nan_floats_are_refused(override):
     assert_one_line_error(estimate(override), override.split("=")[0].removeprefix("hardware."), "finite")
 
 
+@pytest.mark.parametrize("override", ["hardware.network.nic_gbit_s=5e-324", "hardware.node.intra_link.bandwidth_gb_s=1e-300"])
+def test_a_subnormal_bandwidth_is_refused_with_the_floor(override):
+    """A positive figure so small that a bandwidth derived from it underflows to 0 once divided
+    (a ZeroDivisionError in the all-to-all, found by the fuzzer) is refused, its floor written as 1e-18."""
+    assert_one_line_error(estimate(override, workload=str(ROOT / "workloads/validation/deepep_moe_layer.yaml")),
+                          override.split("=")[0].removeprefix("hardware."), "1e-18")
+
+
 @pytest.mark.parametrize("option, value", [("--slo-ttft", "nan"), ("--slo-tpot", "inf"), ("--slo-ttft", "0")])
 def test_a_latency_objective_that_is_not_a_positive_finite_time_is_refused(option, value):
     serve = str(ROOT / "workloads" / "mixtral_8x7b_serve_edge.yaml")

@@ -29,8 +29,11 @@ MAX_PIPELINE_TASKS = 1 << 17  # micro-batches x pipeline chunks simulated per st
 # No figure simcc reads is near this (a run's total tokens is ~1e13): products of such figures
 # stay finite, so a result is never infinite.
 LARGEST_FLOAT = 1e18
+# Nor near this, at the other end: a positive figure no smaller keeps every product and quotient of
+# a few of them a normal, non-zero float (a subnormal bandwidth would underflow to 0 and divide).
+SMALLEST_POSITIVE_FLOAT = 1e-18
 
-PositiveFloat = Annotated[float, Field(gt=0, le=LARGEST_FLOAT)]
+PositiveFloat = Annotated[float, Field(ge=SMALLEST_POSITIVE_FLOAT, le=LARGEST_FLOAT)]
 NonNegativeFloat = Annotated[float, Field(ge=0, le=LARGEST_FLOAT)]
 PositiveInt = Annotated[int, Field(gt=0, le=LARGEST_INTEGER)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=LARGEST_INTEGER)]

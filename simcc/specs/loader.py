@@ -4,6 +4,7 @@ validation failure into one line that names the file, the field and what was exp
 from __future__ import annotations
 
 import copy
+import decimal
 import difflib
 import functools
 import os
@@ -253,6 +254,9 @@ def _explain(error: dict[str, Any], root: type[BaseModel]) -> str:
         return "required field is missing"
     message = str(error["msg"])
     message = message.replace("Input should be", "expected").replace("Value error, ", "")
+    for bound in (error.get("ctx") or {}).values():  # a limit as written (1e-18, not 0.000000000000000001)
+        if isinstance(bound, float) and (0 < abs(bound) < 1e-6 or abs(bound) >= 1e15):
+            message = message.replace(format(decimal.Decimal(repr(bound)), "f"), f"{bound:g}")
     if kind not in ("value_error", "assertion_error") and "input" in error:
         shown = error["input"]
         if not isinstance(shown, (dict, list)):
