@@ -10,12 +10,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import Field, model_validator
 
 from simcc.errors import InputError
 from simcc.costs.memory import GB, MemoryBreakdown
 from simcc.results import Estimate, Record
-from simcc.specs.base import StrictModel
+from simcc.specs.base import PositiveFloat, StrictModel
 from simcc.specs.vocab import Collective
 
 if TYPE_CHECKING:

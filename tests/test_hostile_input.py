@@ -85,10 +85,12 @@ def test_infinite_or_nan_floats_are_refused(override):
     assert_one_line_error(estimate(override), override.split("=")[0].removeprefix("hardware."), "finite")
 
 
-@pytest.mark.parametrize("override", ["hardware.network.nic_gbit_s=5e-324", "hardware.node.intra_link.bandwidth_gb_s=1e-300"])
-def test_a_subnormal_bandwidth_is_refused_with_the_floor(override):
-    """A positive figure so small that a bandwidth derived from it underflows to 0 once divided
-    (a ZeroDivisionError in the all-to-all, found by the fuzzer) is refused, its floor written as 1e-18."""
+@pytest.mark.parametrize("override", ["hardware.network.nic_gbit_s=5e-324", "hardware.node.intra_link.bandwidth_gb_s=1e-300",
+                                      "hardware.node.device.efficiency.matmul=5e-324"])
+def test_a_subnormal_figure_is_refused_with_the_floor(override):
+    """A positive figure or fraction so small that what is derived from it underflows to 0 once
+    divided (a ZeroDivisionError in the all-to-all and the roofline, found by the fuzzer) is
+    refused, its floor written as 1e-18."""
     assert_one_line_error(estimate(override, workload=str(ROOT / "workloads/validation/deepep_moe_layer.yaml")),
                           override.split("=")[0].removeprefix("hardware."), "1e-18")
 

@@ -37,7 +37,7 @@ PositiveFloat = Annotated[float, Field(ge=SMALLEST_POSITIVE_FLOAT, le=LARGEST_FL
 NonNegativeFloat = Annotated[float, Field(ge=0, le=LARGEST_FLOAT)]
 PositiveInt = Annotated[int, Field(gt=0, le=LARGEST_INTEGER)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=LARGEST_INTEGER)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
+Fraction = Annotated[float, Field(ge=SMALLEST_POSITIVE_FLOAT, le=1)]
 
 
 def int_up_to(limit: int) -> Any:
