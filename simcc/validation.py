@@ -19,7 +19,9 @@ from simcc.specs.base import PositiveFloat, StrictModel
 from simcc.specs.vocab import Collective
 
 if TYPE_CHECKING:
+    from simcc.layout import Layout
     from simcc.specs.blocks import MoEFFNBlock
+    from simcc.specs.hardware import System
     from simcc.specs.workload import Workload
 
 SUITES = {"published": "published_suite.yaml", "moe": "moe_suite.yaml", "serving": "serving_suite.yaml",
@@ -247,17 +249,24 @@ def _deepep_bytes(layer: MoEFFNBlock, tokens: float, hidden: int, ep: int, ep_no
     return tokens * reached * hidden * per_element
 
 
-def _ep_kernel(case: Case) -> tuple[float, str]:
-    """The first MoE layer's moe.dispatch or moe.combine for one micro-batch on one rank, timed on
-    that rank's own bytes: DeepEP's tests time each rank's kernel and divide its own bytes by it, so
-    a rank does not wait here for the exchange's busiest receiver as a layer does."""
+def _first_moe_layer_laid_out(case: Case) -> tuple[Workload, str, int, MoEFFNBlock, System, Layout]:
+    """`_first_moe_layer`, with the case's hardware and the layout of the workload on it: what a
+    case that costs the layer's own items needs."""
     from simcc.layout import build_layout
-    from simcc.plan.training import cost_item, layer_work, micro_batch
     from simcc.specs.loader import load_hardware, split_overrides
 
     workload, source, index, layer = _first_moe_layer(case)
     system = load_hardware(case.hardware, split_overrides(case.set)[1])
-    layout = build_layout(workload, system, source)
+    return workload, source, index, layer, system, build_layout(workload, system, source)
+
+
+def _ep_kernel(case: Case) -> tuple[float, str]:
+    """The first MoE layer's moe.dispatch or moe.combine for one micro-batch on one rank, timed on
+    that rank's own bytes: DeepEP's tests time each rank's kernel and divide its own bytes by it, so
+    a rank does not wait here for the exchange's busiest receiver as a layer does."""
+    from simcc.plan.training import cost_item, layer_work, micro_batch
+
+    workload, source, index, layer, system, layout = _first_moe_layer_laid_out(case)
     if layout.ep < 2:
         raise InputError(source, "parallelism.ep", f"a {case.metric} case needs expert parallelism (ep >= 2)")
     batch = micro_batch(workload)
@@ -278,13 +287,9 @@ def _ep_kernel(case: Case) -> tuple[float, str]:
 def _moe_layer(case: Case) -> tuple[float, str]:
     """The first MoE layer's forward or backward for one micro-batch on one rank, its ops in
     sequence as the step plan costs them, without the norm and residual around the MoE module."""
-    from simcc.layout import build_layout
     from simcc.plan.training import layer_costs, micro_batch
-    from simcc.specs.loader import load_hardware, split_overrides
 
-    workload, source, index, _ = _first_moe_layer(case)
-    system = load_hardware(case.hardware, split_overrides(case.set)[1])
-    layout = build_layout(workload, system, source)
+    workload, _, index, _, system, layout = _first_moe_layer_laid_out(case)
     forward, backward = layer_costs(workload, system, layout, index, micro_batch(workload))
     costs = forward if case.metric == "moe_layer_forward_ms" else backward
     inside = [c for c in costs if c.name.removesuffix(".bwd") not in OUTSIDE_MOE_LAYER]

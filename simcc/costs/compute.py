@@ -59,10 +59,9 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     if family == "attention":
         return eff.attention
     grouped = family in GROUPED_FAMILIES
-    fp8 = eff.fp8_grouped_matmul if grouped else eff.fp8_matmul
+    fp8, block_share = (eff.fp8_grouped_matmul if grouped else eff.fp8_matmul), eff.fp8_block_scaled_share
     if dtype == "fp8" and fp8 is not None:
-        pays_block_scales = block_scaled and not grouped and eff.fp8_block_scaled_share is not None
-        return fp8 * (eff.fp8_block_scaled_share if pays_block_scales else 1.0)  # type: ignore[operator]
+        return fp8 * block_share if block_scaled and not grouped and block_share is not None else fp8
     if grouped and eff.grouped_matmul is not None:
         return eff.grouped_matmul
     return eff.matmul

@@ -48,8 +48,8 @@ class MemoryBreakdown:
 
 def optimizer_state_bytes(params: Params, workload: Workload, layout: Layout) -> float:
     """Mixed-precision Adam keeps an fp32 master copy and two fp32 moments (12 B/param; Rajbhandari
-    et al. 2020), 8 B with bf16 moments; Adafactor keeps a factored second moment, O(rows + cols) per matrix (Shazeer &
-    Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks (with
+    et al. 2020), 8 B with bf16 moments; Adafactor keeps a factored second moment, O(rows + cols)
+    per matrix (Shazeer & Stern 2018), plus the master copy; ZeRO >= 1 shards all of it over data-parallel ranks (with
     context parallelism, dp x cp: Megatron's distributed optimizer shards over the data-parallel
     group with context parallel, parallel_state.get_data_parallel_group(with_context_parallel=True))."""
     opt, prec = workload.optimizer, workload.precision
