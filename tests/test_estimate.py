@@ -320,32 +320,43 @@ def test_an_fp8_gemm_reads_fp8_operands_after_a_cast_and_runs_at_the_fp8_fractio
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16") == 0.82
 
 
-def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fraction():
-    """A dense GEMM whose FP8 operands carry 1 x 128 / 128 x 128 scales (fp8_scaling block) runs at
+@pytest.mark.parametrize("expert_gemm, grouped_share", [("per_expert", 0.81), ("grouped", 1.0)])
+def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fraction(expert_gemm, grouped_share):
+    """A cuBLAS GEMM whose FP8 operands carry 1 x 128 / 128 x 128 scales (fp8_scaling block) runs at
     the profile's fp8_block_scaled_share (0.81 on Hopper) of the per-tensor FP8 fraction, forward and
-    backward; a grouped one keeps its fraction (fitted on block-scaled DeepGEMM kernels); per-tensor
-    FP8 and BF16 GEMMs are untouched, and a profile without the share (B200: block scaling is
-    emulated through MXFP8) runs both alike."""
+    backward. Expert GEMMs run per expert through cuBLAS (Transformer Engine) pay it too; run as one
+    grouped kernel (DeepGEMM) they keep the grouped fraction, fitted on block-scaled kernels.
+    Per-tensor FP8 and BF16 GEMMs are untouched, and a profile without the share (B200: block
+    scaling is emulated through MXFP8) runs both alike."""
     from simcc.plan.training import gemm_operands
 
     def operands(scaling):
         workload, _ = load_workload("qwen3_30b_a3b_train_16xh100",
-                                    ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}"])
+                                    ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}",
+                                     f"precision.fp8_expert_gemm={expert_gemm}"])
         return gemm_operands(workload.precision.weights, workload.precision)
 
     h100, b200 = load_hardware("h100_sxm").device, load_hardware("b200").device
     launch = h100.efficiency.kernel_launch_us * 1e-6
     dense = lambda o: gemm("qkv", 8192, 8192, 8192, "bf16", operands=o)  # noqa: E731
     grouped = lambda o: grouped_gemm("up", [8192.0] * 4, [8192.0] * 4, 8192, 8192, "bf16", operands=o)  # noqa: E731
-    for make, share in ((dense, 0.81), (grouped, 1.0)):
+    for make, share in ((dense, 0.81), (grouped, grouped_share)):
         block, tensor = make(operands("block")), make(operands("tensor"))
         assert block.block_scaled and not tensor.block_scaled and backward_of(block).block_scaled
         # compute-bound: the time is FLOPs over the fraction, so the ratio is the share exactly
         slower = (op_cost(h100, block).seconds - launch) / (op_cost(h100, tensor).seconds - launch)
         assert slower == pytest.approx(1 / share, rel=1e-3)
         assert op_cost(b200, block).seconds == pytest.approx(op_cost(b200, tensor).seconds, rel=1e-3)
+    # Per tensor, an expert GEMM takes the dense FP8 fraction through cuBLAS, the grouped one as one kernel.
+    per_tensor = grouped(operands("tensor"))
+    assert per_tensor.per_expert_gemms == (expert_gemm == "per_expert")
+    assert efficiency(h100, "grouped_gemm", 1e12, 1e3, "fp8", per_expert_gemms=per_tensor.per_expert_gemms) == (
+        0.72 if expert_gemm == "per_expert" else 0.71)
     assert efficiency(h100, "gemm", 1e12, 1e3, "fp8", block_scaled=True) == pytest.approx(0.72 * 0.81)
+    assert efficiency(h100, "grouped_gemm", 1e12, 1e3, "fp8", block_scaled=True, per_expert_gemms=True) == pytest.approx(0.72 * 0.81)
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16", block_scaled=True) == 0.82
+    # BF16 expert GEMMs are not FP8 ones: the flag stays off and the grouped BF16 fraction holds.
+    assert gemm_operands("bf16", load_workload("qwen3_30b_a3b_train_16xh100", [])[0].precision) is None
 
 
 # Transformer Engine's GEMM profiling guide (NVIDIA/TransformerEngine docs/examples/gemm_profiling/

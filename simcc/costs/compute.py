@@ -47,11 +47,12 @@ def measured_curve(device: Device, family: str) -> EfficiencyCurve | None:
 
 
 def efficiency(device: Device, family: str, kernel_flops: float, intensity: float, dtype: str = "",
-               block_scaled: bool = False) -> float:
+               block_scaled: bool = False, per_expert_gemms: bool = False) -> float:
     """Achieved fraction of peak: the calibrated curve for the family when the profile has one
-    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default; a dense
-    block-scaled FP8 GEMM keeps the profile's share of it (the grouped FP8 fraction is measured on
-    block-scaled kernels already)."""
+    (on its own axis: one kernel's FLOPs, or FLOPs per byte), else the profile's default. An FP8
+    grouped GEMM run as one cuBLAS GEMM per expert takes the dense FP8 fraction; a block-scaled
+    cuBLAS GEMM keeps the profile's share of it (the grouped FP8 fraction is measured on a
+    block-scaled grouped kernel already)."""
     eff = device.efficiency
     curve = measured_curve(device, family)
     if curve is not None:
@@ -59,9 +60,10 @@ def efficiency(device: Device, family: str, kernel_flops: float, intensity: floa
     if family == "attention":
         return eff.attention
     grouped = family in GROUPED_FAMILIES
-    fp8, block_share = (eff.fp8_grouped_matmul if grouped else eff.fp8_matmul), eff.fp8_block_scaled_share
+    grouped_kernel = grouped and not per_expert_gemms
+    fp8, block_share = (eff.fp8_grouped_matmul if grouped_kernel else eff.fp8_matmul), eff.fp8_block_scaled_share
     if dtype == "fp8" and fp8 is not None:
-        return fp8 * block_share if block_scaled and not grouped and block_share is not None else fp8
+        return fp8 * block_share if block_scaled and not grouped_kernel and block_share is not None else fp8
     if grouped and eff.grouped_matmul is not None:
         return eff.grouped_matmul
     return eff.matmul
@@ -149,7 +151,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
     if op.family in MATMUL_FAMILIES or op.family == "attention":
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
         intensity = flops / moved if moved > 0 else math.inf
-        fraction = efficiency(device, op.family, kernel, intensity, op.dtype, op.block_scaled)
+        fraction = efficiency(device, op.family, kernel, intensity, op.dtype, op.block_scaled, op.per_expert_gemms)
         if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
             fraction *= quantization(device, op) * inner_loop_share(device, op) * expert_rows_share(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)

@@ -64,6 +64,9 @@ class Op:
     kernels: tuple[tuple["GemmBlock", ...], ...] = ()
     pair_reads: PairReads | None = None  # grouped GEMMs: their weight reads as per-pair products
     block_scaled: bool = False  # GEMMs: FP8 operands with per-block scales (GemmOperands.scale_bytes)
+    # Grouped GEMMs: run as one library GEMM per expert rather than one grouped kernel
+    # (GemmOperands.per_expert_gemms), so at the dense GEMM's fraction.
+    per_expert_gemms: bool = False
 
     def __hash__(self) -> int:
         return _cached_hash(self)
@@ -187,6 +190,8 @@ class GemmOperands:
     # Current scaling takes each tensor's amax from the tensor itself: a tensor gathered over the
     # TP group (sequence parallelism) needs the group's amax, one all-reduce before its cast.
     amax_from_tensor: bool = False
+    # A grouped GEMM over these operands runs as one cuBLAS GEMM per expert (Precision.fp8_expert_gemm).
+    per_expert_gemms: bool = False
 
     @property
     def block_scaled(self) -> bool:
@@ -247,7 +252,8 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
                           max(0.0, sum(mean) - mean_used) * k * n * w_bytes)
     return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
-              kernels=(blocks,), pair_reads=pairs, block_scaled=(operands or PLAIN).block_scaled)
+              kernels=(blocks,), pair_reads=pairs, block_scaled=(operands or PLAIN).block_scaled,
+              per_expert_gemms=(operands or PLAIN).per_expert_gemms)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,

@@ -138,7 +138,8 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     narrower_weights = weight < read
     dequant = DEQUANT_FLOPS_PER_WEIGHT if narrower_weights and is_quantized(stored) else 0.0
     return GemmOperands(inputs, weight if narrower_weights else None, dequant, scale, reads, launches, per_expert,
-                        amax_from_tensor=inputs is not None and precision.fp8_scaling == "tensor")
+                        amax_from_tensor=inputs is not None and precision.fp8_scaling == "tensor",
+                        per_expert_gemms=inputs == "fp8" and precision.fp8_expert_gemm == "per_expert")
 
 
 # Kernels Transformer Engine launches to cast one tensor to FP8, by scaling, and whether a grouped

@@ -288,6 +288,13 @@ class Precision(StrictModel):
     # Engine's delayed scaling: the cast records the amax as it goes), or one per 1 x 128
     # activation tile and 128 x 128 weight block (DeepSeek-V3, sec. 3.3.2: computed on chip).
     fp8_scaling: Literal["tensor", "delayed", "block"] = "tensor"
+    # How FP8 expert (grouped) GEMMs run. per_expert: one cuBLAS GEMM per local expert, spread over
+    # a few streams, as Transformer Engine's GroupedLinear runs them on Hopper (transformer_engine/
+    # common/gemm/cublaslt_gemm.cu, nvte_multi_tensor_gemm: its CUTLASS grouped path takes BF16/FP16
+    # only), so each runs at the dense FP8 fraction and, block-scaled, at cuBLAS's block-scaled share
+    # of it. grouped: one grouped kernel for every expert (DeepGEMM's m-grouped FP8 GEMM, which
+    # DeepSeek-V3's stack and SGLang run), at the grouped FP8 fraction measured on that kernel.
+    fp8_expert_gemm: Literal["per_expert", "grouped"] = "per_expert"
     compute: Dtype = "bf16"
     gradients: Dtype = "bf16"
     communication: Dtype = "bf16"
