@@ -328,13 +328,13 @@ def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fract
     grouped kernel (DeepGEMM) they keep the grouped fraction, fitted on block-scaled kernels.
     Per-tensor FP8 and BF16 GEMMs are untouched, and a profile without the share (B200: block
     scaling is emulated through MXFP8) runs both alike."""
-    from simcc.plan.training import gemm_operands
+    from simcc.plan.training import expert_gemm_runs, gemm_operands
 
     def operands(scaling):
         workload, _ = load_workload("qwen3_30b_a3b_train_16xh100",
                                     ["precision.matmul=fp8", f"precision.fp8_scaling={scaling}",
                                      f"precision.fp8_expert_gemm={expert_gemm}"])
-        return gemm_operands(workload.precision.weights, workload.precision)
+        return gemm_operands(workload.precision.weights, workload.precision, expert_gemm_runs(workload))
 
     h100, b200 = load_hardware("h100_sxm").device, load_hardware("b200").device
     launch = h100.efficiency.kernel_launch_us * 1e-6
@@ -357,6 +357,9 @@ def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fract
     assert efficiency(h100, "gemm", 1e12, 1e3, "bf16", block_scaled=True) == 0.82
     # BF16 expert GEMMs are not FP8 ones: the flag stays off and the grouped BF16 fraction holds.
     assert gemm_operands("bf16", load_workload("qwen3_30b_a3b_train_16xh100", [])[0].precision) is None
+    # Unset, training runs them as Transformer Engine does and serving engines as one grouped kernel.
+    assert expert_gemm_runs(load_workload("qwen3_30b_a3b_train_16xh100", [])[0]) == "per_expert"
+    assert expert_gemm_runs(load_workload("qwen3_30b_a3b_serve", [])[0]) == "grouped"
 
 
 # Transformer Engine's GEMM profiling guide (NVIDIA/TransformerEngine docs/examples/gemm_profiling/

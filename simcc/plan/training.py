@@ -115,12 +115,19 @@ def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Sha
                  comm_dtype=prec.communication, seed=seed, sample_seed=workload.seed, load_draws=draws,
                  microbatches=layout.microbatches, dp=layout.dp_cp, grad_dtype=prec.gradients,
                  ep_nodes=layout.groups["ep"].nodes, dense_gemm=gemm_operands(prec.weights, prec),
-                 expert_gemm=gemm_operands(prec.expert_weights or prec.weights, prec),
+                 expert_gemm=gemm_operands(prec.expert_weights or prec.weights, prec, expert_gemm_runs(workload)),
                  head_gemm=gemm_operands(prec.head_weights or prec.weights, prec),
                  tp_comm_overlap=workload.parallelism.tp_comm_overlap)
 
 
-def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | None:
+def expert_gemm_runs(workload: Workload) -> str:
+    """How FP8 expert GEMMs run when the workload does not say: per expert through cuBLAS in
+    training (Transformer Engine's GroupedLinear), as one grouped kernel in serving engines."""
+    chosen = workload.precision.fp8_expert_gemm
+    return chosen if chosen is not None else ("per_expert" if workload.mode == "train" else "grouped")
+
+
+def gemm_operands(stored: str | float, precision: Precision, expert_gemm: str = "grouped") -> GemmOperands | None:
     """How weight GEMMs read their operands: FP8 inputs when `precision.matmul` is narrower than
     the compute dtype (block scaling adds one fp32 scale per 128 activations, DeepSeek-V3 sec.
     3.3.2); weights stored narrower than what the kernel reads stay at their stored size and are
@@ -139,7 +146,7 @@ def gemm_operands(stored: str | float, precision: Precision) -> GemmOperands | N
     dequant = DEQUANT_FLOPS_PER_WEIGHT if narrower_weights and is_quantized(stored) else 0.0
     return GemmOperands(inputs, weight if narrower_weights else None, dequant, scale, reads, launches, per_expert,
                         amax_from_tensor=inputs is not None and precision.fp8_scaling == "tensor",
-                        per_expert_gemms=inputs == "fp8" and precision.fp8_expert_gemm == "per_expert")
+                        per_expert_gemms=inputs == "fp8" and expert_gemm == "per_expert")
 
 
 # Kernels Transformer Engine launches to cast one tensor to FP8, by scaling, and whether a grouped

@@ -293,8 +293,9 @@ class Precision(StrictModel):
     # common/gemm/cublaslt_gemm.cu, nvte_multi_tensor_gemm: its CUTLASS grouped path takes BF16/FP16
     # only), so each runs at the dense FP8 fraction and, block-scaled, at cuBLAS's block-scaled share
     # of it. grouped: one grouped kernel for every expert (DeepGEMM's m-grouped FP8 GEMM, which
-    # DeepSeek-V3's stack and SGLang run), at the grouped FP8 fraction measured on that kernel.
-    fp8_expert_gemm: Literal["per_expert", "grouped"] = "per_expert"
+    # DeepSeek-V3's stack and SGLang run; vLLM's fused MoE kernels), at the grouped FP8 fraction
+    # measured on that kernel. Unset: per_expert in training, grouped in serving.
+    fp8_expert_gemm: Literal["per_expert", "grouped"] | None = None
     compute: Dtype = "bf16"
     gradients: Dtype = "bf16"
     communication: Dtype = "bf16"
