@@ -346,3 +346,68 @@ def test_an_engine_that_reads_each_token_expert_pair_pays_for_repeats(batch, per
     extra = op_cost(device, up).seconds - op_cost(grouped, up).seconds
     stream = device.memory_bandwidth_gb_s * 1e9 * device.efficiency.memory
     assert extra == pytest.approx(up.pair_reads.extra_bytes / stream if per_pair else 0.0, rel=1e-6, abs=1e-12)
+
+
+def test_a_prefill_runs_the_output_head_on_each_prompts_last_token():
+    """Serving engines sample one token per prompt, so a prefill of B prompts of P tokens runs the
+    head's GEMM on B rows (2 B x hidden x vocab FLOPs), not B x P; `prompt_logits: all` (llama.cpp
+    before PR #6122) runs it on every position. Nothing else in the step changes."""
+    from simcc.plan.serving import _step_tables  # noqa: F401 (the table the prefill step uses)
+    from simcc.model.anytime import served_units
+    from simcc.model.blocks import Batch
+    from simcc.plan.training import forward_work
+
+    workload, src = load_workload("llama3_8b_serve", ["serve.batch=4", "serve.prompt_tokens=256"])
+    system = load_hardware("h100_sxm")
+    layout = build_layout(workload, system, src)
+
+    def head_flops(batch):
+        work = forward_work(served_units(workload), workload, layout, batch)
+        return next(op.flops for op in work.items if op.name == "head.logits")
+
+    hidden, vocab = 4096, 128256
+    assert head_flops(Batch(4, 256, 256, sampled=4)) == pytest.approx(2 * 4 * hidden * vocab)
+    assert head_flops(Batch(4, 256, 256)) == pytest.approx(2 * 4 * 256 * hidden * vocab)
+    last = serving_costs(workload, system, layout)
+    every, _ = load_workload("llama3_8b_serve", ["serve.batch=4", "serve.prompt_tokens=256", "serve.prompt_logits=all"])
+    all_positions = serving_costs(every, system, build_layout(every, system, src))
+    # The head's 255 x 4 extra rows are compute-bound: at least their FLOPs at the H100's bf16 peak.
+    extra = 2 * 4 * 255 * hidden * vocab / 989e12
+    assert all_positions.prefill.at(4) - last.prefill.at(4) > extra
+    assert all_positions.decode.at(4) == pytest.approx(last.decode.at(4))
+    with pytest.raises(InputError, match="serve.prompt_logits: expected 'last' or 'all'"):
+        load_workload("llama3_8b_serve", ["serve.prompt_logits=first"])
+
+
+@pytest.mark.parametrize("stored, fraction", [("q4_0", 0.33), ("q6_k", 0.22), ("q4_k", 0.094), (2.7, 0.094)])
+def test_a_cpu_engine_multiplies_quantized_weights_at_its_formats_integer_rate(stored, fraction):
+    """On a Raspberry Pi 5 llama.cpp quantizes activations to 8 bits and multiplies with SDOT: a
+    prefill GEMM over quantized weights takes its products (2 m k n, the per-weight unpacking
+    included in the measured rate) over the int8 peak (614 GOP/s) times its format's fraction;
+    formats without one (Q4_K here, a bits-per-weight mix) take `other`'s."""
+    from simcc.costs.compute import op_cost
+    from simcc.model.ops import GemmOperands, gemm
+
+    pi = load_hardware("raspberry_pi_5").device
+    format_name = stored if isinstance(stored, str) else "other"
+    operands = GemmOperands(weight_bytes=0.5, dequant_flops=2.0, weight_format=format_name)
+    m, k, n = 512, 2048, 2048
+    op = gemm("up", m, k, n, "fp32", operands=operands)
+    products = 2 * m * k * n
+    memory = op.bytes / (pi.memory_bandwidth_gb_s * 1e9 * pi.efficiency.memory)
+    expected = max(products / (0.614e12 * fraction), memory) + pi.efficiency.kernel_launch_us * 1e-6
+    assert op_cost(pi, op).seconds == pytest.approx(expected, rel=1e-9)
+    # Weights the engine dequantizes to the compute dtype (no format) stay on the fp32 roofline.
+    plain = gemm("up", m, k, n, "fp32", operands=GemmOperands(weight_bytes=0.5, dequant_flops=2.0))
+    assert op_cost(pi, plain).seconds == pytest.approx(
+        max(op.flops / (0.154e12 * pi.efficiency.matmul), memory) + pi.efficiency.kernel_launch_us * 1e-6, rel=1e-9)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("device.efficiency.quantized_matmul={q9_0: 0.3}", "quantized_matmul.q9_0: expected a weight format"),
+    ("device.efficiency.quantized_matmul={q4_0: 1.5}", "quantized_matmul.q4_0"),
+    ("device.peak_tflops={fp32: 0.154}", "efficiency.quantized_matmul needs peak_tflops.int8"),
+])
+def test_a_quantized_rate_table_names_formats_and_needs_an_integer_peak(setting, message):
+    with pytest.raises(InputError, match=message):
+        load_hardware("raspberry_pi_5", [setting])

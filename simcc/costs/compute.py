@@ -12,7 +12,7 @@ import numpy as np
 from simcc.errors import InputError
 from simcc.memo import Memo
 from simcc.model.ops import FORWARD_FAMILY, MATMUL_FAMILIES, GemmBlock, Op
-from simcc.specs.hardware import Device, EfficiencyCurve
+from simcc.specs.hardware import OTHER_FORMATS, Device, EfficiencyCurve
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
 VECTOR_DTYPE = "fp32"
@@ -146,9 +146,30 @@ def memory_efficiency(device: Device, family: str, moved: float) -> float:
     return device.efficiency.memory
 
 
+def quantized_product_fraction(device: Device, op: Op) -> float | None:
+    """Fraction of the int8 peak this GEMM over quantized weights reaches where the device's engine
+    multiplies them with integer dot products (Efficiency.quantized_matmul), by the weights' format;
+    None where the engine dequantizes them to the compute dtype instead."""
+    table = device.efficiency.quantized_matmul
+    if not op.weight_format or not table:
+        return None
+    return table.get(op.weight_format, table.get(OTHER_FORMATS))
+
+
+def _product_share(op: Op) -> float:
+    """Share of the op's FLOPs that are the products themselves (2 m k n per output block), not
+    the per-weight dequantization: integer dot products unpack each weight once per token, which
+    the measured fraction already holds."""
+    products = 2.0 * sum(m * k * n * copies for kernel in op.kernels for m, k, n, copies in kernel)
+    return min(1.0, products / op.flops) if products > 0 and op.flops > 0 else 1.0
+
+
 def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float, str]:
     launch = device.efficiency.kernel_launch_us * 1e-6 * op.launches
-    if op.family in MATMUL_FAMILIES or op.family == "attention":
+    integer_fraction = quantized_product_fraction(device, op)
+    if integer_fraction is not None:
+        compute = flops * _product_share(op) / (peak_flops(device, "int8") * integer_fraction)
+    elif op.family in MATMUL_FAMILIES or op.family == "attention":
         kernel = op.kernel_flops if op.kernel_flops is not None else flops
         intensity = flops / moved if moved > 0 else math.inf
         fraction = efficiency(device, op.family, kernel, intensity, op.dtype, op.block_scaled, op.per_expert_gemms)

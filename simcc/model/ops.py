@@ -67,6 +67,9 @@ class Op:
     # Grouped GEMMs: run as one library GEMM per expert rather than one grouped kernel
     # (GemmOperands.per_expert_gemms), so at the dense GEMM's fraction.
     per_expert_gemms: bool = False
+    # GEMMs over quantized stored weights: their format (a WEIGHT_FORMATS name, or `other` for a
+    # bits-per-weight figure), for engines whose kernel speed depends on it; "" otherwise.
+    weight_format: str = ""
 
     def __hash__(self) -> int:
         return _cached_hash(self)
@@ -192,6 +195,7 @@ class GemmOperands:
     amax_from_tensor: bool = False
     # A grouped GEMM over these operands runs as one cuBLAS GEMM per expert (Precision.fp8_expert_gemm).
     per_expert_gemms: bool = False
+    weight_format: str = ""  # quantized stored weights: their format (Op.weight_format)
 
     @property
     def block_scaled(self) -> bool:
@@ -217,7 +221,7 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
     op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
     return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, m * k * a_bytes + k * n * w_bytes + m * n * b, op_dtype,
               saved_bytes=m * k * a_bytes if saved else 0.0, kernels=(((m, k, n, 1),),),
-              block_scaled=(operands or PLAIN).block_scaled)
+              block_scaled=(operands or PLAIN).block_scaled, weight_format=(operands or PLAIN).weight_format)
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
@@ -253,7 +257,7 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
     return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
               kernels=(blocks,), pair_reads=pairs, block_scaled=(operands or PLAIN).block_scaled,
-              per_expert_gemms=(operands or PLAIN).per_expert_gemms)
+              per_expert_gemms=(operands or PLAIN).per_expert_gemms, weight_format=(operands or PLAIN).weight_format)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,

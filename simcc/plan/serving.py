@@ -219,7 +219,8 @@ def _step_tables(workload: Workload, system: System, layout: Layout, chunks: lis
     moe_stats: list[MoEStats] = []
     full_batch: list[ForwardWork] = []
     for size in grid:
-        prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens)
+        prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens,
+                              sampled=size if serve.prompt_logits == "last" else None)
         decode_batch = Batch(size, 1, context)
         prefill: list[Cost] = []
         decode: list[Cost] = []
@@ -602,7 +603,9 @@ def with_hybrid_steps(costs: ServingCosts, workload: Workload, system: System, l
         return items_seconds(unit_list, batch) - items_seconds(unit_list, replace(batch, kv_len=0))
 
     def context_free_step(tokens: int) -> float:
-        batch = Batch(1, tokens, 0)
+        # The chunk tokens a step adds run the head only where the engine samples them: a prompt's
+        # last token (prompt_logits last); the running decodes' rows come from the decode table.
+        batch = Batch(1, tokens, 0, sampled=1 if serve.prompt_logits == "last" else None)
         step = [cost_item(i, system, layout) for chunk in stages for i in forward_work(chunk, workload, layout, batch).items]
         return _step_time(step, tokens, workload, system, layout)
 

@@ -23,7 +23,7 @@ from simcc.model.ops import (BLOCK_SCALE_BYTES, DTYPE_BYTES, TWO_KERNEL_BACKWARD
 from simcc.model.optimizer import optimizer_step
 from simcc.plan.recompute import recomputed
 from simcc.routing.load import LOAD_DRAWS
-from simcc.specs.hardware import System
+from simcc.specs.hardware import OTHER_FORMATS, System
 from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, bytes_per_weight, is_quantized
 from simcc.specs.workload import MoEFFNBlock, Precision, Workload
 
@@ -127,6 +127,12 @@ def expert_gemm_runs(workload: Workload) -> str:
     return chosen if chosen is not None else ("per_expert" if workload.mode == "train" else "grouped")
 
 
+def quantized_format(stored: str | float) -> str:
+    """The stored weights' format as engines pick kernels by it: a named format, or `other` for
+    a bits-per-weight figure (a mix of formats)."""
+    return stored if isinstance(stored, str) else OTHER_FORMATS
+
+
 def gemm_operands(stored: str | float, precision: Precision, expert_gemm: str = "grouped") -> GemmOperands | None:
     """How weight GEMMs read their operands: FP8 inputs when `precision.matmul` is narrower than
     the compute dtype (block scaling adds one fp32 scale per 128 activations, DeepSeek-V3 sec.
@@ -146,7 +152,8 @@ def gemm_operands(stored: str | float, precision: Precision, expert_gemm: str = 
     dequant = DEQUANT_FLOPS_PER_WEIGHT if narrower_weights and is_quantized(stored) else 0.0
     return GemmOperands(inputs, weight if narrower_weights else None, dequant, scale, reads, launches, per_expert,
                         amax_from_tensor=inputs is not None and precision.fp8_scaling == "tensor",
-                        per_expert_gemms=inputs == "fp8" and expert_gemm == "per_expert")
+                        per_expert_gemms=inputs == "fp8" and expert_gemm == "per_expert",
+                        weight_format=quantized_format(stored) if dequant else "")
 
 
 # Kernels Transformer Engine launches to cast one tensor to FP8, by scaling, and whether a grouped

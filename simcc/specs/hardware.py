@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from simcc.specs.base import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, StrictModel, int_up_to
-from simcc.specs.vocab import Collective, Dtype  # noqa: F401 (Dtype re-exported)
+from simcc.specs.vocab import WEIGHT_FORMATS, Collective, Dtype  # noqa: F401 (Dtype re-exported)
+
+OTHER_FORMATS = "other"  # Efficiency.quantized_matmul's key for formats it does not name
 
 
 class PeakTflops(StrictModel):
@@ -70,6 +72,13 @@ class Efficiency(StrictModel):
     # sec. 3.3.2); unset: as fast as per-tensor scaling. Grouped FP8 fractions are fitted on
     # block-scaled kernels (DeepGEMM) and are not scaled again.
     fp8_block_scaled_share: Fraction | None = None
+    # Engines that multiply quantized weights by activations quantized to 8 bits with integer dot
+    # products (llama.cpp's CPU backend: the activations go to Q8_0/Q8_K, the products to SDOT on
+    # Arm, VNNI on x86) run at a fraction of the int8 peak that depends on the weights' format: a
+    # format with a repacked, tiled kernel for the ISA runs several times faster than one the engine
+    # multiplies row by row. Keyed by format (simcc list: weight formats), `other` for the rest and
+    # for bits-per-weight figures; empty: quantized weights are dequantized to the compute dtype.
+    quantized_matmul: dict[str, Fraction] = {}
     # Each output tile's K loop fills and drains a software pipeline: a GEMM with inner dimension K
     # runs at K / (K + gemm_k_overhead) of its best shape (0: not modelled for this device).
     gemm_k_overhead: NonNegativeFloat = 0.0
@@ -94,6 +103,10 @@ class Efficiency(StrictModel):
 
     @model_validator(mode="after")
     def _axes_match_the_bound(self) -> "Efficiency":
+        for key in self.quantized_matmul:
+            if key != OTHER_FORMATS and key not in WEIGHT_FORMATS:
+                raise ValueError(f"quantized_matmul.{key}: expected a weight format "
+                                 f"({', '.join(WEIGHT_FORMATS)}) or '{OTHER_FORMATS}'")
         for family, curve in self.curves.items():
             if curve.axis == "bytes":
                 raise ValueError(f"curves.{family}: a compute curve's axis is kernel_flops or intensity, not bytes")
@@ -145,6 +158,12 @@ class Device(StrictModel):
     # whole processor.
     threads: int_up_to(MAX_CPU_THREADS) | None = None
     cores: int_up_to(MAX_CPU_THREADS) | None = None
+
+    @model_validator(mode="after")
+    def _integer_peak_for_quantized_products(self) -> "Device":
+        if self.efficiency.quantized_matmul and not self.peak_tflops.int8:
+            raise ValueError("efficiency.quantized_matmul needs peak_tflops.int8: its fractions are of the int8 peak")
+        return self
 
 
 def _require_when_several(count: int, value: object, field: str, count_field: str) -> None:

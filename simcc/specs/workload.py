@@ -463,6 +463,12 @@ class ServeSpec(StrictModel):
     # None: prefill and decode share every replica (continuous batching, today's behaviour)
     disaggregated: DisaggregatedSpec | None = None
     expert_cache: ExpertCacheSpec | None = None  # None: one LRU cache over all offloaded experts
+    # Prompt positions a prefill runs the output head on. last: only each prompt's last token, whose
+    # logits pick the first output token (vLLM's logits processor keeps the sample indices; llama.cpp
+    # since PR #6122, March 2024, keeps only the output rows). all: every position, as llama.cpp
+    # builds before it did, or a server asked for prompt log-probabilities. Under chunked prefill a
+    # step's decode rows keep their head (the decode table's); its chunk tokens follow this field.
+    prompt_logits: Literal["last", "all"] = "last"
 
     @model_validator(mode="after")
     def _budget_holds_the_decodes(self) -> "ServeSpec":

@@ -29,10 +29,19 @@ class Batch:
     sequences: int
     q_len: int  # new tokens per sequence (1 when decoding)
     kv_len: int  # context each new token attends to
+    # Tokens whose logits the output head computes. A serving prefill samples one token per sequence
+    # and its engine keeps only those positions' hidden states for the head (vLLM's logits processor
+    # prunes to the sample indices; llama.cpp asks logits of a prompt's last token); None: every
+    # token (training's loss reads them all).
+    sampled: int | None = None
 
     @property
     def tokens(self) -> int:
         return self.sequences * self.q_len
+
+    @property
+    def logit_tokens(self) -> int:
+        return self.tokens if self.sampled is None else min(self.sampled, self.tokens)
 
 
 @dataclass(frozen=True)

@@ -14,4 +14,4 @@ def params(spec: LMHeadBlock, hidden: int) -> Params:
 
 @block_costing(LMHeadBlock, params, attached=True)
 def work(spec: LMHeadBlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
-    return BlockWork(forward=output_head("head", batch.tokens, hidden, spec.vocab, shard))
+    return BlockWork(forward=output_head("head", batch.logit_tokens, hidden, spec.vocab, shard))
