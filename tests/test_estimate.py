@@ -100,6 +100,38 @@ def test_few_tokens_per_expert_leave_a_grouped_gemm_below_its_best_shape(experts
     assert expert_rows_share(h800, grouped_gemm("e", [8.0] * experts, [8.0] * experts, 7168, 4096, "bf16")) == 1.0
 
 
+def test_a_metal_expert_kernel_pads_each_experts_rows_to_its_32_token_tile():
+    """llama.cpp's Metal mul_mm_id tiles each expert's rows 32 at a time: with routed (Poisson)
+    counts the last tile of an expert is on average (32 - 1) / 2 rows short, which is the M2
+    profiles' grouped_gemm_m_overhead. The engine tiles every expert once the step has 32 tokens
+    (below, per-pair matrix-vector products), so even 20-row experts pay M / (M + 15.5)."""
+    import math
+
+    from simcc.costs.compute import expert_rows_share
+
+    def mean_padding(mean_rows: float, tile: int = 32) -> float:
+        weight, total, rows = math.exp(-mean_rows), 0.0, 0
+        for rows in range(0, int(mean_rows * 4)):
+            if rows:
+                weight *= mean_rows / rows
+            total += weight * (math.ceil(rows / tile) * tile - rows)
+        return total
+
+    for mean_rows in (128, 256, 512):
+        assert mean_padding(mean_rows) == pytest.approx(15.5, abs=0.3)
+    ultra = load_hardware("apple_m2_ultra").device
+    assert ultra.efficiency.grouped_gemm_m_overhead == 15.5
+    prefill = grouped_gemm("e", [20.0] * 128, [20.0] * 128, 2048, 768, "fp16", step_tokens=2048.0)
+    assert expert_rows_share(ultra, prefill) == pytest.approx(20 / 35.5)
+    big = grouped_gemm("e", [128.0] * 128, [128.0] * 128, 2048, 768, "fp16", step_tokens=2048.0)
+    assert expert_rows_share(ultra, big) == pytest.approx(128 / 143.5)
+    decode = grouped_gemm("e", [1.0] * 8, [1.0] * 8, 2048, 768, "fp16", step_tokens=8.0)
+    assert expert_rows_share(ultra, decode) == 1.0  # 8 tokens: the matrix-vector kernel
+    # Without the engine's switch the cut is the tiled kernels' 64 rows.
+    h800 = load_hardware("h800_sxm").device
+    assert expert_rows_share(h800, prefill) == 1.0
+
+
 def test_quantization_needs_the_sm_count_and_yields_to_a_measured_curve():
     a100 = load_hardware("a100_80gb").device
     op = gemm("qkv", 2048, 12288, 4608, "fp16")

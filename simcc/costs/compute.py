@@ -122,11 +122,15 @@ def inner_loop_share(device: Device, op: Op) -> float:
 def expert_rows_share(device: Device, op: Op) -> float:
     """Share of the best shape left to a grouped GEMM's experts of few rows, M / (M + overhead),
     FLOP-weighted over its tiled blocks. Matrix-vector blocks (fewer rows than a tiled kernel
-    takes) stream their weights and are left to the roofline."""
+    takes) stream their weights and are left to the roofline. An engine that picks its expert
+    kernel by the step's tokens (`expert_matvec_below_tokens`) tiles every expert of a step at or
+    above that size, however few rows each has."""
     overhead = device.efficiency.grouped_gemm_m_overhead
     if overhead <= 0 or op.family not in GROUPED_FAMILIES:
         return 1.0
-    return _flop_weighted_share(op, lambda block: (block[0] + overhead) / block[0] if block[0] >= SKINNY_BELOW else 1.0)
+    switch = device.efficiency.expert_matvec_below_tokens
+    tiled_from = 1 if switch and op.pair_reads is not None and op.pair_reads.tokens >= switch else SKINNY_BELOW
+    return _flop_weighted_share(op, lambda block: (block[0] + overhead) / block[0] if block[0] >= tiled_from else 1.0)
 
 
 def quantization(device: Device, op: Op) -> float:
