@@ -53,6 +53,11 @@ class Layout:
     microbatches: int  # per pipeline per step (train); 1 for serving
     groups: dict[str, CommGroup]
     cp: int = 1  # context parallelism: ranks that split each sequence
+    pipeline_runs: int = 1  # pipeline schedule runs per step, each of microbatches / pipeline_runs (train.local_batch)
+
+    @property
+    def microbatches_per_run(self) -> int:
+        return self.microbatches // self.pipeline_runs
 
     @property
     def dp_cp(self) -> int:
@@ -83,7 +88,7 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
     dp = _check_device_split(workload, system, source)
     units = units_of(workload.model)
     _check_model_split(workload, units, source)
-    microbatches = _microbatches(workload, dp, source)
+    microbatches, runs = _microbatches(workload, dp, source)
     etp = par.effective_expert_tp
     dpn = system.devices_per_node
     cp = par.cp
@@ -101,7 +106,7 @@ def build_layout(workload: Workload, system: System, source: str) -> Layout:
         "edp": comm_group(expert_dp, par.ep * etp, dpn),
         "pp": comm_group(par.pp, par.tp * cp * dp, dpn),
     }
-    return Layout(dp, par.tp, par.pp, par.vpp, par.ep, etp, expert_dp, microbatches, groups, cp)
+    return Layout(dp, par.tp, par.pp, par.vpp, par.ep, etp, expert_dp, microbatches, groups, cp, runs)
 
 
 def _check_device_split(workload: Workload, system: System, source: str) -> int:
@@ -215,24 +220,33 @@ def context_parallel_refusal(spec: BlockSpec, cp: int) -> str | None:
     return None
 
 
-def _microbatches(workload: Workload, dp: int, source: str) -> int:
-    """Micro-batches per pipeline per step (training); serving runs one batch at a time."""
+def _microbatches(workload: Workload, dp: int, source: str) -> tuple[int, int]:
+    """Micro-batches per pipeline per step and the pipeline schedule runs they are split into
+    (training); serving runs one batch at a time."""
     if workload.mode != "train":
-        return 1
+        return 1, 1
     assert workload.train is not None
-    par, per_step = workload.parallelism, workload.train.global_batch
+    par, per_step, local = workload.parallelism, workload.train.global_batch, workload.train.local_batch
     if per_step % (par.micro_batch * dp):
         raise InputError(source, "train.global_batch", f"global_batch={per_step} is not a multiple of micro_batch x dp = "
                          f"{par.micro_batch} x {dp}")
     microbatches = per_step // (par.micro_batch * dp)
+    runs, field = 1, "train.global_batch"
+    if local is not None:
+        replica = per_step // dp
+        if local % par.micro_batch or replica % local:
+            raise InputError(source, "train.local_batch", f"local_batch={local} must be a multiple of micro_batch="
+                             f"{par.micro_batch} and divide the {replica} sequences each of dp={dp} replicas runs per step")
+        runs, field = replica // local, "train.local_batch"
     tasks = microbatches * par.pp * par.vpp
     if tasks > MAX_PIPELINE_TASKS:
         raise InputError(source, "train.global_batch", f"{microbatches:,} micro-batches per pipeline x pp x vpp = {tasks:,} "
                          f"simulated tasks per step, more than {MAX_PIPELINE_TASKS:,}; raise parallelism.micro_batch")
-    if par.schedule == "interleaved" and microbatches % par.pp:
-        raise InputError(source, "train.global_batch", f"interleaved schedule needs micro-batches per pipeline "
-                         f"({microbatches}) to be a multiple of pp={par.pp}")
-    problem = par.microbatch_problem(microbatches)
+    per_run = microbatches // runs
+    if par.schedule == "interleaved" and per_run % par.pp:
+        raise InputError(source, field, f"interleaved schedule needs micro-batches per pipeline run "
+                         f"({per_run}) to be a multiple of pp={par.pp}")
+    problem = par.microbatch_problem(per_run)
     if problem is not None:
-        raise InputError(source, "train.global_batch", problem)
-    return microbatches
+        raise InputError(source, field, problem)
+    return microbatches, runs

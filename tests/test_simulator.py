@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import simpy
@@ -113,6 +114,52 @@ def test_pipeline_bubble_fraction_emerges(schedule, p, m):
 def test_interleaving_divides_the_bubble_by_virtual_stages(p, v, m):
     sim = simulate_training(_plan(p, m, v, "interleaved"), steps=1)
     assert sim.steps[0].seconds - 0.5 == pytest.approx(3.0 * m + 3.0 * (p - 1) / v)
+
+
+@pytest.mark.parametrize("schedule, v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+@pytest.mark.parametrize("p, per_run, runs", [(4, 8, 2), (4, 8, 3), (2, 4, 7), (4, 4, 9)])  # 7 and 9 extrapolated
+def test_each_pipeline_run_of_a_step_fills_and_drains(schedule, v, p, per_run, runs):
+    """Gradient accumulation over several schedule runs (torch pipelining's local_batch): every run
+    pays the pipeline's fill and drain, so R runs of m micro-batches take R times one run,
+    3 (m + p - 1) for 1F1B and GPipe and 3 m + 3 (p - 1) / v interleaved, plus one optimizer step."""
+    plan = replace(_plan(p, per_run * runs, v, schedule), runs=runs)
+    one = 3.0 * (per_run + p - 1) if schedule != "interleaved" else 3.0 * per_run + 3.0 * (p - 1) / v
+    step = simulate_training(plan, steps=1).steps[0]
+    assert step.seconds - 0.5 == pytest.approx(runs * one)
+    assert step.bubble == pytest.approx(runs * (one - 3.0 * per_run))  # the stage idles through each run's fill and drain
+    whole = simulate_training(replace(plan, runs=1), steps=1).steps[0]
+    assert whole.seconds < step.seconds
+    from simcc.sim.bound import step_lower_bound
+    assert step_lower_bound(plan) <= step.seconds  # a search's bound still holds
+
+
+def test_a_local_batch_splits_the_step_into_pipeline_runs(tmp_path):
+    """train.local_batch: global_batch / (local_batch x dp) runs of local_batch / micro_batch
+    micro-batches each; the memory in flight is one run's; a local batch that does not divide a
+    replica's share, or leaves the interleaved schedule a run that is not a multiple of pp, is
+    refused in one line naming the field."""
+    from simcc.costs.memory import in_flight_microbatches
+    from simcc.errors import InputError
+
+    sets = ["parallelism.pp=4", "parallelism.vpp=1", "parallelism.schedule=1f1b", "parallelism.micro_batch=1",
+            "train.global_batch=256"]
+    workload, src = load_workload("mixtral_8x7b_train_64xh100", sets + ["train.local_batch=4"])
+    system = load_hardware("dgx_h100_x8")
+    layout = build_layout(workload, system, src)
+    assert layout.microbatches == 256 // layout.dp and layout.pipeline_runs == 256 // layout.dp // 4
+    assert layout.microbatches_per_run == 4 and in_flight_microbatches(workload, layout) == 4
+    plan = build_training_plan(workload, system, layout)
+    assert plan.runs == layout.pipeline_runs and plan.microbatches_per_run == 4
+    for bad, message in (("train.local_batch=5", "train.local_batch: local_batch=5 must be a multiple of micro_batch=1 "
+                          "and divide the 16 sequences"),):
+        with pytest.raises(InputError, match=message):
+            w, s = load_workload("mixtral_8x7b_train_64xh100", sets + [bad])
+            build_layout(w, system, s)
+    with pytest.raises(InputError, match="train.local_batch: interleaved schedule needs micro-batches per pipeline run"):
+        w, s = load_workload("mixtral_8x7b_train_64xh100",
+                             ["parallelism.pp=4", "parallelism.vpp=2", "parallelism.schedule=interleaved",
+                              "parallelism.micro_batch=1", "train.global_batch=256", "train.local_batch=2"])
+        build_layout(w, system, s)
 
 
 def test_schedules_run_every_task_once():

@@ -78,7 +78,7 @@ def in_flight_microbatches(workload: Workload, layout: Layout, stage: int = 0) -
     (`paired_extra_bytes`). DualPipe and DualPipeV: `dual_in_flight` chunk-micro-batches of the
     rank's two chunks, half of that through both (PP + 1 chunks' worth at the peak, PP = pp x vpp
     stages: (PP + 1) / 2), taking the rank's two chunks as alike."""
-    m, p, v = layout.microbatches, layout.pp, layout.vpp
+    m, p, v = layout.microbatches_per_run, layout.pp, layout.vpp  # each schedule run drains before the next
     schedule = workload.parallelism.schedule
     if schedule == "gpipe":
         return float(m)
@@ -129,7 +129,7 @@ def paired_extra_bytes(workload: Workload, layout: Layout, activation_bytes_per_
         apart = dual_in_flight(workload.parallelism.schedule, layout.pp, stage, False)
         paired = dual_in_flight(workload.parallelism.schedule, layout.pp, stage, True)
         return min(largest_unit_saved, activation_bytes_per_microbatch) if paired != apart else 0.0
-    if in_flight_microbatches(workload, layout, stage) >= layout.microbatches:
+    if in_flight_microbatches(workload, layout, stage) >= layout.microbatches_per_run:
         return 0.0
     return min(largest_unit_saved, activation_bytes_per_microbatch)
 

@@ -102,6 +102,11 @@ class TrainingPlan:
     overlap_p2p: bool = True  # false: a stage waits for its pipeline sends
     overlap_moe_comm: bool = False  # steady-state forward/backward pairs hide each other's EP all-to-alls
     comm_sm_share: float = 0.0  # of the SMs, held by overlapped dispatch/combine kernels
+    runs: int = 1  # pipeline schedule runs per step, `microbatches` split evenly (train.local_batch)
+
+    @property
+    def microbatches_per_run(self) -> int:
+        return self.microbatches // self.runs
 
 
 def shard_of(workload: Workload, layout: Layout, step: int | None = None) -> Shard:
@@ -803,7 +808,7 @@ def build_training_plan(workload: Workload, system: System, layout: Layout, samp
         stages.append(StagePlan(plans, p2p, _optimizer(params, workload, system, layout)))
     return TrainingPlan(stages, layout.microbatches, layout.pp, layout.vpp, par.schedule, par.overlap_grad_reduce,
                         par.effective_overlap_p2p, par.overlap_moe_comm,
-                        _comm_sm_share(_comm_sms(workload, units), system))
+                        _comm_sm_share(_comm_sms(workload, units), system), layout.pipeline_runs)
 
 
 # SMs a deduplicating (DeepEP-style) dispatcher's kernels take unless told otherwise: Megatron's

@@ -364,10 +364,15 @@ class _Simulator:
         overlap their halves run one after the other, as DualPipe runs them when the module has no
         overlapped_forward_backward, but still start once both inputs are in."""
         plan = self.plan
+        per_run = plan.microbatches_per_run
         if plan.schedule in DUAL_SCHEDULES:
-            return dual_items(plan.schedule, plan.pp, plan.microbatches, stage)
-        order = task_order(plan.schedule, plan.pp, self.virtual, plan.microbatches, stage, int(plan.overlap_moe_comm))
-        return merged_order(order) if plan.overlap_moe_comm else [(t,) for t in order]
+            run = dual_items(plan.schedule, plan.pp, per_run, stage)
+        else:
+            order = task_order(plan.schedule, plan.pp, self.virtual, per_run, stage, int(plan.overlap_moe_comm))
+            run = merged_order(order) if plan.overlap_moe_comm else [(t,) for t in order]
+        # Each further schedule run of a step takes the next micro-batches after the last run drained.
+        return [tuple((kind, microbatch + r * per_run, chunk) for kind, microbatch, chunk in item)
+                for r in range(plan.runs) for item in run]
 
     def _timeout(self, seconds: float) -> simpy.Event:
         self.events += 1
@@ -641,6 +646,8 @@ def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = N
     so only repeats are skipped (tests compare it with the whole simulation over schedules,
     overlaps and stage mixes). A trace keeps the whole simulation: it shows every task."""
     trace = trace or Timeline()
+    if plan.runs > 1:
+        return _simulate_runs(plan, steps, trace)
     period = plan.pp if plan.schedule == "interleaved" else 1
     virtual = plan.vpp if plan.schedule == "interleaved" else 1
     # Stage 0 has the longest warm-up; GPipe has none (every forward, then every backward).
@@ -671,6 +678,20 @@ def simulate_training(plan: TrainingPlan, steps: int, trace: Timeline | None = N
                                       events)
         short = period * math.ceil(2 * short / period)
     return _simulate(plan, steps, trace)  # a pattern that does not settle soon: simulated whole
+
+
+def _simulate_runs(plan: TrainingPlan, steps: int, trace: Timeline) -> TrainingSimulation:
+    """A step of several pipeline schedule runs. Every run fills and drains the pipeline and plays
+    the same costs; only the first waits for the step's parameter gathers and only the last
+    launches the gradient reductions and the optimizer, so a run between them adds the same time
+    and breakdown: the step of R runs is the step of 2 plus R - 2 times the third run's increment.
+    Few runs, or a kept trace, are simulated whole."""
+    if plan.runs <= 3 or trace.enabled:
+        return _simulate(plan, steps, trace)
+    two, three = (_simulate(replace(plan, runs=r, microbatches=r * plan.microbatches_per_run), steps, trace)
+                  for r in (2, 3))
+    return TrainingSimulation([_extrapolated(a, b, plan.runs - 2) for a, b in zip(two.steps, three.steps)],
+                              two.events + three.events)
 
 
 STEADY_TOLERANCE = 1e-9  # relative: increments this close are one repeat, not a transient
@@ -710,7 +731,7 @@ def _plan_key(plan: TrainingPlan) -> tuple:
                            tuple(c.param_sync)) for c in stage.chunks), stage.p2p, stage.optimizer)
                    for stage in plan.stages)
     return (stages, plan.microbatches, plan.pp, plan.vpp, plan.schedule, plan.overlap_grad_reduce, plan.overlap_p2p,
-            plan.overlap_moe_comm, plan.comm_sm_share)
+            plan.overlap_moe_comm, plan.comm_sm_share, plan.runs)
 
 
 def _simulate(plan: TrainingPlan, steps: int, trace: Timeline) -> TrainingSimulation:

@@ -325,6 +325,14 @@ class TrainSpec(StrictModel):
     seq_len: int_up_to(MAX_TOKENS)
     global_batch: int_up_to(MAX_BATCH)  # sequences per step
     total_tokens: PositiveFloat | None = None
+    # Sequences one data-parallel replica runs through one pipeline schedule, where the framework
+    # accumulates gradients over several schedule runs per step, each filling and draining the
+    # pipeline (torch.distributed.pipelining's schedules as NeMo AutoModel drives them: its benchmark
+    # loop runs ga_steps = global_batch / (local_batch_size x dp) forward-backward steps, each a full
+    # schedule over one local batch, nemo_automodel/recipes/llm/benchmark.py run_benchmark; torchtitan's
+    # local_batch_size likewise). None: every micro-batch of the step in one schedule run, as
+    # Megatron-LM's get_forward_backward_func takes them.
+    local_batch: int_up_to(MAX_BATCH) | None = None
 
 
 MAX_LENGTH_SIGMA = 5.0  # a lognormal's log-sd: at 5, the 99.9th percentile is ~5e6 x the median
