@@ -382,6 +382,9 @@ def test_block_scaled_fp8_gemms_keep_the_profile_s_share_of_the_per_tensor_fract
     # Per tensor, an expert GEMM takes the dense FP8 fraction through cuBLAS, the grouped one as one kernel.
     per_tensor = grouped(operands("tensor"))
     assert per_tensor.per_expert_gemms == (expert_gemm == "per_expert")
+    # One cuBLAS launch per expert with tokens (4 here), each backward GEMM twice that; one grouped kernel.
+    launches = 4 if expert_gemm == "per_expert" else 1
+    assert (per_tensor.launches, backward_of(per_tensor).launches) == (launches, 2 * launches)
     assert efficiency(h100, "grouped_gemm", 1e12, 1e3, "fp8", per_expert_gemms=per_tensor.per_expert_gemms) == (
         0.72 if expert_gemm == "per_expert" else 0.71)
     assert efficiency(h100, "gemm", 1e12, 1e3, "fp8", block_scaled=True) == pytest.approx(0.72 * 0.81)

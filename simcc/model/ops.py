@@ -254,10 +254,14 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
         mean_used = sum(1 for t in mean if t > 0) if mean_active is None else mean_active
         pairs = PairReads(step_tokens, max(0.0, sum(busiest) - used) * k * n * w_bytes,
                           max(0.0, sum(mean) - mean_used) * k * n * w_bytes)
+    per_expert = (operands or PLAIN).per_expert_gemms
+    # Run as one library GEMM per expert, each expert with tokens is a launch of its own (their
+    # streams run side by side, so the blocks still share the SMs as one grouped kernel's would).
     return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
-              kernels=(blocks,), pair_reads=pairs, block_scaled=(operands or PLAIN).block_scaled,
-              per_expert_gemms=(operands or PLAIN).per_expert_gemms, weight_format=(operands or PLAIN).weight_format)
+              launches=launched if per_expert else 1, kernels=(blocks,), pair_reads=pairs,
+              block_scaled=(operands or PLAIN).block_scaled, per_expert_gemms=per_expert,
+              weight_format=(operands or PLAIN).weight_format)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,
