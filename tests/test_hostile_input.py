@@ -95,6 +95,20 @@ def test_a_subnormal_figure_is_refused_with_the_floor(override):
                           override.split("=")[0].removeprefix("hardware."), "1e-18")
 
 
+@pytest.mark.parametrize("override, workload, hardware, expected", [
+    ("precision.fp8_expert_gemm=per-expert", "mixtral_8x7b_train_64xh100", "dgx_h100_x8", "expected 'per_expert' or 'grouped'"),
+    ("serve.prompt_logits=first", "qwen3_30b_a3b_serve", "raspberry_pi_5", "expected 'last' or 'all'"),
+    ("train.local_batch=3", "mixtral_8x7b_train_64xh100", "dgx_h100_x8", "train.local_batch: local_batch=3 must be"),
+    ("hardware.device.efficiency.quantized_matmul={q9_0: 0.3}", "qwen3_30b_a3b_serve", "raspberry_pi_5",
+     "quantized_matmul.q9_0: expected a weight format"),
+    ("hardware.device.peak_tflops={fp32: 0.154}", "qwen3_30b_a3b_serve", "raspberry_pi_5", "needs peak_tflops.int8"),
+])
+def test_this_rounds_fields_refuse_a_bad_value_in_one_line(override, workload, hardware, expected):
+    """The precision, serving, training and profile fields added for issues 17 and 18 answer a bad
+    value as every other field does."""
+    assert_one_line_error(estimate(override, workload=workload, hardware=hardware), expected)
+
+
 @pytest.mark.parametrize("option, value", [("--slo-ttft", "nan"), ("--slo-tpot", "inf"), ("--slo-ttft", "0")])
 def test_a_latency_objective_that_is_not_a_positive_finite_time_is_refused(option, value):
     serve = str(ROOT / "workloads" / "mixtral_8x7b_serve_edge.yaml")
