@@ -12,7 +12,8 @@ import numpy as np
 from simcc.errors import InputError
 from simcc.memo import Memo
 from simcc.model.ops import FORWARD_FAMILY, MATMUL_FAMILIES, GemmBlock, Op
-from simcc.specs.hardware import OTHER_FORMATS, Device, EfficiencyCurve
+from simcc.specs.hardware import Device, EfficiencyCurve
+from simcc.specs.vocab import OTHER_FORMATS
 
 # Elementwise FLOPs run on vector units, not matrix units: count them against the fp32 peak.
 VECTOR_DTYPE = "fp32"

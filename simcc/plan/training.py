@@ -23,8 +23,8 @@ from simcc.model.ops import (BLOCK_SCALE_BYTES, DTYPE_BYTES, TWO_KERNEL_BACKWARD
 from simcc.model.optimizer import optimizer_step
 from simcc.plan.recompute import recomputed
 from simcc.routing.load import LOAD_DRAWS
-from simcc.specs.hardware import OTHER_FORMATS, System
-from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, bytes_per_weight, is_quantized
+from simcc.specs.hardware import System
+from simcc.specs.vocab import DEQUANT_FLOPS_PER_WEIGHT, OTHER_FORMATS, bytes_per_weight, is_quantized
 from simcc.specs.workload import MoEFFNBlock, Precision, Workload
 
 

@@ -13,9 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from simcc.specs.base import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, StrictModel, int_up_to
-from simcc.specs.vocab import WEIGHT_FORMATS, Collective, Dtype  # noqa: F401 (Dtype re-exported)
-
-OTHER_FORMATS = "other"  # Efficiency.quantized_matmul's key for formats it does not name
+from simcc.specs.vocab import OTHER_FORMATS, WEIGHT_FORMATS, Collective, Dtype  # noqa: F401 (Dtype re-exported)
 
 
 class PeakTflops(StrictModel):

@@ -49,6 +49,9 @@ WEIGHT_FORMATS = {
     "q6_k": "GGUF Q6_K: 256-weight super-blocks of 6-bit weights, 8-bit scales: 6.5625 bits",
 }
 WeightFormat = literal_of(WEIGHT_FORMATS)
+# What tables keyed by format (a profile's quantized_matmul) call every format they do not name,
+# a bits-per-weight figure (a mix of formats) included.
+OTHER_FORMATS = "other"
 WEIGHT_FORMAT_BITS: dict[str, float] = {"int4": 4.125, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q5_0": 5.5,
                                         "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625}
 # Per weight, dequantizing in the kernel: scale (and minimum) applied, one multiply and one add.
