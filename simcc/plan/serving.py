@@ -209,6 +209,12 @@ def _step_time(costs: list[Cost], tokens: int, workload: Workload, system: Syste
     return _step_seconds(costs) + system.device.efficiency.serving_step_us * 1e-6
 
 
+def sampled_rows(serve: ServeSpec, prompts: int) -> int | None:
+    """Prompt positions a prefill of `prompts` prompts runs the output head on (Batch.sampled):
+    each prompt's last, or every position (None) under prompt_logits all."""
+    return prompts if serve.prompt_logits == "last" else None
+
+
 def _step_tables(workload: Workload, system: System, layout: Layout, chunks: list[list[Unit]]) -> _StepTables:
     """Prefill and decode step seconds over a grid of batch sizes; pipeline stages run in sequence."""
     assert workload.serve is not None
@@ -219,8 +225,7 @@ def _step_tables(workload: Workload, system: System, layout: Layout, chunks: lis
     moe_stats: list[MoEStats] = []
     full_batch: list[ForwardWork] = []
     for size in grid:
-        prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens,
-                              sampled=size if serve.prompt_logits == "last" else None)
+        prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens, sampled=sampled_rows(serve, size))
         decode_batch = Batch(size, 1, context)
         prefill: list[Cost] = []
         decode: list[Cost] = []
@@ -603,9 +608,9 @@ def with_hybrid_steps(costs: ServingCosts, workload: Workload, system: System, l
         return items_seconds(unit_list, batch) - items_seconds(unit_list, replace(batch, kv_len=0))
 
     def context_free_step(tokens: int) -> float:
-        # The chunk tokens a step adds run the head only where the engine samples them: a prompt's
-        # last token (prompt_logits last); the running decodes' rows come from the decode table.
-        batch = Batch(1, tokens, 0, sampled=1 if serve.prompt_logits == "last" else None)
+        # The chunk tokens a step adds run the head only where the engine samples them (one
+        # prompt's last token); the running decodes' rows come from the decode table.
+        batch = Batch(1, tokens, 0, sampled=sampled_rows(serve, 1))
         step = [cost_item(i, system, layout) for chunk in stages for i in forward_work(chunk, workload, layout, batch).items]
         return _step_time(step, tokens, workload, system, layout)
 

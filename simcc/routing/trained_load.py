@@ -32,6 +32,7 @@ arXiv 2501.11873, sec. 3).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -74,10 +75,16 @@ def spread_for(violation: float) -> float:
     mean (bisection: the ratio rises with sigma); no excess is no spread, exactly."""
     if violation <= 0.0:
         return 0.0
+    return _sigma_reaching(lambda sigma: expected_max_over_mean(sigma, REFERENCE_EXPERTS), 1.0 + violation, 60)
+
+
+def _sigma_reaching(ratio: Callable[[float], float], target: float, halvings: int) -> float:
+    """The log-normal sigma in [0, 4] at which `ratio` (rising with sigma) reaches `target`, by
+    `halvings` bisection steps."""
     low, high = 0.0, 4.0
-    for _ in range(60):
+    for _ in range(halvings):
         middle = (low + high) / 2
-        if expected_max_over_mean(middle, REFERENCE_EXPERTS) < 1.0 + violation:
+        if ratio(middle) < target:
             low = middle
         else:
             high = middle
@@ -100,15 +107,8 @@ def _normal_draws(experts: int) -> np.ndarray:
 @lru_cache(maxsize=8)
 def spread_for_ranks(imbalance: RankImbalance) -> float:
     """The log-normal sigma whose expected busiest rank, on the published layout, is the
-    published max over mean (bisection: the ratio rises with sigma)."""
-    low, high = 0.0, 4.0
-    for _ in range(20):  # to 4e-6 of sigma
-        middle = (low + high) / 2
-        if expected_busiest_rank(middle, imbalance) < imbalance.max_over_mean:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
+    published max over mean (bisection: the ratio rises with sigma), to 4e-6 of sigma."""
+    return _sigma_reaching(lambda sigma: expected_busiest_rank(sigma, imbalance), imbalance.max_over_mean, 20)
 
 
 def load_spread(load: LoadSpec) -> float:
