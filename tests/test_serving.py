@@ -403,10 +403,36 @@ def test_a_cpu_engine_multiplies_quantized_weights_at_its_formats_integer_rate(s
         max(op.flops / (0.154e12 * pi.efficiency.matmul), memory) + pi.efficiency.kernel_launch_us * 1e-6, rel=1e-9)
 
 
+def test_a_weight_only_quantized_gemm_runs_at_the_mixed_input_share_of_the_dense_rate():
+    """On an A100, int8 weights under fp16 activations are converted to fp16 inside a mixed-input
+    kernel's main loop: a compute-bound prefill GEMM (512 x 4096 x 4096: 17.2 GFLOP against 25 MB)
+    takes its dense time over the profile's 0.66. A one-token product streams its weights through a
+    matrix-vector kernel and a GEMM over fp16 weights is no mixed-input kernel: neither changes."""
+    from simcc.costs.compute import op_cost
+    from simcc.model.ops import GemmOperands, gemm
+
+    a100 = load_hardware("a100_80gb").device
+    assert a100.efficiency.weight_only_matmul == 0.66
+    dense_kernels = a100.model_copy(update={"efficiency": a100.efficiency.model_copy(update={"weight_only_matmul": None})})
+    launch = a100.efficiency.kernel_launch_us * 1e-6
+    int8_weights = GemmOperands(weight_bytes=1.0)
+    prefill = gemm("up", 512, 4096, 4096, "fp16", operands=int8_weights)
+    assert prefill.mixed_input
+    assert op_cost(a100, prefill).seconds - launch == pytest.approx((op_cost(dense_kernels, prefill).seconds - launch) / 0.66,
+                                                                   rel=1e-9)
+    decode = gemm("up", 1, 4096, 4096, "fp16", operands=int8_weights)
+    assert op_cost(a100, decode).seconds == pytest.approx(op_cost(dense_kernels, decode).seconds, rel=1e-12)
+    fp16_weights = gemm("up", 512, 4096, 4096, "fp16")
+    assert not fp16_weights.mixed_input
+    assert op_cost(a100, fp16_weights).seconds == pytest.approx(op_cost(dense_kernels, fp16_weights).seconds, rel=1e-12)
+
+
 @pytest.mark.parametrize("setting, message", [
     ("device.efficiency.quantized_matmul={q9_0: 0.3}", "quantized_matmul.q9_0: expected a weight format"),
     ("device.efficiency.quantized_matmul={q4_0: 1.5}", "quantized_matmul.q4_0"),
     ("device.peak_tflops={fp32: 0.154}", "efficiency.quantized_matmul needs peak_tflops.int8"),
+    ("device.efficiency.weight_only_matmul=1.5", "efficiency.weight_only_matmul"),
+    ("device.efficiency.weight_only_matmul=abc", "efficiency.weight_only_matmul"),
 ])
 def test_a_quantized_rate_table_names_formats_and_needs_an_integer_peak(setting, message):
     with pytest.raises(InputError, match=message):

@@ -151,6 +151,16 @@ def memory_efficiency(device: Device, family: str, moved: float) -> float:
     return device.efficiency.memory
 
 
+def mixed_input_share(device: Device, op: Op) -> float:
+    """Share of the dense kernel's rate a weight-only quantized GEMM keeps where it runs tiled on
+    the tensor cores (a dense curve, measured or not, is the compute dtype's kernel, not the
+    mixed-input one); 1 for other ops and for matrix-vector products, which stream the weights."""
+    share = device.efficiency.weight_only_matmul
+    if share is None or not op.mixed_input or op.family not in MATMUL_FAMILIES or not _tiled(op):
+        return 1.0
+    return share
+
+
 def quantized_product_fraction(device: Device, op: Op) -> float | None:
     """Fraction of the int8 peak this GEMM over quantized weights reaches where the device's engine
     multiplies them with integer dot products (Efficiency.quantized_matmul), by the weights' format;
@@ -180,6 +190,7 @@ def _roofline(device: Device, op: Op, flops: float, moved: float) -> tuple[float
         fraction = efficiency(device, op.family, kernel, intensity, op.dtype, op.block_scaled, op.per_expert_gemms)
         if measured_curve(device, op.family) is None:  # a measured curve already holds its shapes' quantization
             fraction *= quantization(device, op) * inner_loop_share(device, op) * expert_rows_share(device, op)
+        fraction *= mixed_input_share(device, op)
         compute = flops / (peak_flops(device, op.dtype) * fraction)
     else:
         compute = flops / peak_flops(device, VECTOR_DTYPE)
@@ -203,11 +214,17 @@ STREAMING_KERNEL_WARPS = 64
 MMA_TILE_ROWS = 16
 
 
+def _tiled(op: Op) -> bool:
+    """Whether the op's product runs as tensor-core tiles: not when even its largest block has
+    fewer rows than the smallest tile (a shape-less op is taken as tiled)."""
+    rows = max((m for kernel in op.kernels for m, _, _, _ in kernel), default=None)
+    return rows is None or rows >= MMA_TILE_ROWS
+
+
 def resident_warps(op: Op) -> int:
     if op.family not in MATMUL_FAMILIES and op.family != "attention":
         return STREAMING_KERNEL_WARPS
-    rows = max((m for kernel in op.kernels for m, _, _, _ in kernel), default=None)
-    return STREAMING_KERNEL_WARPS if rows is not None and rows < MMA_TILE_ROWS else TILED_KERNEL_WARPS
+    return TILED_KERNEL_WARPS if _tiled(op) else STREAMING_KERNEL_WARPS
 
 
 def overlapped(compute: float, memory: float, warps: int) -> float:

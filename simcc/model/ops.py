@@ -70,6 +70,9 @@ class Op:
     # GEMMs over quantized stored weights: their format (a WEIGHT_FORMATS name, or `other` for a
     # bits-per-weight figure), for engines whose kernel speed depends on it; "" otherwise.
     weight_format: str = ""
+    # GEMMs whose stored weights are narrower than the operand the kernel multiplies (weight-only
+    # quantization), converted inside the kernel: a mixed-input kernel (Efficiency.weight_only_matmul).
+    mixed_input: bool = False
 
     def __hash__(self) -> int:
         return _cached_hash(self)
@@ -201,6 +204,11 @@ class GemmOperands:
     def block_scaled(self) -> bool:
         return self.scale_bytes > 0
 
+    @property
+    def mixed_input(self) -> bool:
+        """Weights stored narrower than the operand the kernel multiplies, converted in its main loop."""
+        return self.weight_bytes is not None
+
     def read(self, compute: str) -> tuple[str, float, float, float]:
         """(dtype of the op, bytes per activation element, bytes per weight, dequant FLOPs per weight)."""
         dtype = self.inputs or compute
@@ -221,7 +229,8 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
     op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
     return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, m * k * a_bytes + k * n * w_bytes + m * n * b, op_dtype,
               saved_bytes=m * k * a_bytes if saved else 0.0, kernels=(((m, k, n, 1),),),
-              block_scaled=(operands or PLAIN).block_scaled, weight_format=(operands or PLAIN).weight_format)
+              block_scaled=(operands or PLAIN).block_scaled, weight_format=(operands or PLAIN).weight_format,
+              mixed_input=(operands or PLAIN).mixed_input)
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
@@ -261,7 +270,7 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
               launches=launched if per_expert else 1, kernels=(blocks,), pair_reads=pairs,
               block_scaled=(operands or PLAIN).block_scaled, per_expert_gemms=per_expert,
-              weight_format=(operands or PLAIN).weight_format)
+              weight_format=(operands or PLAIN).weight_format, mixed_input=(operands or PLAIN).mixed_input)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,

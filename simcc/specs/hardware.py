@@ -77,6 +77,12 @@ class Efficiency(StrictModel):
     # multiplies row by row. Keyed by format (simcc list: weight formats), `other` for the rest and
     # for bits-per-weight figures; empty: quantized weights are dequantized to the compute dtype.
     quantized_matmul: dict[str, Fraction] = {}
+    # A GEMM over weights stored narrower than the activations it multiplies (weight-only
+    # quantization: int8, int4, a GGUF format, a bits-per-weight figure) runs in a mixed-input
+    # kernel that converts each weight tile back to the compute dtype inside its main loop, on the
+    # tensor cores' dtype, at this fraction of the dense kernel's rate for the same shape. Unset:
+    # at the dense rate (the conversion's FLOPs alone are counted).
+    weight_only_matmul: Fraction | None = None
     # Each output tile's K loop fills and drains a software pipeline: a GEMM with inner dimension K
     # runs at K / (K + gemm_k_overhead) of its best shape (0: not modelled for this device).
     gemm_k_overhead: NonNegativeFloat = 0.0
