@@ -128,7 +128,7 @@ def _layer_batch(workload: Workload) -> Batch:
     if workload.train is not None:
         return micro_batch(workload)  # one rank's share of each sequence under context parallelism
     assert workload.serve is not None
-    return Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
+    return Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens, caches_kv=True)
 
 
 def estimate_layer(workload: Workload, system: System, workload_source: str, index: int,
@@ -595,7 +595,7 @@ def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request], 
     serve = workload.serve
     tokens_per_s = sim.output_tokens / sim.span * replicas if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * replicas if sim.span > 0 else 0.0
-    per_token_flops = _served_flops_per_token(workload, requests, Batch(1, 1, decode_context(serve)))
+    per_token_flops = _served_flops_per_token(workload, requests, Batch(1, 1, decode_context(serve), caches_kv=True))
     per_device = per_token_flops * tokens_per_s / system.devices
     return ServingThroughput(requests_per_s, tokens_per_s, sim.busy / sim.span if sim.span > 0 else 0.0,
                              per_device / 1e12, mfu(per_device, mfu_peak(workload, system)))

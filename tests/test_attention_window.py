@@ -126,6 +126,24 @@ def test_learned_sinks_add_one_parameter_and_one_logit_per_head():
     assert _core(_spec(learned_sinks=True), batch, executed=False).flops == _core(_spec(), batch, executed=False).flops
 
 
+def test_qk_norm_adds_two_head_wide_norms_and_their_kernels():
+    """QK-norm (Qwen3): a head_dim-wide RMSNorm weight for queries and one for keys, replicated;
+    per layer two kernels reading and writing each token's local queries and keys (TP 2: 4 of the 8
+    query heads, 1 of the 2 key heads), each keeping its input for the backward pass."""
+    plain, normed = params(_spec(), HIDDEN), params(_spec(qk_norm=True), HIDDEN)
+    assert normed.replicated - plain.replicated == 2 * HEAD_DIM
+    assert normed.tensors - plain.tensors == 2 and normed.dense == plain.dense
+    tokens = 2 * 8
+    ops = work(_spec(qk_norm=True), HIDDEN, Batch(2, 8, 8), Shard(tp=2)).forward
+    op = next(op for op in ops if op.name == "attn.qk_norm")
+    elements = tokens * (HEADS // 2 + KV_HEADS // 2) * HEAD_DIM
+    assert op.launches == 2
+    assert op.bytes == pytest.approx(2 * elements * 2)  # read and write, bf16
+    assert op.saved_bytes == pytest.approx(elements * 2)
+    assert [o.name for o in ops].index("attn.qk_norm") == [o.name for o in ops].index("attn.qkv") + 1
+    assert all(o.name != "attn.qk_norm" for o in work(_spec(), HIDDEN, Batch(2, 8, 8), Shard(tp=2)).forward)
+
+
 def _serving(overrides: list[str]):
     workload, src = load_workload(SERVE, overrides)
     system = load_hardware("h100_sxm", [])
@@ -183,6 +201,8 @@ def test_the_shipped_gpt_oss_workloads_estimate(workload, hardware, section, par
     (f"{FULL}.sink_tokens=4", ["sink_tokens", "window"]),
     (f"{WINDOWED}.sink_tokens=-1", ["sink_tokens"]),
     (f"{WINDOWED}.causal=false", ["window", "causal"]),
+    (f"{WINDOWED}.qk_norm=maybe", ["qk_norm", "boolean"]),
+    (f"{WINDOWED}.rotary=sometimes", ["rotary", "boolean"]),
 ])
 def test_hostile_window_settings_give_one_line(setting, words):
     done = _cli("estimate", SERVE, "--hardware", "h100_sxm", "--set", setting)

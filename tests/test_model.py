@@ -266,6 +266,35 @@ def test_mla_decode_reads_the_latent_cache_not_every_heads_keys():
     assert mla.latent_cache_on_device(spec, 7168, "bf16", 8) == 576 * 2
 
 
+def test_rotary_embedding_and_the_serving_cache_write_by_hand():
+    """Attention with RoPE rotates each token's local query and key values once (TP 2: 16 of 32
+    query heads and 4 of 8 key heads, 128 wide: 2,560 values a token), read and written in bf16,
+    nothing kept; a serving step also copies each new token's local K and V (2 x 4 x 128 values)
+    into the cache, a training step does not. Learned positions (rotary: false) have no rope op.
+    MLA rotates its local heads' 64-wide RoPE queries and the one shared RoPE key, and caches the
+    latent and that key (512 + 64 values a token)."""
+    from simcc.model.kinds import mla
+
+    spec = AttentionBlock(heads=32, kv_heads=8, head_dim=128)
+    tokens = 3 * 5
+
+    def ops(block, batch, shard=Shard(tp=2), kind=attention, hidden=4096):
+        return {op.name: op for op in kind.work(block, hidden, batch, shard).forward if hasattr(op, "flops")}
+
+    trained = ops(spec, Batch(3, 5, 5))
+    rope = trained["attn.rope"]
+    assert rope.bytes == pytest.approx(2 * tokens * (16 + 4) * 128 * 2)
+    assert rope.saved_bytes == 0 and rope.launches == 1
+    assert "attn.kv_write" not in trained
+    served = ops(spec, Batch(3, 5, 5, caches_kv=True))
+    assert served["attn.kv_write"].bytes == pytest.approx(2 * tokens * 2 * 4 * 128 * 2)
+    assert served["attn.kv_write"].flops == 0
+    assert "attn.rope" not in ops(AttentionBlock(heads=32, kv_heads=8, head_dim=128, rotary=False), Batch(3, 5, 5))
+    latent = ops(_mla(), Batch(1, 1, 64, caches_kv=True), Shard(tp=8), mla, 7168)
+    assert latent["mla.rope"].bytes == pytest.approx(2 * (128 / 8 + 1) * 64 * 2)
+    assert latent["mla.kv_write"].bytes == pytest.approx(2 * (512 + 64) * 2)
+
+
 def test_an_mla_model_serves_with_its_latent_cache():
     from simcc.layout import build_layout
     from simcc.plan.serving import serving_costs

@@ -90,6 +90,12 @@ class AttentionBlock(BlockSpec):
     # GPT-OSS (OpenAI 2025 model card; openai/gpt-oss gpt_oss/torch/model.py `sinks`): one learned
     # logit per head joins each softmax's denominator, so a head can attend to nothing.
     learned_sinks: bool = False
+    # QK-norm (Qwen3, OLMo 2, Gemma 3): an RMSNorm over each head's query and key before the
+    # rotary embedding (Megatron-Core's --qk-layernorm; the q_norm and k_norm of Hugging Face's Qwen3).
+    qk_norm: bool = False
+    # Rotary position embedding on queries and keys (RoFormer; Llama, Mistral, Qwen, GPT-OSS);
+    # false for learned absolute positions (GPT-2/3, Megatron's GPT runs) or relative biases (T5).
+    rotary: bool = True
 
     @model_validator(mode="after")
     def _kv_divides(self) -> "AttentionBlock":

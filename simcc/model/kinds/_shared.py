@@ -34,6 +34,9 @@ class Batch:
     # prunes to the sample indices; llama.cpp asks logits of a prompt's last token); None: every
     # token (training's loss reads them all).
     sampled: int | None = None
+    # A serving step: the engine writes each new token's keys and values into its KV cache (vLLM's
+    # reshape_and_cache, SGLang's set_kv_buffer, llama.cpp's copies into the cache tensors).
+    caches_kv: bool = False
 
     @property
     def tokens(self) -> int:
@@ -145,6 +148,24 @@ def norm(name: str, tokens: float, hidden: int, shard: Shard) -> Op:
     # LayerNorm/RMSNorm: read x, write y; a handful of FLOPs per element.
     share = tokens / shard.tp if shard.sequence_parallel else tokens
     return elementwise(name, share * hidden, 1, 1, shard.dtype, flops_per_element=5, saved_elements=share * hidden)
+
+
+def rotary(name: str, tokens: float, width: float, dtype: str) -> Op:
+    """Rotary position embedding (Su et al. 2021, RoFormer, arXiv 2104.09864, sec. 3.4) on `width`
+    query and key values of each token: each pair of values read, rotated by its position's angle
+    and written back, one kernel (vLLM's and SGLang's rotary_embedding take queries and keys
+    together; Transformer Engine's fused RoPE and llama.cpp run one per tensor). Nothing is kept
+    for the backward pass, which rotates the gradient back by the same angles."""
+    return elementwise(name, tokens * width, 1, 1, dtype, flops_per_element=3)
+
+
+def kv_cache_write(name: str, batch: Batch, width: float, dtype: str) -> list[Op]:
+    """A serving step's new keys and values (`width` values a token in this layer on this rank)
+    copied into the engine's KV cache, one kernel (vLLM's reshape_and_cache_flash); a training
+    step keeps no cache."""
+    if not batch.caches_kv:
+        return []
+    return [elementwise(name, batch.tokens * width, 1, 1, dtype, flops_per_element=0)]
 
 
 def residual(name: str, tokens: float, hidden: int, shard: Shard) -> Op:

@@ -43,6 +43,8 @@ is `ring_exchange`, timed against those steps in plan/training.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from simcc.model.kinds._registry import block_costing
 from simcc.model.kinds._shared import (
     NORM_PARAMS,
@@ -51,8 +53,10 @@ from simcc.model.kinds._shared import (
     Params,
     Shard,
     column_gemm,
+    kv_cache_write,
     norm,
     residual,
+    rotary,
     tp_entry,
     tp_exit,
 )
@@ -143,15 +147,27 @@ def params(spec: AttentionBlock, hidden: int) -> Params:
     # Learned sinks: one logit per head, split over TP with their heads; a factored optimizer keeps
     # a vector's second moment whole (Shazeer & Stern 2018 factor matrices only).
     sinks = heads if spec.learned_sinks else 0
-    # fused QKV, output projection, norm (and the sinks)
-    return Params(dense=qkv + out + sinks, replicated=NORM_PARAMS * hidden, dense_rows_cols=rows_cols + sinks,
-                  tensors=3 + (1 if sinks else 0))
+    # QK-norm: a head_dim-wide RMSNorm weight for the queries and one for the keys, on every rank.
+    qk_norms = 2 if spec.qk_norm else 0
+    # fused QKV, output projection, norm (and the sinks, the QK norms)
+    return Params(dense=qkv + out + sinks, replicated=NORM_PARAMS * hidden + qk_norms * NORM_PARAMS * head_dim,
+                  dense_rows_cols=rows_cols + sinks, tensors=3 + (1 if sinks else 0) + qk_norms)
 
 
 def kv_cache_on_device(spec: AttentionBlock, hidden: int, dtype: str, tp: int) -> float:
     """KV-cache bytes per token on one TP rank: kv heads split by TP, replicated when TP exceeds them."""
     _, kv_heads, _ = attention_dims(spec, hidden)
     return kv_cache_bytes_per_token(spec, hidden, dtype) / min(tp, kv_heads)
+
+
+def qk_norm(tokens: float, local_heads: float, local_kv: float, head_dim: int, dtype: str) -> Op:
+    """QK-norm on this rank's heads: the queries' and the keys' RMSNorm over each head's head_dim,
+    two kernels (Megatron-Core's q_layernorm and k_layernorm; vLLM's and SGLang's Qwen3 q_norm and
+    k_norm), each keeping its input for the backward pass; the normalised queries and keys are
+    what the core keeps (the QKV projection's `kept`)."""
+    elements = tokens * (local_heads + local_kv) * head_dim
+    op = elementwise("attn.qk_norm", elements, 1, 1, dtype, flops_per_element=5, saved_elements=elements)
+    return replace(op, launches=2)
 
 
 @block_costing(AttentionBlock, params, kv_cache=kv_cache_on_device, kv_window=cached_tokens)
@@ -176,6 +192,11 @@ def work(spec: AttentionBlock, hidden: int, batch: Batch, shard: Shard) -> Block
     # replays the core from them: Korthikanti et al. 2022, sec. 4.3).
     fwd.append(column_gemm("attn.qkv", T, hidden, (local_heads + 2 * local_kv) * head_dim, shard,
                            kept=q_bytes + kv_bytes))
+    if spec.qk_norm:
+        fwd.append(qk_norm(T, local_heads, local_kv, head_dim, dt))
+    if spec.rotary:
+        fwd.append(rotary("attn.rope", T, (local_heads + local_kv) * head_dim, dt))
+    fwd += kv_cache_write("attn.kv_write", batch, 2 * local_kv * head_dim, dt)
     # Score and value products: 2 * (2 * q * kv * d) FLOPs per head and sequence. A fused kernel
     # skips the masked half of a causal score matrix (executed work only; model FLOPs count it all,
     # as Megatron does); unfused attention multiplies the whole matrix and masks in the softmax

@@ -25,7 +25,7 @@ from dataclasses import replace
 from simcc.model.kinds._registry import block_costing
 from simcc.model.kinds.attention import ring_buffer_bytes, ring_exchange
 from simcc.model.kinds._shared import NORM_PARAMS, Batch, BlockWork, Params, Shard
-from simcc.model.kinds._shared import column_gemm, norm, residual, tp_entry, tp_exit
+from simcc.model.kinds._shared import column_gemm, kv_cache_write, norm, residual, rotary, tp_entry, tp_exit
 from simcc.model.ops import DTYPE_BYTES, Op, elementwise, gemm
 from simcc.specs.blocks import MLABlock
 
@@ -92,6 +92,10 @@ def work(spec: MLABlock, hidden: int, batch: Batch, shard: Shard) -> BlockWork:
                            saved_elements=T * spec.kv_lora_rank))
     fwd.append(replace(gemm("mla.kv_up", T, spec.kv_lora_rank, local * (spec.qk_nope_head_dim + v), dt, saved=False,
                             operands=shard.dense_gemm), saved_bytes=T * local * (qk + v) * b))  # keys and values, kept
+    # The decoupled RoPE (DeepSeek-V2 sec. 2.1.3): each local head's rope-wide query part and the
+    # one shared rope-wide key; a serving step caches the latent and that key.
+    fwd.append(rotary("mla.rope", T, (local + 1) * spec.qk_rope_head_dim, dt))
+    fwd += kv_cache_write("mla.kv_write", batch, down_kv, dt)
     if q_len < kv_len:
         # Decode (or a prefill chunk after cached tokens): attend over the cached latent with the
         # key and value up-projections absorbed; a score reads latent + RoPE key, a value the latent.
