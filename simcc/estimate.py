@@ -22,7 +22,7 @@ from simcc.model.graph import (Unit, blocks_of, input_dependent_share, megatron_
 from simcc.model.ops import Op
 from simcc.model.threshold import FiringSample, request_compute_scales
 from simcc.phases import TRAINING_FLOPS_PER_FORWARD, Phase, PhaseStep, plan_schedule, schedule_field, sparse_workload
-from simcc.plan.serving import ServingCosts, decode_context, disaggregation_link, serving_costs, with_hybrid_steps
+from simcc.plan.serving import ServingCosts, decode_context, disaggregation_link, serving_costs, step_batch, with_hybrid_steps
 from simcc.plan.training import (
     Cost,
     Footprint,
@@ -128,7 +128,7 @@ def _layer_batch(workload: Workload) -> Batch:
     if workload.train is not None:
         return micro_batch(workload)  # one rank's share of each sequence under context parallelism
     assert workload.serve is not None
-    return Batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens, caches_kv=True)
+    return step_batch(workload.serve.batch, workload.serve.prompt_tokens, workload.serve.prompt_tokens)
 
 
 def estimate_layer(workload: Workload, system: System, workload_source: str, index: int,
@@ -595,7 +595,7 @@ def _serving_throughput(run: _Run, sim: ServingResult, requests: list[Request], 
     serve = workload.serve
     tokens_per_s = sim.output_tokens / sim.span * replicas if sim.span > 0 else 0.0
     requests_per_s = len(sim.latency) / sim.span * replicas if sim.span > 0 else 0.0
-    per_token_flops = _served_flops_per_token(workload, requests, Batch(1, 1, decode_context(serve), caches_kv=True))
+    per_token_flops = _served_flops_per_token(workload, requests, step_batch(1, 1, decode_context(serve)))
     per_device = per_token_flops * tokens_per_s / system.devices
     return ServingThroughput(requests_per_s, tokens_per_s, sim.busy / sim.span if sim.span > 0 else 0.0,
                              per_device / 1e12, mfu(per_device, mfu_peak(workload, system)))

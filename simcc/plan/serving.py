@@ -209,6 +209,12 @@ def _step_time(costs: list[Cost], tokens: int, workload: Workload, system: Syste
     return _step_seconds(costs) + system.device.efficiency.serving_step_us * 1e-6
 
 
+def step_batch(sequences: int, q_len: int, kv_len: int, sampled: int | None = None) -> Batch:
+    """The tokens one serving step brings to a layer: every serving step writes its new tokens'
+    keys and values into the KV cache (Batch.caches_kv), which training never keeps."""
+    return Batch(sequences, q_len, kv_len, sampled=sampled, caches_kv=True)
+
+
 def sampled_rows(serve: ServeSpec, prompts: int) -> int | None:
     """Prompt positions a prefill of `prompts` prompts runs the output head on (Batch.sampled):
     each prompt's last, or every position (None) under prompt_logits all."""
@@ -225,8 +231,8 @@ def _step_tables(workload: Workload, system: System, layout: Layout, chunks: lis
     moe_stats: list[MoEStats] = []
     full_batch: list[ForwardWork] = []
     for size in grid:
-        prefill_batch = Batch(size, serve.prompt_tokens, serve.prompt_tokens, sampled=sampled_rows(serve, size), caches_kv=True)
-        decode_batch = Batch(size, 1, context, caches_kv=True)
+        prefill_batch = step_batch(size, serve.prompt_tokens, serve.prompt_tokens, sampled_rows(serve, size))
+        decode_batch = step_batch(size, 1, context)
         prefill: list[Cost] = []
         decode: list[Cost] = []
         for chunk_units in chunks:
@@ -610,7 +616,7 @@ def with_hybrid_steps(costs: ServingCosts, workload: Workload, system: System, l
     def context_free_step(tokens: int) -> float:
         # The chunk tokens a step adds run the head only where the engine samples them (one
         # prompt's last token); the running decodes' rows come from the decode table.
-        batch = Batch(1, tokens, 0, sampled=sampled_rows(serve, 1), caches_kv=True)
+        batch = step_batch(1, tokens, 0, sampled_rows(serve, 1))
         step = [cost_item(i, system, layout) for chunk in stages for i in forward_work(chunk, workload, layout, batch).items]
         return _step_time(step, tokens, workload, system, layout)
 
@@ -622,12 +628,12 @@ def with_hybrid_steps(costs: ServingCosts, workload: Workload, system: System, l
     decode_grid = batch_grid(serve.batch)
     hybrid = HybridSteps(
         token_counts=token_grid, token_seconds=tuple(context_free_step(t) for t in token_grid),
-        chunk_sizes=chunk_grid, own_seconds=tuple(context_part(attending, Batch(1, c, c, caches_kv=True)) for c in chunk_grid),
+        chunk_sizes=chunk_grid, own_seconds=tuple(context_part(attending, step_batch(1, c, c)) for c in chunk_grid),
         prefix_lengths=prefix_grid,
-        prefix_seconds=tuple(tuple(context_part(unmasked, Batch(1, c, p, caches_kv=True)) if p else 0.0 for p in prefix_grid)
+        prefix_seconds=tuple(tuple(context_part(unmasked, step_batch(1, c, p)) if p else 0.0 for p in prefix_grid)
                              for c in chunk_grid),
         decode_sizes=decode_grid,
-        decode_context_seconds=tuple(context_part(attending, Batch(d, 1, reference, caches_kv=True)) for d in decode_grid),
+        decode_context_seconds=tuple(context_part(attending, step_batch(d, 1, reference)) for d in decode_grid),
         reference_context=reference,
     )
     return replace(costs, hybrid=hybrid)
