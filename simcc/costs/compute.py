@@ -154,9 +154,10 @@ def memory_efficiency(device: Device, family: str, moved: float) -> float:
 def mixed_input_share(device: Device, op: Op) -> float:
     """Share of the dense kernel's rate a weight-only quantized GEMM keeps where it runs tiled on
     the tensor cores (a dense curve, measured or not, is the compute dtype's kernel, not the
-    mixed-input one); 1 for other ops and for matrix-vector products, which stream the weights."""
+    mixed-input one); 1 for other ops (only GEMMs carry mixed_input) and for matrix-vector
+    products, which stream the weights."""
     share = device.efficiency.weight_only_matmul
-    if share is None or not op.mixed_input or op.family not in MATMUL_FAMILIES or not _tiled(op):
+    if share is None or not op.mixed_input or not _tiled(op):
         return 1.0
     return share
 

@@ -226,11 +226,11 @@ def gemm(name: str, m: float, k: float, n: float, dtype: str, saved: bool = True
     """C[m,n] = A[m,k] @ B[k,n]: 2mkn FLOPs, each operand read or written once; A and B (the
     weight) as `operands` says, C at `dtype`."""
     b = DTYPE_BYTES[dtype]
-    op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
+    operands = operands or PLAIN
+    op_dtype, a_bytes, w_bytes, dequant = operands.read(dtype)
     return Op(name, "gemm", 2.0 * m * k * n + k * n * dequant, m * k * a_bytes + k * n * w_bytes + m * n * b, op_dtype,
               saved_bytes=m * k * a_bytes if saved else 0.0, kernels=(((m, k, n, 1),),),
-              block_scaled=(operands or PLAIN).block_scaled, weight_format=(operands or PLAIN).weight_format,
-              mixed_input=(operands or PLAIN).mixed_input)
+              block_scaled=operands.block_scaled, weight_format=operands.weight_format, mixed_input=operands.mixed_input)
 
 
 def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: int, dtype: str,
@@ -242,7 +242,8 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
     expert some step picked); by default, the experts with a positive count. `step_tokens`: the
     tokens the step routes, for engines that switch to per-pair products below a batch size."""
     b = DTYPE_BYTES[dtype]
-    op_dtype, a_bytes, w_bytes, dequant = (operands or PLAIN).read(dtype)
+    operands = operands or PLAIN
+    op_dtype, a_bytes, w_bytes, dequant = operands.read(dtype)
 
     def totals(tokens: list[float], used: float | None) -> tuple[float, float, float]:
         used = sum(1 for t in tokens if t > 0) if used is None else used
@@ -263,14 +264,14 @@ def grouped_gemm(name: str, busiest: list[float], mean: list[float], k: int, n: 
         mean_used = sum(1 for t in mean if t > 0) if mean_active is None else mean_active
         pairs = PairReads(step_tokens, max(0.0, sum(busiest) - used) * k * n * w_bytes,
                           max(0.0, sum(mean) - mean_used) * k * n * w_bytes)
-    per_expert = (operands or PLAIN).per_expert_gemms
+    per_expert = operands.per_expert_gemms
     # Run as one library GEMM per expert, each expert with tokens is a launch of its own (their
     # streams run side by side, so the blocks still share the SMs as one grouped kernel's would).
     return Op(name, "grouped_gemm", flops, moved, op_dtype, saved_bytes=sum(busiest) * k * a_bytes,
               kernel_flops=flops / max(used, 1.0), mean_flops=mean_flops, mean_bytes=mean_moved,
               launches=launched if per_expert else 1, kernels=(blocks,), pair_reads=pairs,
-              block_scaled=(operands or PLAIN).block_scaled, per_expert_gemms=per_expert,
-              weight_format=(operands or PLAIN).weight_format, mixed_input=(operands or PLAIN).mixed_input)
+              block_scaled=operands.block_scaled, per_expert_gemms=per_expert,
+              weight_format=operands.weight_format, mixed_input=operands.mixed_input)
 
 
 def elementwise(name: str, elements: float, reads: float, writes: float, dtype: str,
