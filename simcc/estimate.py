@@ -198,7 +198,9 @@ def _model_section(run: _Run) -> ModelSection:
 
 
 def _memory_section(memory: MemoryBreakdown) -> MemorySection:
-    return MemorySection(**{f"{name}_gb": value for name, value in memory.as_gb().items()}, fits=memory.fits)
+    largest, size = memory.largest_part()
+    return MemorySection(**{f"{name}_gb": value for name, value in memory.as_gb().items()}, fits=memory.fits,
+                         largest_part=largest, largest_share=size / memory.total if memory.total > 0 else 0.0)
 
 
 def _waste_fractions(routed: float, dropped: float, padded: float) -> tuple[float, float]:
@@ -313,11 +315,10 @@ MEMORY_REMEDIES = {
 
 def _unfit_note(memory: MemoryBreakdown, system: System) -> str:
     """Why it does not fit: the largest part, its share, and what shrinks it."""
-    parts = {name: getattr(memory, name) for name in MEMORY_REMEDIES}
-    largest = max(parts, key=lambda name: parts[name])
+    largest, size = memory.largest_part()
     return (f"does not fit: needs {memory.total / 1e9:.1f} GB per device, {system.device.name} has "
-            f"{memory.capacity / 1e9:.1f} GB; {largest} take the most ({parts[largest] / 1e9:.1f} GB, "
-            f"{parts[largest] / memory.total:.0%}): {MEMORY_REMEDIES[largest]}")
+            f"{memory.capacity / 1e9:.1f} GB; {largest} take the most ({size / 1e9:.1f} GB, "
+            f"{size / memory.total:.0%}): {MEMORY_REMEDIES[largest]}")
 
 
 def _estimate_training(run: _Run, result: Estimate, plan: TrainingPlan | None = None) -> None:

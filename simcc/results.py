@@ -156,6 +156,8 @@ class MemorySection(Section):
     capacity_gb: float
     headroom_gb: float
     fits: bool
+    largest_part: str  # the part a setting can shrink that takes the most (weights, gradients, ...)
+    largest_share: float  # its share of total_gb
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,22 @@ def test_an_unfit_note_names_the_largest_part_and_what_shrinks_it():
         "parallelism.ep=8", "parallelism.micro_batch=4", "parallelism.zero_stage=3", "train.global_batch=512",
         "parallelism.recompute=full"])
     assert estimate(with_recompute, load_hardware("dgx_h100_x1"), source, SimulationOptions()).memory.fits
+
+
+def test_the_memory_section_names_the_largest_part_a_setting_can_shrink():
+    """Mixed-precision Adam without ZeRO on 1e9 parameters: 2 GB of bf16 weights, 2 GB of bf16
+    gradients, 12 GB of fp32 master and moments. The optimizer takes the most, 12 / total, even
+    when the run fits; the fixed reserve never counts, however large."""
+    from simcc.costs.memory import SHRINKABLE_PARTS, MemoryBreakdown
+    from simcc.estimate import MEMORY_REMEDIES, _memory_section
+
+    assert set(MEMORY_REMEDIES) == set(SHRINKABLE_PARTS)  # every part named has a remedy
+    workload, system, layout = _setup(["precision.weights=bf16", "precision.gradients=bf16", "precision.compute=bf16",
+                                       "parallelism.tp=1", "model.blocks.1.repeat=1", "train.global_batch=8"])
+    memory = training_memory(workload, system, layout, Params(dense=1e9), 0.0, 0.0)
+    section = _memory_section(memory)
+    assert section.fits and section.largest_part == "optimizer"
+    assert section.largest_share == pytest.approx(12e9 / memory.total)
+    reserved = MemoryBreakdown(weights=1e9, gradients=0.0, optimizer=0.0, activations=3e9, buffers=0.0,
+                               kv_cache=0.0, reserve=50e9, capacity=80e9)
+    assert reserved.largest_part() == ("activations", 3e9)

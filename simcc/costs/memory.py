@@ -14,6 +14,8 @@ from simcc.specs.hardware import System
 from simcc.specs.workload import Workload
 
 GB = 1e9
+# Parts of a device's memory a workload's settings shrink (estimate.MEMORY_REMEDIES says how).
+SHRINKABLE_PARTS = ("weights", "gradients", "optimizer", "activations", "kv_cache")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,13 @@ class MemoryBreakdown:
     @property
     def headroom(self) -> float:
         return self.capacity - self.total
+
+    def largest_part(self) -> tuple[str, float]:
+        """The part a user can shrink that takes the most (the reserve and buffers are fixed costs):
+        what to act on first when memory is tight."""
+        parts = {name: getattr(self, name) for name in SHRINKABLE_PARTS}
+        name = max(parts, key=lambda part: parts[part])
+        return name, parts[name]
 
     def as_gb(self) -> dict[str, float]:
         fields = ("weights", "gradients", "optimizer", "activations", "buffers", "kv_cache", "reserve",
