@@ -45,9 +45,8 @@ class MemoryBreakdown:
     def largest_part(self) -> tuple[str, float]:
         """The part a user can shrink that takes the most (the reserve and buffers are fixed costs):
         what to act on first when memory is tight."""
-        parts = {name: getattr(self, name) for name in SHRINKABLE_PARTS}
-        name = max(parts, key=lambda part: parts[part])
-        return name, parts[name]
+        name = max(SHRINKABLE_PARTS, key=lambda part: getattr(self, part))
+        return name, getattr(self, name)
 
     def as_gb(self) -> dict[str, float]:
         fields = ("weights", "gradients", "optimizer", "activations", "buffers", "kv_cache", "reserve",
